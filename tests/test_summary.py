@@ -1,0 +1,67 @@
+"""``fpn-extract --summary``: level sizes without images or feature memory."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from fpn_cli.cli import main
+
+SEED_600x900 = """\
+seed, reference FPN, 16,700,480 parameters
+
+input 600x900
+level  stride  channels  height  width
+P2          4       256     150    225
+P3          8       256      75    113
+P4         16       256      38     57
+P5         32       256      19     29
+"""
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_summary_for_the_seed_arch_at_the_default_size():
+    result = run("--summary", "--arch", "seed")
+    assert result.exit_code == 0, result.output
+    assert result.output == SEED_600x900
+
+
+def test_summary_honours_levels_style_and_input_size():
+    result = run(
+        "--summary",
+        "--arch",
+        "resnet18",
+        "--fpn-style",
+        "torchvision",
+        "--levels",
+        "p6,c5",
+        "--input-size",
+        "801x1333",
+    )
+    assert result.exit_code == 0, result.output
+    rows = result.output.splitlines()
+    assert rows[0].startswith("resnet18, torchvision FPN, ")
+    assert rows[2] == "input 801x1333"
+    assert rows[4].split() == ["P6", "64", "256", "13", "21"]
+    assert rows[5].split() == ["C5", "32", "512", "26", "42"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--levels", "p7"], "unknown level 'p7'"),
+        (["--levels", "p2,p2"], "listed twice"),
+        (["--input-size", "600by900"], "is not HxW"),
+        (["--input-size", "0x900"], "must be positive"),
+        (["--arch", "resnet9"], "'resnet9' is not one of"),
+        (["--fpn-style", "detectron"], "'detectron' is not one of"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, message):
+    result = run("--summary", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
