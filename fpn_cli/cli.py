@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
 from . import __version__
 from .errors import FPNError
-from .model import ARCHS, FPN_STYLES, FPNConfig, output_shapes, parameter_count, parse_levels
-from .report import format_summary
+from .images import DEFAULT_MAX_PIXELS, Resize
+from .model import ARCHS, FPN_STYLES, FPNConfig, parse_levels
+from .pipeline import DTYPES, SAVE_DTYPES, Options, extract, summarize
 
 
 class SizeType(click.ParamType):
@@ -42,17 +44,68 @@ class LevelsType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class ShardType(click.ParamType):
+    """``I/N`` -> (I, N) with 0 <= I < N."""
+
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            index, count = (int(p) for p in str(value).split("/"))
+        except ValueError:
+            self.fail(f"{value!r} is not I/N, e.g. 0/4", param, ctx)
+        if count < 1 or not 0 <= index < count:
+            self.fail(f"{value!r}: need 0 <= I < N", param, ctx)
+        return index, count
+
+
+class ProgressBar:
+    """``[#####.....] 12/100  3.4 img/s`` on stderr, redrawn at most ten times a second."""
+
+    width = 30
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.last_draw = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        filled = self.width * done // max(total, 1)
+        rate = done / max(now - self.started, 1e-9)
+        bar = "#" * filled + "." * (self.width - filled)
+        click.echo(f"\r[{bar}] {done}/{total}  {rate:.1f} img/s", err=True, nl=done >= total)
+
+
 EXAMPLES = """
 \b
 Examples:
-  fpn-extract images/ --out feats/                 P2-P5 of every image, resumable
-  fpn-extract --summary --input-size 800x1333      level sizes, no images needed
+  fpn-extract images/ --out feats/                     P2-P5 of every image, resumable
+  fpn-extract images/ -o feats/ --device cuda --dtype bfloat16 --save-dtype float16
+  fpn-extract 'shots/**/*.png' -o feats/ --short-side 800 --max-side 1333
+  find . -name '*.jpg' | fpn-extract - -o feats/        paths from standard input
+  fpn-extract --summary --input-size 800x1333          level sizes, no images needed
 """
 
 
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, metavar="[INPUTS]...")
+@click.option(
+    "-o", "--out", type=click.Path(file_okay=True), help="Output folder (required unless --summary)."
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option(
     "--arch", type=click.Choice(list(ARCHS)), default="resnet50", show_default=True, help="Bottom-up ResNet."
+)
+@click.option(
+    "--weights",
+    default="random",
+    show_default=True,
+    help="random (seeded), imagenet, coco, or a checkpoint file.",
 )
 @click.option(
     "--fpn-style",
@@ -60,6 +113,7 @@ Examples:
     default=None,
     help="Top-down design [default: reference, or what --weights needs].",
 )
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option(
     "--levels",
     type=LevelsType(),
@@ -67,26 +121,146 @@ Examples:
     show_default=True,
     help="Comma-separated from p2,p3,p4,p5,p6,c2,c3,c4,c5.",
 )
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images of one size per forward pass [default: 8 on a GPU, 1 on the CPU].",
+)
+@click.option("--size", type=SizeType(), default=None, help="Resize every image to HxW.")
+@click.option(
+    "--short-side",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Resize so the shorter side has this length (e.g. 800).",
+)
+@click.option(
+    "--max-side",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cap the longer side (e.g. 1333); alone, only shrinks larger images.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default="float32",
+    show_default=True,
+    help="Compute precision (autocast below float32).",
+)
+@click.option(
+    "--save-dtype",
+    type=click.Choice(SAVE_DTYPES),
+    default="float32",
+    show_default=True,
+    help="Stored precision.",
+)
+@click.option("--overwrite", is_flag=True, help="Recompute images whose outputs exist (default: skip them).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Decode threads [default: by device and core count].",
+)
+@click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be read.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Larger images are refused as decompression bombs.",
+)
+@click.option("--shard", type=ShardType(), default=None, help="Process only shard I (0-based) of N.")
 @click.option("--summary", is_flag=True, help="Print the level sizes and exit; computes no features.")
 @click.option(
     "--input-size",
     type=SizeType(),
     default="600x900",
     show_default=True,
-    help="Image size (HxW) that --summary reports for.",
+    help="Image size (HxW) that --summary reports for when no INPUTS are given.",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or shape report.")
+@click.option("-v", "--verbose", is_flag=True, help="Also list every image as it is written.")
 @click.version_option(__version__, "--version", prog_name="fpn-extract")
-def main(arch, fpn_style, levels, summary, input_size):
-    """Compute Feature Pyramid Network features (P2-P5) for images."""
+def main(
+    inputs,
+    out,
+    device,
+    arch,
+    weights,
+    fpn_style,
+    seed,
+    levels,
+    batch_size,
+    size,
+    short_side,
+    max_side,
+    dtype,
+    save_dtype,
+    overwrite,
+    workers,
+    fail_fast,
+    max_pixels,
+    shard,
+    summary,
+    input_size,
+    quiet,
+    verbose,
+):
+    """Compute Feature Pyramid Network features (P2-P5) for images.
+
+    INPUTS are image files, folders (searched recursively) or glob patterns; - reads paths from
+    standard input. Each image's levels go to OUT/<path without extension>/<level>.npy, and
+    OUT/report.json lists every image.
+    """
+    stdin_lines = click.get_text_stream("stdin") if "-" in inputs else ()
     try:
-        config = FPNConfig(arch, fpn_style or "reference", levels)
+        resize = Resize(size, short_side, max_side)
         if summary:
-            h, w = input_size
-            click.echo(
-                format_summary(config, parameter_count(config), [((h, w), output_shapes(config, h, w))])
-            )
+            config = FPNConfig(arch, fpn_style or "reference", levels)
+            click.echo(summarize(inputs, config, resize, input_size, stdin_lines))
             return
-        raise click.UsageError("extraction is not available yet; use --summary")
+        if not inputs:
+            raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
+        if out is None:
+            raise click.UsageError("missing option '-o' / '--out'")
+        options = Options(
+            arch,
+            weights,
+            fpn_style,
+            levels,
+            seed,
+            device,
+            batch_size,
+            resize,
+            dtype,
+            save_dtype,
+            overwrite,
+            workers,
+            fail_fast,
+            max_pixels,
+        )
+        show_progress = not quiet and sys.stderr.isatty()
+        report = extract(
+            inputs,
+            out,
+            options,
+            stdin_lines=stdin_lines,
+            shard=shard,
+            log=None if quiet else _echo_err,
+            progress=ProgressBar() if show_progress else None,
+        )
     except FPNError as e:
-        click.echo(f"Error: {e}", err=True)
+        _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
+    if verbose:
+        for r in report.results:
+            _echo_err(f"{r.status}: {r.path}")
+    if report.interrupted:
+        _echo_err(f"Interrupted: {report.counts['ok']} images written; {out}/report.json lists what is done")
+    elif not quiet:
+        click.echo(report.format_shapes())
+    sys.exit(report.exit_status)
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)

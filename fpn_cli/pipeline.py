@@ -1,0 +1,424 @@
+"""The extraction run: device and precision, decode prefetch, same-size batching, the forward pass,
+and a background writer, so that decoding and disk writes overlap the network.
+
+    find_images -> [skip complete] -> decode (thread pool, bounded look-ahead)
+      -> batches of equal size -> forward (inference mode, autocast) -> writer thread (bounded queue)
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .builder import build_fpn
+from .errors import FPNError, ImageError, UsageError
+from .images import DEFAULT_MAX_PIXELS, InputImage, Resize, decode, find_images, probe_size
+from .model import DEFAULT_LEVELS, FPN, FPNConfig, output_shapes, parameter_count, parse_levels
+from .report import ImageResult, Report, format_summary
+from .store import Store
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics that torchvision's weights expect
+STD = (0.229, 0.224, 0.225)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every setting of an extraction run (the CLI's options, by the same names)."""
+
+    arch: str = "resnet50"
+    weights: str = "random"
+    fpn_style: str | None = None  # None: reference, or what the weights need
+    levels: tuple[str, ...] = DEFAULT_LEVELS
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int | None = None  # None: 8 on an accelerator, 1 on the CPU
+    resize: Resize = field(default_factory=Resize)
+    dtype: str = "float32"  # compute precision (autocast below float32)
+    save_dtype: str = "float32"
+    overwrite: bool = False
+    workers: int | None = None  # decode threads; None: by device and core count
+    fail_fast: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", parse_levels(self.levels))
+        object.__setattr__(self, "weights", str(self.weights))
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UsageError(f"unknown save dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; one this
+    machine lacks is a :class:`UsageError` naming it."""
+    spec = spec.strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec!r} is not available: this machine has no usable CUDA GPU")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {spec!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) here"
+            )
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not has_mps:
+            raise UsageError(f"device {spec!r} is not available: this machine has no MPS (Apple GPU)")
+        return device
+    raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode threads: an accelerator wants them all; on the CPU they take cores from the network."""
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type != "cpu" else max(1, cores // 4)
+
+
+@dataclass
+class _Decoded:
+    image: InputImage
+    missing: tuple[str, ...]  # the levels to write
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized
+    size: tuple[int, int] | None = None  # as decoded
+    error: str | None = None
+
+
+class Writer:
+    """Writes finished images on a background thread. The queue is bounded, so a slow disk slows
+    the producer instead of filling memory. The first OS error (disk full, say) stops all writing."""
+
+    def __init__(self, store: Store, report: Report, depth: int) -> None:
+        self.store, self.report = store, report
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: FPNError | None = None
+        self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: _Decoded, arrays: dict[str, np.ndarray | torch.Tensor], ready) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((item, arrays, ready))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            item, arrays, ready = job
+            if self.error is not None:
+                continue  # after a fatal write error, drain without writing
+            try:
+                if ready is not None:
+                    ready.synchronize()  # the device-to-host copies of this batch are done
+                numpy = {k: np.asarray(v) for k, v in arrays.items()}
+                self.store.write_levels(item.image.key, {k: numpy[k] for k in item.missing})
+            except OSError as e:
+                where = e.filename or self.store.root / item.image.key
+                self.error = FPNError(f"cannot write {where}: {e.strerror or e}")
+                self.report.add(ImageResult(item.image.rel, "failed", f"not written: {e.strerror or e}"))
+                continue
+            self.report.add(_ok_result(item, self.store, {k: v.shape for k, v in numpy.items()}))
+
+
+def _ok_result(item: _Decoded, store: Store, shapes: dict[str, tuple[int, ...]]) -> ImageResult:
+    assert item.rgb is not None
+    return ImageResult(
+        item.image.rel,
+        "ok",
+        input_size=item.size,
+        model_input_size=tuple(item.rgb.shape[:2]),
+        levels=_level_entries(item.image.key, store, shapes),
+    )
+
+
+def _level_entries(key: str, store: Store, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
+    return {
+        level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
+        for level in store.levels
+        if level in shapes
+    }
+
+
+def _prefetch(
+    pool: ThreadPoolExecutor, jobs: Sequence[_Decoded], fn: Callable[[_Decoded], _Decoded], lookahead: int
+) -> Iterator[_Decoded]:
+    """``fn`` over ``jobs`` on the pool, at most ``lookahead`` in flight, results in input order."""
+    pending: list[Future] = []
+    it = iter(jobs)
+    for job in it:
+        pending.append(pool.submit(fn, job))
+        if len(pending) >= lookahead:
+            break
+    while pending:
+        done = pending.pop(0).result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield done
+
+
+def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> Iterator[list[_Decoded]]:
+    """Groups decoded images of equal size into batches, in arrival order; features never depend
+    on a neighbour (no padding). At most ``max_pending`` images wait for company."""
+    buckets: dict[tuple[int, int], list[_Decoded]] = {}
+    pending = 0
+    for item in items:
+        size = item.rgb.shape[:2]
+        bucket = buckets.setdefault(size, [])
+        bucket.append(item)
+        pending += 1
+        if len(bucket) == batch_size:
+            pending -= len(buckets.pop(size))
+            yield bucket
+        elif pending > max_pending:
+            fullest = max(buckets, key=lambda s: len(buckets[s]))
+            pending -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    yield from buckets.values()
+
+
+class Engine:
+    """A model on a device, ready to turn uint8 batches into features."""
+
+    def __init__(self, model: FPN, device: torch.device, dtype: str, save_dtype: str) -> None:
+        self.model = model.to(device)
+        self.device = device
+        self.autocast = dtype != "float32"
+        self.dtype = DTYPES[dtype]
+        self.save_dtype = DTYPES[save_dtype]
+        # (x / 255 - mean) / std == x * scale + shift, one fused multiply-add per pixel
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -torch.tensor(MEAN, device=device).view(1, 3, 1, 1) / std
+
+    def preprocess(self, batch: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised, on the device."""
+        x = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        return torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale)
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> tuple[dict[str, torch.Tensor], object]:
+        """-> ({level: (N, C, h, w) on the CPU in the save dtype}, an event to wait on or None)."""
+        x = self.preprocess(batch)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            feats = self.model(x)
+        if self.device.type == "cpu":
+            return {k: v.to(self.save_dtype) for k, v in feats.items()}, None
+        out = {k: v.to(self.save_dtype).to("cpu", non_blocking=True) for k, v in feats.items()}
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        else:
+            torch.mps.synchronize()
+        return out, event
+
+
+def settings_record(opts: Options, fpn_style: str) -> dict:
+    """What decides the numbers in the files: recorded in the output folder and checked on resume."""
+    weights = opts.weights
+    if weights not in ("random", "imagenet", "coco"):
+        weights = str(Path(weights).resolve())
+    return {
+        "arch": opts.arch,
+        "fpn_style": fpn_style,
+        "weights": weights,
+        "seed": opts.seed if opts.weights != "coco" else None,
+        "dtype": opts.dtype,
+        "save_dtype": opts.save_dtype,
+        "resize": asdict(opts.resize),
+    }
+
+
+def extract(
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    options: Options | None = None,
+    *,
+    stdin_lines: Iterable[str] = (),
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    shard: tuple[int, int] | None = None,
+    **kwargs,
+) -> Report:
+    """Runs a whole extraction: finds the images in ``inputs``, writes their levels under ``out``
+    and ``out/report.json``, and returns the :class:`Report` (its ``exit_status`` is the CLI's).
+
+    ``options`` or keyword arguments of :class:`Options` set the run; ``log`` receives one-line
+    messages (failures, notices), ``progress`` (done, total) after each image.
+
+    >>> report = extract(["examples/"], "feats/", arch="seed", device="cpu")  # doctest: +SKIP
+    >>> report.counts  # doctest: +SKIP
+    {'ok': 5, 'skipped': 0, 'failed': 0}
+    """
+    opts = options or Options(**kwargs)
+    log = log or (lambda message: None)
+    out = Path(out)
+    device = resolve_device(opts.device)
+    images = find_images(inputs, stdin_lines, exclude=out)
+    if shard is not None:
+        index, count = shard
+        images = images[index::count]
+    model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
+    if opts.weights == "random":
+        log(f"note: --weights random (seed {opts.seed}): features are for shapes and plumbing, not meaning")
+    store = Store(out, opts.levels, opts.save_dtype)
+    store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite)
+    report = Report(_header(opts, model.config, device), total=len(images), on_add=progress)
+    engine = Engine(model, device, opts.dtype, opts.save_dtype)
+    try:
+        _run(images, store, engine, opts, device, report, log)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    except FPNError:
+        try:  # a report of what was done, if the disk still takes one
+            store.write_report(report.to_json())
+        except OSError:
+            pass
+        raise
+    store.write_report(report.to_json())
+    return report
+
+
+def _header(opts: Options, config: FPNConfig, device: torch.device) -> dict:
+    return {
+        "version": __version__,
+        "model": {
+            "arch": config.arch,
+            "fpn_style": config.fpn_style,
+            "weights": opts.weights,
+            "levels": list(config.levels),
+            "seed": opts.seed,
+            "bn_eps": config.bn_eps,
+            "dtype": opts.dtype,
+            "save_dtype": opts.save_dtype,
+        },
+        "preprocess": {
+            "size": list(opts.resize.size) if opts.resize.size else None,
+            "short_side": opts.resize.short_side,
+            "max_side": opts.resize.max_side,
+            "resample": "bilinear (Pillow, on 8-bit RGB)",
+            "mean": list(MEAN),
+            "std": list(STD),
+        },
+        "device": str(device),
+    }
+
+
+def _plan(images: Sequence[InputImage], store: Store, overwrite: bool, report: Report) -> list[_Decoded]:
+    """Images with every requested level in place are reported as skipped; the rest are jobs for
+    their missing levels (all levels with ``overwrite``)."""
+    jobs = []
+    for image in images:
+        store.remove_strays(image.key)
+        have = {} if overwrite else store.existing(image.key)
+        missing = tuple(level for level in store.levels if level not in have)
+        if missing:
+            jobs.append(_Decoded(image, missing))
+        else:
+            report.add(
+                ImageResult(
+                    image.rel,
+                    "skipped",
+                    input_size=probe_size(image.path),
+                    model_input_size=None,
+                    levels=_level_entries(image.key, store, have),
+                )
+            )
+    return jobs
+
+
+def _run(
+    images: Sequence[InputImage],
+    store: Store,
+    engine: Engine,
+    opts: Options,
+    device: torch.device,
+    report: Report,
+    log: Callable[[str], None],
+) -> None:
+    jobs = _plan(images, store, opts.overwrite, report)
+    batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
+    workers = opts.workers or default_workers(device)
+
+    def decode_job(job: _Decoded) -> _Decoded:
+        try:
+            job.rgb, job.size = decode(job.image.path, opts.resize, opts.max_pixels)
+        except ImageError as e:
+            job.error = str(e)
+        return job
+
+    def decoded_ok() -> Iterator[_Decoded]:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
+        try:
+            for job in _prefetch(pool, jobs, decode_job, lookahead=2 * workers + 2 * batch_size):
+                if job.error is None:
+                    yield job
+                    continue
+                log(f"failed: {job.image.path}: {job.error}")
+                report.add(ImageResult(job.image.rel, "failed", job.error))
+                if opts.fail_fast:
+                    raise FPNError(
+                        f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}"
+                    )
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    writer = Writer(store, report, depth=max(2, 2 * batch_size))
+    try:
+        for batch in _batches(decoded_ok(), batch_size, max_pending=4 * batch_size):
+            feats, ready = engine(np.stack([job.rgb for job in batch]))
+            for i, job in enumerate(batch):
+                writer.put(job, {k: v[i] for k, v in feats.items()}, ready)
+    finally:
+        writer.close()
+
+
+def summarize(
+    inputs: Sequence[str | os.PathLike[str]],
+    config: FPNConfig,
+    resize: Resize,
+    input_size: tuple[int, int],
+    stdin_lines: Iterable[str] = (),
+) -> str:
+    """The ``--summary`` text: for ``input_size``, or for each distinct size among ``inputs``."""
+    if inputs:
+        sizes = []
+        for image in find_images(inputs, stdin_lines):
+            size = probe_size(image.path)
+            if size is not None:
+                sizes.append(resize.target(*size))
+        sizes = sorted(set(sizes))
+    else:
+        sizes = [input_size]
+    return format_summary(config, parameter_count(config), [(s, output_shapes(config, *s)) for s in sizes])

@@ -1,0 +1,140 @@
+"""The output folder: layout, atomic writes, completion and resume, settings, report.json.
+
+    OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype
+    OUT/report.json             what the last run did
+    OUT/.fpn-extract.json       the settings the features were made with (checked on resume)
+
+Every file appears by ``os.replace`` of a temporary sibling named ``.<name>.<pid>.tmp``, so a reader
+never sees a partial file, and an image is complete when each requested level's file is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+SETTINGS_FILE = ".fpn-extract.json"
+REPORT_FILE = "report.json"
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write_bytes(target: Path, write) -> None:
+    """Calls ``write(file)`` on a temporary sibling, then renames it over ``target``. On any error
+    the temporary file is removed and the error re-raised: ``target`` is old or new, never partial."""
+    tmp = _tmp_name(target)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(target: Path, data: object) -> None:
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    atomic_write_bytes(target, lambda f: f.write(text))
+
+
+def npy_shape(path: Path, dtype: np.dtype) -> tuple[int, ...] | None:
+    """The shape stored in a complete ``.npy`` of ``dtype``; None if absent, of another dtype, or short."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, stored = read_header(f)
+            data_start = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
+        return None
+    if stored != dtype or fortran or size != data_start + int(np.prod(shape)) * dtype.itemsize:
+        return None
+    return tuple(shape)
+
+
+class Store:
+    """One output folder, for one set of levels stored in one dtype."""
+
+    def __init__(self, root: Path, levels: Iterable[str], save_dtype: str) -> None:
+        self.root = Path(root)
+        self.levels = tuple(levels)
+        self.dtype = np.dtype(save_dtype)
+
+    def prepare(self, settings: Mapping[str, object], overwrite: bool) -> None:
+        """Creates the folder and records ``settings``; features made with other settings are a
+        usage error unless ``overwrite`` (then they are recomputed)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"output path {self.root} exists and is not a folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create output folder {self.root}: {e.strerror}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise UsageError(f"output folder {self.root} is not writable")
+        recorded = self._recorded_settings()
+        if recorded is not None and recorded != dict(settings) and not overwrite:
+            diff = ", ".join(
+                f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}"
+                for k in sorted(set(recorded) | set(settings))
+                if recorded.get(k) != settings.get(k)
+            )
+            raise UsageError(
+                f"{self.root} holds features made with other settings ({diff}); "
+                "pass --overwrite to recompute them, or choose another --out"
+            )
+        atomic_write_json(self.root / SETTINGS_FILE, dict(settings))
+
+    def _recorded_settings(self) -> dict | None:
+        try:
+            return json.loads((self.root / SETTINGS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def level_path(self, key: str, level: str) -> Path:
+        return self.root / key / f"{level}.npy"
+
+    def existing(self, key: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the requested levels already complete for ``key``."""
+        found = {}
+        for level in self.levels:
+            shape = npy_shape(self.level_path(key, level), self.dtype)
+            if shape is not None:
+                found[level] = shape
+        return found
+
+    def remove_strays(self, key: str) -> None:
+        """Deletes temporary files that a killed run left in ``key``'s folder."""
+        folder = self.root / key
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
+                Path(entry.path).unlink(missing_ok=True)
+
+    def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Writes each array to ``key/<level>.npy``, each file atomically."""
+        (self.root / key).mkdir(parents=True, exist_ok=True)
+        for level, array in arrays.items():
+            atomic_write_bytes(
+                self.level_path(key, level),
+                lambda f, a=array: np.lib.format.write_array(f, a, allow_pickle=False),
+            )
+
+    def write_report(self, report: Mapping[str, object]) -> None:
+        atomic_write_json(self.root / REPORT_FILE, report)
