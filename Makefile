@@ -16,7 +16,7 @@ $(BIN)/fpn-extract: pyproject.toml
 setup: $(BIN)/fpn-extract
 
 demo: setup
-	$(BIN)/fpn-extract --summary
+	$(BIN)/fpn-extract examples/ --out feats/
 
 test: setup
 	$(BIN)/ruff check fpn_cli tests benchmarks

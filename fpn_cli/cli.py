@@ -212,7 +212,7 @@ def main(
     standard input. Each image's levels go to OUT/<path without extension>/<level>.npy, and
     OUT/report.json lists every image.
     """
-    stdin_lines = click.get_text_stream("stdin") if "-" in inputs else ()
+    stdin_lines = sys.stdin if "-" in inputs else ()
     try:
         resize = Resize(size, short_side, max_side)
         if summary:
@@ -247,6 +247,7 @@ def main(
             stdin_lines=stdin_lines,
             shard=shard,
             log=None if quiet else _echo_err,
+            on_failure=lambda path, reason: _echo_err(f"failed: {path}: {reason}"),
             progress=ProgressBar() if show_progress else None,
         )
     except FPNError as e:

@@ -120,8 +120,9 @@ def find_images(
             if other is None:
                 by_key[key] = image
             elif not _same_file(other.path, image.path):
+                first, second = sorted([str(other.path), str(image.path)])
                 raise UsageError(
-                    f"{other.path} and {image.path} would both write {image.key}/ in the output folder; "
+                    f"{first} and {second} would both write {image.key}/ in the output folder; "
                     "rename one or give them separate input folders"
                 )
     if not by_key:

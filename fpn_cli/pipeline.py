@@ -267,6 +267,7 @@ def extract(
     *,
     stdin_lines: Iterable[str] = (),
     log: Callable[[str], None] | None = None,
+    on_failure: Callable[[Path, str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] | None = None,
     **kwargs,
@@ -275,14 +276,17 @@ def extract(
     and ``out/report.json``, and returns the :class:`Report` (its ``exit_status`` is the CLI's).
 
     ``options`` or keyword arguments of :class:`Options` set the run; ``log`` receives one-line
-    messages (failures, notices), ``progress`` (done, total) after each image.
+    notices, ``on_failure`` (path, reason) for each image that failed, ``progress`` (done, total)
+    after each image.
 
-    >>> report = extract(["examples/"], "feats/", arch="seed", device="cpu")  # doctest: +SKIP
-    >>> report.counts  # doctest: +SKIP
-    {'ok': 5, 'skipped': 0, 'failed': 0}
+    >>> import tempfile
+    >>> report = extract(["examples/"], tempfile.mkdtemp(), arch="seed", device="cpu")
+    >>> report.counts, report.exit_status
+    ({'ok': 5, 'skipped': 0, 'failed': 0}, 0)
     """
     opts = options or Options(**kwargs)
     log = log or (lambda message: None)
+    on_failure = on_failure or (lambda path, reason: None)
     out = Path(out)
     device = resolve_device(opts.device)
     images = find_images(inputs, stdin_lines, exclude=out)
@@ -290,14 +294,14 @@ def extract(
         index, count = shard
         images = images[index::count]
     model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
-    if opts.weights == "random":
-        log(f"note: --weights random (seed {opts.seed}): features are for shapes and plumbing, not meaning")
     store = Store(out, opts.levels, opts.save_dtype)
     store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite)
+    if opts.weights == "random":
+        log(f"note: --weights random (seed {opts.seed}): features are for shapes and plumbing, not meaning")
     report = Report(_header(opts, model.config, device), total=len(images), on_add=progress)
     engine = Engine(model, device, opts.dtype, opts.save_dtype)
     try:
-        _run(images, store, engine, opts, device, report, log)
+        _run(images, store, engine, opts, device, report, on_failure)
     except KeyboardInterrupt:
         report.interrupted = True
     except FPNError:
@@ -335,23 +339,24 @@ def _header(opts: Options, config: FPNConfig, device: torch.device) -> dict:
     }
 
 
-def _plan(images: Sequence[InputImage], store: Store, overwrite: bool, report: Report) -> list[_Decoded]:
+def _plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[_Decoded]:
     """Images with every requested level in place are reported as skipped; the rest are jobs for
     their missing levels (all levels with ``overwrite``)."""
     jobs = []
     for image in images:
         store.remove_strays(image.key)
-        have = {} if overwrite else store.existing(image.key)
+        have = {} if opts.overwrite else store.existing(image.key)
         missing = tuple(level for level in store.levels if level not in have)
         if missing:
             jobs.append(_Decoded(image, missing))
         else:
+            size = probe_size(image.path)
             report.add(
                 ImageResult(
                     image.rel,
                     "skipped",
-                    input_size=probe_size(image.path),
-                    model_input_size=None,
+                    input_size=size,
+                    model_input_size=opts.resize.target(*size) if size else None,
                     levels=_level_entries(image.key, store, have),
                 )
             )
@@ -365,9 +370,9 @@ def _run(
     opts: Options,
     device: torch.device,
     report: Report,
-    log: Callable[[str], None],
+    on_failure: Callable[[Path, str], None],
 ) -> None:
-    jobs = _plan(images, store, opts.overwrite, report)
+    jobs = _plan(images, store, opts, report)
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
 
@@ -385,7 +390,7 @@ def _run(
                 if job.error is None:
                     yield job
                     continue
-                log(f"failed: {job.image.path}: {job.error}")
+                on_failure(job.image.path, job.error)
                 report.add(ImageResult(job.image.rel, "failed", job.error))
                 if opts.fail_fast:
                     raise FPNError(

@@ -131,9 +131,12 @@ class Store:
         """Writes each array to ``key/<level>.npy``, each file atomically."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
         for level, array in arrays.items():
+            # C order always: a (C, 1, W) slice can be Fortran-contiguous, and readers that
+            # memory-map the file expect the usual layout
+            c_order = np.ascontiguousarray(array)
             atomic_write_bytes(
                 self.level_path(key, level),
-                lambda f, a=array: np.lib.format.write_array(f, a, allow_pickle=False),
+                lambda f, a=c_order: np.lib.format.write_array(f, a, allow_pickle=False),
             )
 
     def write_report(self, report: Mapping[str, object]) -> None:

@@ -9,7 +9,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import randomize_batchnorm, rel_diff
 from torchvision.models import resnet18, resnet50, resnext50_32x4d
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN
@@ -19,6 +18,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fpn_cli import WeightsError, build_fpn
 from fpn_cli import weights as wts
+
+from conftest import randomize_batchnorm, rel_diff
 
 P_LEVELS = ("p2", "p3", "p4", "p5", "p6")
 TV_NAMES = {"p2": "0", "p3": "1", "p4": "2", "p5": "3", "p6": "pool"}

@@ -1,0 +1,339 @@
+"""The main job end to end: files on disk, report.json, exit statuses, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from click.testing import CliRunner
+from PIL import Image, ImageOps
+
+from fpn_cli import build_fpn
+from fpn_cli.cli import main
+
+from imagefactory import mixed_folder, save_rgb, truncated_jpeg
+
+SEED = ["--arch", "seed", "--device", "cpu", "-q"]
+LEVELS = ("p2", "p3", "p4", "p5")
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def ceil_shape(h, w, stride):
+    return (256, -(-h // stride), -(-w // stride))
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    return tmp_path / "in", mixed_folder(tmp_path / "in")
+
+
+def assert_complete(out: Path, expected: dict[str, tuple[int, int]], dtype=np.float32):
+    for rel, (h, w) in expected.items():
+        key = os.path.splitext(rel)[0]
+        for level, stride in zip(LEVELS, (4, 8, 16, 32), strict=True):
+            arr = np.load(out / key / f"{level}.npy", mmap_mode="r")
+            assert arr.shape == ceil_shape(h, w, stride), (rel, level)
+            assert arr.dtype == dtype
+
+
+def test_mixed_folder_gives_every_file_at_its_path_with_its_shape(mixed, tmp_path):
+    folder, expected = mixed
+    out = tmp_path / "out"
+    result = run(folder, "-o", out, *SEED)
+    assert result.exit_code == 0, result.output
+    assert_complete(out, expected)
+    report = report_of(out)
+    assert report["counts"] == {"ok": len(expected), "skipped": 0, "failed": 0}
+    assert report["model"]["arch"] == "seed" and report["model"]["levels"] == list(LEVELS)
+    assert report["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    entries = {e["path"]: e for e in report["images"]}
+    assert set(entries) == set(expected)
+    for rel, (h, w) in expected.items():
+        assert entries[rel]["status"] == "ok"
+        assert entries[rel]["input_size"] == [h, w]
+        key = os.path.splitext(rel)[0]
+        assert entries[rel]["levels"]["p3"] == {"shape": list(ceil_shape(h, w, 8)), "file": f"{key}/p3.npy"}
+    assert not [p for p in out.rglob(".*.tmp")]
+
+
+def test_installed_console_script_runs_end_to_end(tmp_path):
+    save_rgb(tmp_path / "in" / "a" / "cat.jpg", 45, 61)
+    script = Path(sys.executable).parent / "fpn-extract"
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [script, tmp_path / "in", "--out", out, "--arch", "seed", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1 images: 1 written, 0 already complete, 0 failed" in proc.stdout
+    assert "P2 256x12x16  P3 256x6x8  P4 256x3x4  P5 256x2x2" in proc.stdout
+    assert "features are for shapes and plumbing" in proc.stderr
+    assert np.load(out / "a" / "cat" / "p2.npy").shape == (256, 12, 16)
+
+
+def test_features_equal_the_model_on_torchvision_preprocessing(tmp_path):
+    save_rgb(tmp_path / "cat.png", 37, 53)
+    assert run(tmp_path / "cat.png", "-o", tmp_path / "out", *SEED).exit_code == 0
+    image = TF.to_tensor(ImageOps.exif_transpose(Image.open(tmp_path / "cat.png")).convert("RGB"))
+    x = TF.normalize(image, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])[None]
+    with torch.no_grad():
+        reference = build_fpn(arch="seed")(x)
+    for level in LEVELS:
+        ours = np.load(tmp_path / "out" / "cat" / f"{level}.npy")
+        np.testing.assert_allclose(ours, reference[level][0].numpy(), rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_reported_and_the_others_written(tmp_path):
+    folder = tmp_path / "in"
+    save_rgb(folder / "good1.jpg", 20, 20)
+    save_rgb(folder / "good2.jpg", 20, 20)
+    truncated_jpeg(folder / "truncated.jpg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    save_rgb(folder / "huge.png", 40, 40)
+    out = tmp_path / "out"
+    result = run(folder, "-o", out, "--max-pixels", 1000, "--batch-size", 4, *SEED)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4
+    for name, reason in [
+        ("truncated.jpg", "truncated or corrupt"),
+        ("empty.png", "empty file"),
+        ("text.jpg", "not an image file"),
+        ("huge.png", "decompression bomb"),
+    ]:
+        assert any(str(folder / name) in line and reason in line for line in lines), name
+        assert not (out / Path(name).stem).exists()
+        entry = next(e for e in report_of(out)["images"] if e["path"] == name)
+        assert entry["status"] == "failed" and reason in entry["error"]
+    assert report_of(out)["counts"] == {"ok": 2, "skipped": 0, "failed": 4}
+    assert_complete(out, {"good1.jpg": (20, 20), "good2.jpg": (20, 20)})
+    assert "Traceback" not in result.output
+
+
+def test_unreadable_file_is_a_failed_input(tmp_path, monkeypatch):
+    save_rgb(tmp_path / "in" / "ok.png", 8, 8)
+    save_rgb(tmp_path / "in" / "locked.png", 8, 8)
+    real_open = Image.open
+
+    def guarded_open(fp, *args, **kwargs):
+        if str(fp).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", guarded_open)  # root reads any file, so refuse it here
+    result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 1
+    assert "locked.png: permission denied" in result.stderr
+    assert (tmp_path / "out" / "ok" / "p5.npy").exists()
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"")
+    for name in "bcdef":
+        save_rgb(tmp_path / "in" / f"{name}.jpg", 8, 8)
+    result = run(tmp_path / "in", "-o", tmp_path / "out", "--fail-fast", "--workers", 1, *SEED)
+    assert result.exit_code == 1
+    assert "stopped at the first failure (--fail-fast)" in result.stderr
+    assert report_of(tmp_path / "out")["counts"]["failed"] == 1
+
+
+def test_paths_from_stdin(tmp_path):
+    save_rgb(tmp_path / "x" / "one.jpg", 8, 8)
+    save_rgb(tmp_path / "y" / "two.png", 8, 8)
+    paths = f"{tmp_path / 'x' / 'one.jpg'}\n\n{tmp_path / 'y' / 'two.png'}\n"
+    result = run("-", "-o", tmp_path / "out", *SEED, input=paths)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "one" / "p2.npy").exists() and (tmp_path / "out" / "two" / "p2.npy").exists()
+
+
+def test_glob_pattern_input(tmp_path):
+    save_rgb(tmp_path / "shots" / "day1" / "a.png", 8, 8)
+    save_rgb(tmp_path / "shots" / "day2" / "b.png", 8, 8)
+    save_rgb(tmp_path / "shots" / "day2" / "c.jpg", 8, 8)
+    result = run(str(tmp_path / "shots" / "**" / "*.png"), "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 0, result.output
+    assert sorted(e["path"] for e in report_of(tmp_path / "out")["images"]) == ["day1/a.png", "day2/b.png"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["EMPTY"], "no image files found"),
+        (["COLLIDE"], "would both write cat/"),
+        (["IMG", "--device", "tpu"], "unknown device 'tpu'"),
+        (["IMG", "--device", "cuda:7"], "device 'cuda:7' is not available"),
+        (["IMG", "--size", "32x32", "--short-side", "16"], "cannot be combined"),
+        (["IMG", "--shard", "2/2"], "need 0 <= I < N"),
+        ([], "no INPUTS given"),
+    ],
+)
+def test_usage_errors_exit_2_and_write_nothing(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    save_rgb(tmp_path / "collide" / "cat.jpg", 8, 8)
+    save_rgb(tmp_path / "collide" / "cat.png", 8, 8)
+    save_rgb(tmp_path / "img.png", 8, 8)
+    where = {"EMPTY": tmp_path / "empty", "COLLIDE": tmp_path / "collide", "IMG": tmp_path / "img.png"}
+    result = run("-o", tmp_path / "out", *SEED, *[where.get(a, a) for a in args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_missing_out_is_a_usage_error(tmp_path):
+    save_rgb(tmp_path / "img.png", 8, 8)
+    result = run(tmp_path / "img.png", "--arch", "seed")
+    assert result.exit_code == 2 and "--out" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_a_usage_error(tmp_path):
+    save_rgb(tmp_path / "img.png", 8, 8)
+    result = run(tmp_path / "img.png", "-o", tmp_path / "out", "--arch", "seed", "--device", "cuda")
+    assert result.exit_code == 2 and "device 'cuda' is not available" in result.output
+
+
+def test_output_path_that_is_a_file_is_a_usage_error(tmp_path):
+    save_rgb(tmp_path / "img.png", 8, 8)
+    (tmp_path / "out").write_text("x")
+    result = run(tmp_path / "img.png", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 2 and "exists and is not a folder" in result.output
+
+
+def test_resume_completes_exactly_what_a_crash_left_missing(tmp_path):
+    for name in ("a", "b", "c"):
+        save_rgb(tmp_path / "in" / f"{name}.png", 16, 24, seed=ord(name))
+    out = tmp_path / "out"
+    assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
+    clean = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")}
+    # the crash: b lost two levels, c's folder holds a half-written temporary file
+    (out / "b" / "p4.npy").unlink()
+    (out / "b" / "p5.npy").unlink()
+    (out / "c" / ".p2.npy.999.tmp").write_bytes(b"\x93NUMPY partial")
+    untouched = {p: (out / p).stat().st_mtime_ns for p in clean if str(p) not in ("b/p4.npy", "b/p5.npy")}
+    os.utime(out / "a" / "p2.npy", ns=(1, 1))
+    untouched[Path("a/p2.npy")] = 1
+    result = run(tmp_path / "in", "-o", out, *SEED)
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")} == clean
+    assert {p: (out / p).stat().st_mtime_ns for p in untouched} == untouched
+    assert not list(out.rglob("*.tmp"))
+    statuses = {e["path"]: e["status"] for e in report_of(out)["images"]}
+    assert statuses == {"a.png": "skipped", "b.png": "ok", "c.png": "skipped"}
+    skipped = next(e for e in report_of(out)["images"] if e["path"] == "a.png")
+    assert skipped["levels"]["p2"]["shape"] == [256, 4, 6] and skipped["input_size"] == [16, 24]
+
+
+def test_a_truncated_level_file_is_not_complete(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 16, 24)
+    out = tmp_path / "out"
+    run(tmp_path / "in", "-o", out, *SEED)
+    good = (out / "a" / "p3.npy").read_bytes()
+    (out / "a" / "p3.npy").write_bytes(good[:-10])
+    assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
+    assert (out / "a" / "p3.npy").read_bytes() == good
+
+
+def test_overwrite_recomputes_everything(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 16, 24)
+    out = tmp_path / "out"
+    run(tmp_path / "in", "-o", out, *SEED)
+    os.utime(out / "a" / "p2.npy", ns=(1, 1))
+    assert run(tmp_path / "in", "-o", out, "--overwrite", *SEED).exit_code == 0
+    assert (out / "a" / "p2.npy").stat().st_mtime_ns != 1
+    assert report_of(out)["counts"] == {"ok": 1, "skipped": 0, "failed": 0}
+
+
+def test_features_made_with_other_settings_are_not_mixed_in(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 16, 24)
+    out = tmp_path / "out"
+    run(tmp_path / "in", "-o", out, *SEED)
+    result = run(tmp_path / "in", "-o", out, *SEED, "--seed", "3")
+    assert result.exit_code == 2 and "seed 0 -> 3" in result.output
+    assert run(tmp_path / "in", "-o", out, *SEED, "--seed", "3", "--overwrite").exit_code == 0
+
+
+def test_batch_size_does_not_change_features(tmp_path):
+    for i in range(5):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    save_rgb(tmp_path / "in" / "odd.png", 20, 36)
+    run(tmp_path / "in", "-o", tmp_path / "b1", "--batch-size", 1, *SEED)
+    run(tmp_path / "in", "-o", tmp_path / "b4", "--batch-size", 4, *SEED)
+    for path in (tmp_path / "b1").rglob("*.npy"):
+        other = tmp_path / "b4" / path.relative_to(tmp_path / "b1")
+        np.testing.assert_allclose(np.load(path), np.load(other), rtol=0, atol=1e-5)
+
+
+def test_two_cpu_runs_are_byte_identical(tmp_path):
+    for i in range(3):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    run(tmp_path / "in", "-o", tmp_path / "r1", "--batch-size", 2, *SEED)
+    run(tmp_path / "in", "-o", tmp_path / "r2", "--batch-size", 2, *SEED)
+    first = sorted((tmp_path / "r1").rglob("*.npy"))
+    assert len(first) == 12
+    for path in first:
+        assert path.read_bytes() == (tmp_path / "r2" / path.relative_to(tmp_path / "r1")).read_bytes()
+
+
+def test_resize_options_set_the_network_input(tmp_path):
+    save_rgb(tmp_path / "a.png", 40, 60)
+    out = tmp_path / "out"
+    assert run(tmp_path / "a.png", "-o", out, "--short-side", 64, "--max-side", 80, *SEED).exit_code == 0
+    entry = report_of(out)["images"][0]
+    assert entry["input_size"] == [40, 60] and entry["model_input_size"] == [53, 80]
+    assert np.load(out / "a" / "p2.npy").shape == (256, 14, 20)
+    assert run(tmp_path / "a.png", "-o", tmp_path / "o2", "--size", "32x16", *SEED).exit_code == 0
+    assert np.load(tmp_path / "o2" / "a" / "p2.npy").shape == (256, 8, 4)
+
+
+def test_save_dtype_and_compute_dtype(tmp_path):
+    save_rgb(tmp_path / "a.png", 32, 32)
+    run(tmp_path / "a.png", "-o", tmp_path / "f32", *SEED)
+    assert run(tmp_path / "a.png", "-o", tmp_path / "f16", "--save-dtype", "float16", *SEED).exit_code == 0
+    half = np.load(tmp_path / "f16" / "a" / "p2.npy")
+    full = np.load(tmp_path / "f32" / "a" / "p2.npy")
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half.astype(np.float32), full, rtol=1e-2, atol=1e-3)
+    assert run(tmp_path / "a.png", "-o", tmp_path / "bf", "--dtype", "bfloat16", *SEED).exit_code == 0
+    bf = np.load(tmp_path / "bf" / "a" / "p2.npy")
+    assert bf.dtype == np.float32
+    assert np.abs(bf - full).max() < 0.1 * np.abs(full).max()
+
+
+def test_levels_option_writes_only_those_levels(tmp_path):
+    save_rgb(tmp_path / "a.png", 32, 32)
+    assert run(tmp_path / "a.png", "-o", tmp_path / "out", "--levels", "c3,p6", *SEED).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["c3.npy", "p6.npy"]
+    assert np.load(tmp_path / "out" / "a" / "c3.npy").shape == (512, 4, 4)
+
+
+def test_summary_for_given_images_lists_each_size(tmp_path):
+    save_rgb(tmp_path / "a.png", 40, 60)
+    save_rgb(tmp_path / "b.png", 64, 64)
+    result = run("--summary", "--arch", "seed", tmp_path)
+    assert result.exit_code == 0
+    assert "input 40x60" in result.output and "input 64x64" in result.output
+
+
+def test_shape_report_is_printed(tmp_path):
+    save_rgb(tmp_path / "a.png", 40, 60)
+    result = run(tmp_path / "a.png", "-o", tmp_path / "out", "--arch", "seed")
+    assert "1 images: 1 written, 0 already complete, 0 failed" in result.stdout
+    assert "40x60  (1 image: a.png)" in result.stdout
