@@ -1,0 +1,86 @@
+"""The command line's own surface: help, documentation coverage, progress display."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from fpn_cli.cli import ProgressBar, main
+from imagefactory import save_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def option_names() -> list[str]:
+    return [opt for p in main.params for opt in p.opts if opt.startswith("--")]
+
+
+def test_every_option_is_in_help_and_readme():
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    readme = (ROOT / "README.md").read_text()
+    assert len(option_names()) >= 20
+    for name in option_names():
+        assert name in help_text, name
+        assert re.search(rf"`{re.escape(name)}\b", readme), f"{name} is not documented in README.md"
+
+
+def test_help_shows_examples():
+    assert "fpn-extract images/ --out feats/" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_progress_bar_shows_done_total_and_rate(capsys):
+    bar = ProgressBar()
+    bar(1, 2)
+    bar(2, 2)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "img/s" in err and err.endswith("\n")
+
+
+def run_with_tty_stderr(args: list[str]) -> str:
+    parent, child = pty.openpty()
+    proc = subprocess.Popen(
+        [Path(sys.executable).parent / "fpn-extract", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=child,
+    )
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(parent, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait()
+    os.close(parent)
+    return b"".join(chunks).decode()
+
+
+def test_progress_bar_on_a_terminal_and_not_with_quiet(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 16, 16)
+    common = [str(tmp_path / "in"), "--arch", "seed", "--device", "cpu"]
+    assert "1/1" in run_with_tty_stderr([*common, "-o", str(tmp_path / "o1")])
+    assert "img/s" not in run_with_tty_stderr([*common, "-o", str(tmp_path / "o2"), "--quiet"])
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
+    save_rgb(tmp_path / "a.png", 16, 16)
+    result = CliRunner().invoke(main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--arch", "seed"])
+    assert result.exit_code == 0
+    assert "img/s" not in result.stderr
+
+
+def test_verbose_lists_every_image(tmp_path):
+    save_rgb(tmp_path / "a.png", 16, 16)
+    result = CliRunner().invoke(
+        main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--arch", "seed", "-v"]
+    )
+    assert "ok: a.png" in result.stderr
