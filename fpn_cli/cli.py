@@ -169,6 +169,9 @@ Examples:
     show_default=True,
     help="Larger images are refused as decompression bombs.",
 )
+@click.option(
+    "--preview", is_flag=True, help="Also write OUT/<image>/preview.png: the image beside its levels."
+)
 @click.option("--shard", type=ShardType(), default=None, help="Process only shard I (0-based) of N.")
 @click.option("--summary", is_flag=True, help="Print the level sizes and exit; computes no features.")
 @click.option(
@@ -181,31 +184,7 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or shape report.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list every image as it is written.")
 @click.version_option(__version__, "--version", prog_name="fpn-extract")
-def main(
-    inputs,
-    out,
-    device,
-    arch,
-    weights,
-    fpn_style,
-    seed,
-    levels,
-    batch_size,
-    size,
-    short_side,
-    max_side,
-    dtype,
-    save_dtype,
-    overwrite,
-    workers,
-    fail_fast,
-    max_pixels,
-    shard,
-    summary,
-    input_size,
-    quiet,
-    verbose,
-):
+def main(inputs, out, size, short_side, max_side, shard, summary, input_size, quiet, verbose, **options):
     """Compute Feature Pyramid Network features (P2-P5) for images.
 
     INPUTS are image files, folders (searched recursively) or glob patterns; - reads paths from
@@ -216,29 +195,14 @@ def main(
     try:
         resize = Resize(size, short_side, max_side)
         if summary:
-            config = FPNConfig(arch, fpn_style or "reference", levels)
+            config = FPNConfig(options["arch"], options["fpn_style"] or "reference", options["levels"])
             click.echo(summarize(inputs, config, resize, input_size, stdin_lines))
             return
         if not inputs:
             raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
-        options = Options(
-            arch,
-            weights,
-            fpn_style,
-            levels,
-            seed,
-            device,
-            batch_size,
-            resize,
-            dtype,
-            save_dtype,
-            overwrite,
-            workers,
-            fail_fast,
-            max_pixels,
-        )
+        options = Options(resize=resize, **options)
         show_progress = not quiet and sys.stderr.isatty()
         report = extract(
             inputs,

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, preview
 from .builder import build_fpn
 from .errors import FPNError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, InputImage, Resize, decode, find_images, probe_size
 from .model import DEFAULT_LEVELS, FPN, FPNConfig, output_shapes, parameter_count, parse_levels
 from .report import ImageResult, Report, format_summary
-from .store import Store
+from .store import PREVIEW_FILE, Store
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics that torchvision's weights expect
 STD = (0.229, 0.224, 0.225)
@@ -50,6 +50,7 @@ class Options:
     workers: int | None = None  # decode threads; None: by device and core count
     fail_fast: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    preview: bool = False  # also write OUT/<key>/preview.png
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", parse_levels(self.levels))
@@ -111,14 +112,16 @@ class Writer:
     """Writes finished images on a background thread. The queue is bounded, so a slow disk slows
     the producer instead of filling memory. The first OS error (disk full, say) stops all writing."""
 
-    def __init__(self, store: Store, report: Report, depth: int) -> None:
-        self.store, self.report = store, report
+    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
+        self.store, self.report, self.preview = store, report, preview
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: FPNError | None = None
         self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
         self.thread.start()
 
-    def put(self, item: _Decoded, arrays: dict[str, np.ndarray | torch.Tensor], ready) -> None:
+    def put(self, item: _Decoded, arrays: dict[str, np.ndarray | torch.Tensor] | None, ready=None) -> None:
+        """Queues ``item``'s computed levels; ``arrays`` None: its levels are on disk already and
+        only its preview is missing."""
         if self.error is not None:
             raise self.error
         self.queue.put((item, arrays, ready))
@@ -134,28 +137,42 @@ class Writer:
             item, arrays, ready = job
             if self.error is not None:
                 continue  # after a fatal write error, drain without writing
+            key = item.image.key
             try:
                 if ready is not None:
                     ready.synchronize()  # the device-to-host copies of this batch are done
-                numpy = {k: np.asarray(v) for k, v in arrays.items()}
-                self.store.write_levels(item.image.key, {k: numpy[k] for k in item.missing})
+                if arrays is None:
+                    numpy = self.store.read_levels(key)
+                else:
+                    numpy = {k: np.asarray(v) for k, v in arrays.items()}
+                    self.store.write_levels(key, {k: numpy[k] for k in item.missing})
+                if self.preview:
+                    self.store.write_preview(key, preview.render(item.rgb, numpy))
             except OSError as e:
-                where = e.filename or self.store.root / item.image.key
+                where = e.filename or self.store.root / key
                 self.error = FPNError(f"cannot write {where}: {e.strerror or e}")
                 self.report.add(ImageResult(item.image.rel, "failed", f"not written: {e.strerror or e}"))
                 continue
-            self.report.add(_ok_result(item, self.store, {k: v.shape for k, v in numpy.items()}))
+            status = "skipped" if arrays is None else "ok"
+            self.report.add(_written_result(item, self.store, {k: v.shape for k, v in numpy.items()}, status))
 
 
-def _ok_result(item: _Decoded, store: Store, shapes: dict[str, tuple[int, ...]]) -> ImageResult:
+def _written_result(
+    item: _Decoded, store: Store, shapes: dict[str, tuple[int, ...]], status: str
+) -> ImageResult:
     assert item.rgb is not None
     return ImageResult(
         item.image.rel,
-        "ok",
+        status,
         input_size=item.size,
         model_input_size=tuple(item.rgb.shape[:2]),
         levels=_level_entries(item.image.key, store, shapes),
+        preview=_preview_entry(item.image.key, store),
     )
+
+
+def _preview_entry(key: str, store: Store) -> str | None:
+    return f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None
 
 
 def _level_entries(key: str, store: Store, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
@@ -347,8 +364,8 @@ def _plan(images: Sequence[InputImage], store: Store, opts: Options, report: Rep
         store.remove_strays(image.key)
         have = {} if opts.overwrite else store.existing(image.key)
         missing = tuple(level for level in store.levels if level not in have)
-        if missing:
-            jobs.append(_Decoded(image, missing))
+        if missing or (opts.preview and not store.preview_path(image.key).is_file()):
+            jobs.append(_Decoded(image, missing))  # no missing level: draw the preview alone
         else:
             size = probe_size(image.path)
             report.add(
@@ -358,6 +375,7 @@ def _plan(images: Sequence[InputImage], store: Store, opts: Options, report: Rep
                     input_size=size,
                     model_input_size=opts.resize.target(*size) if size else None,
                     levels=_level_entries(image.key, store, have),
+                    preview=_preview_entry(image.key, store),
                 )
             )
     return jobs
@@ -387,6 +405,9 @@ def _run(
         pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
         try:
             for job in _prefetch(pool, jobs, decode_job, lookahead=2 * workers + 2 * batch_size):
+                if job.error is None and not job.missing:
+                    writer.put(job, None)
+                    continue
                 if job.error is None:
                     yield job
                     continue
@@ -399,7 +420,7 @@ def _run(
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    writer = Writer(store, report, depth=max(2, 2 * batch_size))
+    writer = Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview)
     try:
         for batch in _batches(decoded_ok(), batch_size, max_pending=4 * batch_size):
             feats, ready = engine(np.stack([job.rgb for job in batch]))

@@ -32,6 +32,7 @@ class ImageResult:
     input_size: tuple[int, int] | None = None  # (H, W) as decoded, EXIF orientation applied
     model_input_size: tuple[int, int] | None = None  # (H, W) after --size / --short-side
     levels: dict[str, dict] = field(default_factory=dict)  # level -> {"shape": [...], "file": ...}
+    preview: str | None = None  # "x/cat/preview.png" when one exists
 
     def to_json(self) -> dict:
         entry: dict = {"path": self.path, "status": self.status}
@@ -40,6 +41,8 @@ class ImageResult:
         entry["input_size"] = list(self.input_size) if self.input_size else None
         entry["model_input_size"] = list(self.model_input_size) if self.model_input_size else None
         entry["levels"] = self.levels
+        if self.preview is not None:
+            entry["preview"] = self.preview
         return entry
 
 

@@ -1,6 +1,7 @@
 """The output folder: layout, atomic writes, completion and resume, settings, report.json.
 
     OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype
+    OUT/<key>/preview.png       with --preview: the image beside its levels
     OUT/report.json             what the last run did
     OUT/.fpn-extract.json       the settings the features were made with (checked on resume)
 
@@ -21,6 +22,7 @@ from .errors import UsageError
 
 SETTINGS_FILE = ".fpn-extract.json"
 REPORT_FILE = "report.json"
+PREVIEW_FILE = "preview.png"
 TMP_SUFFIX = ".tmp"
 
 
@@ -138,6 +140,17 @@ class Store:
                 self.level_path(key, level),
                 lambda f, a=c_order: np.lib.format.write_array(f, a, allow_pickle=False),
             )
+
+    def preview_path(self, key: str) -> Path:
+        return self.root / key / PREVIEW_FILE
+
+    def read_levels(self, key: str) -> dict[str, np.ndarray]:
+        """The requested levels of a complete image, memory-mapped."""
+        return {level: np.load(self.level_path(key, level), mmap_mode="r") for level in self.levels}
+
+    def write_preview(self, key: str, picture) -> None:
+        """Writes a PIL image as ``key/preview.png``, atomically."""
+        atomic_write_bytes(self.preview_path(key), lambda f: picture.save(f, format="PNG"))
 
     def write_report(self, report: Mapping[str, object]) -> None:
         atomic_write_json(self.root / REPORT_FILE, report)

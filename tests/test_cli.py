@@ -12,6 +12,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from fpn_cli.cli import ProgressBar, main
+
 from imagefactory import save_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
