@@ -7,6 +7,7 @@ and a background writer, so that decoding and disk writes overlap the network.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -20,10 +21,11 @@ import torch
 
 from . import __version__, preview
 from .builder import build_fpn
+from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .errors import FPNError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, InputImage, Resize, decode, find_images, probe_size
 from .model import DEFAULT_LEVELS, FPN, FPNConfig, output_shapes, parameter_count, parse_levels
-from .report import ImageResult, Report, format_summary
+from .report import ImageResult, Report, format_summary, merge_reports
 from .store import PREVIEW_FILE, Store
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics that torchvision's weights expect
@@ -63,10 +65,13 @@ class Options:
             raise UsageError("--batch-size must be at least 1")
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; one this
-    machine lacks is a :class:`UsageError` naming it."""
+    machine lacks is a :class:`UsageError` naming it. Under torchrun, ``auto`` and ``cuda`` mean
+    ``cuda:LOCAL_RANK``."""
     spec = spec.strip().lower()
+    if local_rank is not None and spec in ("auto", "cuda") and torch.cuda.is_available():
+        spec = f"cuda:{local_rank}"
     mps = getattr(torch.backends, "mps", None)
     has_mps = bool(mps and mps.is_available())
     if spec == "auto":
@@ -305,33 +310,54 @@ def extract(
     log = log or (lambda message: None)
     on_failure = on_failure or (lambda path, reason: None)
     out = Path(out)
-    device = resolve_device(opts.device)
+    launch = torchrun_launch()
+    shard = combine(shard, launch)
+    device = resolve_device(opts.device, launch.local_rank if launch else None)
     images = find_images(inputs, stdin_lines, exclude=out)
     if shard is not None:
-        index, count = shard
-        images = images[index::count]
+        images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
     store = Store(out, opts.levels, opts.save_dtype)
     store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite)
     if opts.weights == "random":
         log(f"note: --weights random (seed {opts.seed}): features are for shapes and plumbing, not meaning")
-    report = Report(_header(opts, model.config, device), total=len(images), on_add=progress)
+    report = Report(_header(opts, model.config, device, shard), total=len(images), on_add=progress)
     engine = Engine(model, device, opts.dtype, opts.save_dtype)
-    try:
-        _run(images, store, engine, opts, device, report, on_failure)
-    except KeyboardInterrupt:
-        report.interrupted = True
-    except FPNError:
-        try:  # a report of what was done, if the disk still takes one
-            store.write_report(report.to_json())
-        except OSError:
-            pass
-        raise
-    store.write_report(report.to_json())
+    with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
+        try:
+            _run(images, store, engine, opts, device, report, on_failure)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        except FPNError:
+            with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
+                _write_reports(store, report, shard, merge=launch is None)
+            raise
+        _write_reports(store, report, shard, merge=launch is None)
+        if group is not None:
+            group.barrier()  # every rank's part is on disk
+            if launch.rank == 0:
+                _merge(store, shard[1])
     return report
 
 
-def _header(opts: Options, config: FPNConfig, device: torch.device) -> dict:
+def _write_reports(store: Store, report: Report, shard: tuple[int, int] | None, merge: bool) -> None:
+    """report.json, or for a shard its part; with ``merge``, the shard that completes the set
+    merges them (under torchrun, rank 0 merges after the barrier instead)."""
+    if shard is None:
+        store.write_report(report.to_json())
+        return
+    store.write_shard_report(*shard, report.to_json())
+    if merge:
+        _merge(store, shard[1])
+
+
+def _merge(store: Store, count: int) -> None:
+    parts = store.read_shard_reports(count)
+    if parts is not None:
+        store.write_report(merge_reports(parts))
+
+
+def _header(opts: Options, config: FPNConfig, device: torch.device, shard: tuple[int, int] | None) -> dict:
     return {
         "version": __version__,
         "model": {
@@ -353,6 +379,7 @@ def _header(opts: Options, config: FPNConfig, device: torch.device) -> dict:
             "std": list(STD),
         },
         "device": str(device),
+        **({"shard": list(shard)} if shard else {}),
     }
 
 

@@ -104,8 +104,10 @@ class Report:
                 shapes = tuple((k, tuple(v["shape"])) for k, v in r.levels.items())
                 groups[(r.model_input_size, shapes)].append(r)
         c = self.counts
+        shard = self.header.get("shard")
         lines = [
-            f"{sum(c.values())} images: {c['ok']} written, {c['skipped']} already complete, "
+            (f"shard {shard[0]} of {shard[1]}: " if shard else "")
+            + f"{sum(c.values())} images: {c['ok']} written, {c['skipped']} already complete, "
             f"{c['failed']} failed",
             "network input HxW, then each level's CxHxW:",
         ]
@@ -119,3 +121,14 @@ class Report:
         for r in failed:
             lines.append(f"failed: {r.path}: {r.error}")
         return "\n".join(lines)
+
+
+def merge_reports(parts: Sequence[dict]) -> dict:
+    """One report.json from the shards' reports: every image once, counts added up."""
+    images = sorted((image for part in parts for image in part["images"]), key=lambda e: e["path"])
+    counts = {k: sum(part["counts"][k] for part in parts) for k in ("ok", "skipped", "failed")}
+    merged = {k: v for k, v in parts[0].items() if k not in ("images", "counts", "interrupted", "shard")}
+    merged.update(images=images, counts=counts, shards=len(parts))
+    if any(part.get("interrupted") for part in parts):
+        merged["interrupted"] = True
+    return merged

@@ -2,7 +2,8 @@
 
     OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype
     OUT/<key>/preview.png       with --preview: the image beside its levels
-    OUT/report.json             what the last run did
+    OUT/report.json             what the last run did (all shards merged)
+    OUT/.shards/report-I-of-N.json   one shard's part, with --shard or under torchrun
     OUT/.fpn-extract.json       the settings the features were made with (checked on resume)
 
 Every file appears by ``os.replace`` of a temporary sibling named ``.<name>.<pid>.tmp``, so a reader
@@ -23,6 +24,7 @@ from .errors import UsageError
 SETTINGS_FILE = ".fpn-extract.json"
 REPORT_FILE = "report.json"
 PREVIEW_FILE = "preview.png"
+SHARDS_DIR = ".shards"  # report-I-of-N.json per shard, merged into report.json by the last
 TMP_SUFFIX = ".tmp"
 
 
@@ -154,3 +156,20 @@ class Store:
 
     def write_report(self, report: Mapping[str, object]) -> None:
         atomic_write_json(self.root / REPORT_FILE, report)
+
+    def shard_report_path(self, index: int, count: int) -> Path:
+        return self.root / SHARDS_DIR / f"report-{index}-of-{count}.json"
+
+    def write_shard_report(self, index: int, count: int, report: Mapping[str, object]) -> None:
+        (self.root / SHARDS_DIR).mkdir(exist_ok=True)
+        atomic_write_json(self.shard_report_path(index, count), report)
+
+    def read_shard_reports(self, count: int) -> list[dict] | None:
+        """All ``count`` shards' reports, or None while any is missing."""
+        parts = []
+        for index in range(count):
+            try:
+                parts.append(json.loads(self.shard_report_path(index, count).read_text()))
+            except (OSError, ValueError):
+                return None
+        return parts

@@ -1,0 +1,111 @@
+"""Scale-out: --shard job arrays and torchrun produce exactly what one process does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fpn_cli.cli import main
+from fpn_cli.distributed import Launch, combine, shard_of
+
+from imagefactory import save_rgb
+
+SEED = ["--arch", "seed", "--device", "cpu", "-q"]
+BIN = Path(sys.executable).parent
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def images(tmp_path):
+    for i in range(7):
+        save_rgb(tmp_path / "in" / f"d{i % 2}" / f"im{i}.png", 20 + 4 * (i % 3), 28, seed=i)
+    return tmp_path / "in"
+
+
+def npy_files(out: Path) -> dict[Path, bytes]:
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")}
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_two_shards_together_equal_one_run_and_merge_one_report(images, tmp_path):
+    assert run(images, "-o", tmp_path / "single", *SEED).exit_code == 0
+    assert run(images, "-o", tmp_path / "sharded", "--shard", "0/2", *SEED).exit_code == 0
+    assert not (tmp_path / "sharded" / "report.json").exists()  # half the job is no report
+    assert run(images, "-o", tmp_path / "sharded", "--shard", "1/2", *SEED).exit_code == 0
+    single = npy_files(tmp_path / "single")
+    assert len(single) == 28
+    assert npy_files(tmp_path / "sharded") == single
+    merged = report_of(tmp_path / "sharded")
+    assert [e["path"] for e in merged["images"]] == [
+        e["path"] for e in report_of(tmp_path / "single")["images"]
+    ]
+    assert merged["counts"] == {"ok": 7, "skipped": 0, "failed": 0} and merged["shards"] == 2
+
+
+def test_rerunning_a_shard_resumes(images, tmp_path):
+    out = tmp_path / "out"
+    run(images, "-o", out, "--shard", "1/2", *SEED)
+    again = run(images, "-o", out, "--shard", "1/2", "--arch", "seed", "--device", "cpu")
+    assert again.exit_code == 0
+    assert "shard 1 of 2" in again.stdout and "0 written" in again.stdout
+    part = json.loads((out / ".shards" / "report-1-of-2.json").read_text())
+    assert part["counts"]["skipped"] > 0 and part["counts"]["ok"] == 0
+
+
+@pytest.mark.parametrize("value", ["2/2", "1/0", "a/b", "-1/2", "3", "0/2/4"])
+def test_bad_shard_values_are_usage_errors(images, tmp_path, value):
+    result = run(images, "-o", tmp_path / "out", "--shard", value, *SEED)
+    assert result.exit_code == 2
+    assert "--shard" in result.output
+
+
+def test_an_image_keeps_its_shard_when_others_are_added():
+    keys = [f"img{i:04d}" for i in range(400)]
+    owners = {k: shard_of(k, 4) for k in keys}
+    assert set(owners.values()) == {0, 1, 2, 3}
+    assert min(list(owners.values()).count(s) for s in range(4)) > 60  # roughly balanced
+    assert {k: shard_of(k, 4) for k in keys[:50]} == {k: owners[k] for k in keys[:50]}
+
+
+def test_shard_under_torchrun_is_split_among_ranks():
+    assert combine((1, 3), Launch(rank=1, world_size=2, local_rank=1)) == (3, 6)
+    assert combine(None, Launch(rank=1, world_size=2, local_rank=1)) == (1, 2)
+    assert combine((1, 3), None) == (1, 3)
+
+
+def test_torchrun_two_processes_equal_one_process(images, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each, so float sums run in one order
+    single = subprocess.run(
+        [BIN / "fpn-extract", images, "-o", tmp_path / "single", *SEED],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr
+    proc = subprocess.run(
+        [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", "--no-python",
+         BIN / "fpn-extract", images, "-o", tmp_path / "dist", *SEED],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert npy_files(tmp_path / "dist") == npy_files(tmp_path / "single")
+    merged = report_of(tmp_path / "dist")
+    paths = [e["path"] for e in merged["images"]]
+    assert len(paths) == len(set(paths)) == 7
+    assert merged["counts"] == {"ok": 7, "skipped": 0, "failed": 0} and merged["shards"] == 2
+    assert sorted(p.name for p in (tmp_path / "dist" / ".shards").iterdir()) == [
+        "report-0-of-2.json",
+        "report-1-of-2.json",
+    ]
