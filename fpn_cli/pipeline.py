@@ -318,25 +318,29 @@ def extract(
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
     store = Store(out, opts.levels, opts.save_dtype)
-    store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite)
-    if opts.weights == "random":
-        log(f"note: --weights random (seed {opts.seed}): features are for shapes and plumbing, not meaning")
-    report = Report(_header(opts, model.config, device, shard), total=len(images), on_add=progress)
-    engine = Engine(model, device, opts.dtype, opts.save_dtype)
-    with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
-        try:
-            _run(images, store, engine, opts, device, report, on_failure)
-        except KeyboardInterrupt:
-            report.interrupted = True
-        except FPNError:
-            with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
-                _write_reports(store, report, shard, merge=launch is None)
-            raise
-        _write_reports(store, report, shard, merge=launch is None)
-        if group is not None:
-            group.barrier()  # every rank's part is on disk
-            if launch.rank == 0:
-                _merge(store, shard[1])
+    with store.lock(shard):
+        store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite)
+        if opts.weights == "random":
+            log(
+                f"note: --weights random (seed {opts.seed}): "
+                "features are for shapes and plumbing, not meaning"
+            )
+        report = Report(_header(opts, model.config, device, shard), total=len(images), on_add=progress)
+        engine = Engine(model, device, opts.dtype, opts.save_dtype)
+        with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
+            try:
+                _run(images, store, engine, opts, device, report, on_failure)
+            except KeyboardInterrupt:
+                report.interrupted = True
+            except FPNError:
+                with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
+                    _write_reports(store, report, shard, merge=launch is None)
+                raise
+            _write_reports(store, report, shard, merge=launch is None)
+            if group is not None:
+                group.barrier()  # every rank's part is on disk
+                if launch.rank == 0:
+                    _merge(store, shard[1])
     return report
 
 

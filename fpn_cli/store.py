@@ -6,15 +6,19 @@
     OUT/.shards/report-I-of-N.json   one shard's part, with --shard or under torchrun
     OUT/.fpn-extract.json       the settings the features were made with (checked on resume)
 
-Every file appears by ``os.replace`` of a temporary sibling named ``.<name>.<pid>.tmp``, so a reader
-never sees a partial file, and an image is complete when each requested level's file is in place.
+Every file appears by ``os.replace`` of a temporary sibling named ``.<name>~<host>~<pid>.tmp``, so a
+reader never sees a partial file, and an image is complete when each requested level's file is in
+place. ``OUT/.lock`` (and ``OUT/.shards/lock-I-of-N``) keep two runs from writing the same images.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Iterable, Mapping
+import socket
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +28,35 @@ from .errors import UsageError
 SETTINGS_FILE = ".fpn-extract.json"
 REPORT_FILE = "report.json"
 PREVIEW_FILE = "preview.png"
+LOCK_FILE = ".lock"
 SHARDS_DIR = ".shards"  # report-I-of-N.json per shard, merged into report.json by the last
 TMP_SUFFIX = ".tmp"
 
 
+HOST = socket.gethostname()
+
+
 def _tmp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
+    # who wrote it, so that a later run can tell a dead writer's leftovers from a live one's
+    return target.with_name(f".{target.name}~{HOST}~{os.getpid()}{TMP_SUFFIX}")
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def _writer_is_gone(name: str) -> bool:
+    """True for a temporary file whose writer ran on this host and no longer runs."""
+    parts = name[: -len(TMP_SUFFIX)].split("~")
+    if len(parts) != 3 or parts[1] != HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def atomic_write_bytes(target: Path, write) -> None:
@@ -70,6 +97,16 @@ def npy_shape(path: Path, dtype: np.dtype) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
+def _remove_tmp_files(folder: Path, stale: Callable[[str], bool]) -> None:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if _is_tmp(entry.name) and stale(entry.name) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+
+
 class Store:
     """One output folder, for one set of levels stored in one dtype."""
 
@@ -78,17 +115,17 @@ class Store:
         self.levels = tuple(levels)
         self.dtype = np.dtype(save_dtype)
 
-    def prepare(self, settings: Mapping[str, object], overwrite: bool) -> None:
-        """Creates the folder and records ``settings``; features made with other settings are a
-        usage error unless ``overwrite`` (then they are recomputed)."""
+    def _create(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise UsageError(f"output path {self.root} exists and is not a folder")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create output folder {self.root}: {e.strerror}") from None
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise UsageError(f"output folder {self.root} is not writable")
+
+    def prepare(self, settings: Mapping[str, object], overwrite: bool) -> None:
+        """Records ``settings`` (under :meth:`lock`); features made with other settings are a
+        usage error unless ``overwrite`` (then they are recomputed). Sweeps dead runs' leftovers."""
         recorded = self._recorded_settings()
         if recorded is not None and recorded != dict(settings) and not overwrite:
             diff = ", ".join(
@@ -100,7 +137,51 @@ class Store:
                 f"{self.root} holds features made with other settings ({diff}); "
                 "pass --overwrite to recompute them, or choose another --out"
             )
-        atomic_write_json(self.root / SETTINGS_FILE, dict(settings))
+        try:
+            atomic_write_json(self.root / SETTINGS_FILE, dict(settings))
+        except OSError as e:
+            raise UsageError(f"output folder {self.root} is not writable: {e.strerror or e}") from None
+        for folder in (self.root, self.root / SHARDS_DIR):
+            _remove_tmp_files(folder, _writer_is_gone)
+
+    @contextlib.contextmanager
+    def lock(self, shard: tuple[int, int] | None) -> Iterator[None]:
+        """Holds the output folder against other runs: a whole run locks it exclusively; a shard
+        locks it shared (other shards may run beside it) and its own shard exclusively. A run that
+        finds it taken is refused with a :class:`UsageError`; locks end with the process."""
+        self._create()
+        files = []
+        try:
+            files.append(self._take(self.root / LOCK_FILE, exclusive=shard is None))
+            if shard is not None:
+                (self.root / SHARDS_DIR).mkdir(exist_ok=True)
+                files.append(self._take(self.root / SHARDS_DIR / f"lock-{shard[0]}-of-{shard[1]}", True))
+            yield
+        finally:
+            for f in files:
+                f.close()
+
+    def _take(self, path: Path, exclusive: bool):
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise UsageError(f"output folder {self.root} is not writable: {e.strerror or e}") from None
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UsageError(
+                f"another fpn-extract run ({holder}) is writing to {self.root}; "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        if exclusive:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {HOST}")
+            f.flush()
+        return f
 
     def _recorded_settings(self) -> dict | None:
         try:
@@ -121,15 +202,9 @@ class Store:
         return found
 
     def remove_strays(self, key: str) -> None:
-        """Deletes temporary files that a killed run left in ``key``'s folder."""
-        folder = self.root / key
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            return
-        for entry in entries:
-            if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
-                Path(entry.path).unlink(missing_ok=True)
+        """Deletes temporary files that a killed run left in ``key``'s folder (the lock makes this
+        run the folder's only writer)."""
+        _remove_tmp_files(self.root / key, lambda name: True)
 
     def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Writes each array to ``key/<level>.npy``, each file atomically."""

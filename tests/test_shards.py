@@ -105,7 +105,7 @@ def test_torchrun_two_processes_equal_one_process(images, tmp_path):
     paths = [e["path"] for e in merged["images"]]
     assert len(paths) == len(set(paths)) == 7
     assert merged["counts"] == {"ok": 7, "skipped": 0, "failed": 0} and merged["shards"] == 2
-    assert sorted(p.name for p in (tmp_path / "dist" / ".shards").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "dist" / ".shards").glob("report-*")) == [
         "report-0-of-2.json",
         "report-1-of-2.json",
     ]
