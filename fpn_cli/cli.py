@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -203,17 +205,21 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
-        show_progress = not quiet and sys.stderr.isatty()
-        report = extract(
-            inputs,
-            out,
-            options,
-            stdin_lines=stdin_lines,
-            shard=shard,
-            log=None if quiet else _echo_err,
-            on_failure=lambda path, reason: _echo_err(f"failed: {path}: {reason}"),
-            progress=ProgressBar() if show_progress else None,
-        )
+        show_progress = not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # preemption (Slurm, k8s) stops like Ctrl-C
+        try:
+            report = extract(
+                inputs,
+                out,
+                options,
+                stdin_lines=stdin_lines,
+                shard=shard,
+                log=None if quiet else _echo_err,
+                on_failure=lambda path, reason: _echo_err(f"failed: {path}: {reason}"),
+                progress=ProgressBar() if show_progress else None,
+            )
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
@@ -222,9 +228,19 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
             _echo_err(f"{r.status}: {r.path}")
     if report.interrupted:
         _echo_err(f"Interrupted: {report.counts['ok']} images written; {out}/report.json lists what is done")
+        sys.exit(128 + signal.SIGTERM if _terminated else report.exit_status)
     elif not quiet:
         click.echo(report.format_shapes())
     sys.exit(report.exit_status)
+
+
+_terminated = False
+
+
+def _interrupt(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
 
 
 def _echo_err(message: str) -> None:

@@ -452,13 +452,43 @@ def _run(
             pool.shutdown(wait=True, cancel_futures=True)
 
     writer = Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview)
+
+    def compute(batch: list[_Decoded]) -> None:
+        try:
+            feats, ready = engine(np.stack([job.rgb for job in batch]))
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not _is_out_of_memory(e):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) > 1:  # the images may fit one at a time
+                half = len(batch) // 2
+                compute(batch[:half])
+                compute(batch[half:])
+                return
+            job = batch[0]
+            h, w = job.rgb.shape[:2]
+            reason = (
+                f"out of memory on {device} for a {h}x{w} input; try --max-side or a smaller --batch-size"
+            )
+            on_failure(job.image.path, reason)
+            report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
+            return
+        for i, job in enumerate(batch):
+            writer.put(job, {k: v[i] for k, v in feats.items()}, ready)
+
     try:
         for batch in _batches(decoded_ok(), batch_size, max_pending=4 * batch_size):
-            feats, ready = engine(np.stack([job.rgb for job in batch]))
-            for i, job in enumerate(batch):
-                writer.put(job, {k: v[i] for k, v in feats.items()}, ready)
+            compute(batch)
     finally:
         writer.close()
+
+
+def _is_out_of_memory(e: RuntimeError) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def summarize(

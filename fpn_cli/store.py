@@ -20,6 +20,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -67,14 +68,25 @@ def atomic_write_bytes(target: Path, write) -> None:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(target)  # a failed write() names no file; the user needs one
         raise
 
 
 def atomic_write_json(target: Path, data: object) -> None:
     text = (json.dumps(data, indent=2) + "\n").encode()
     atomic_write_bytes(target, lambda f: f.write(text))
+
+
+def write_npy(f: BinaryIO, array: np.ndarray) -> None:
+    """``np.save`` through ``f.write``, so a full disk raises ENOSPC (numpy's ``tofile`` reports
+    only a short count). Always C order: a (C, 1, W) slice can be Fortran-contiguous, and readers
+    that memory-map the file expect the usual layout."""
+    array = np.ascontiguousarray(array)
+    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+    f.write(memoryview(array).cast("B"))
 
 
 def npy_shape(path: Path, dtype: np.dtype) -> tuple[int, ...] | None:
@@ -210,13 +222,7 @@ class Store:
         """Writes each array to ``key/<level>.npy``, each file atomically."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
         for level, array in arrays.items():
-            # C order always: a (C, 1, W) slice can be Fortran-contiguous, and readers that
-            # memory-map the file expect the usual layout
-            c_order = np.ascontiguousarray(array)
-            atomic_write_bytes(
-                self.level_path(key, level),
-                lambda f, a=c_order: np.lib.format.write_array(f, a, allow_pickle=False),
-            )
+            atomic_write_bytes(self.level_path(key, level), lambda f, a=array: write_npy(f, a))
 
     def preview_path(self, key: str) -> Path:
         return self.root / key / PREVIEW_FILE
