@@ -10,7 +10,7 @@ import glob
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,32 +31,35 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 deg
 class InputImage:
     """One image to process: where it is, and its path relative to its input root."""
 
-    path: Path
+    path: str  # a plain string: listing a million files should not build a million Paths
     rel: str  # posix, with extension: "x/cat.jpg"
+    key: str = field(init=False)  # the output folder under OUT: ``rel`` without its extension
 
-    @property
-    def key(self) -> str:
-        """The output folder under OUT: ``rel`` without its extension."""
-        return os.path.splitext(self.rel)[0]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", os.path.splitext(self.rel)[0])
 
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path, exclude: Path | None) -> Iterable[Path]:
-    """Image files below ``root``, following symlinked folders once each (a loop ends there)."""
+def _walk(root: str, exclude: Path | None) -> Iterable[InputImage]:
+    """Image files below ``root`` relative to it, following symlinked folders once each (a loop
+    ends there)."""
     seen: set[tuple[int, int]] = set()
+    excluded = os.stat(exclude) if exclude is not None and exclude.exists() else None
+    prefix = len(os.path.join(root, ""))
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
-            st = folder.stat()
+            st = os.stat(folder)
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) in seen or (exclude is not None and folder == exclude):
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen or (excluded is not None and ident == (excluded.st_dev, excluded.st_ino)):
             continue
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(ident)
         try:
             entries = list(os.scandir(folder))
         except OSError:
@@ -64,9 +67,9 @@ def _walk(root: Path, exclude: Path | None) -> Iterable[Path]:
         for entry in entries:
             try:
                 if entry.is_dir():
-                    stack.append(Path(entry.path))
-                elif entry.is_file() and is_image_name(entry.name):
-                    yield Path(entry.path)
+                    stack.append(entry.path)
+                elif is_image_name(entry.name) and entry.is_file():
+                    yield InputImage(entry.path, entry.path[prefix:].replace(os.sep, "/"))
             except OSError:  # a dangling link or a file that vanished while listing
                 continue
 
@@ -79,19 +82,19 @@ def _glob_root(pattern: str) -> Path:
 
 
 def _expand(spec: str, exclude: Path | None) -> list[InputImage]:
-    path = Path(spec)
-    if path.is_dir():
-        return [InputImage(p, p.relative_to(path).as_posix()) for p in _walk(path, exclude)]
-    if path.exists():
-        return [InputImage(path, path.name)]
+    if os.path.isdir(spec):
+        return list(_walk(spec, exclude))
+    if os.path.exists(spec):
+        return [InputImage(spec, os.path.basename(spec))]
     if _GLOB_CHARS & set(spec):
         root = _glob_root(spec)
         found: list[InputImage] = []
         for match in map(Path, glob.glob(spec, recursive=True)):
+            rel = match.relative_to(root).as_posix()
             if match.is_dir():
-                found += [InputImage(p, p.relative_to(root).as_posix()) for p in _walk(match, exclude)]
+                found += [InputImage(im.path, f"{rel}/{im.rel}") for im in _walk(str(match), exclude)]
             elif match.is_file() and is_image_name(match.name):
-                found.append(InputImage(match, match.relative_to(root).as_posix()))
+                found.append(InputImage(str(match), rel))
         if not found:
             raise UsageError(f"pattern {spec!r} matches no image files")
         return found
@@ -180,12 +183,12 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
 
 
 def decode(
-    path: Path, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Reads ``path`` -> ((H', W', 3) uint8 RGB after resizing, (H, W) as decoded). Raises
     :class:`ImageError` with a one-line reason for anything that is not a readable image."""
     try:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             raise ImageError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -218,7 +221,7 @@ def decode(
     return rgb, size
 
 
-def probe_size(path: Path) -> tuple[int, int] | None:
+def probe_size(path: str | Path) -> tuple[int, int] | None:
     """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read."""
     try:
         with Image.open(path) as image:
