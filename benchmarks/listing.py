@@ -49,8 +49,8 @@ def main() -> None:
         floor = best_of(lambda: sum(len(files) for _, _, files in os.walk(root)))
     per_k = 1000 / args.count
     print(f"images listed:            {args.count}")
-    print(f"find_images:              {ours * 1000:8.1f} ms  ({ours * 1000 * per_k:.2f} ms per 1000 images)")
-    print(f"os.walk (plain listing):  {floor * 1000:8.1f} ms  ({floor * 1000 * per_k:.2f} ms per 1000 images)")
+    for name, seconds in (("find_images:", ours), ("os.walk (plain listing):", floor)):
+        print(f"{name:<26}{seconds * 1000:8.1f} ms  ({seconds * 1000 * per_k:.2f} ms per 1000 images)")
     print(f"ratio find_images/os.walk: {ours / floor:.2f}")
 
 
