@@ -6,6 +6,7 @@ dicts map onto ours by the short table in ``weights.py``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -326,3 +327,30 @@ def output_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple
 def parameter_count(config: FPNConfig) -> int:
     """Parameters of the whole network (every level's layers), counted on the meta device."""
     return sum(p.numel() for p in build_model(config, device="meta").parameters())
+
+
+@torch.no_grad()
+def fold_batchnorm(model: FPN) -> FPN:
+    """A copy of ``model`` for inference with every BatchNorm folded into the convolution before
+    it (w' = w * g / sqrt(v + eps), b' = beta - m * g / sqrt(v + eps), computed in float64): one
+    pass over each activation instead of two. Outputs agree with ``model`` to float rounding."""
+    folded = copy.deepcopy(model)
+    pairs = [(folded.body, "conv1", "bn1")]
+    for block in folded.body.modules():
+        if isinstance(block, (BasicBlock, Bottleneck)):
+            names = ("1", "2", "3") if isinstance(block, Bottleneck) else ("1", "2")
+            pairs += [(block, f"conv{n}", f"bn{n}") for n in names]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        fused = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            groups=conv.groups, bias=True, device=conv.weight.device,
+        )  # fmt: skip
+        fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias.double() - bn.running_mean.double() * scale)
+        setattr(parent, conv_name, fused)
+        setattr(parent, bn_name, nn.Identity())
+    return folded.eval().requires_grad_(False)

@@ -93,3 +93,23 @@ def test_reference_style_has_no_p5_smoothing_conv_and_torchvision_style_has():
     tv = build_fpn(arch="seed", fpn_style="torchvision").state_dict()
     assert "fpn.layer_blocks.3.weight" not in ref
     assert "fpn.layer_blocks.3.weight" in tv
+
+
+@pytest.mark.parametrize("arch", ["seed", "resnet18", "resnext50_32x4d"])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_folded_batchnorm_agrees_with_the_unoptimised_model(arch, eps):
+    from conftest import randomize_batchnorm, rel_diff
+    from fpn_cli.model import fold_batchnorm
+
+    model = build_fpn(arch=arch, levels=("c2", "c5", "p2", "p3", "p4", "p5", "p6"))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = eps
+    randomize_batchnorm(model, seed=4)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 45, 67)
+    with torch.no_grad():
+        ref, fast = model(x), folded(x.contiguous(memory_format=torch.channels_last))
+        for name in ref:
+            assert rel_diff(fast[name], ref[name]) <= 1e-4, name

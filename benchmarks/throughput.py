@@ -1,0 +1,206 @@
+"""Throughput of the extraction pipeline against the forward pass and the loop a user writes first.
+
+    python benchmarks/throughput.py                    # resnet50 on examples/, CPU (CUDA if present)
+    python benchmarks/throughput.py --small 4 --large 16 --arch seed
+
+On identical inputs (the example photos, repeated), one run prints images/s and ms/image for:
+
+- cli:        the `fpn-extract` console script, steady state: the slope between a small and a large
+              run, so start-up cancels; with each run's peak RSS
+- forward:    the same model's bare forward (folded, channels-last, inference mode) on tensors
+              already decoded and on the device; nothing else
+- naive:      torchvision's resnet_fpn_backbone("resnet50"), batch 1, PIL decode, np.save per
+              level, nothing overlapped
+- torchvision forward vs ours, torchvision-style FPN with the same weights, and the largest
+  relative difference of our outputs from the unoptimised model's
+
+plus the forward's achieved GFLOP/s beside this machine's measured float32 matmul GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from fpn_cli import build_fpn
+from fpn_cli.images import IMAGE_EXTENSIONS, Resize, decode
+from fpn_cli.pipeline import MEAN, STD, Engine, resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+# runs the CLI in-process and prints its own peak RSS, so each run's memory is its own
+CLI_WITH_RSS = (
+    "import resource, sys\n"
+    "from fpn_cli.cli import main\n"
+    "try:\n    main(sys.argv[1:])\n"
+    "except SystemExit as e:\n    code = e.code\n"
+    "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_inputs(folder: Path, count: int) -> list[Path]:
+    sources = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        paths.append(folder / f"{i:04d}{src.suffix}")
+        shutil.copy(src, paths[-1])
+    return paths
+
+
+def run_cli(inputs: Path, out: Path, args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one `fpn-extract` process."""
+    cmd = [sys.executable, "-c", CLI_WITH_RSS, str(inputs), "-o", str(out), "-q", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"fpn-extract failed: {proc.stderr}")
+    rss_kb = int(proc.stderr.split("maxrss_kb")[-1].split()[0])
+    return seconds, rss_kb / 1024
+
+
+def time_per_image(fn, items, device: torch.device, warmup: int = 1) -> float:
+    for item in items[:warmup]:
+        fn(item)
+    sync(device)
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    sync(device)
+    return (time.perf_counter() - start) / len(items)
+
+
+def naive_loop(paths: list[Path], out: Path, device: torch.device) -> float:
+    """What a user writes first: batch 1, PIL, torchvision's backbone, np.save, all in series."""
+    model = resnet_fpn_backbone(backbone_name="resnet50", weights=None).eval().to(device)
+
+    def one(path: Path) -> None:
+        x = TF.normalize(TF.to_tensor(Image.open(path).convert("RGB")), MEAN, STD)[None].to(device)
+        with torch.no_grad():
+            feats = model(x)
+        for name, level in zip(("p2", "p3", "p4", "p5"), ("0", "1", "2", "3"), strict=True):
+            np.save(out / f"{path.stem}_{name}.npy", feats[level][0].cpu().numpy())
+
+    out.mkdir()
+    return time_per_image(one, paths, device)
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def forward_flops(engine: Engine, batches: list[np.ndarray]) -> float:
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        for batch in batches:
+            engine.model(engine.preprocess(batch))
+    return counter.get_total_flops()
+
+
+def compare_with_torchvision(arch: str, x: torch.Tensor, device: torch.device) -> tuple[float, float, float]:
+    """(torchvision s/image, ours s/image, max relative difference of ours from unoptimised)."""
+    tv = resnet_fpn_backbone(backbone_name=arch, weights=None, trainable_layers=5).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(tv.state_dict(), Path(tmp) / "tv.pth")
+        ours = build_fpn(arch=arch, weights=Path(tmp) / "tv.pth")  # selects the torchvision style
+    tv = tv.to(device)
+    engine = Engine(ours, device, "float32", "float32")
+    batch = x.to(device)
+    with torch.inference_mode():
+        reference = ours.to(device)(batch)
+        fast = engine.model(batch.contiguous(memory_format=engine.memory_format))
+        diff = max(float((fast[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in reference)
+        times = {"tv": [], "ours": []}
+        for _ in range(3):  # interleaved, so drift in the machine's speed hits both alike
+            times["tv"].append(time_per_image(lambda b: tv(b), [batch] * 2, device))
+            cl = batch.contiguous(memory_format=engine.memory_format)
+            times["ours"].append(time_per_image(lambda b: engine.model(b), [cl] * 2, device))
+    return min(times["tv"]), min(times["ours"]), diff
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--small", type=int, default=8, help="images in the small CLI run")
+    parser.add_argument("--large", type=int, default=48, help="images in the large CLI run")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    common = ["--arch", args.arch, "--device", str(device), "--dtype", args.dtype]
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, arch {args.arch}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small, large = tmp / "small", tmp / "large"
+        make_inputs(small, args.small)
+        paths = make_inputs(large, args.large)
+        t_small, rss_small = run_cli(small, tmp / "out_small", common)
+        t_large, rss_large = run_cli(large, tmp / "out_large", common)
+        cli = (t_large - t_small) / (args.large - args.small)
+
+        engine = Engine(build_fpn(arch=args.arch), device, args.dtype, "float32")
+        batches = [np.stack([decode(p, Resize())[0]]) for p in paths]
+        tensors = [engine.preprocess(b) for b in batches]
+
+        def forward(x: torch.Tensor) -> None:
+            with torch.inference_mode(), torch.autocast(device.type, engine.dtype, enabled=engine.autocast):
+                engine.model(x)
+
+        bare = time_per_image(forward, tensors, device)
+        naive = naive_loop(paths[: max(8, args.small)], tmp / "naive", device)
+        flops = forward_flops(engine, batches) / len(batches)
+
+    x = tensors[0].float().contiguous()
+    tv_s, ours_s, diff = compare_with_torchvision(args.arch if args.arch != "seed" else "resnet50", x, device)
+    peak = matmul_gflops(device)
+
+    def row(name: str, seconds: float) -> str:
+        return f"{name:<34}{1 / seconds:8.2f} img/s {seconds * 1000:9.1f} ms/image"
+
+    print(row("cli pipeline (steady state)", cli))
+    print(row("bare forward (same model)", bare))
+    print(row("naive loop (torchvision, np.save)", naive))
+    print(f"{'cli / bare forward':<34}{bare / cli:8.3f}   (goal >= 0.95)")
+    print(f"{'cli / naive loop':<34}{naive / cli:8.3f}   (goal >= 1.2)")
+    print(f"torchvision-style FPN, one {x.shape[2]}x{x.shape[3]} image, same weights:")
+    print(row("  torchvision BackboneWithFPN", tv_s))
+    print(row("  ours (folded, channels-last)", ours_s))
+    print(f"{'  ours / torchvision':<34}{tv_s / ours_s:8.3f}   (goal >= 1.1)")
+    print(f"{'  max relative diff vs unoptimised':<34}{diff:10.2e} (goal <= 1e-4)")
+    print(f"peak RSS: {args.small} images {rss_small:.0f} MiB, {args.large} images {rss_large:.0f} MiB, "
+          f"ratio {rss_large / rss_small:.3f} (goal <= 1.15)")  # fmt: skip
+    achieved = flops / bare / 1e9
+    print(f"forward: {flops / 1e9:.1f} GFLOP/image, {achieved:.1f} GFLOP/s achieved; "
+          f"float32 matmul on this machine {peak:.1f} GFLOP/s ({achieved / peak:.0%} of it)")  # fmt: skip
+    print(f"cores {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    main()
