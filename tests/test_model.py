@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fpn_cli import build_fpn
-from fpn_cli.model import ARCHS, LEVELS, STRIDES, FPNConfig, output_shapes, parameter_count
+from fpn_cli.model import ARCHS, LEVELS, STRIDES, FPNConfig, fold_batchnorm, output_shapes, parameter_count
+
+from conftest import randomize_batchnorm, rel_diff
 
 
 def test_seed_arch_gives_the_documented_shapes_for_600x900():
@@ -98,9 +100,6 @@ def test_reference_style_has_no_p5_smoothing_conv_and_torchvision_style_has():
 @pytest.mark.parametrize("arch", ["seed", "resnet18", "resnext50_32x4d"])
 @pytest.mark.parametrize("eps", [1e-5, 0.0])
 def test_folded_batchnorm_agrees_with_the_unoptimised_model(arch, eps):
-    from conftest import randomize_batchnorm, rel_diff
-    from fpn_cli.model import fold_batchnorm
-
     model = build_fpn(arch=arch, levels=("c2", "c5", "p2", "p3", "p4", "p5", "p6"))
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
