@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                    # resnet50 on examples/, CPU (CUDA if present)
     python benchmarks/throughput.py --small 4 --large 16 --arch seed
+    python benchmarks/throughput.py --save-dtype float16 --out-dir /dev/shm   # where the time goes
 
 On identical inputs (the example photos, repeated), one run prints images/s and ms/image for:
 
@@ -105,8 +106,8 @@ def naive_loop(paths: list[Path], out: Path, device: torch.device) -> float:
     return time_per_image(one, paths, device)
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     sync(device)
     start = time.perf_counter()
@@ -151,18 +152,34 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=48, help="images in the large CLI run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--save-dtype", default="float32")
+    parser.add_argument("--out-dir", default=None, help="where the CLI writes (default: a temporary folder)")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    common = ["--arch", args.arch, "--device", str(device), "--dtype", args.dtype]
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, arch {args.arch}")
+    common = [
+        "--arch",
+        args.arch,
+        "--device",
+        str(device),
+        "--dtype",
+        args.dtype,
+        "--save-dtype",
+        args.save_dtype,
+    ]
+    where = args.out_dir or tempfile.gettempdir()
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, arch {args.arch}, "
+          f"dtype {args.dtype}, save dtype {args.save_dtype}, CLI writes to {where}")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small, large = tmp / "small", tmp / "large"
         make_inputs(small, args.small)
         paths = make_inputs(large, args.large)
-        t_small, rss_small = run_cli(small, tmp / "out_small", common)
-        t_large, rss_large = run_cli(large, tmp / "out_large", common)
+        outs = Path(tempfile.mkdtemp(dir=args.out_dir)) if args.out_dir else tmp
+        t_small, rss_small = run_cli(small, outs / "out_small", common)
+        t_large, rss_large = run_cli(large, outs / "out_large", common)
+        if args.out_dir:
+            shutil.rmtree(outs)
         cli = (t_large - t_small) / (args.large - args.small)
 
         engine = Engine(build_fpn(arch=args.arch), device, args.dtype, "float32")
@@ -179,7 +196,7 @@ def main() -> None:
 
     x = tensors[0].float().contiguous()
     tv_s, ours_s, diff = compare_with_torchvision(args.arch if args.arch != "seed" else "resnet50", x, device)
-    peak = matmul_gflops(device)
+    peak = matmul_gflops(device, engine.dtype)
 
     def row(name: str, seconds: float) -> str:
         return f"{name:<34}{1 / seconds:8.2f} img/s {seconds * 1000:9.1f} ms/image"
@@ -197,8 +214,8 @@ def main() -> None:
     print(f"peak RSS: {args.small} images {rss_small:.0f} MiB, {args.large} images {rss_large:.0f} MiB, "
           f"ratio {rss_large / rss_small:.3f} (goal <= 1.15)")  # fmt: skip
     achieved = flops / bare / 1e9
-    print(f"forward: {flops / 1e9:.1f} GFLOP/image, {achieved:.1f} GFLOP/s achieved; "
-          f"float32 matmul on this machine {peak:.1f} GFLOP/s ({achieved / peak:.0%} of it)")  # fmt: skip
+    print(f"forward: {flops / 1e9:.1f} GFLOP/image, {achieved:.1f} GFLOP/s achieved; {args.dtype} "
+          f"matmul on this machine {peak:.1f} GFLOP/s ({achieved / peak:.0%} of it)")  # fmt: skip
     print(f"cores {os.cpu_count()}")
 
 

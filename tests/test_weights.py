@@ -225,3 +225,17 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="cannot read weights file"):
         build_fpn(weights=tmp_path / "junk.pth")
+
+
+def test_cli_with_imagenet_weights_missing_offline_is_one_line_exit_2(torch_home, tmp_path):
+    from click.testing import CliRunner
+
+    from fpn_cli.cli import main
+    from imagefactory import save_rgb
+
+    save_rgb(tmp_path / "a.png", 16, 16)
+    result = CliRunner().invoke(main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--weights", "imagenet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "resnet50-11ad3fa6.pth" in lines[0] and str(torch_home) in lines[0]
+    assert not (tmp_path / "out").exists()
