@@ -106,6 +106,15 @@ def naive_loop(paths: list[Path], out: Path, device: torch.device) -> float:
     return time_per_image(one, paths, device)
 
 
+def precision_error(engine: Engine, x: torch.Tensor) -> dict[str, float]:
+    """Per level, max |autocast - float32| / max |float32|."""
+    with torch.inference_mode():
+        exact = engine.model(x)
+        with torch.autocast(engine.device.type, engine.dtype):
+            low = engine.model(x)
+    return {k: float((low[k].float() - exact[k]).abs().max() / exact[k].abs().max()) for k in exact}
+
+
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
@@ -191,6 +200,7 @@ def main() -> None:
                 engine.model(x)
 
         bare = time_per_image(forward, tensors, device)
+        dtype_error = precision_error(engine, tensors[0]) if engine.autocast else None
         naive = naive_loop(paths[: max(8, args.small)], tmp / "naive", device)
         flops = forward_flops(engine, batches) / len(batches)
 
@@ -204,6 +214,9 @@ def main() -> None:
     print(row("cli pipeline (steady state)", cli))
     print(row("bare forward (same model)", bare))
     print(row("naive loop (torchvision, np.save)", naive))
+    if dtype_error is not None:
+        print(f"{args.dtype} error, max |diff| / max |float32| per level: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in dtype_error.items()))  # fmt: skip
     print(f"{'cli / bare forward':<34}{bare / cli:8.3f}   (goal >= 0.95)")
     print(f"{'cli / naive loop':<34}{naive / cli:8.3f}   (goal >= 1.2)")
     print(f"torchvision-style FPN, one {x.shape[2]}x{x.shape[3]} image, same weights:")
