@@ -9,6 +9,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from click.testing import CliRunner
 from torchvision.models import resnet18, resnet50, resnext50_32x4d
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN
@@ -18,8 +19,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fpn_cli import WeightsError, build_fpn
 from fpn_cli import weights as wts
+from fpn_cli.cli import main
 
 from conftest import randomize_batchnorm, rel_diff
+from imagefactory import save_rgb
 
 P_LEVELS = ("p2", "p3", "p4", "p5", "p6")
 TV_NAMES = {"p2": "0", "p3": "1", "p4": "2", "p5": "3", "p6": "pool"}
@@ -228,13 +231,9 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
 
 
 def test_cli_with_imagenet_weights_missing_offline_is_one_line_exit_2(torch_home, tmp_path):
-    from click.testing import CliRunner
-
-    from fpn_cli.cli import main
-    from imagefactory import save_rgb
-
     save_rgb(tmp_path / "a.png", 16, 16)
-    result = CliRunner().invoke(main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--weights", "imagenet"])
+    args = [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--weights", "imagenet"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "resnet50-11ad3fa6.pth" in lines[0] and str(torch_home) in lines[0]
