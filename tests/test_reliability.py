@@ -50,13 +50,17 @@ def strays(out: Path) -> list[str]:
     return [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
+def image_folder(factory, name: str, count: int, side: int) -> Path:
+    folder = factory.mktemp(name)
+    for i in range(count):
+        save_rgb(folder / f"im{i:02d}.png", side, side, seed=i)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> Path:
     """40 images of 160x160: a run long enough (about 40 ms an image) to be interrupted."""
-    folder = tmp_path_factory.mktemp("many")
-    for i in range(40):
-        save_rgb(folder / f"im{i:02d}.png", 160, 160, seed=i)
-    return folder
+    return image_folder(tmp_path_factory, "many", 40, 160)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +221,7 @@ def test_a_corrupt_image_in_the_middle_of_a_batch_spares_the_rest(tmp_path):
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory) -> Path:
     """24 images of 320x320: a run of several seconds, for a second run to meet it."""
-    folder = tmp_path_factory.mktemp("slow")
-    for i in range(24):
-        save_rgb(folder / f"im{i:02d}.png", 320, 320, seed=i)
-    return folder
+    return image_folder(tmp_path_factory, "slow", 24, 320)
 
 
 def test_a_second_run_into_the_same_folder_is_refused_and_the_first_finishes(slow, tmp_path):
