@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
+from fpn_cli import Options, UsageError
 from fpn_cli.cli import ProgressBar, main
 
 from imagefactory import save_rgb
@@ -85,3 +87,20 @@ def test_verbose_lists_every_image(tmp_path):
         main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--arch", "seed", "-v"]
     )
     assert "ok: a.png" in result.stderr
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fpn_cli", "--summary", "--arch", "seed"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "P5         32       256      19     29" in proc.stdout
+
+
+def test_library_options_are_validated():
+    with pytest.raises(UsageError, match="unknown dtype 'float8'"):
+        Options(dtype="float8")
+    with pytest.raises(UsageError, match="unknown save dtype 'bfloat16'"):
+        Options(save_dtype="bfloat16")
+    with pytest.raises(UsageError, match="--batch-size must be at least 1"):
+        Options(batch_size=0)

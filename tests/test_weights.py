@@ -238,3 +238,22 @@ def test_cli_with_imagenet_weights_missing_offline_is_one_line_exit_2(torch_home
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "resnet50-11ad3fa6.pth" in lines[0] and str(torch_home) in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_same_keys_but_other_shapes_are_named(tmp_path):
+    torch.save(resnext50_32x4d().state_dict(), tmp_path / "rx.pth")
+    with pytest.raises(WeightsError, match=r"body\.layer1\.0\.conv1\.weight has shape \(128, 64, 1, 1\)"):
+        build_fpn(arch="resnet50", weights=tmp_path / "rx.pth")
+
+
+def test_a_file_without_a_state_dict_is_refused(tmp_path):
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    with pytest.raises(WeightsError, match="holds no state dict of tensors"):
+        build_fpn(arch="seed", weights=tmp_path / "list.pt")
+
+
+def test_named_sources_that_do_not_exist_for_an_arch(torch_home):
+    with pytest.raises(WeightsError, match="'seed' has no ImageNet weights"):
+        build_fpn(arch="seed", weights="imagenet")
+    with pytest.raises(WeightsError, match="coco exists for resnet50 only"):
+        build_fpn(arch="resnet18", weights="coco")
