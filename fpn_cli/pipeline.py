@@ -333,7 +333,7 @@ def extract(
     model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
     store = Store(out, opts.levels, opts.save_dtype)
     with store.lock(shard):
-        store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite)
+        store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite, shard)
         if opts.weights == "random":
             log(
                 f"note: --weights random (seed {opts.seed}): "
@@ -351,6 +351,8 @@ def extract(
                     _write_reports(store, report, shard, merge=launch is None)
                 raise
             _write_reports(store, report, shard, merge=launch is None)
+            if not report.interrupted:
+                store.finish(shard)
             if group is not None:
                 group.barrier()  # every rank's part is on disk
                 if launch.rank == 0:

@@ -30,6 +30,7 @@ SETTINGS_FILE = ".fpn-extract.json"
 REPORT_FILE = "report.json"
 PREVIEW_FILE = "preview.png"
 LOCK_FILE = ".lock"
+OVERWRITE_MARKER = ".overwrite-unfinished"  # -I-of-N for a shard
 SHARDS_DIR = ".shards"  # report-I-of-N.json per shard, merged into report.json by the last
 TMP_SUFFIX = ".tmp"
 
@@ -135,9 +136,17 @@ class Store:
         except OSError as e:
             raise UsageError(f"cannot create output folder {self.root}: {e.strerror}") from None
 
-    def prepare(self, settings: Mapping[str, object], overwrite: bool) -> None:
+    def prepare(self, settings: Mapping[str, object], overwrite: bool, shard: tuple[int, int] | None) -> None:
         """Records ``settings`` (under :meth:`lock`); features made with other settings are a
-        usage error unless ``overwrite`` (then they are recomputed). Sweeps dead runs' leftovers."""
+        usage error unless ``overwrite`` (then they are recomputed). An ``overwrite`` run leaves a
+        marker until it finishes: until then the folder may mix old and new features, so a run
+        without ``overwrite`` is refused. Sweeps dead runs' leftovers."""
+        pending = sorted(p.name for p in self.root.glob(OVERWRITE_MARKER + "*"))
+        if pending and not overwrite:
+            raise UsageError(
+                f"{self.root} holds an unfinished --overwrite run ({', '.join(pending)}), so old and new "
+                "features may be mixed: run it again with --overwrite to finish it"
+            )
         recorded = self._recorded_settings()
         if recorded is not None and recorded != dict(settings) and not overwrite:
             diff = ", ".join(
@@ -150,11 +159,21 @@ class Store:
                 "pass --overwrite to recompute them, or choose another --out"
             )
         try:
+            if overwrite:
+                self._overwrite_marker(shard).touch()
             atomic_write_json(self.root / SETTINGS_FILE, dict(settings))
         except OSError as e:
             raise UsageError(f"output folder {self.root} is not writable: {e.strerror or e}") from None
         for folder in (self.root, self.root / SHARDS_DIR):
             _remove_tmp_files(folder, _writer_is_gone)
+
+    def _overwrite_marker(self, shard: tuple[int, int] | None) -> Path:
+        suffix = f"-{shard[0]}-of-{shard[1]}" if shard else ""
+        return self.root / f"{OVERWRITE_MARKER}{suffix}"
+
+    def finish(self, shard: tuple[int, int] | None) -> None:
+        """Marks this run (or shard) as finished: an ``overwrite`` is complete."""
+        self._overwrite_marker(shard).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(self, shard: tuple[int, int] | None) -> Iterator[None]:

@@ -337,3 +337,32 @@ def test_shape_report_is_printed(tmp_path):
     result = run(tmp_path / "a.png", "-o", tmp_path / "out", "--arch", "seed")
     assert "1 images: 1 written, 0 already complete, 0 failed" in result.stdout
     assert "40x60  (1 image: a.png)" in result.stdout
+
+
+def test_an_unfinished_overwrite_must_be_finished_with_overwrite(tmp_path, monkeypatch):
+    from fpn_cli import pipeline
+
+    for i in range(4):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 16, 16, seed=i)
+    out = tmp_path / "out"
+    assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
+    real_call = pipeline.Engine.__call__
+    calls = []
+
+    def interrupted_after_two(self, batch):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_call(self, batch)
+
+    monkeypatch.setattr(pipeline.Engine, "__call__", interrupted_after_two)
+    assert run(tmp_path / "in", "-o", out, *SEED, "--seed", "3", "--overwrite").exit_code == 130
+    monkeypatch.setattr(pipeline.Engine, "__call__", real_call)
+    # two images hold seed-3 features, two seed-0 ones: a plain rerun must not call that complete
+    refused = run(tmp_path / "in", "-o", out, *SEED, "--seed", "3")
+    assert refused.exit_code == 2 and "unfinished --overwrite run" in refused.output
+    assert run(tmp_path / "in", "-o", out, *SEED, "--seed", "3", "--overwrite").exit_code == 0
+    assert run(tmp_path / "in", "-o", out, *SEED, "--seed", "3").exit_code == 0
+    assert run(tmp_path / "in", "-o", tmp_path / "fresh", *SEED, "--seed", "3").exit_code == 0
+    for path in (tmp_path / "fresh").rglob("*.npy"):
+        assert path.read_bytes() == (out / path.relative_to(tmp_path / "fresh")).read_bytes()
