@@ -328,6 +328,8 @@ def extract(
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
     images = find_images(inputs, stdin_lines, exclude=out)
+    for image in images:
+        Store.check_key(image.key, image.path)
     if shard is not None:
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)

@@ -220,6 +220,15 @@ class Store:
         except (OSError, ValueError):
             return None
 
+    @staticmethod
+    def check_key(key: str, source: str) -> None:
+        """An image whose output folder would be one of the store's own files is a usage error."""
+        top = key.split("/", 1)[0]
+        if top in (REPORT_FILE, SETTINGS_FILE, LOCK_FILE, SHARDS_DIR) or top.startswith(OVERWRITE_MARKER):
+            raise UsageError(
+                f"{source} would write {key}/, a name fpn-extract keeps for itself in the output folder"
+            )
+
     def level_path(self, key: str, level: str) -> Path:
         return self.root / key / f"{level}.npy"
 

@@ -366,3 +366,10 @@ def test_an_unfinished_overwrite_must_be_finished_with_overwrite(tmp_path, monke
     assert run(tmp_path / "in", "-o", tmp_path / "fresh", *SEED, "--seed", "3").exit_code == 0
     for path in (tmp_path / "fresh").rglob("*.npy"):
         assert path.read_bytes() == (out / path.relative_to(tmp_path / "fresh")).read_bytes()
+
+
+@pytest.mark.parametrize("name", [".lock.png", "report.json.png", ".shards.jpg"])
+def test_an_image_named_like_the_tools_own_files_is_refused(tmp_path, name):
+    save_rgb(tmp_path / "in" / name, 8, 8)
+    result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 2 and "a name fpn-extract keeps for itself" in result.output
