@@ -70,20 +70,23 @@ def test_mixed_folder_gives_every_file_at_its_path_with_its_shape(mixed, tmp_pat
     assert not [p for p in out.rglob(".*.tmp")]
 
 
-def test_installed_console_script_runs_end_to_end(tmp_path):
-    save_rgb(tmp_path / "in" / "a" / "cat.jpg", 45, 61)
+def test_installed_console_script_runs_end_to_end(mixed, tmp_path):
+    folder, expected = mixed
     script = Path(sys.executable).parent / "fpn-extract"
     out = tmp_path / "out"
     proc = subprocess.run(
-        [script, tmp_path / "in", "--out", out, "--arch", "seed", "--device", "cpu"],
+        [script, folder, "--out", out, "--arch", "seed", "--device", "cpu", "--save-dtype", "float16"],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "1 images: 1 written, 0 already complete, 0 failed" in proc.stdout
-    assert "P2 256x12x16  P3 256x6x8  P4 256x3x4  P5 256x2x2" in proc.stdout
+    assert f"{len(expected)} images: {len(expected)} written, 0 already complete, 0 failed" in proc.stdout
+    assert "37x53  (1 image: rgb.jpg)" in proc.stdout
+    assert "P2 256x10x14  P3 256x5x7  P4 256x3x4  P5 256x2x2" in proc.stdout
     assert "features are for shapes and plumbing" in proc.stderr
-    assert np.load(out / "a" / "cat" / "p2.npy").shape == (256, 12, 16)
+    assert_complete(out, expected, dtype=np.float16)
+    report = report_of(out)
+    assert report["counts"]["ok"] == len(expected) and report["model"]["save_dtype"] == "float16"
 
 
 def test_features_equal_the_model_on_torchvision_preprocessing(tmp_path):
