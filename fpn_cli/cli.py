@@ -16,22 +16,35 @@ from .model import ARCHS, FPN_STYLES, FPNConfig, parse_levels
 from .pipeline import DTYPES, SAVE_DTYPES, Options, extract, summarize
 
 
-class SizeType(click.ParamType):
-    """``HxW`` -> (H, W), both positive."""
+class _IntPair(click.ParamType):
+    """Two integers joined by ``separator``, e.g. ``600x900``; ``problem`` names what is wrong."""
 
-    name = "HxW"
+    separator = ""
+    example = ""
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        parts = str(value).lower().split("x")
         try:
-            h, w = (int(p) for p in parts)
+            a, b = (int(p) for p in str(value).lower().split(self.separator))
         except ValueError:
-            self.fail(f"{value!r} is not HxW, e.g. 600x900", param, ctx)
-        if h < 1 or w < 1:
-            self.fail(f"{value!r}: height and width must be positive", param, ctx)
-        return h, w
+            self.fail(f"{value!r} is not {self.name}, e.g. {self.example}", param, ctx)
+        problem = self.problem(a, b)
+        if problem:
+            self.fail(f"{value!r}: {problem}", param, ctx)
+        return a, b
+
+    def problem(self, a: int, b: int) -> str | None:
+        raise NotImplementedError
+
+
+class SizeType(_IntPair):
+    """``HxW`` -> (H, W), both positive."""
+
+    name, separator, example = "HxW", "x", "600x900"
+
+    def problem(self, a: int, b: int) -> str | None:
+        return "height and width must be positive" if a < 1 or b < 1 else None
 
 
 class LevelsType(click.ParamType):
@@ -46,21 +59,13 @@ class LevelsType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-class ShardType(click.ParamType):
+class ShardType(_IntPair):
     """``I/N`` -> (I, N) with 0 <= I < N."""
 
-    name = "I/N"
+    name, separator, example = "I/N", "/", "0/4"
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            index, count = (int(p) for p in str(value).split("/"))
-        except ValueError:
-            self.fail(f"{value!r} is not I/N, e.g. 0/4", param, ctx)
-        if count < 1 or not 0 <= index < count:
-            self.fail(f"{value!r}: need 0 <= I < N", param, ctx)
-        return index, count
+    def problem(self, a: int, b: int) -> str | None:
+        return "need 0 <= I < N" if b < 1 or not 0 <= a < b else None
 
 
 class ProgressBar:
