@@ -161,10 +161,13 @@ class Writer:
                     self.store.write_levels(key, {k: numpy[k] for k in item.missing})
                 if self.preview:
                     self.store.write_preview(key, preview.render(item.rgb, numpy))
-            except OSError as e:
-                where = e.filename or self.store.root / key
-                self.error = FPNError(f"cannot write {where}: {e.strerror or e}")
-                self.report.add(ImageResult(item.image.rel, "failed", f"not written: {e.strerror or e}"))
+            except Exception as e:  # the thread must live on: a dead writer would hang the producer
+                if isinstance(e, OSError):
+                    reason, where = e.strerror or str(e), e.filename or self.store.root / key
+                else:
+                    reason, where = f"{type(e).__name__}: {e}", self.store.root / key
+                self.error = FPNError(f"cannot write {where}: {reason}")
+                self.report.add(ImageResult(item.image.rel, "failed", f"not written: {reason}"))
                 continue
             status = "skipped" if arrays is None else "ok"
             self.report.add(_written_result(item, self.store, {k: v.shape for k, v in numpy.items()}, status))
@@ -237,7 +240,7 @@ def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> It
 class Engine:
     """A model on a device, ready to turn uint8 batches into features: BatchNorm folded into the
     convolutions and, on CPU and CUDA, channels-last layout (the layout oneDNN and cuDNN run
-    fastest); the uint8 NHWC batch is that layout already, so no transpose is ever made."""
+    fastest); the decoded uint8 NHWC batch is that layout already, so the input needs no transpose."""
 
     def __init__(self, model: FPN, device: torch.device, dtype: str, save_dtype: str) -> None:
         self.memory_format = (

@@ -273,3 +273,18 @@ def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monk
     assert result.exit_code == 1
     assert "huge.png: out of memory on cpu for a 32x32 input" in result.stderr
     assert len(list((tmp_path / "out").glob("*/p5.npy"))) == 3
+
+
+def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
+    from fpn_cli import store
+
+    small_images(tmp_path / "in", 12)
+
+    def broken(self, key, arrays):
+        raise ValueError("simulated bug")
+
+    monkeypatch.setattr(store.Store, "write_levels", broken)
+    args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "1", *SEED]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "cannot write" in result.stderr and "ValueError: simulated bug" in result.stderr
