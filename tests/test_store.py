@@ -48,3 +48,15 @@ def test_store_falls_back_to_buffered_writes_where_o_direct_is_refused(tmp_path,
     for level, array in arrays.items():
         assert (tmp_path / "a" / "b" / f"{level}.npy").read_bytes() == np_save_bytes(array)
     assert store.existing("a/b") == {"p2": (8, 5, 7), "p3": (8, 3, 4)}
+
+
+@pytest.mark.parametrize("shape", [(256, 37, 45), (7, 1, 1), (64, 1, 33), (2048, 2, 3)])
+def test_c_order_copy_of_every_layout(shape):
+    from fpn_cli.store import c_order
+
+    base = torch.randn(3, *shape)
+    for layout in (base, base.contiguous(memory_format=torch.channels_last)):
+        array = layout[2].numpy()
+        out = c_order(array)
+        assert out.flags.c_contiguous
+        np.testing.assert_array_equal(out, np.asarray(base[2]))
