@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                    # resnet50 on examples/, CPU (CUDA if present)
     python benchmarks/throughput.py --small 4 --large 16 --arch seed
     python benchmarks/throughput.py --save-dtype float16 --out-dir /dev/shm   # where the time goes
+    python benchmarks/throughput.py --dtype bfloat16 --size 800x1333          # the detection setting
 
 On identical inputs (the example photos, repeated), one run prints images/s and ms/image for:
 
@@ -91,12 +92,15 @@ def time_per_image(fn, items, device: torch.device, warmup: int = 1) -> float:
     return (time.perf_counter() - start) / len(items)
 
 
-def naive_loop(paths: list[Path], out: Path, device: torch.device) -> float:
+def naive_loop(paths: list[Path], out: Path, device: torch.device, size: tuple[int, int] | None) -> float:
     """What a user writes first: batch 1, PIL, torchvision's backbone, np.save, all in series."""
     model = resnet_fpn_backbone(backbone_name="resnet50", weights=None).eval().to(device)
 
     def one(path: Path) -> None:
-        x = TF.normalize(TF.to_tensor(Image.open(path).convert("RGB")), MEAN, STD)[None].to(device)
+        image = Image.open(path).convert("RGB")
+        if size is not None:
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        x = TF.normalize(TF.to_tensor(image), MEAN, STD)[None].to(device)
         with torch.no_grad():
             feats = model(x)
         for name, level in zip(("p2", "p3", "p4", "p5"), ("0", "1", "2", "3"), strict=True):
@@ -163,18 +167,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--save-dtype", default="float32")
     parser.add_argument("--out-dir", default=None, help="where the CLI writes (default: a temporary folder)")
+    parser.add_argument("--size", default=None, help="HxW: resize every image, e.g. 800x1333")
     args = parser.parse_args()
+    resize = Resize(size=tuple(int(v) for v in args.size.split("x"))) if args.size else Resize()
     device = resolve_device(args.device)
-    common = [
-        "--arch",
-        args.arch,
-        "--device",
-        str(device),
-        "--dtype",
-        args.dtype,
-        "--save-dtype",
-        args.save_dtype,
-    ]
+    common = ["--arch", args.arch, "--device", str(device), "--dtype", args.dtype]
+    common += ["--save-dtype", args.save_dtype] + (["--size", args.size] if args.size else [])
     where = args.out_dir or tempfile.gettempdir()
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, arch {args.arch}, "
           f"dtype {args.dtype}, save dtype {args.save_dtype}, CLI writes to {where}")  # fmt: skip
@@ -190,9 +188,11 @@ def main() -> None:
         if args.out_dir:
             shutil.rmtree(outs)
         cli = (t_large - t_small) / (args.large - args.small)
+        if cli <= 0:
+            raise SystemExit("the large run was not slower than the small one: start-up noise; raise --large")
 
         engine = Engine(build_fpn(arch=args.arch), device, args.dtype, "float32")
-        batches = [np.stack([decode(p, Resize())[0]]) for p in paths]
+        batches = [np.stack([decode(p, resize)[0]]) for p in paths]
         tensors = [engine.preprocess(b) for b in batches]
 
         def forward(x: torch.Tensor) -> None:
@@ -201,7 +201,7 @@ def main() -> None:
 
         bare = time_per_image(forward, tensors, device)
         dtype_error = precision_error(engine, tensors[0]) if engine.autocast else None
-        naive = naive_loop(paths[: max(8, args.small)], tmp / "naive", device)
+        naive = naive_loop(paths[: max(8, args.small)], tmp / "naive", device, resize.size)
         flops = forward_flops(engine, batches) / len(batches)
 
     x = tensors[0].float().contiguous()
