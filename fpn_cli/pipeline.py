@@ -414,6 +414,9 @@ def _plan(images: Sequence[InputImage], store: Store, opts: Options, report: Rep
     their missing levels (all levels with ``overwrite``)."""
     jobs = []
     for image in images:
+        if not (store.root / image.key).is_dir():  # a new image: one stat, no more
+            jobs.append(_Decoded(image, store.levels))
+            continue
         store.remove_strays(image.key)
         have = {} if opts.overwrite else store.existing(image.key)
         missing = tuple(level for level in store.levels if level not in have)
