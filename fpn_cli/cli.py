@@ -229,8 +229,8 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
     if verbose:
-        for r in report.results:
-            _echo_err(f"{r.status}: {r.path}")
+        for path, status in report.statuses():
+            _echo_err(f"{status}: {path}")
     if report.interrupted:
         _echo_err(f"Interrupted: {report.counts['ok']} images written; {out}/report.json lists what is done")
         sys.exit(128 + signal.SIGTERM if _terminated else report.exit_status)

@@ -33,7 +33,7 @@ from .model import (
     parameter_count,
     parse_levels,
 )
-from .report import ImageResult, Report, format_summary, merge_reports
+from .report import ImageResult, Report, format_summary, write_merged
 from .store import PREVIEW_FILE, Store
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics that torchvision's weights expect
@@ -370,9 +370,9 @@ def _write_reports(store: Store, report: Report, shard: tuple[int, int] | None, 
     """report.json, or for a shard its part; with ``merge``, the shard that completes the set
     merges them (under torchrun, rank 0 merges after the barrier instead)."""
     if shard is None:
-        store.write_report(report.to_json())
+        store.write_report(report.write_json)
         return
-    store.write_shard_report(*shard, report.to_json())
+    store.write_shard_report(*shard, report.write_json)
     if merge:
         _merge(store, shard[1])
 
@@ -380,7 +380,7 @@ def _write_reports(store: Store, report: Report, shard: tuple[int, int] | None, 
 def _merge(store: Store, count: int) -> None:
     parts = store.read_shard_reports(count)
     if parts is not None:
-        store.write_report(merge_reports(parts))
+        store.write_report(lambda f: write_merged(f, parts))
 
 
 def _header(opts: Options, config: FPNConfig, device: torch.device, shard: tuple[int, int] | None) -> dict:

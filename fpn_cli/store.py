@@ -367,15 +367,16 @@ class Store:
         """Writes a PIL image as ``key/preview.png``, atomically."""
         atomic_write_bytes(self.preview_path(key), lambda f: picture.save(f, format="PNG"))
 
-    def write_report(self, report: Mapping[str, object]) -> None:
-        atomic_write_json(self.root / REPORT_FILE, report)
+    def write_report(self, write: Callable[[BinaryIO], object]) -> None:
+        """``write(file)`` makes report.json, atomically."""
+        atomic_write_bytes(self.root / REPORT_FILE, write)
 
     def shard_report_path(self, index: int, count: int) -> Path:
         return self.root / SHARDS_DIR / f"report-{index}-of-{count}.json"
 
-    def write_shard_report(self, index: int, count: int, report: Mapping[str, object]) -> None:
+    def write_shard_report(self, index: int, count: int, write: Callable[[BinaryIO], object]) -> None:
         (self.root / SHARDS_DIR).mkdir(exist_ok=True)
-        atomic_write_json(self.shard_report_path(index, count), report)
+        atomic_write_bytes(self.shard_report_path(index, count), write)
 
     def read_shard_reports(self, count: int) -> list[dict] | None:
         """All ``count`` shards' reports, or None while any is missing."""
