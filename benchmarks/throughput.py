@@ -38,8 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from fpn_cli import build_fpn
+from fpn_cli.engine import MEAN, STD, Engine, resolve_device
 from fpn_cli.images import IMAGE_EXTENSIONS, Resize, decode
-from fpn_cli.pipeline import MEAN, STD, Engine, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 # runs the CLI in-process and prints its own peak RSS, so each run's memory is its own

@@ -1,5 +1,5 @@
-"""The extraction run: device and precision, decode prefetch, same-size batching, the forward pass,
-and a background writer, so that decoding and disk writes overlap the network.
+"""The extraction run: inputs to plan, decode prefetch, same-size batching, the forward pass
+(engine.py), and a background writer, so that decoding and disk writes overlap the network.
 
     find_images -> [skip complete] -> decode (thread pool, bounded look-ahead)
       -> batches of equal size -> forward (inference mode, autocast) -> writer thread (bounded queue)
@@ -22,24 +22,18 @@ import torch
 from . import __version__, preview
 from .builder import build_fpn
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
+from .engine import DTYPES, MEAN, SAVE_DTYPES, STD, Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, InputImage, Resize, decode, find_images, probe_size
 from .model import (
     DEFAULT_LEVELS,
-    FPN,
     FPNConfig,
-    fold_batchnorm,
     output_shapes,
     parameter_count,
     parse_levels,
 )
 from .report import ImageResult, Report, format_summary, write_merged
 from .store import PREVIEW_FILE, Store
-
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics that torchvision's weights expect
-STD = (0.229, 0.224, 0.225)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SAVE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -71,45 +65,6 @@ class Options:
             raise UsageError(f"unknown save dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-
-
-def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
-    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; one this
-    machine lacks is a :class:`UsageError` naming it. Under torchrun, ``auto`` and ``cuda`` mean
-    ``cuda:LOCAL_RANK``."""
-    spec = spec.strip().lower()
-    if local_rank is not None and spec in ("auto", "cuda") and torch.cuda.is_available():
-        spec = f"cuda:{local_rank}"
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {spec!r} is not available: this machine has no usable CUDA GPU")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"device {spec!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) here"
-            )
-        return torch.device("cuda", index)
-    if device.type == "mps":
-        if not has_mps:
-            raise UsageError(f"device {spec!r} is not available: this machine has no MPS (Apple GPU)")
-        return device
-    raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
-
-
-def default_workers(device: torch.device) -> int:
-    """Decode threads: an accelerator wants them all; on the CPU they take cores from the network."""
-    cores = os.cpu_count() or 1
-    return min(8, cores) if device.type != "cpu" else max(1, cores // 4)
 
 
 @dataclass
@@ -235,53 +190,6 @@ def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> It
             pending -= len(buckets[fullest])
             yield buckets.pop(fullest)
     yield from buckets.values()
-
-
-class Engine:
-    """A model on a device, ready to turn uint8 batches into features: BatchNorm folded into the
-    convolutions and, on CPU and CUDA, channels-last layout (the layout oneDNN and cuDNN run
-    fastest); the decoded uint8 NHWC batch is that layout already, so the input needs no transpose."""
-
-    def __init__(self, model: FPN, device: torch.device, dtype: str, save_dtype: str) -> None:
-        self.memory_format = (
-            torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
-        )
-        self.model = fold_batchnorm(model).to(device, memory_format=self.memory_format)
-        self.device = device
-        self.autocast = dtype != "float32"
-        self.dtype = DTYPES[dtype]
-        self.save_dtype = DTYPES[save_dtype]
-        # (x / 255 - mean) / std == x * scale + shift, one fused multiply-add per pixel
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -torch.tensor(MEAN, device=device).view(1, 3, 1, 1) / std
-
-    def preprocess(self, batch: np.ndarray) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised, on the device."""
-        x = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
-        x = torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale)
-        return x.contiguous(memory_format=self.memory_format)
-
-    @torch.inference_mode()
-    def __call__(self, batch: np.ndarray) -> tuple[dict[str, torch.Tensor], object]:
-        """-> ({level: (N, C, h, w) on the CPU in the save dtype}, an event to wait on or None)."""
-        x = self.preprocess(batch)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-            feats = self.model(x)
-        if self.device.type == "cpu":
-            return {k: v.to(self.save_dtype) for k, v in feats.items()}, None
-        # the layout change to C order costs the GPU nothing and spares the host's cores a copy
-        out = {k: v.to(self.save_dtype).contiguous().to("cpu", non_blocking=True) for k, v in feats.items()}
-        event = torch.cuda.Event() if self.device.type == "cuda" else None
-        if event is not None:
-            event.record()
-        else:
-            torch.mps.synchronize()
-        return out, event
 
 
 def settings_record(opts: Options, fpn_style: str) -> dict:
@@ -482,7 +390,7 @@ def _run(
         try:
             feats, ready = engine(np.stack([job.rgb for job in batch]))
         except RuntimeError as e:  # torch.OutOfMemoryError is one
-            if not _is_out_of_memory(e):
+            if not is_out_of_memory(e):
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -507,13 +415,6 @@ def _run(
             compute(batch)
     finally:
         writer.close()
-
-
-def _is_out_of_memory(e: RuntimeError) -> bool:
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    text = str(e).lower()
-    return "out of memory" in text or "can't allocate memory" in text
 
 
 def summarize(

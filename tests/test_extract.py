@@ -343,13 +343,13 @@ def test_shape_report_is_printed(tmp_path):
 
 
 def test_an_unfinished_overwrite_must_be_finished_with_overwrite(tmp_path, monkeypatch):
-    from fpn_cli import pipeline
+    from fpn_cli import engine
 
     for i in range(4):
         save_rgb(tmp_path / "in" / f"im{i}.png", 16, 16, seed=i)
     out = tmp_path / "out"
     assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
-    real_call = pipeline.Engine.__call__
+    real_call = engine.Engine.__call__
     calls = []
 
     def interrupted_after_two(self, batch):
@@ -358,9 +358,9 @@ def test_an_unfinished_overwrite_must_be_finished_with_overwrite(tmp_path, monke
             raise KeyboardInterrupt
         return real_call(self, batch)
 
-    monkeypatch.setattr(pipeline.Engine, "__call__", interrupted_after_two)
+    monkeypatch.setattr(engine.Engine, "__call__", interrupted_after_two)
     assert run(tmp_path / "in", "-o", out, *SEED, "--seed", "3", "--overwrite").exit_code == 130
-    monkeypatch.setattr(pipeline.Engine, "__call__", real_call)
+    monkeypatch.setattr(engine.Engine, "__call__", real_call)
     # two images hold seed-3 features, two seed-0 ones: a plain rerun must not call that complete
     refused = run(tmp_path / "in", "-o", out, *SEED, "--seed", "3")
     assert refused.exit_code == 2 and "unfinished --overwrite run" in refused.output

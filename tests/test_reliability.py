@@ -255,19 +255,19 @@ def test_shards_may_share_a_folder_but_a_whole_run_may_not(tmp_path):
 def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monkeypatch):
     from PIL import Image
 
-    from fpn_cli import pipeline
+    from fpn_cli import engine
 
     for i in range(3):
         save_rgb(tmp_path / "in" / f"im{i}.png", 32, 32, seed=i)
     Image.new("RGB", (32, 32), (7, 7, 7)).save(tmp_path / "in" / "huge.png")
-    real_call = pipeline.Engine.__call__
+    real_call = engine.Engine.__call__
 
     def tight_memory(self, batch):
         if len(batch) > 1 or (batch[0] == 7).all():  # only single ordinary images fit
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
         return real_call(self, batch)
 
-    monkeypatch.setattr(pipeline.Engine, "__call__", tight_memory)
+    monkeypatch.setattr(engine.Engine, "__call__", tight_memory)
     args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4", *SEED]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
