@@ -257,3 +257,13 @@ def test_named_sources_that_do_not_exist_for_an_arch(torch_home):
         build_fpn(arch="seed", weights="imagenet")
     with pytest.raises(WeightsError, match="coco exists for resnet50 only"):
         build_fpn(arch="resnet18", weights="coco")
+
+
+def test_the_fasterrcnn_builders_own_state_dict_matches_its_backbone(tmp_path, image):
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(5)
+    detector = randomize_batchnorm(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None))
+    torch.save(detector.state_dict(), tmp_path / "frcnn.pth")
+    model = build_fpn(weights=tmp_path / "frcnn.pth", levels=P_LEVELS)
+    assert_levels_match(model, tv_fpn_outputs(detector.backbone, image), image)
