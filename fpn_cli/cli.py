@@ -228,6 +228,9 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # before the run began: nothing was written
+        _echo_err("Interrupted before any image was processed")
+        sys.exit(128 + signal.SIGTERM if _terminated else 130)
     if verbose:
         for path, status in report.statuses():
             _echo_err(f"{status}: {path}")

@@ -288,3 +288,18 @@ def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert "cannot write" in result.stderr and "ValueError: simulated bug" in result.stderr
+
+
+def test_ctrl_c_during_start_up_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    from fpn_cli import pipeline
+
+    small_images(tmp_path / "in", 1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "build_fpn", interrupted)  # Ctrl-C while the model loads
+    result = CliRunner().invoke(main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), *SEED])
+    assert result.exit_code == 130
+    assert "Interrupted before any image was processed" in result.stderr
+    assert not (tmp_path / "out").exists()
