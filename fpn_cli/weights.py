@@ -99,7 +99,8 @@ def read_file(path: str | os.PathLike[str]) -> Checkpoint:
     """Reads a checkpoint of any supported format from ``path``, executing nothing in it."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise WeightsError(f"weights file {path} {what} (--weights takes random, imagenet, coco or a file)")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -225,6 +225,10 @@ def test_training_wrappers_are_unwrapped(tmp_path, image):
 def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         build_fpn(weights=tmp_path / "nope.pth")
+    with pytest.raises(WeightsError, match="is not a file"):
+        build_fpn(weights=tmp_path)
+    with pytest.raises(WeightsError, match="takes random, imagenet, coco or a file"):
+        build_fpn(weights="imagnet")  # a typo of a source name reads as a missing file
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="cannot read weights file"):
         build_fpn(weights=tmp_path / "junk.pth")
