@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,8 @@ def _fetch(url: str, what: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the file name carries the first hex digits of its SHA-256; torch checks them
         digest = re.search(r"-([a-f0-9]*)\.", path.name)
-        torch.hub.download_url_to_file(url, str(path), digest.group(1) if digest else None, progress=False)
+        prefix = digest.group(1) if digest else None
+        torch.hub.download_url_to_file(url, str(path), prefix, progress=sys.stderr.isatty())
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(f"cannot download {what} weights ({reason}): {hint}") from None

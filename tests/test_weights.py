@@ -271,3 +271,24 @@ def test_the_fasterrcnn_builders_own_state_dict_matches_its_backbone(tmp_path, i
     torch.save(detector.state_dict(), tmp_path / "frcnn.pth")
     model = build_fpn(weights=tmp_path / "frcnn.pth", levels=P_LEVELS)
     assert_levels_match(model, tv_fpn_outputs(detector.backbone, image), image)
+
+
+def test_a_missing_file_is_downloaded_into_torchvisions_cache(torch_home, monkeypatch, image):
+    monkeypatch.delenv("FPN_EXTRACT_OFFLINE")
+    net = randomize_batchnorm(resnet18())
+    fetched = []
+
+    def fake_download(url, dst, hash_prefix, progress):
+        fetched.append((url, dst, hash_prefix))
+        torch.save(net.state_dict(), dst)  # what the real server would send
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    model = build_fpn(arch="resnet18", weights="imagenet", levels=("c2", "c3", "c4", "c5"))
+    assert fetched == [
+        (
+            "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+            str(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
+            "f37072fd",
+        )
+    ]
+    assert_levels_match(model, tv_stage_outputs(net, image), image)
