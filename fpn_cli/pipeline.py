@@ -215,7 +215,7 @@ def extract(
     *,
     stdin_lines: Iterable[str] = (),
     log: Callable[[str], None] | None = None,
-    on_failure: Callable[[Path, str], None] | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] | None = None,
     **kwargs,
@@ -352,7 +352,7 @@ def _run(
     opts: Options,
     device: torch.device,
     report: Report,
-    on_failure: Callable[[Path, str], None],
+    on_failure: Callable[[str, str], None],
 ) -> None:
     jobs = _plan(images, store, opts, report)
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
