@@ -376,3 +376,12 @@ def test_an_image_named_like_the_tools_own_files_is_refused(tmp_path, name):
     save_rgb(tmp_path / "in" / name, 8, 8)
     result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
     assert result.exit_code == 2 and "a name fpn-extract keeps for itself" in result.output
+
+
+def test_float16_compute_on_the_cpu_gets_a_note(tmp_path):
+    save_rgb(tmp_path / "a.png", 16, 16)
+    result = run(
+        tmp_path / "a.png", "-o", tmp_path / "out", "--arch", "seed", "--device", "cpu", "--dtype", "float16"
+    )
+    assert result.exit_code == 0
+    assert "--dtype float16 on the CPU is about 10x slower" in result.stderr
