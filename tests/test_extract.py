@@ -384,4 +384,4 @@ def test_float16_compute_on_the_cpu_gets_a_note(tmp_path):
         tmp_path / "a.png", "-o", tmp_path / "out", "--arch", "seed", "--device", "cpu", "--dtype", "float16"
     )
     assert result.exit_code == 0
-    assert "--dtype float16 on the CPU is about 10x slower" in result.stderr
+    assert "--dtype float16 is slow on CPUs" in result.stderr
