@@ -22,6 +22,8 @@ def format_summary(config: FPNConfig, params: int, sizes: Sequence[tuple[tuple[i
         lines += ["", f"input {h}x{w}", f"{'level':<6}{'stride':>7}{'channels':>10}{'height':>8}{'width':>7}"]
         for name, (c, lh, lw) in shapes.items():
             lines.append(f"{name.upper():<6}{STRIDES[name]:>7}{c:>10}{lh:>8}{lw:>7}")
+        megabytes = sum(c * lh * lw for c, lh, lw in shapes.values()) / 1e6
+        lines.append(f"output per image: {megabytes * 4:.1f} MB float32, {megabytes * 2:.1f} MB float16")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ P2          4       256     150    225
 P3          8       256      75    113
 P4         16       256      38     57
 P5         32       256      19     29
+output per image: 46.0 MB float32, 23.0 MB float16
 """
 
 
