@@ -7,7 +7,7 @@ dicts map onto ours by the short table in ``weights.py``.
 from __future__ import annotations
 
 import copy
-import math
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -154,11 +154,6 @@ def parse_levels(levels: str | Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise UsageError(f"a level is listed twice in {','.join(names)}")
     return tuple(names)
-
-
-def level_size(size: int, level: str) -> int:
-    """Spatial size of ``level`` for an input side of ``size`` pixels: ceil(size / stride)."""
-    return math.ceil(size / STRIDES[level])
 
 
 class ResNetBody(nn.Module):
@@ -318,15 +313,20 @@ def seeded_init(model: FPN, seed: int) -> None:
 def output_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple[int, int, int]]:
     """(C, h, w) per requested level for one H x W image, by a forward pass on the meta device:
     the real layer arithmetic, no feature memory."""
-    model = build_model(config, device="meta")
     with torch.no_grad():
-        out = model(torch.empty(1, 3, height, width, device="meta"))
+        out = _meta_model(config)(torch.empty(1, 3, height, width, device="meta"))
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
 
 def parameter_count(config: FPNConfig) -> int:
     """Parameters of the whole network (every level's layers), counted on the meta device."""
-    return sum(p.numel() for p in build_model(config, device="meta").parameters())
+    return sum(p.numel() for p in _meta_model(config).parameters())
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(config: FPNConfig) -> FPN:
+    """One shapes-only model per configuration: a summary of many image sizes builds it once."""
+    return build_model(config, device="meta")
 
 
 @torch.no_grad()
