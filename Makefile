@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # the torch builds this project is developed and tested with; any torch>=2.2 works
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 $(BIN)/fpn-extract: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,7 @@ test: setup
 
 clean:
 	rm -rf $(VENV) feats
+
+# On a machine with a CUDA GPU and torch installed: CUDA tests, agreement, throughput (no venv)
+gpu-check:
+	bash benchmarks/gpu_check.sh

@@ -158,6 +158,57 @@ def compare_with_torchvision(arch: str, x: torch.Tensor, device: torch.device) -
     return min(times["tv"]), min(times["ours"]), diff
 
 
+def stage_breakdown(
+    paths: list[Path], resize: Resize, engine: Engine, out: Path, batch_size: int
+) -> dict[str, float]:
+    """ms/image of each stage alone, one after the other on the same images: decode (one thread),
+    copy to the device, forward, copy back (to the save dtype), write the .npy files."""
+    from fpn_cli.store import Store
+
+    device = engine.device
+    start = time.perf_counter()
+    decoded = [decode(p, resize)[0] for p in paths]
+    times = {"decode (1 thread)": time.perf_counter() - start}
+    sizes: dict[tuple, list[np.ndarray]] = {}
+    for rgb in decoded:
+        sizes.setdefault(rgb.shape, []).append(rgb)
+    batches = [
+        np.stack(group[i : i + batch_size])
+        for group in sizes.values()
+        for i in range(0, len(group), batch_size)
+    ]
+    engine(batches[0])  # warm-up
+    sync(device)
+    stages = {"copy to device": 0.0, "forward": 0.0, "copy back": 0.0, "write": 0.0}
+    store = Store(out, ("p2", "p3", "p4", "p5"), str(engine.save_dtype).replace("torch.", ""))
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with torch.inference_mode():
+        for batch in batches:
+            t0 = time.perf_counter()
+            x = torch.from_numpy(batch)
+            x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+            sync(device)
+            t1 = time.perf_counter()
+            x = torch.addcmul(engine.shift, x.permute(0, 3, 1, 2).float(), engine.scale)
+            with engine._precision():
+                feats = engine.model(x.contiguous(memory_format=engine.memory_format))
+            sync(device)
+            t2 = time.perf_counter()
+            host = {k: v.to(engine.save_dtype).contiguous().cpu().numpy() for k, v in feats.items()}
+            sync(device)
+            t3 = time.perf_counter()
+            for i in range(len(batch)):
+                store.write_levels(f"im{n}", {k: v[i] for k, v in host.items()})
+                n += 1
+            t4 = time.perf_counter()
+            for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                stages[name] += dt
+    times.update(stages)
+    bytes_per_image = sum(v[0].nbytes for v in host.values())
+    return {k: 1000 * v / len(paths) for k, v in times.items()} | {"MB per image": bytes_per_image / 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
@@ -168,11 +219,13 @@ def main() -> None:
     parser.add_argument("--save-dtype", default="float32")
     parser.add_argument("--out-dir", default=None, help="where the CLI writes (default: a temporary folder)")
     parser.add_argument("--size", default=None, help="HxW: resize every image, e.g. 800x1333")
+    parser.add_argument("--batch-size", type=int, default=None, help="for the CLI runs and the breakdown")
     args = parser.parse_args()
     resize = Resize(size=tuple(int(v) for v in args.size.split("x"))) if args.size else Resize()
     device = resolve_device(args.device)
     common = ["--arch", args.arch, "--device", str(device), "--dtype", args.dtype]
     common += ["--save-dtype", args.save_dtype] + (["--size", args.size] if args.size else [])
+    common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     where = args.out_dir or tempfile.gettempdir()
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, arch {args.arch}, "
           f"dtype {args.dtype}, save dtype {args.save_dtype}, CLI writes to {where}")  # fmt: skip
@@ -203,6 +256,10 @@ def main() -> None:
         dtype_error = precision_error(engine, tensors[0]) if engine.autocast else None
         naive = naive_loop(paths[: max(8, args.small)], tmp / "naive", device, resize.size)
         flops = forward_flops(engine, batches) / len(batches)
+        breakdown = stage_breakdown(
+            paths, resize, Engine(build_fpn(arch=args.arch), device, args.dtype, args.save_dtype),
+            tmp / "stages", args.batch_size or (8 if device.type != "cpu" else 1),
+        )  # fmt: skip
 
     x = tensors[0].float().contiguous()
     tv_s, ours_s, diff = compare_with_torchvision(args.arch if args.arch != "seed" else "resnet50", x, device)
@@ -229,7 +286,12 @@ def main() -> None:
     achieved = flops / bare / 1e9
     print(f"forward: {flops / 1e9:.1f} GFLOP/image, {achieved:.1f} GFLOP/s achieved; {args.dtype} "
           f"matmul on this machine {peak:.1f} GFLOP/s ({achieved / peak:.0%} of it)")  # fmt: skip
+    print("where the time goes, each stage alone (ms/image): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in breakdown.items() if k != "MB per image"))  # fmt: skip
+    print(f"bytes written per image: {breakdown['MB per image']:.1f} MB")
     print(f"cores {os.cpu_count()}")
+    if device.type == "cuda":
+        print(f"gpu {torch.cuda.get_device_name(device)}")
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ class Launch:
 
 
 def torchrun_launch() -> Launch | None:
-    """The torchrun environment of this process, or None when not launched by torchrun (or alone)."""
+    """The torchrun environment of this process, or None when not launched by torchrun. A job of
+    one process runs as any other (process group, barrier, merged report)."""
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):
         return None
-    if world < 2:
+    if world < 1:
         return None
     return Launch(rank, world, int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -6,7 +6,9 @@ folded into the convolutions, channels-last layout, inference mode and autocast.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -88,22 +90,47 @@ class Engine:
         x = torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale)
         return x.contiguous(memory_format=self.memory_format)
 
+    def __call__(self, batch: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """(N, H, W, 3) uint8 -> :meth:`forward` of the normalised batch."""
+        with torch.inference_mode():
+            return self.forward(self.preprocess(batch))
+
     @torch.inference_mode()
-    def __call__(self, batch: np.ndarray) -> tuple[dict[str, torch.Tensor], object]:
-        """-> ({level: (N, C, h, w) on the CPU in the save dtype}, an event to wait on or None)."""
-        x = self.preprocess(batch)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """(N, 3, H, W) normalised, on the device -> ({level: (N, C, h, w) on the CPU in the save
+        dtype}, an event that fires when the copies back are done, or None when they are)."""
+        x = x.contiguous(memory_format=self.memory_format)
+        with self._precision():
             feats = self.model(x)
         if self.device.type == "cpu":
             return {k: v.to(self.save_dtype) for k, v in feats.items()}, None
         # the layout change to C order costs the GPU nothing and spares the host's cores a copy
         out = {k: v.to(self.save_dtype).contiguous().to("cpu", non_blocking=True) for k, v in feats.items()}
-        event = torch.cuda.Event() if self.device.type == "cuda" else None
-        if event is not None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
             event.record()
-        else:
-            torch.mps.synchronize()
-        return out, event
+            return out, event
+        torch.mps.synchronize()  # MPS has no event to hand over: wait here
+        return out, None
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """Autocast below float32. For float32 on CUDA, TF32 is switched off for the forward:
+        cuDNN would otherwise round convolution inputs to 10-bit mantissas (errors near 1e-3)."""
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        if self.device.type == "cuda":
+            return _no_tf32()
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    cudnn = torch.backends.cudnn
+    previous, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = previous
 
 
 def is_out_of_memory(e: RuntimeError) -> bool:

@@ -258,8 +258,10 @@ def extract(
         report = Report(_header(opts, model.config, device, shard), total=len(images), on_add=progress)
         engine = Engine(model, device, opts.dtype, opts.save_dtype)
         with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
+            if group is not None:
+                log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
             try:
-                _run(images, store, engine, opts, device, report, on_failure)
+                _run(images, store, engine, opts, device, report, on_failure, log)
             except KeyboardInterrupt:
                 report.interrupted = True
             except FPNError:
@@ -355,6 +357,7 @@ def _run(
     device: torch.device,
     report: Report,
     on_failure: Callable[[str, str], None],
+    log: Callable[[str], None],
 ) -> None:
     jobs = _plan(images, store, opts, report)
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
@@ -397,6 +400,8 @@ def _run(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) > 1:  # the images may fit one at a time
+                h, w = batch[0].rgb.shape[:2]
+                log(f"note: out of memory on {device} for {len(batch)} {h}x{w} images: splitting the batch")
                 half = len(batch) // 2
                 compute(batch[:half])
                 compute(batch[half:])
