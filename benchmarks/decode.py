@@ -75,7 +75,9 @@ def main() -> None:
     torch.cuda.synchronize()
     nv = (time.perf_counter() - start) / len(paths)
     diff = max(int(np.abs(g.permute(1, 2, 0).cpu().numpy().astype(int) - p).max()) for g, p in zip(gpu, pil))
-    print(f"nvJPEG, batches of 16     {1000 * nv:7.2f} ms/image  (largest pixel difference from Pillow {diff})")
+    print(
+        f"nvJPEG, batches of 16     {1000 * nv:7.2f} ms/image  (largest pixel difference from Pillow {diff})"
+    )
     print(f"nvJPEG / Pillow {args.workers} threads  {pooled / nv:7.2f}x")
 
 

@@ -146,7 +146,7 @@ def compare_with_torchvision(arch: str, x: torch.Tensor, device: torch.device) -
     tv = tv.to(device)
     engine = Engine(ours, device, "float32", "float32")
     batch = x.to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), engine._precision():  # float32: TF32 off on CUDA, for the comparison
         reference = ours.to(device)(batch)
         fast = engine.model(batch.contiguous(memory_format=engine.memory_format))
         diff = max(float((fast[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in reference)
@@ -195,8 +195,10 @@ def stage_breakdown(
                 feats = engine.model(x.contiguous(memory_format=engine.memory_format))
             sync(device)
             t2 = time.perf_counter()
-            host = {k: v.to(engine.save_dtype).contiguous().cpu().numpy() for k, v in feats.items()}
+            host = {k: v.to(engine.save_dtype).contiguous() for k, v in feats.items()}
+            host = {k: v.to("cpu", non_blocking=True) for k, v in host.items()}  # pinned, as the CLI
             sync(device)
+            host = {k: v.numpy() for k, v in host.items()}
             t3 = time.perf_counter()
             for i in range(len(batch)):
                 store.write_levels(f"im{n}", {k: v[i] for k, v in host.items()})

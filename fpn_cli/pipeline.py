@@ -392,11 +392,15 @@ def _run(
     writer = Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview)
 
     def compute(batch: list[_Decoded]) -> None:
+        feats = None
         try:
             feats, ready = engine(np.stack([job.rgb for job in batch]))
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
+        if feats is None:
+            # Retried outside the except block: inside it, the exception's traceback keeps the
+            # failed forward's frames alive, and with them its activations, so halves fail too.
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) > 1:  # the images may fit one at a time
