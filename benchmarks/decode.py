@@ -74,7 +74,10 @@ def main() -> None:
         gpu += decode_jpeg(data[i : i + 16], device="cuda")
     torch.cuda.synchronize()
     nv = (time.perf_counter() - start) / len(paths)
-    diff = max(int(np.abs(g.permute(1, 2, 0).cpu().numpy().astype(int) - p).max()) for g, p in zip(gpu, pil))
+    diff = max(
+        int(np.abs(g.permute(1, 2, 0).cpu().numpy().astype(int) - p).max())
+        for g, p in zip(gpu, pil, strict=True)
+    )
     print(
         f"nvJPEG, batches of 16     {1000 * nv:7.2f} ms/image  (largest pixel difference from Pillow {diff})"
     )
