@@ -1,32 +1,271 @@
-"""``build_fpn``: a configured network with its weights, the library's front door to the model."""
+"""The one place that decides what model a run uses: :func:`resolve` turns ``--arch``,
+``--weights``, ``--fpn-style``, ``--levels`` and ``--pad-multiple`` into a :class:`ModelSpec`
+(configuration, preprocessing, where the weights come from) without downloading anything;
+:func:`build_fpn` builds it. ``--summary``, the run and the report all ask :func:`resolve`.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import weights as wts
-from .errors import WeightsError
-from .model import DEFAULT_LEVELS, FPN, FPNConfig, build_model
+from . import zoo
+from .backbones import ResNetArch, TimmArch, get_arch
+from .errors import UsageError, WeightsError
+from .levels import parse_levels
+from .model import FPN, FPNConfig, build_model
+from .preprocess import DETECTRON2_BGR, DETECTRON2_X101, IMAGENET, MMDET_PYTORCH, Preprocess
+from .pyramid import USER_STYLES
+
+DEFAULT_ARCH = "resnet50"
+RANDOM, IMAGENET_WEIGHTS = "random", "imagenet"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: what to build, how to feed it, and how to fill it."""
+
+    config: FPNConfig
+    weights: str  # as recorded: random, imagenet, a zoo name, or a file's absolute path
+    preprocess: Preprocess
+    seed: int = 0
+    load: Callable[[], wts.Checkpoint | None] = field(default=lambda: None, compare=False, repr=False)
+    fpn_from_weights: bool = False  # the FPN's layers come from the weights, not the seed
+
+    @property
+    def random(self) -> bool:
+        return self.weights == RANDOM
+
+    def describe(self) -> str:
+        return f"{self.config.arch}, {self.config.fpn_style} FPN, weights {self.weights}"
+
+
+def resolve(
+    arch: str | None = None,
+    weights: str | os.PathLike[str] = RANDOM,
+    fpn_style: str | None = None,
+    levels: str | Sequence[str] | None = None,
+    seed: int = 0,
+    pad_multiple: int | None = None,
+) -> ModelSpec:
+    """Everything the options decide about the model; nothing is downloaded. ``None`` means "what
+    the weights need, else the default" (resnet50, reference FPN, P2-P5, no padding). An option
+    that contradicts the weights is a :class:`UsageError` naming both."""
+    weights = str(weights)
+    if weights in (RANDOM, IMAGENET_WEIGHTS):
+        return _plain(arch or DEFAULT_ARCH, weights, fpn_style, levels, seed, pad_multiple)
+    if zoo.is_zoo_name(weights):
+        return _from_zoo(zoo.entry(weights), weights, arch, fpn_style, levels, seed, pad_multiple)
+    return _from_file(Path(weights), arch, fpn_style, levels, seed, pad_multiple)
+
+
+def _check_style(style: str | None) -> None:
+    if style is not None and style not in USER_STYLES:
+        raise UsageError(f"unknown fpn style {style!r}; choose from {', '.join(USER_STYLES)}")
+
+
+def _plain(arch, weights, fpn_style, levels, seed, pad_multiple) -> ModelSpec:
+    _check_style(fpn_style)
+    config = FPNConfig(arch, fpn_style or "reference", _levels(levels), pad_multiple=pad_multiple or 1)
+    if weights == RANDOM:
+        return ModelSpec(config, RANDOM, IMAGENET, seed)
+    family = get_arch(arch)
+    if isinstance(family, TimmArch):
+        return ModelSpec(config, weights, _timm_preprocess(family), seed, load=lambda: None)
+    config = FPNConfig(**{**config.__dict__, "bn_eps": family.imagenet_bn_eps})
+    return ModelSpec(
+        config, weights, IMAGENET, seed, load=lambda: zoo.imagenet_checkpoint(family.torchvision_name, arch)
+    )
+
+
+def _timm_preprocess(family: TimmArch) -> Preprocess:
+    """The normalisation timm's pretrained configuration states for the model."""
+    from .backbones import import_timm
+
+    cfg = import_timm().get_pretrained_cfg(family.model_name)
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET.mean, IMAGENET.std)
+    return Preprocess(tuple(mean), tuple(std))
+
+
+def _contradiction(option: str, given: str, needed: str, entry: zoo.ZooEntry, spec: str) -> WeightsError:
+    named = spec if spec == entry.name else f"{spec} ({entry.name})"
+    return WeightsError(
+        f"--{option} {given} contradicts --weights {named}, which needs {needed}: leave --{option} out"
+    )
+
+
+def _from_zoo(entry: zoo.ZooEntry, given: str, arch, fpn_style, levels, seed, pad_multiple) -> ModelSpec:
+    if arch is not None and arch != entry.arch:
+        raise _contradiction("arch", arch, entry.arch, entry, given)
+    _check_style(fpn_style)
+    if fpn_style is not None and fpn_style != entry.fpn_style:
+        raise _contradiction("fpn-style", fpn_style, entry.fpn_style, entry, given)
+    config = FPNConfig(
+        entry.arch, entry.fpn_style, _levels(levels) or entry.levels, bn_eps=entry.bn_eps,
+        pad_multiple=entry.pad_multiple if pad_multiple is None else pad_multiple,
+    )  # fmt: skip
+    return ModelSpec(config, entry.name, entry.preprocess, seed, load=entry.load, fpn_from_weights=True)
+
+
+def _from_file(path: Path, arch, fpn_style, levels, seed, pad_multiple) -> ModelSpec:
+    ckpt = wts.read_file(path)
+    found = _arch_of(ckpt)
+    if arch is not None and found is not None and arch != found and not _same_shape(arch, found):
+        raise WeightsError(
+            f"{path} holds a {found} backbone, not {arch}: pass --arch {found}, or leave --arch out"
+        )
+    arch = arch or found or DEFAULT_ARCH
+    style = _style_of(ckpt)
+    _check_style(fpn_style)
+    if style is not None and fpn_style is not None and fpn_style != style:
+        raise WeightsError(
+            f"{path} holds a {style}-style FPN but --fpn-style {fpn_style} was asked for: "
+            "leave --fpn-style out to use the checkpoint's"
+        )
+    preprocess, pad = _file_preprocess(ckpt, arch)
+    config = FPNConfig(
+        arch, style or fpn_style or "reference", _levels(levels),
+        bn_eps=float(ckpt.meta.get("bn_eps", 1e-5)),
+        pad_multiple=pad if pad_multiple is None else pad_multiple,
+    )  # fmt: skip
+    return ModelSpec(
+        config, str(path.resolve()), preprocess, seed, load=lambda: ckpt, fpn_from_weights=style is not None
+    )
+
+
+def _levels(levels: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The levels asked for; None lets the model choose (P2-P5, or its pyramid)."""
+    return None if levels is None else parse_levels(levels)
+
+
+def _same_shape(a: str, b: str) -> bool:
+    """Two registry names with the same parameters (resnet50 and resnet50_msra differ only in
+    where the stride sits, which the weights cannot show)."""
+    fa, fb = get_arch(a), get_arch(b)
+    if not (isinstance(fa, ResNetArch) and isinstance(fb, ResNetArch)):
+        return False
+    return (fa.block, fa.layers, fa.groups, fa.width_per_group) == (
+        fb.block,
+        fb.layers,
+        fb.groups,
+        fb.width_per_group,
+    )
+
+
+def _arch_of(ckpt: wts.Checkpoint) -> str | None:
+    """The registry name whose shapes the checkpoint's body has; None when the body is not a
+    registered kind. Detectron2's R-50/R-101 are MSRA's (stride on the 1x1 conv)."""
+    if ckpt.meta.get("arch"):
+        return str(ckpt.meta["arch"])
+    if "body.16.0.weight" in ckpt.state:
+        return "mobilenet_v3_large"
+    shape = wts.resnet_shape(ckpt.state)
+    if shape is None:
+        return None
+    from .backbones import ARCHS, Bottleneck
+
+    msra = ckpt.format == "detectron2" and shape["groups"] == 1 or _mmdet_caffe(ckpt)
+    for name, family in ARCHS.items():
+        if not isinstance(family, ResNetArch) or family.stride_in_1x1 != msra:
+            continue
+        if (
+            (family.block is Bottleneck) == shape["bottleneck"]
+            and family.layers == shape["layers"]
+            and family.groups == shape["groups"]
+            and (not shape["bottleneck"] or family.width_per_group == shape["width_per_group"])
+        ):
+            return name
+    return None
+
+
+def _mmdet_caffe(ckpt: wts.Checkpoint) -> bool:
+    config = str(ckpt.meta.get("config", ""))
+    return ckpt.format == "mmdet" and ("style='caffe'" in config or 'style="caffe"' in config)
+
+
+def _style_of(ckpt: wts.Checkpoint) -> str | None:
+    """The FPN variant a checkpoint's layers need, from their names and shapes; None: no FPN."""
+    if ckpt.meta.get("fpn_style"):
+        return str(ckpt.meta["fpn_style"])
+    if not wts.has_fpn(ckpt.state):
+        return None
+    shape = wts.fpn_shape(ckpt.state)
+    one_stage = shape["p6_in"] is not None
+    if ckpt.format == "detectron2":
+        return "detectron2_retinanet" if one_stage else "detectron2"
+    if ckpt.format == "mmdet":
+        return "mmdet_retinanet" if one_stage else "mmdet"
+    if ckpt.format == "seed":
+        return "reference"
+    if one_stage:
+        return "torchvision_retinanet_v2" if shape["p6_in"] != 256 else "torchvision_retinanet"
+    if shape["norm"]:
+        return "torchvision_v2"
+    # torchvision's FPN smooths P5 too, so it has as many 3x3 convs as laterals; the reference one fewer
+    return "torchvision" if shape["smoothed"] == shape["laterals"] else "reference"
+
+
+def _file_preprocess(ckpt: wts.Checkpoint, arch: str) -> tuple[Preprocess, int]:
+    """A framework's file brings its framework's preprocessing and padding."""
+    if ckpt.format == "detectron2":
+        return (DETECTRON2_X101 if get_arch(arch).groups > 1 else DETECTRON2_BGR), 32
+    if ckpt.format == "mmdet":
+        return (DETECTRON2_BGR if _mmdet_caffe(ckpt) else MMDET_PYTORCH), 32
+    return IMAGENET, 1
+
+
+def build(spec: ModelSpec, device: str | torch.device = "cpu") -> FPN:
+    """The model ``spec`` describes, weights loaded, in eval mode on ``device``."""
+    model = build_model(spec.config, seed=spec.seed)
+    family = get_arch(spec.config.arch)
+    if isinstance(family, TimmArch) and spec.weights == IMAGENET_WEIGHTS:
+        _load_timm_pretrained(model, family)
+    ckpt = spec.load()
+    if ckpt is not None:
+        wts.load_into(model, ckpt, fpn_required=spec.fpn_from_weights)
+    return model.to(device)
+
+
+def _load_timm_pretrained(model: FPN, family: TimmArch) -> None:
+    """timm's own pretrained loading and cache (Hugging Face's); offline, a one-line error."""
+    from .backbones import TimmBody
+
+    if os.environ.get(zoo.OFFLINE_ENV, "") not in ("", "0"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        pretrained = TimmBody(family.model_name, pretrained=True)
+    except Exception as e:  # huggingface_hub's errors are many; all mean "not available here"
+        raise WeightsError(
+            f"timm:{family.model_name} ImageNet weights are not available ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); timm keeps them in the Hugging Face cache "
+            "($HF_HOME, default ~/.cache/huggingface): fetch them once online"
+        ) from None
+    model.body.load_state_dict(pretrained.state_dict())
 
 
 def build_fpn(
-    arch: str = "resnet50",
-    weights: str | os.PathLike[str] = "random",
+    arch: str | None = None,
+    weights: str | os.PathLike[str] = RANDOM,
     fpn_style: str | None = None,
-    levels: str | Sequence[str] = DEFAULT_LEVELS,
+    levels: str | Sequence[str] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    pad_multiple: int | None = None,
 ) -> FPN:
-    """A ResNet-FPN in eval mode: (N, 3, H, W) normalised -> {level: (N, C, ⌈H/s⌉, ⌈W/s⌉)}.
+    """A backbone with its FPN, in eval mode: (N, 3, H, W) normalised -> {level: (N, C, ⌈H/s⌉, ⌈W/s⌉)}.
 
-    ``weights``: ``"random"`` (seeded), ``"imagenet"``, ``"coco"`` or a checkpoint path.
-    ``fpn_style``: ``"reference"`` or ``"torchvision"``; None picks what the weights need
-    (torchvision for COCO and detector checkpoints, reference otherwise).
-    ``levels``: any of p2..p6, c2..c5, returned in the order given; s is 4, 8, 16, 32, 64 for
-    p2..p6 and 4..32 for c2..c5, and C is 256 for P levels, the stage width for C levels.
+    ``weights``: ``"random"`` (seeded), ``"imagenet"``, a zoo name (``"coco"``,
+    ``"torchvision:retinanet_resnet50_fpn"``, ``"detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x"``,
+    ``"mmdet:faster-rcnn_r50_fpn_1x_coco"``) or a checkpoint path. ``arch``, ``fpn_style`` and
+    ``levels`` default to what the weights need (resnet50, reference, P2-P5 otherwise).
+    ``levels``: any of p2..p7, c2..c5 the model has, returned in the order given; s is the level's
+    stride (4 for p2 and c2, doubling per level), C is 256 for P levels, the stage width for C levels.
+    Normalise ``x`` as :func:`resolve`'s ``preprocess`` says (ImageNet mean/std for torchvision weights).
 
     >>> import torch
     >>> from fpn_cli import build_fpn
@@ -39,20 +278,4 @@ def build_fpn(
     p4 (1, 256, 38, 57)
     p5 (1, 256, 19, 29)
     """
-    ckpt = wts.resolve(weights, arch)
-    style = fpn_style or (ckpt.fpn_style if ckpt and ckpt.fpn_style else "reference")
-    if ckpt is not None:
-        if ckpt.arch is not None and ckpt.arch != arch:
-            raise WeightsError(
-                f"{ckpt.source} was saved for arch {ckpt.arch!r}, not {arch!r}: pass --arch {ckpt.arch}"
-            )
-        if ckpt.fpn_style is not None and ckpt.fpn_style != style:
-            raise WeightsError(
-                f"{ckpt.source} holds a {ckpt.fpn_style}-style FPN but --fpn-style {style} was asked for: "
-                f"leave --fpn-style out to use the checkpoint's"
-            )
-    config = FPNConfig(arch, style, levels, bn_eps=ckpt.bn_eps if ckpt else 1e-5)
-    model = build_model(config, seed=seed)
-    if ckpt is not None:
-        wts.load_into(model, ckpt)
-    return model.to(device)
+    return build(resolve(arch, weights, fpn_style, levels, seed, pad_multiple), device)

@@ -10,10 +10,13 @@ import time
 import click
 
 from . import __version__
+from .backbones import ARCHS, TIMM_PREFIX, get_arch
+from .builder import resolve
 from .errors import FPNError
 from .images import DEFAULT_MAX_PIXELS, Resize
-from .model import ARCHS, FPN_STYLES, FPNConfig, parse_levels
+from .levels import LEVELS, parse_levels
 from .pipeline import DTYPES, SAVE_DTYPES, Options, extract, summarize
+from .pyramid import USER_STYLES
 
 
 class _IntPair(click.ParamType):
@@ -57,6 +60,19 @@ class LevelsType(click.ParamType):
             return parse_levels(value)
         except FPNError as e:
             self.fail(str(e), param, ctx)
+
+
+class ArchType(click.ParamType):
+    """A registered architecture, or ``timm:<model>``."""
+
+    name = "NAME"
+
+    def convert(self, value, param, ctx):
+        try:
+            get_arch(value)
+        except FPNError as e:
+            self.fail(str(e), param, ctx)
+        return value
 
 
 class ShardType(_IntPair):
@@ -106,17 +122,22 @@ Examples:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option(
-    "--arch", type=click.Choice(list(ARCHS)), default="resnet50", show_default=True, help="Bottom-up ResNet."
+    "--arch",
+    type=ArchType(),
+    default=None,
+    help=f"Backbone: {', '.join(ARCHS)}, or {TIMM_PREFIX}<model> "
+    "[default: resnet50, or what --weights needs].",
 )
 @click.option(
     "--weights",
     default="random",
     show_default=True,
-    help="random (seeded), imagenet, coco, or a checkpoint file.",
+    help="random (seeded), imagenet, a zoo name (coco, torchvision:..., detectron2:..., mmdet:...; "
+    "see fpn-extract models), or a checkpoint file.",
 )
 @click.option(
     "--fpn-style",
-    type=click.Choice(FPN_STYLES),
+    type=click.Choice(USER_STYLES),
     default=None,
     help="Top-down design [default: reference, or what --weights needs].",
 )
@@ -124,9 +145,8 @@ Examples:
 @click.option(
     "--levels",
     type=LevelsType(),
-    default="p2,p3,p4,p5",
-    show_default=True,
-    help="Comma-separated from p2,p3,p4,p5,p6,c2,c3,c4,c5.",
+    default=None,
+    help=f"Comma-separated from {','.join(LEVELS)} [default: p2,p3,p4,p5, or the zoo model's pyramid].",
 )
 @click.option(
     "--batch-size",
@@ -179,6 +199,13 @@ Examples:
 @click.option(
     "--preview", is_flag=True, help="Also write OUT/<image>/preview.png: the image beside its levels."
 )
+@click.option(
+    "--pad-multiple",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Zero-pad each input's bottom/right to a multiple of N, as detectron2 and mmdetection do; "
+    "levels are cropped back [default: what the weights' framework does, none for torchvision].",
+)
 @click.option("--shard", type=ShardType(), default=None, help="Process only shard I (0-based) of N.")
 @click.option("--summary", is_flag=True, help="Print the level sizes and exit; computes no features.")
 @click.option(
@@ -202,8 +229,11 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
     try:
         resize = Resize(size, short_side, max_side)
         if summary:
-            config = FPNConfig(options["arch"], options["fpn_style"] or "reference", options["levels"])
-            click.echo(summarize(inputs, config, resize, input_size, stdin_lines))
+            spec = resolve(
+                options["arch"], options["weights"], options["fpn_style"], options["levels"], options["seed"],
+                options["pad_multiple"],
+            )  # fmt: skip
+            click.echo(summarize(inputs, spec, resize, input_size, stdin_lines))
             return
         if not inputs:
             raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")

@@ -15,9 +15,8 @@ import torch
 
 from .errors import UsageError
 from .model import FPN, fold_batchnorm
+from .preprocess import IMAGENET, Preprocess
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics that torchvision's weights expect
-STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAVE_DTYPES = ("float32", "float16")
 
@@ -66,7 +65,9 @@ class Engine:
     convolutions and, on CPU and CUDA, channels-last layout (the layout oneDNN and cuDNN run
     fastest); the decoded uint8 NHWC batch is that layout already, so the input needs no transpose."""
 
-    def __init__(self, model: FPN, device: torch.device, dtype: str, save_dtype: str) -> None:
+    def __init__(
+        self, model: FPN, device: torch.device, dtype: str, save_dtype: str, preprocess: Preprocess = IMAGENET
+    ) -> None:
         self.memory_format = (
             torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
         )
@@ -75,10 +76,12 @@ class Engine:
         self.autocast = dtype != "float32"
         self.dtype = DTYPES[dtype]
         self.save_dtype = DTYPES[save_dtype]
-        # (x / 255 - mean) / std == x * scale + shift, one fused multiply-add per pixel
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -torch.tensor(MEAN, device=device).view(1, 3, 1, 1) / std
+        # (x / s - mean) / std == x * scale + shift, one fused multiply-add per pixel
+        std = torch.tensor(preprocess.std, device=device, dtype=torch.float64).view(1, 3, 1, 1)
+        mean = torch.tensor(preprocess.mean, device=device, dtype=torch.float64).view(1, 3, 1, 1)
+        self.scale = (1.0 / (preprocess.scale * std)).float()
+        self.shift = (-mean / std).float()
+        self.bgr = preprocess.channel_order == "BGR"
 
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised, on the device."""
@@ -87,7 +90,10 @@ class Engine:
             x = x.pin_memory().to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
-        x = torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale)
+        x = x.permute(0, 3, 1, 2)
+        if self.bgr:
+            x = x.flip(1)
+        x = torch.addcmul(self.shift, x.float(), self.scale)
         return x.contiguous(memory_format=self.memory_format)
 
     def __call__(self, batch: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:

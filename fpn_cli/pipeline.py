@@ -20,18 +20,13 @@ import numpy as np
 import torch
 
 from . import __version__, preview
-from .builder import build_fpn
+from .builder import ModelSpec, build, resolve
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
-from .engine import DTYPES, MEAN, SAVE_DTYPES, STD, Engine, default_workers, is_out_of_memory, resolve_device
+from .engine import DTYPES, SAVE_DTYPES, Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError, UsageError
 from .images import DEFAULT_MAX_PIXELS, InputImage, Resize, decode, find_images, probe_size
-from .model import (
-    DEFAULT_LEVELS,
-    FPNConfig,
-    output_shapes,
-    parameter_count,
-    parse_levels,
-)
+from .levels import parse_levels
+from .model import level_info, output_shapes, parameter_count, resolved_levels
 from .report import ImageResult, Report, format_summary, write_merged
 from .store import PREVIEW_FILE, Store
 
@@ -40,10 +35,11 @@ from .store import PREVIEW_FILE, Store
 class Options:
     """Every setting of an extraction run (the CLI's options, by the same names)."""
 
-    arch: str = "resnet50"
+    arch: str | None = None  # None: resnet50, or what the weights need
     weights: str = "random"
     fpn_style: str | None = None  # None: reference, or what the weights need
-    levels: tuple[str, ...] = DEFAULT_LEVELS
+    levels: tuple[str, ...] | None = None  # None: P2-P5, or the zoo entry's pyramid
+    pad_multiple: int | None = None  # None: what the weights' framework does (none for torchvision)
     seed: int = 0
     device: str = "auto"
     batch_size: int | None = None  # None: 8 on an accelerator, 1 on the CPU
@@ -57,7 +53,8 @@ class Options:
     preview: bool = False  # also write OUT/<key>/preview.png
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "levels", parse_levels(self.levels))
+        if self.levels is not None:
+            object.__setattr__(self, "levels", parse_levels(self.levels))
         object.__setattr__(self, "weights", str(self.weights))
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
@@ -192,19 +189,17 @@ def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> It
     yield from buckets.values()
 
 
-def settings_record(opts: Options, fpn_style: str) -> dict:
+def settings_record(opts: Options, spec: ModelSpec) -> dict:
     """What decides the numbers in the files: recorded in the output folder and checked on resume."""
-    weights = opts.weights
-    if weights not in ("random", "imagenet", "coco"):
-        weights = str(Path(weights).resolve())
     return {
-        "arch": opts.arch,
-        "fpn_style": fpn_style,
-        "weights": weights,
-        "seed": opts.seed if opts.weights != "coco" else None,
+        "arch": spec.config.arch,
+        "fpn_style": spec.config.fpn_style,
+        "weights": spec.weights,
+        "seed": spec.seed if not spec.fpn_from_weights else None,
         "dtype": opts.dtype,
         "save_dtype": opts.save_dtype,
         "resize": asdict(opts.resize),
+        "pad_multiple": spec.config.pad_multiple,
     }
 
 
@@ -244,19 +239,20 @@ def extract(
         Store.check_key(image.key, image.path)
     if shard is not None:
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
-    model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
-    store = Store(out, opts.levels, opts.save_dtype)
+    spec = resolve(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed, opts.pad_multiple)
+    model = build(spec)
+    store = Store(out, resolved_levels(spec.config), opts.save_dtype)
     with store.lock(shard):
-        store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite, shard)
+        store.prepare(settings_record(opts, spec), opts.overwrite, shard)
         if opts.dtype == "float16" and device.type == "cpu":
             log("note: --dtype float16 is slow on CPUs (10x slower than float32, measured); use bfloat16")
-        if opts.weights == "random":
+        if spec.random:
             log(
                 f"note: --weights random (seed {opts.seed}): "
                 "features are for shapes and plumbing, not meaning"
             )
-        report = Report(_header(opts, model.config, device, shard), total=len(images), on_add=progress)
-        engine = Engine(model, device, opts.dtype, opts.save_dtype)
+        report = Report(_header(opts, spec, device, shard), total=len(images), on_add=progress)
+        engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
         with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
             if group is not None:
                 log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
@@ -295,15 +291,19 @@ def _merge(store: Store, count: int) -> None:
         store.write_report(lambda f: write_merged(f, parts))
 
 
-def _header(opts: Options, config: FPNConfig, device: torch.device, shard: tuple[int, int] | None) -> dict:
+def _header(opts: Options, spec: ModelSpec, device: torch.device, shard: tuple[int, int] | None) -> dict:
+    config = spec.config
+    info = level_info(config)
+    levels = resolved_levels(config)
     return {
         "version": __version__,
         "model": {
             "arch": config.arch,
             "fpn_style": config.fpn_style,
-            "weights": opts.weights,
-            "levels": list(config.levels),
-            "seed": opts.seed,
+            "weights": spec.weights,
+            "levels": list(levels),
+            "strides": {name: info[name].stride for name in levels},
+            "seed": spec.seed,
             "bn_eps": config.bn_eps,
             "dtype": opts.dtype,
             "save_dtype": opts.save_dtype,
@@ -313,8 +313,8 @@ def _header(opts: Options, config: FPNConfig, device: torch.device, shard: tuple
             "short_side": opts.resize.short_side,
             "max_side": opts.resize.max_side,
             "resample": "bilinear (Pillow, on 8-bit RGB)",
-            "mean": list(MEAN),
-            "std": list(STD),
+            **spec.preprocess.to_json(),
+            "pad_multiple": config.pad_multiple,
         },
         "device": str(device),
         **({"shard": list(shard)} if shard else {}),
@@ -430,7 +430,7 @@ def _run(
 
 def summarize(
     inputs: Sequence[str | os.PathLike[str]],
-    config: FPNConfig,
+    spec: ModelSpec,
     resize: Resize,
     input_size: tuple[int, int],
     stdin_lines: Iterable[str] = (),
@@ -445,4 +445,6 @@ def summarize(
         sizes = sorted(set(sizes))
     else:
         sizes = [input_size]
-    return format_summary(config, parameter_count(config), [(s, output_shapes(config, *s)) for s in sizes])
+    config = spec.config
+    shapes = [(s, output_shapes(config, *s)) for s in sizes]
+    return format_summary(spec, parameter_count(config), level_info(config), shapes)

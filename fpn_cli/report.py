@@ -9,19 +9,26 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .model import STRIDES, FPNConfig
+from .backbones import LevelInfo
 
 Shapes = dict[str, tuple[int, int, int]]
 _NAMES_SHOWN = 3  # images named per group in the shape report
 
 
-def format_summary(config: FPNConfig, params: int, sizes: Sequence[tuple[tuple[int, int], Shapes]]) -> str:
+def format_summary(
+    spec, params: int, info: dict[str, LevelInfo], sizes: Sequence[tuple[tuple[int, int], Shapes]]
+) -> str:
     """One block per input size: a row per level with stride, channels, height and width."""
-    lines = [f"{config.arch}, {config.fpn_style} FPN, {params:,} parameters"]
+    config = spec.config
+    lines = [f"{config.arch}, {config.fpn_style} FPN, {params:,} parameters, weights {spec.weights}"]
+    lines.append(
+        f"preprocessing: {spec.preprocess.describe()}"
+        + (f", padded to a multiple of {config.pad_multiple}" if config.pad_multiple > 1 else "")
+    )
     for (h, w), shapes in sizes:
         lines += ["", f"input {h}x{w}", f"{'level':<6}{'stride':>7}{'channels':>10}{'height':>8}{'width':>7}"]
         for name, (c, lh, lw) in shapes.items():
-            lines.append(f"{name.upper():<6}{STRIDES[name]:>7}{c:>10}{lh:>8}{lw:>7}")
+            lines.append(f"{name.upper():<6}{info[name].stride:>7}{c:>10}{lh:>8}{lw:>7}")
         megabytes = sum(c * lh * lw for c, lh, lw in shapes.values()) / 1e6
         lines.append(f"output per image: {megabytes * 4:.1f} MB float32, {megabytes * 2:.1f} MB float16")
     return "\n".join(lines)

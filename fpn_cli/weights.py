@@ -1,109 +1,210 @@
-"""Weight sources (random, imagenet, coco, a file) and the mapping of checkpoint keys onto ours.
+"""Checkpoint files: reading them without running code, and mapping their keys onto ours.
 
-Our state dict keys are torchvision's ``BackboneWithFPN`` keys with old-style FPN convs:
-``body.layer1.0.conv1.weight``, ``fpn.inner_blocks.0.weight``. Every format below maps onto them
-by the table in :func:`map_keys`:
+Our keys are torchvision's ``BackboneWithFPN`` keys with old-style FPN convs: ``body.layer1.0.conv1.weight``,
+``fpn.inner_blocks.0.weight`` (``fpn.inner_blocks.0.0.weight`` and ``.0.1.*`` where the FPN convs
+carry a BatchNorm), ``fpn.extra_blocks.p6.weight``. Every format maps onto them by one table below:
 
-=============================  ==================================================================
-format                          example key -> our key
-=============================  ==================================================================
-torchvision classification      ``layer1.0.conv1.weight`` -> ``body.layer1.0.conv1.weight``;
-                                ``fc.*`` ignored
-torchvision detector            ``backbone.body.conv1.weight`` -> ``body.conv1.weight``;
-                                ``backbone.fpn.inner_blocks.0.0.weight`` -> ``fpn.inner_blocks.0.weight``;
-                                ``rpn.*``, ``roi_heads.*`` ignored
-``BackboneWithFPN``             ``body.conv1.weight``; ``fpn.layer_blocks.3.0.bias`` -> ``...3.bias``
-old-style FPN keys              ``fpn.inner_blocks.0.weight`` (unchanged)
-FrozenBatchNorm2d buffers       no ``num_batches_tracked``: ours is left at 0
-fpn-extract                     ``{"fpn_extract": {"arch": ..., "fpn_style": ...}, "state_dict": {our keys}}``
-=============================  ==================================================================
+==========================  =====================================================================
+format                      example key -> our key
+==========================  =====================================================================
+torchvision classification  ``layer1.0.conv1.weight`` -> ``body.layer1.0.conv1.weight``;
+                            MobileNetV3 ``features.13.block.0.0.weight`` -> ``body.13.block.0.0.weight``;
+                            ``fc.*``, ``classifier.*`` ignored
+torchvision detector        ``backbone.body.conv1.weight`` -> ``body.conv1.weight``;
+                            ``backbone.fpn.inner_blocks.0.0.weight`` -> ``fpn.inner_blocks.0.weight``;
+                            ``rpn.*``, ``roi_heads.*``, ``head.*`` ignored
+``BackboneWithFPN``         ``body.conv1.weight``; ``fpn.layer_blocks.3.0.bias`` -> ``...3.bias``
+detectron2 (``.pkl``)       ``backbone.bottom_up.res2.0.conv1.norm.running_var`` ->
+                            ``body.layer1.0.bn1.running_var``; ``backbone.bottom_up.res3.0.shortcut.weight``
+                            -> ``body.layer2.0.downsample.0.weight``; ``backbone.fpn_lateral3.weight`` ->
+                            ``fpn.inner_blocks.<3 - first level>.weight``;
+                            ``backbone.top_block.p6.weight`` -> ``fpn.extra_blocks.p6.weight``
+mmdetection                 ``backbone.layer1.0.conv1.weight`` -> ``body.layer1.0.conv1.weight``;
+                            ``neck.lateral_convs.0.conv.weight`` -> ``fpn.inner_blocks.0.weight``;
+                            ``neck.fpn_convs.3.conv.weight`` (past the laterals) ->
+                            ``fpn.extra_blocks.p6.weight``
+the seed FPN code           ``layer1.0.shortcut.0.weight`` -> ``body.layer1.0.downsample.0.weight``;
+                            ``toplayer.weight`` -> ``fpn.inner_blocks.3.weight``; ``latlayer1`` (C4) ->
+                            ``fpn.inner_blocks.2``; ``smooth1`` (P4) -> ``fpn.layer_blocks.2``
+fpn-extract                 ``{"fpn_extract": {"arch": ..., "fpn_style": ...}, "state_dict": {our keys}}``
+==========================  =====================================================================
 
-Training wrappers are unwrapped first: a top-level ``state_dict`` or ``model`` entry, and a
-``module.`` prefix on every key (DataParallel / DDP). Files are read with
-``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+Training wrappers are unwrapped first (a top-level ``state_dict`` or ``model`` entry, a ``module.``
+prefix). Files are read with ``torch.load(weights_only=True)`` or, for detectron2's pickles, an
+unpickler that builds numpy arrays and plain containers and refuses everything else: never code.
 """
 
 from __future__ import annotations
 
+import collections
+import importlib
 import os
 import pickle
 import re
-import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import WeightsError
-from .model import ARCHS, FPN
 
-WEIGHT_SOURCES = ("random", "imagenet", "coco")
 FORMAT_KEY = "fpn_extract"
-OFFLINE_ENV = "FPN_EXTRACT_OFFLINE"  # set to 1 to never try a download
-
-_PREFIXES = (
-    ("backbone.body.", "body."),
-    ("backbone.fpn.", "fpn."),
-    ("body.", "body."),
-    ("fpn.", "fpn."),
-)
-_CLASSIFIER_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
-_IGNORED = ("fc.", "rpn.", "roi_heads.")  # heads that have no place in a feature extractor
-_NEW_STYLE_FPN = re.compile(r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.0\.(weight|bias)$")
 _SHOWN_KEYS = 5
+
+Rule = tuple[str, str | Callable[[re.Match], str]]
+
+
+@dataclass(frozen=True)
+class KeyFormat:
+    """One checkpoint layout: how to recognise it, the keys it maps, and the keys it may ignore."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    ignored: str = r"^$"  # keys of heads and buffers with no place in a feature extractor
+
+    def map(self, key: str, context: Mapping[str, int]) -> str | None:
+        for pattern, replacement in self.rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                return replacement(m, context) if callable(replacement) else m.expand(replacement)
+        return None
+
+
+def _d2_level(kind: str) -> Callable[[re.Match, Mapping[str, int]], str]:
+    """detectron2 names FPN convs by level (fpn_lateral3 makes P3); ours count from the first."""
+    return lambda m, ctx: f"fpn.{kind}.{int(m[1]) - ctx['first_level']}.{m[2]}"
+
+
+def _mmdet_fpn_conv(m: re.Match, ctx: Mapping[str, int]) -> str:
+    """mmdetection appends RetinaNet's P6/P7 convs to ``fpn_convs`` after the smoothing convs."""
+    j, laterals = int(m[1]), ctx["laterals"]
+    if j < laterals:
+        return f"fpn.layer_blocks.{j}.{m[2]}"
+    return f"fpn.extra_blocks.p{6 + j - laterals}.{m[2]}"
+
+
+TORCHVISION = KeyFormat(
+    "torchvision",
+    (
+        (r"backbone\.body\.(.*)", r"body.\1"),
+        (r"backbone\.fpn\.(.*)", r"fpn.\1"),
+        (r"(body|fpn)\.(.*)", r"\1.\2"),
+        (r"(conv1|bn1|layer[1-4])\.(.*)", r"body.\1.\2"),  # a classification ResNet
+        (r"features\.(.*)", r"body.\1"),  # a classification MobileNetV3
+    ),
+    ignored=r"(fc|classifier|rpn|roi_heads|head|anchor_generator)\..*",
+)
+DETECTRON2 = KeyFormat(
+    "detectron2",
+    (
+        (r"backbone\.bottom_up\.stem\.conv1\.weight", "body.conv1.weight"),
+        (r"backbone\.bottom_up\.stem\.conv1\.norm\.(.*)", r"body.bn1.\1"),
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.weight", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),  # noqa: E501
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.(.*)", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),  # noqa: E501
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),  # noqa: E501
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.(.*)", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),  # noqa: E501
+        (r"backbone\.fpn_lateral(\d)\.(.*)", _d2_level("inner_blocks")),
+        (r"backbone\.fpn_output(\d)\.(.*)", _d2_level("layer_blocks")),
+        (r"backbone\.top_block\.(p6|p7)\.(.*)", r"fpn.extra_blocks.\1.\2"),
+    ),
+    ignored=r"(proposal_generator|roi_heads|head|anchor_generator)\..*|pixel_(mean|std)",
+)  # fmt: skip
+MMDET = KeyFormat(
+    "mmdet",
+    (
+        (r"backbone\.(.*)", r"body.\1"),
+        (r"neck\.lateral_convs\.(\d+)\.conv\.(.*)", r"fpn.inner_blocks.\1.\2"),
+        (r"neck\.fpn_convs\.(\d+)\.conv\.(.*)", _mmdet_fpn_conv),
+    ),
+    ignored=r"(rpn_head|roi_head|bbox_head|mask_head|data_preprocessor)\..*",
+)
+SEED = KeyFormat(
+    "seed",
+    (
+        (r"(conv1|bn1)\.(.*)", r"body.\1.\2"),
+        (r"(layer\d\.\d+)\.shortcut\.(\d)\.(.*)", r"body.\1.downsample.\2.\3"),
+        (r"(layer\d\.\d+\..*)", r"body.\1"),
+        (r"toplayer\.(.*)", r"fpn.inner_blocks.3.\1"),
+        (r"latlayer(\d)\.(.*)", lambda m, _: f"fpn.inner_blocks.{3 - int(m[1])}.{m[2]}"),
+        (r"smooth(\d)\.(.*)", lambda m, _: f"fpn.layer_blocks.{3 - int(m[1])}.{m[2]}"),
+    ),
+)
+OWN = KeyFormat("fpn-extract", ((r"((body|fpn)\..*)", r"\1"),))
+
+
+def detect_format(keys: list[str]) -> KeyFormat:
+    if any(k.startswith("backbone.bottom_up.") for k in keys):
+        return DETECTRON2
+    if any(k.startswith("neck.") for k in keys) or any(
+        k.startswith("backbone.layer1.") for k in keys
+    ):  # mmdetection keeps torchvision's names under "backbone." with no "body."
+        return MMDET
+    if "toplayer.weight" in keys:
+        return SEED
+    return TORCHVISION
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A state dict already mapped onto our keys, and what it says about the model it needs."""
+    """A state dict mapped onto our keys, and what the file says about the model it needs."""
 
-    state: dict[str, Tensor]
-    source: str  # for messages: a file path or "imagenet (resnet50-11ad3fa6.pth)"
-    fpn_style: str | None = None  # None: the checkpoint has no FPN layers
-    bn_eps: float = 1e-5
-    arch: str | None = None  # only our own format records it
+    state: dict[str, Tensor] = field(repr=False)
+    source: str  # for messages: a file path, or "torchvision:fasterrcnn_resnet50_fpn (file name)"
+    format: str = "torchvision"
+    meta: Mapping[str, object] = field(default_factory=dict)  # our own format's record; mmdet's config
 
 
-def map_keys(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """Returns (state under our keys, keys that fit no known format)."""
+def map_keys(state: Mapping[str, Tensor], fmt: KeyFormat) -> tuple[dict[str, Tensor], list[str]]:
+    """(state under our keys, keys that fit nothing in ``fmt``)."""
+    laterals = {k for k in state if re.fullmatch(r"neck\.lateral_convs\.(\d+)\.conv\.weight", k)}
+    d2_levels = [int(m[1]) for k in state if (m := re.fullmatch(r"backbone\.fpn_lateral(\d)\.weight", k))]
+    context = {"laterals": len(laterals), "first_level": min(d2_levels, default=2)}
     mapped: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, value in state.items():
-        if key.startswith(_IGNORED):
+        if re.fullmatch(fmt.ignored, key):
             continue
-        new = next((ours + key[len(theirs) :] for theirs, ours in _PREFIXES if key.startswith(theirs)), None)
-        if new is None and key.startswith(_CLASSIFIER_ROOTS):
-            new = "body." + key
+        new = fmt.map(key, context)
         if new is None:
             unknown.append(key)
-            continue
-        mapped[_NEW_STYLE_FPN.sub(r"fpn.\1.\2.\3", new)] = value
+        else:
+            mapped[new] = value
     return mapped, unknown
 
 
-def _fpn_style_of(state: Mapping[str, Tensor]) -> str | None:
-    if not any(k.startswith("fpn.") for k in state):
-        return None
-    # torchvision's FPN smooths P5 too, so it has a fourth 3x3 conv; the reference design has three
-    return "torchvision" if "fpn.layer_blocks.3.weight" in state else "reference"
-
-
-def _name_keys(keys: list[str]) -> str:
+def name_keys(keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOWN_KEYS])
     more = len(keys) - _SHOWN_KEYS
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def read_file(path: str | os.PathLike[str]) -> Checkpoint:
+# --- reading files ---------------------------------------------------------------------------------
+
+
+def read_file(path: str | os.PathLike[str], source: str | None = None) -> Checkpoint:
     """Reads a checkpoint of any supported format from ``path``, executing nothing in it."""
     path = Path(path)
+    source = source or str(path)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
-        raise WeightsError(f"weights file {path} {what} (--weights takes random, imagenet, coco or a file)")
+        raise WeightsError(
+            f"weights file {path} {what} (--weights takes random, imagenet, a zoo name or a file)"
+        )
+    if path.suffix == ".pkl":
+        raw = _read_pickle(path)
+    elif path.suffix == ".safetensors":
+        raw = _read_safetensors(path)
+    else:
+        raw = _read_torch(path)
+    return from_raw(raw, source)
+
+
+def _read_torch(path: Path) -> object:
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)
         if "GLOBAL" in reason:
@@ -116,7 +217,17 @@ def read_file(path: str | os.PathLike[str]) -> Checkpoint:
         raise WeightsError(
             f"cannot read weights file {path}: {type(e).__name__}: {e}".splitlines()[0]
         ) from None
-    return _from_raw(raw, str(path))
+
+
+def _read_safetensors(path: Path) -> object:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"{path} is a safetensors file: pip install safetensors to read it") from None
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise WeightsError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -127,125 +238,175 @@ def _unpickling_reason(e: Exception) -> str:
     return (specific or lines or [type(e).__name__])[0]
 
 
-def _from_raw(raw: object, source: str, bn_eps: float = 1e-5) -> Checkpoint:
+def _numpy_global(module: str, name: str) -> object:
+    # numpy 2 moved numpy.core to numpy._core; pickles name either, depending on who wrote them
+    for candidate in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            return getattr(importlib.import_module(candidate), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"{module}.{name} is not available in this numpy")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Builds numpy arrays, dtypes and plain containers; any other global is refused, never imported."""
+
+    _numpy = {"_reconstruct", "scalar"}
+
+    def find_class(self, module: str, name: str) -> object:
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in self._numpy:
+            return _numpy_global(module, name)
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("_codecs", "encode"):  # protocol-2 pickles of bytes written by Python 3
+            import codecs
+
+            return codecs.encode
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _read_pickle(path: Path) -> object:
+    """A detectron2 model-zoo pickle: ``{"model": {key: numpy array}, "__author__": ...}``."""
+    try:
+        with open(path, "rb") as f:
+            raw = _ArraysOnly(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"refusing to load {path}: it holds more than numpy arrays and plain containers ({e})"
+        ) from None
+    except Exception as e:
+        raise WeightsError(
+            f"cannot read weights file {path}: {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
+    return raw
+
+
+def from_raw(raw: object, source: str) -> Checkpoint:
+    """Unwraps, converts numpy arrays, detects the format and maps the keys."""
     meta: dict = {}
     if isinstance(raw, Mapping) and FORMAT_KEY in raw:
         meta = dict(raw[FORMAT_KEY])
         raw = raw.get("state_dict")
     elif isinstance(raw, Mapping):
+        if isinstance(raw.get("meta"), Mapping):  # mmdetection keeps its config text there
+            config = raw["meta"].get("config") or raw["meta"].get("cfg")
+            meta = {"config": config} if isinstance(config, str) else {}
         for wrapper in ("state_dict", "model"):
             if isinstance(raw.get(wrapper), Mapping):
                 raw = raw[wrapper]
                 break
+    if isinstance(raw, Mapping):
+        raw = {
+            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in raw.items()
+        }
     if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
         raise WeightsError(f"weights file {source} holds no state dict of tensors")
     if all(k.startswith("module.") for k in raw):
         raw = {k[len("module.") :]: v for k, v in raw.items()}
-    state, unknown = map_keys(raw)
+    fmt = OWN if meta.get("arch") else detect_format(list(raw))
+    state, unknown = map_keys(raw, fmt)
     if unknown:
-        raise WeightsError(f"weights file {source} has keys that fit no known format: {_name_keys(unknown)}")
-    return Checkpoint(
-        state,
-        source,
-        fpn_style=meta.get("fpn_style", _fpn_style_of(state)),
-        bn_eps=float(meta.get("bn_eps", bn_eps)),
-        arch=meta.get("arch"),
-    )
+        raise WeightsError(f"weights file {source} has keys that fit no known format: {name_keys(unknown)}")
+    return Checkpoint(state, source, fmt.name, meta)
 
 
-def cached_path(url: str) -> Path:
-    """Where torchvision's cache keeps the file for ``url``: ``$TORCH_HOME/hub/checkpoints/<name>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+# --- what a state dict says about its model ---------------------------------------------------------
 
 
-def _fetch(url: str, what: str) -> Path:
-    path = cached_path(url)
-    if path.is_file():
-        return path
-    hint = f"download {url} and place it at {path}"
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        raise WeightsError(f"{what} weights are not in the cache and {OFFLINE_ENV} is set: {hint}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the file name carries the first hex digits of its SHA-256; torch checks them
-        digest = re.search(r"-([a-f0-9]*)\.", path.name)
-        prefix = digest.group(1) if digest else None
-        torch.hub.download_url_to_file(url, str(path), prefix, progress=sys.stderr.isatty())
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"cannot download {what} weights ({reason}): {hint}") from None
-    return path
+def has_fpn(state: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith("fpn.") for k in state)
 
 
-def imagenet(arch: str) -> Checkpoint:
-    """torchvision's default ImageNet weights for ``arch``, from its cache (downloaded if absent)."""
-    import torchvision
-
-    tv_name = ARCHS[arch].torchvision_name
-    if tv_name is None:
-        raise WeightsError(f"arch {arch!r} has no ImageNet weights; use --weights random or a file")
-    url = torchvision.models.get_model_weights(tv_name).DEFAULT.url
-    ckpt = read_file(_fetch(url, f"ImageNet {tv_name}"))
-    return Checkpoint(ckpt.state, f"imagenet ({os.path.basename(url)})")
-
-
-def coco(arch: str) -> Checkpoint:
-    """torchvision's COCO Faster R-CNN ResNet-50 FPN (v1) weights, backbone and FPN both."""
-    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
-
-    if arch != "resnet50":
-        raise WeightsError(f"--weights coco exists for resnet50 only, not {arch!r}")
-    url = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.url
-    ckpt = read_file(_fetch(url, "COCO Faster R-CNN"))
-    # torchvision runs the v1 COCO weights with BatchNorm eps = 0 (overwrite_eps in its builder)
-    return Checkpoint(ckpt.state, f"coco ({os.path.basename(url)})", ckpt.fpn_style, bn_eps=0.0)
+def fpn_shape(state: Mapping[str, Tensor]) -> dict[str, object]:
+    """What the FPN keys show: lateral count, smoothing count, BatchNorm in the convs, extra convs
+    and the P6 conv's input channels (2048: from C5; 256: from P5)."""
+    inner = {int(m[1]) for k in state if (m := re.match(r"fpn\.inner_blocks\.(\d+)\.", k))}
+    layer = {int(m[1]) for k in state if (m := re.match(r"fpn\.layer_blocks\.(\d+)\.", k))}
+    p6 = state.get("fpn.extra_blocks.p6.weight")
+    return {
+        "laterals": len(inner),
+        "smoothed": len(layer),
+        "norm": any(re.match(r"fpn\.inner_blocks\.\d+\.1\.running_var", k) for k in state),
+        "p6_in": None if p6 is None else int(p6.shape[1]),
+    }
 
 
-def resolve(spec: str | os.PathLike[str], arch: str) -> Checkpoint | None:
-    """``random`` -> None; ``imagenet`` / ``coco`` / a path -> the checkpoint, keys mapped."""
-    if spec == "random":
+def resnet_shape(state: Mapping[str, Tensor]) -> dict[str, object] | None:
+    """Block kind, blocks per stage, groups and width per group of a ResNet body; None otherwise."""
+    if "body.layer1.0.conv1.weight" not in state:
         return None
-    if spec == "imagenet":
-        return imagenet(arch)
-    if spec == "coco":
-        return coco(arch)
-    return read_file(spec)
+    layers = []
+    for stage in range(1, 5):
+        blocks = {int(m[1]) for k in state if (m := re.match(rf"body\.layer{stage}\.(\d+)\.", k))}
+        layers.append(max(blocks) + 1 if blocks else 0)
+    bottleneck = "body.layer1.0.conv3.weight" in state
+    conv2 = state["body.layer1.0.conv2.weight"]
+    groups = conv2.shape[0] // conv2.shape[1] if bottleneck else 1
+    return {
+        "bottleneck": bottleneck,
+        "layers": tuple(layers),
+        "groups": groups,
+        "width_per_group": conv2.shape[0] // groups if bottleneck else 64,
+    }
 
 
-def load_into(model: FPN, ckpt: Checkpoint) -> None:
+def checkpoint_state(ckpt: Checkpoint, own: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``ckpt``'s state with each FPN conv key in the form ``own`` uses: ``inner_blocks.0.weight``
+    for a plain conv, ``inner_blocks.0.0.weight`` for a conv with a BatchNorm after it."""
+    fitted = {}
+    for key, value in ckpt.state.items():
+        if key not in own:
+            plain = re.sub(
+                r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.0\.(weight|bias)$", r"fpn.\1.\2.\3", key
+            )
+            nested = re.sub(
+                r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"fpn.\1.\2.0.\3", key
+            )
+            key = plain if plain in own else nested if nested in own else key
+        fitted[key] = value
+    return fitted
+
+
+def load_into(model: torch.nn.Module, ckpt: Checkpoint, fpn_required: bool) -> None:
     """Copies ``ckpt`` into ``model``. Every checkpoint key must exist in the model; every model
-    key must be in the checkpoint, except the FPN's when the checkpoint has none (those keep
+    key must be in the checkpoint, except the FPN's when ``fpn_required`` is False (they keep
     their seeded initialisation) and BatchNorm's ``num_batches_tracked``."""
     own = model.state_dict()
-    unexpected = [k for k in ckpt.state if k not in own]
+    state = checkpoint_state(ckpt, own)
+    describe = f"{model.config.arch} ({model.config.fpn_style} FPN)"
+    unexpected = [k for k in state if k not in own]
     if unexpected:
         raise WeightsError(
-            f"{ckpt.source} has keys that {model.config.arch} ({model.config.fpn_style} FPN) lacks: "
-            f"{_name_keys(unexpected)} (does --arch match the checkpoint?)"
-        )
-    needed = [
-        k
-        for k in own
-        if not k.endswith("num_batches_tracked") and (ckpt.fpn_style is not None or k.startswith("body."))
-    ]
-    missing = [k for k in needed if k not in ckpt.state]
-    if missing:
-        raise WeightsError(
-            f"{ckpt.source} lacks keys that {model.config.arch} needs: {_name_keys(missing)} "
+            f"{ckpt.source} has keys that {describe} lacks: {name_keys(unexpected)} "
             "(does --arch match the checkpoint?)"
         )
-    wrong = [k for k, v in ckpt.state.items() if v.shape != own[k].shape]
+    needed = [
+        k for k in own if not k.endswith("num_batches_tracked") and (fpn_required or k.startswith("body."))
+    ]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise WeightsError(
+            f"{ckpt.source} lacks keys that {describe} needs: {name_keys(missing)} "
+            "(does --arch match the checkpoint?)"
+        )
+    wrong = [k for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         k = wrong[0]
         raise WeightsError(
-            f"{ckpt.source}: {k} has shape {tuple(ckpt.state[k].shape)}, {model.config.arch} needs "
+            f"{ckpt.source}: {k} has shape {tuple(state[k].shape)}, {describe} needs "
             f"{tuple(own[k].shape)} (does --arch match the checkpoint?)"
         )
-    model.load_state_dict(ckpt.state, strict=False)
+    model.load_state_dict(state, strict=False)
 
 
-def save(model: FPN, path: str | os.PathLike[str]) -> None:
+def save(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     """Writes ``model`` in fpn-extract's own format, readable by ``--weights PATH``."""
-    meta = {"arch": model.config.arch, "fpn_style": model.config.fpn_style, "bn_eps": model.config.bn_eps}
+    config = model.config
+    meta = {"arch": config.arch, "fpn_style": config.fpn_style, "bn_eps": config.bn_eps}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({FORMAT_KEY: meta, "state_dict": state}, path)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fpn_cli import build_fpn
-from fpn_cli.model import ARCHS, LEVELS, STRIDES, FPNConfig, fold_batchnorm, output_shapes, parameter_count
+from fpn_cli.backbones import ARCHS
+from fpn_cli.model import FPNConfig, fold_batchnorm, level_info, output_shapes, parameter_count
 
 from conftest import randomize_batchnorm, rel_diff
 
@@ -26,17 +27,25 @@ def test_seed_arch_gives_the_documented_shapes_for_600x900():
     }
 
 
+LEVELS = ("p2", "p3", "p4", "p5", "p6", "c2", "c3", "c4", "c5")
+STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32, "p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_arch_gives_ceil_size_over_stride_at_odd_sizes(arch):
-    model = build_fpn(arch=arch, levels=LEVELS)
+    """Every registered architecture, every level it has: a new one is tested by being registered."""
+    levels = tuple(level_info(FPNConfig(arch)))
+    model = build_fpn(arch=arch, levels=levels)
     h, w = 37, 53
     with torch.no_grad():
         feats = model(torch.randn(2, 3, h, w))
-    assert list(feats) == list(LEVELS)
-    stage_channels = ARCHS[arch].channels
+    assert list(feats) == list(levels)
     for name, f in feats.items():
-        c = 256 if name.startswith("p") else stage_channels[int(name[1]) - 2]
-        assert tuple(f.shape) == (2, c, math.ceil(h / STRIDES[name]), math.ceil(w / STRIDES[name])), name
+        info = model.level_info[name]
+        assert info.stride == {**STRIDES, "c5a": 32, "p5a": 32}[name]
+        assert tuple(f.shape) == (2, info.channels, math.ceil(h / info.stride), math.ceil(w / info.stride)), (
+            name
+        )
         assert torch.isfinite(f).all(), name
         assert f.abs().max() < 100, f"{name}: random features should stay O(1), got {f.abs().max()}"
 
@@ -64,11 +73,30 @@ def test_seeded_init_is_identical_across_builds_and_differs_by_seed():
     assert not torch.equal(a["fpn.inner_blocks.0.weight"], c["fpn.inner_blocks.0.weight"])
 
 
-def test_seeded_init_is_pinned():
-    """The same numbers on every machine: the CPU generator, not the device, draws them."""
-    w = build_fpn(arch="seed", seed=0).state_dict()["body.conv1.weight"]
-    assert w.shape == (64, 3, 7, 7)
-    assert float(w.std()) == pytest.approx(math.sqrt(2 / (64 * 49)), rel=0.05)
+PINNED = {  # (arch, style): {key: (first three values, sum)}, as every release has drawn them
+    ("seed", "reference"): {
+        "body.conv1.weight": ([-0.028431749, -0.029101489, -0.0063280649], -2.47388571688316),
+        "body.layer4.1.conv1.weight": ([0.021078793, -0.088715978, -0.11548747], -68.4932079868857),
+        "fpn.inner_blocks.0.weight": ([0.06518805, 0.027474221, -0.043454923], -13.013256492002256),
+        "fpn.layer_blocks.2.weight": ([-0.0051128711, 0.017088441, -0.021822626], 1.489431813761561),
+        "body.layer4.1.bn3.weight": ([0.3535533845424652] * 3, 0.3535533845424652 * 2048),
+    },
+    ("resnet50", "torchvision"): {
+        "body.layer4.1.conv1.weight": ([0.015542837, 0.0045939446, 0.075914547], -6.722384395672066),
+        "fpn.inner_blocks.0.weight": ([-0.037962582, -0.042250521, -0.076560937], 11.811127413851409),
+        "fpn.layer_blocks.2.weight": ([-0.016485892, -0.015876558, 0.0115663], -15.589861583000424),
+        "body.layer4.2.bn3.weight": ([0.25] * 3, 0.25 * 2048),
+    },
+}
+
+
+@pytest.mark.parametrize(("arch", "style"), list(PINNED))
+def test_seeded_init_is_pinned(arch, style):
+    """The same numbers on every machine and release: one CPU generator, in module order."""
+    state = build_fpn(arch=arch, fpn_style=style, seed=0).state_dict()
+    for key, (first, total) in PINNED[(arch, style)].items():
+        assert state[key].flatten()[:3].tolist() == pytest.approx(first, rel=1e-6), key
+        assert float(state[key].double().sum()) == pytest.approx(total, rel=1e-6), key
 
 
 def test_reference_top_down_follows_the_design():

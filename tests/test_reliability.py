@@ -298,7 +298,7 @@ def test_ctrl_c_during_start_up_is_a_message_not_a_traceback(tmp_path, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "build_fpn", interrupted)  # Ctrl-C while the model loads
+    monkeypatch.setattr(pipeline, "build", interrupted)  # Ctrl-C while the model loads
     result = CliRunner().invoke(main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), *SEED])
     assert result.exit_code == 130
     assert "Interrupted before any image was processed" in result.stderr

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from fpn_cli.cli import main
 
 SEED_600x900 = """\
-seed, reference FPN, 16,700,480 parameters
+seed, reference FPN, 16,700,480 parameters, weights random
+preprocessing: RGB [0,1], mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]
 
 input 600x900
 level  stride  channels  height  width
@@ -45,19 +46,20 @@ def test_summary_honours_levels_style_and_input_size():
     assert result.exit_code == 0, result.output
     rows = result.output.splitlines()
     assert rows[0].startswith("resnet18, torchvision FPN, ")
-    assert rows[2] == "input 801x1333"
-    assert rows[4].split() == ["P6", "64", "256", "13", "21"]
-    assert rows[5].split() == ["C5", "32", "512", "26", "42"]
+    assert rows[3] == "input 801x1333"
+    assert rows[5].split() == ["P6", "64", "256", "13", "21"]
+    assert rows[6].split() == ["C5", "32", "512", "26", "42"]
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--levels", "p7"], "unknown level 'p7'"),
+        (["--levels", "p8"], "unknown level 'p8'"),
+        (["--levels", "p7"], "resnet50 with the reference FPN has no level p7"),
         (["--levels", "p2,p2"], "listed twice"),
         (["--input-size", "600by900"], "is not HxW"),
         (["--input-size", "0x900"], "must be positive"),
-        (["--arch", "resnet9"], "'resnet9' is not one of"),
+        (["--arch", "resnet9"], "unknown arch 'resnet9'"),
         (["--fpn-style", "detectron"], "'detectron' is not one of"),
     ],
 )

@@ -177,9 +177,9 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
 
 def test_unknown_keys_are_named(tmp_path):
     state = build_fpn(arch="seed").state_dict()
-    state["head.cls.weight"] = torch.zeros(3)
+    state["decoder.cls.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "x.pt")
-    with pytest.raises(WeightsError, match=r"fit no known format: head\.cls\.weight"):
+    with pytest.raises(WeightsError, match=r"fit no known format: decoder\.cls\.weight"):
         build_fpn(arch="seed", weights=tmp_path / "x.pt")
 
 
@@ -193,8 +193,9 @@ def test_missing_keys_are_named(tmp_path):
 
 def test_checkpoint_of_another_arch_is_refused_with_a_hint(tmp_path):
     torch.save(resnet18().state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(WeightsError, match="does --arch match"):
+    with pytest.raises(WeightsError, match="holds a resnet18 backbone, not resnet50: pass --arch resnet18"):
         build_fpn(arch="resnet50", weights=tmp_path / "r18.pth")
+    assert build_fpn(weights=tmp_path / "r18.pth").config.arch == "resnet18"  # without --arch: the file's
 
 
 def test_explicit_style_that_contradicts_the_checkpoint_is_an_error(tmp_path, detector):
@@ -209,7 +210,7 @@ def test_own_format_round_trips_and_records_arch(tmp_path, image):
     loaded = build_fpn(arch="seed", weights=tmp_path / "own.pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(image), model(image), rtol=0, atol=0)
-    with pytest.raises(WeightsError, match="saved for arch 'seed'"):
+    with pytest.raises(WeightsError, match="holds a seed backbone, not resnet50"):
         build_fpn(arch="resnet50", weights=tmp_path / "own.pt")
 
 
@@ -227,7 +228,7 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
         build_fpn(weights=tmp_path / "nope.pth")
     with pytest.raises(WeightsError, match="is not a file"):
         build_fpn(weights=tmp_path)
-    with pytest.raises(WeightsError, match="takes random, imagenet, coco or a file"):
+    with pytest.raises(WeightsError, match="takes random, imagenet, a zoo name or a file"):
         build_fpn(weights="imagnet")  # a typo of a source name reads as a missing file
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="cannot read weights file"):
@@ -245,9 +246,16 @@ def test_cli_with_imagenet_weights_missing_offline_is_one_line_exit_2(torch_home
 
 
 def test_same_keys_but_other_shapes_are_named(tmp_path):
+    state = build_fpn(arch="seed").state_dict()
+    state["fpn.inner_blocks.1.weight"] = torch.zeros(256, 500, 1, 1)
+    torch.save(state, tmp_path / "x.pth")
+    with pytest.raises(WeightsError, match=r"fpn\.inner_blocks\.1\.weight has shape \(256, 500, 1, 1\)"):
+        build_fpn(arch="seed", weights=tmp_path / "x.pth")
+
+
+def test_a_resnext_file_selects_resnext(tmp_path):
     torch.save(resnext50_32x4d().state_dict(), tmp_path / "rx.pth")
-    with pytest.raises(WeightsError, match=r"body\.layer1\.0\.conv1\.weight has shape \(128, 64, 1, 1\)"):
-        build_fpn(arch="resnet50", weights=tmp_path / "rx.pth")
+    assert build_fpn(weights=tmp_path / "rx.pth").config.arch == "resnext50_32x4d"
 
 
 def test_a_file_without_a_state_dict_is_refused(tmp_path):
@@ -259,7 +267,7 @@ def test_a_file_without_a_state_dict_is_refused(tmp_path):
 def test_named_sources_that_do_not_exist_for_an_arch(torch_home):
     with pytest.raises(WeightsError, match="'seed' has no ImageNet weights"):
         build_fpn(arch="seed", weights="imagenet")
-    with pytest.raises(WeightsError, match="coco exists for resnet50 only"):
+    with pytest.raises(WeightsError, match="--arch resnet18 contradicts --weights coco .* needs resnet50"):
         build_fpn(arch="resnet18", weights="coco")
 
 
