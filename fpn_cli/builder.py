@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,17 +236,32 @@ def _load_timm_pretrained(model: FPN, family: TimmArch) -> None:
     """timm's own pretrained loading and cache (Hugging Face's); offline, a one-line error."""
     from .backbones import TimmBody
 
-    if os.environ.get(zoo.OFFLINE_ENV, "") not in ("", "0"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline = os.environ.get(zoo.OFFLINE_ENV, "") not in ("", "0")
     try:
-        pretrained = TimmBody(family.model_name, pretrained=True)
+        with _hub_offline() if offline else contextlib.nullcontext():
+            pretrained = TimmBody(family.model_name, pretrained=True)
     except Exception as e:  # huggingface_hub's errors are many; all mean "not available here"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(
-            f"timm:{family.model_name} ImageNet weights are not available ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); timm keeps them in the Hugging Face cache "
-            "($HF_HOME, default ~/.cache/huggingface): fetch them once online"
+            f"timm:{family.model_name} ImageNet weights are not available ({reason}); timm keeps them "
+            "in the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): fetch them once online"
         ) from None
     model.body.load_state_dict(pretrained.state_dict())
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face's offline mode, which it reads from the environment only when first imported."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def build_fpn(

@@ -1,0 +1,350 @@
+"""The model zoo, offline: each entry against its framework, from files in the frameworks' exact
+formats under their official names in a temporary $TORCH_HOME."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from fpn_cli import WeightsError, build_fpn, extract
+from fpn_cli import zoo as zoo_mod
+from fpn_cli.builder import resolve
+from fpn_cli.cli import main
+from fpn_cli.engine import Engine
+
+from conftest import randomize_batchnorm, rel_diff
+from frameworks import (
+    SeedFPN,
+    d2_forward,
+    d2_state,
+    mmdet_forward,
+    mmdet_state,
+    write_d2_pkl,
+    write_mmdet_pth,
+)
+from imagefactory import save_rgb
+
+R50 = (3, 4, 6, 3)
+
+
+def crop(t: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
+    return t[..., : math.ceil(h / stride), : math.ceil(w / stride)]
+
+
+# --- torchvision ------------------------------------------------------------------------------------
+
+TV_OUTPUTS = {  # our levels, in the order of torchvision's backbone outputs
+    "fasterrcnn_resnet50_fpn": ("p2", "p3", "p4", "p5", "p6"),
+    "fasterrcnn_resnet50_fpn_v2": ("p2", "p3", "p4", "p5", "p6"),
+    "maskrcnn_resnet50_fpn": ("p2", "p3", "p4", "p5", "p6"),
+    "maskrcnn_resnet50_fpn_v2": ("p2", "p3", "p4", "p5", "p6"),
+    "retinanet_resnet50_fpn": ("p3", "p4", "p5", "p6", "p7"),
+    "retinanet_resnet50_fpn_v2": ("p3", "p4", "p5", "p6", "p7"),
+    "keypointrcnn_resnet50_fpn": ("p2", "p3", "p4", "p5", "p6"),
+    "fcos_resnet50_fpn": ("p3", "p4", "p5", "p6", "p7"),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("p5a", "p5", "p6"),
+}
+
+
+def test_every_torchvision_detector_builder_is_in_the_zoo():
+    assert set(TV_OUTPUTS) == set(zoo_mod.TORCHVISION_DETECTORS)
+
+
+@pytest.mark.parametrize("builder", list(TV_OUTPUTS))
+def test_torchvision_entry_equals_the_builders_own_detector(builder, torch_home):
+    """The builder run as torchvision runs it (FrozenBN, overwrite_eps, BN in v2 FPNs) on the same
+    cached file: every level within 1e-4 relative."""
+    import torchvision
+
+    build = torchvision.models.get_model_builder(builder)
+    torch.manual_seed(0)
+    raw = randomize_batchnorm(build(weights=None, weights_backbone=None), tiny_var=True)
+    entry = zoo_mod.entry(f"torchvision:{builder}")
+    entry.path().parent.mkdir(parents=True)
+    torch.save(raw.state_dict(), entry.path())
+    del raw
+    reference = build(weights="DEFAULT").eval()  # loads the cached file: no network
+    x = torch.randn(1, 3, 75, 101, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = list(reference.backbone(x).values())
+    ours = build_fpn(weights=entry.name, levels=TV_OUTPUTS[builder])
+    with torch.no_grad():
+        got = ours(x)
+    assert list(got) == list(TV_OUTPUTS[builder])
+    for (name, level), ref in zip(got.items(), expected, strict=True):
+        assert level.shape == ref.shape, name
+        assert rel_diff(level, ref) <= 1e-4, name
+
+
+def test_coco_is_the_alias_of_the_v1_faster_rcnn():
+    a, b = resolve(weights="coco"), resolve(weights="torchvision:fasterrcnn_resnet50_fpn")
+    assert a.config == b.config and a.weights == b.weights == "torchvision:fasterrcnn_resnet50_fpn"
+    assert a.config.bn_eps == 0.0 and a.config.fpn_style == "torchvision"
+
+
+# --- detectron2 -------------------------------------------------------------------------------------
+
+D2_RCNN = "detectron2:COCO-Detection/faster_rcnn_R_50_FPN_3x"
+D2_RETINA = "detectron2:COCO-Detection/retinanet_R_50_FPN_1x"
+
+
+def image_file(tmp_path, h=45, w=71):
+    path = tmp_path / "in" / "odd.png"
+    save_rgb(path, h, w, seed=3)
+    return path
+
+
+def framework_input(path, mean, std, bgr: bool, pad: int = 32) -> torch.Tensor:
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    x = torch.from_numpy(rgb[..., ::-1].copy() if bgr else rgb).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, -w % pad, 0, -h % pad))  # zeros after normalisation, bottom and right
+
+
+def stored(out, key, levels):
+    return {name: torch.from_numpy(np.load(out / key / f"{name}.npy")) for name in levels}
+
+
+@pytest.mark.parametrize(("name", "retinanet"), [(D2_RCNN, False), (D2_RETINA, True)])
+def test_detectron2_entry_equals_detectron2s_semantics(name, retinanet, torch_home, tmp_path):
+    """BGR 0-255 minus PIXEL_MEAN, padded to 32, stride on the 1x1 conv, x2 nearest top-down,
+    P6 max-pool or P6/P7 from C5; levels cropped to ceil(H/stride). An odd-sized image."""
+    entry = zoo_mod.entry(name)
+    sd = d2_state(R50, retinanet=retinanet, seed=2)
+    write_d2_pkl(sd, entry.path())
+    assert entry.path().relative_to(torch_home / "hub" / "checkpoints").parts[0] == "detectron2"
+    path = image_file(tmp_path)
+    levels = ("p3", "p4", "p5", "p6", "p7") if retinanet else ("p2", "p3", "p4", "p5", "p6")
+    report = extract([path], tmp_path / "out", weights=name, levels=levels, device="cpu")
+    assert report.exit_status == 0
+    x = framework_input(path, (103.530, 116.280, 123.675), (1.0, 1.0, 1.0), bgr=True)
+    with torch.no_grad():
+        expected = d2_forward(sd, x, R50, 1, stride_in_1x1=True, retinanet=retinanet)
+    got = stored(tmp_path / "out", "odd", levels)
+    for level in levels:
+        ref = crop(expected[level], 45, 71, 2 ** int(level[1]))
+        assert got[level].shape == ref.shape[1:], level
+        assert rel_diff(got[level], ref[0]) <= 1e-4, level
+
+
+def test_the_msra_stride_placement_matters(torch_home, tmp_path):
+    """The same file read as a torchvision-style ResNet (stride on the 3x3) gives other features:
+    the zoo's per-model stride placement is not a no-op."""
+    sd = d2_state(R50, seed=2)
+    write_d2_pkl(sd, tmp_path / "model_final.pkl")
+    x = framework_input(image_file(tmp_path), (103.530, 116.280, 123.675), (1.0, 1.0, 1.0), bgr=True)
+    msra = build_fpn(weights=tmp_path / "model_final.pkl", levels=("c3",))
+    assert msra.config.arch == "resnet50_msra"
+    plain = build_fpn(arch="resnet50", weights=tmp_path / "model_final.pkl", levels=("c3",))
+    with torch.no_grad():
+        assert rel_diff(plain(x)["c3"], msra(x)["c3"]) > 0.05
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4])
+@pytest.mark.parametrize("old_numpy", [True, False])
+def test_detectron2_pickles_of_every_protocol_and_numpy_load_alike(tmp_path, protocol, old_numpy):
+    sd = d2_state((1, 1, 1, 1), seed=4)
+    write_d2_pkl(sd, tmp_path / "m.pkl", protocol=protocol, old_numpy=old_numpy)
+    from fpn_cli.weights import read_file
+
+    ckpt = read_file(tmp_path / "m.pkl")
+    assert ckpt.format == "detectron2"
+    assert torch.equal(
+        ckpt.state["body.layer1.0.bn2.running_var"], sd["backbone.bottom_up.res2.0.conv2.norm.running_var"]
+    )
+    assert torch.equal(ckpt.state["fpn.inner_blocks.3.weight"], sd["backbone.fpn_lateral5.weight"])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pkl_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"model": {"x": _Payload()}, "__author__": "x"}))
+    with pytest.raises(
+        WeightsError, match="refusing to load .*evil.pkl.*posix.system|refusing to load .*system"
+    ):
+        build_fpn(weights=tmp_path / "evil.pkl")
+    assert not (tmp_path / "pwned").exists()
+
+
+# --- mmdetection ------------------------------------------------------------------------------------
+
+MM_PYTORCH = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), False)
+MM_CAFFE = ((103.530, 116.280, 123.675), (1.0, 1.0, 1.0), True)
+
+
+@pytest.mark.parametrize(
+    ("name", "retinanet"),
+    [("mmdet:faster-rcnn_r50_fpn_1x_coco", False), ("mmdet:retinanet_r50_fpn_1x_coco", True)],
+)
+def test_mmdet_entry_equals_mmdetections_semantics(name, retinanet, torch_home, tmp_path):
+    """RGB with mean/std in 0-255, padded to 32, stride on the 3x3 conv, nearest to size, P6
+    max-pool or (RetinaNet) P6 from C5 and P7 from P6 with no ReLU between."""
+    entry = zoo_mod.entry(name)
+    sd = mmdet_state(R50, retinanet=retinanet, seed=5)
+    write_mmdet_pth(sd, entry.path(), config="model = dict(backbone=dict(style='pytorch'))")
+    path = image_file(tmp_path, 53, 38)
+    levels = ("p3", "p4", "p5", "p6", "p7") if retinanet else ("p2", "p3", "p4", "p5", "p6")
+    assert extract([path], tmp_path / "out", weights=name, levels=levels, device="cpu").exit_status == 0
+    mean, std, bgr = MM_PYTORCH
+    with torch.no_grad():
+        expected = mmdet_forward(sd, framework_input(path, mean, std, bgr), R50, 1, False, retinanet)
+    got = stored(tmp_path / "out", "odd", levels)
+    for level in levels:
+        assert rel_diff(got[level], crop(expected[level], 53, 38, 2 ** int(level[1]))[0]) <= 1e-4, level
+
+
+def test_a_local_mmdet_caffe_file_brings_its_style(tmp_path):
+    """A file given by path: its meta config says caffe style (stride on the 1x1 conv, BGR)."""
+    sd = mmdet_state(R50, seed=6)
+    write_mmdet_pth(sd, tmp_path / "faster.pth", config="backbone=dict(type='ResNet', style='caffe')")
+    spec = resolve(weights=tmp_path / "faster.pth")
+    assert spec.config.arch == "resnet50_msra" and spec.preprocess.channel_order == "BGR"
+    path = image_file(tmp_path, 40, 66)
+    assert extract([path], tmp_path / "out", weights=tmp_path / "faster.pth", device="cpu").exit_status == 0
+    mean, std, bgr = MM_CAFFE
+    with torch.no_grad():
+        expected = mmdet_forward(sd, framework_input(path, mean, std, bgr), R50, 1, True, False)
+    got = stored(tmp_path / "out", "odd", ("p2", "p3", "p4", "p5"))
+    for level, t in got.items():
+        assert rel_diff(t, crop(expected[level], 40, 66, 2 ** int(level[1]))[0]) <= 1e-4, level
+
+
+# --- the seed project's own checkpoints -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("blocks", "arch"), [((2, 2, 2, 2), "seed"), ((3, 4, 6, 3), "resnet50")])
+def test_seed_code_checkpoints_load_and_equal_its_forward(tmp_path, blocks, arch):
+    torch.manual_seed(0)
+    seed_model = randomize_batchnorm(SeedFPN(blocks))
+    torch.save(seed_model.state_dict(), tmp_path / "fpn.pth")
+    ours = build_fpn(arch=arch, weights=tmp_path / "fpn.pth")
+    assert ours.config.fpn_style == "reference"
+    x = torch.randn(1, 3, 67, 93, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = seed_model(x)
+        got = ours(x)
+    for level, ref in zip(("p2", "p3", "p4", "p5"), expected, strict=True):
+        assert rel_diff(got[level], ref) <= 1e-4, level
+
+
+# --- timm ---------------------------------------------------------------------------------------------
+
+
+def test_timm_backbone_gives_timms_features_and_our_fpn_on_top():
+    timm = pytest.importorskip("timm")
+    ours = build_fpn(arch="timm:resnet18", levels=("c2", "c3", "c4", "c5", "p2", "p5"))
+    reference = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    reference.load_state_dict(ours.body.net.state_dict())
+    x = torch.randn(1, 3, 70, 90, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(x)
+        got = ours(x)
+        fast, _ = Engine(ours, torch.device("cpu"), "float32", "float32").forward(x)
+    for level, ref in zip(("c2", "c3", "c4", "c5"), expected, strict=True):
+        assert rel_diff(got[level], ref) <= 1e-5, level
+    assert got["p2"].shape == (1, 256, 18, 23) and got["p5"].shape == (1, 256, 3, 3)
+    for level in got:
+        assert rel_diff(fast[level], got[level]) <= 1e-4, level  # BatchNorm folded, channels-last
+
+
+def test_timm_imagenet_offline_is_one_line(tmp_path, monkeypatch, torch_home):
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    save_rgb(tmp_path / "a.png", 32, 32)
+    result = CliRunner().invoke(
+        main,
+        [
+            str(tmp_path / "a.png"),
+            "-o",
+            str(tmp_path / "out"),
+            "--arch",
+            "timm:resnet18",
+            "--weights",
+            "imagenet",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "timm:resnet18" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_timm_model_without_stride_4_features_is_refused():
+    pytest.importorskip("timm")
+    result = CliRunner().invoke(main, ["--summary", "--arch", "timm:vit_tiny_patch16_224"])
+    assert result.exit_code == 2 and "FPN needs 4, 8, 16 and 32" in result.output
+
+
+def test_timm_missing_is_a_one_line_hint(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    result = CliRunner().invoke(main, ["--summary", "--arch", "timm:resnet18"])
+    assert result.exit_code == 2 and "pip install 'fpn-extract[timm]'" in result.output
+
+
+# --- every entry, offline -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(zoo_mod.zoo()))
+def test_summary_of_every_entry_needs_no_download(name, torch_home):
+    result = CliRunner().invoke(main, ["--summary", "--weights", name, "--input-size", "333x517"])
+    assert result.exit_code == 0, result.output
+    entry = zoo_mod.entry(name)
+    assert result.output.startswith(f"{entry.arch}, {entry.fpn_style} FPN")
+    rows = [
+        line.split()[0] for line in result.output.splitlines() if line[:1] in "PC" and line[1:2].isdigit()
+    ]
+    assert rows == [level.upper() for level in entry.levels]
+    assert not any(torch_home.rglob("*.p*"))
+
+
+def test_offline_zoo_file_error_names_url_and_exact_path(torch_home, tmp_path):
+    save_rgb(tmp_path / "a.png", 32, 32)
+    result = CliRunner().invoke(
+        main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--weights", D2_RCNN]
+    )
+    assert result.exit_code == 2
+    entry = zoo_mod.entry(D2_RCNN)
+    assert entry.url in result.output and str(entry.path()) in result.output
+    assert "/detectron2/COCO-Detection/faster_rcnn_R_50_FPN_3x/137849458/model_final_280758.pkl" in str(
+        entry.path()
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--weights", D2_RCNN, "--arch", "resnet50"], "--arch resnet50 contradicts --weights"),
+        (["--weights", D2_RETINA, "--levels", "p2"], "has no level p2"),
+        (["--weights", "coco", "--fpn-style", "reference"], "--fpn-style reference contradicts"),
+        (["--weights", "detectron2:COCO-Detection/nope"], "no such model in the zoo"),
+    ],
+)
+def test_zoo_contradictions_are_usage_errors(args, message):
+    result = CliRunner().invoke(main, ["--summary", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_pad_multiple_pads_with_zeros_and_crops_back():
+    model = build_fpn(arch="seed", fpn_style="torchvision", levels=("p2", "p5"), pad_multiple=32)
+    plain = build_fpn(arch="seed", fpn_style="torchvision", levels=("p2", "p5"))
+    x = torch.randn(1, 3, 45, 70, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(x)
+        expected = plain(F.pad(x, (0, 26, 0, 19)))
+    for level, stride in (("p2", 4), ("p5", 32)):
+        assert got[level].shape[-2:] == (math.ceil(45 / stride), math.ceil(70 / stride))
+        torch.testing.assert_close(got[level], crop(expected[level], 45, 70, stride))
