@@ -2,16 +2,23 @@
 
 Decoding follows DESIGN.md §4: EXIF orientation applied, first frame of animations, every Pillow
 mode converted to 8-bit RGB (16-bit scaled by 1/257, not clipped), decompression bombs refused.
+Only the formats in :data:`IMAGE_FORMATS` are ever tried: Pillow would hand an EPS file named
+``.jpg`` to Ghostscript, and untrusted input must never reach an external program. Inputs are
+opened without blocking and must be regular files, so a FIFO or a device never hangs a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import stat
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,10 +28,21 @@ from .errors import ImageError, UsageError
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .jp2".split()
 )
+# Pillow's plugins that may open an input (its JPEG plugin also reads phones' multi-picture JPEGs)
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA", "JPEG2000")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 _GLOB_CHARS = frozenset("*?[")
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+_TRANSPOSES = {  # EXIF orientation -> the transpose that shows the picture upright (as ImageOps)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,7 @@ class InputImage:
 
     path: str  # a plain string: listing a million files should not build a million Paths
     rel: str  # posix, with extension: "x/cat.jpg"
+    error: str | None = None  # why listing found it unusable (a FIFO, an unreadable folder)
     key: str = field(init=False)  # the output folder under OUT: ``rel`` without its extension
 
     def __post_init__(self) -> None:
@@ -43,9 +62,34 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _unusable(path: str) -> str:
+    """Why an image-named entry that is not a regular file cannot be read."""
+    try:
+        return f"not a regular file ({file_kind(os.stat(path).st_mode)})"
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "file disappeared while listing"
+    except OSError as e:
+        return f"cannot stat: {e.strerror or e}"
+
+
 def _walk(root: str, exclude: Path | None) -> Iterable[InputImage]:
     """Image files below ``root`` relative to it, following symlinked folders once each (a loop
-    ends there)."""
+    ends there). Image-named entries that are not regular files, and folders that cannot be read,
+    come back with their ``error`` set: nothing is dropped silently."""
     seen: set[tuple[int, int]] = set()
     excluded = os.stat(exclude) if exclude is not None and exclude.exists() else None
     prefix = len(os.path.join(root, ""))
@@ -62,16 +106,22 @@ def _walk(root: str, exclude: Path | None) -> Iterable[InputImage]:
         seen.add(ident)
         try:
             entries = list(os.scandir(folder))
-        except OSError:
+        except OSError as e:
+            rel = folder[prefix:].replace(os.sep, "/") or "."
+            yield InputImage(folder, rel + "/", error=f"cannot read folder: {e.strerror or e}")
             continue
         for entry in entries:
+            rel = entry.path[prefix:].replace(os.sep, "/")
             try:
                 if entry.is_dir():
                     stack.append(entry.path)
-                elif is_image_name(entry.name) and entry.is_file():
-                    yield InputImage(entry.path, entry.path[prefix:].replace(os.sep, "/"))
-            except OSError:  # a dangling link or a file that vanished while listing
-                continue
+                elif is_image_name(entry.name):
+                    if entry.is_file():
+                        yield InputImage(entry.path, rel)
+                    else:
+                        yield InputImage(entry.path, rel, error=_unusable(entry.path))
+            except OSError as e:
+                yield InputImage(entry.path, rel, error=f"cannot stat: {e.strerror or e}")
 
 
 def _glob_root(pattern: str) -> Path:
@@ -81,23 +131,31 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts[:first_wild]) if first_wild else Path(".")
 
 
-def _expand(spec: str, exclude: Path | None) -> list[InputImage]:
+def _expand(spec: str, exclude: Path | None, listed: bool) -> list[InputImage]:
     if os.path.isdir(spec):
+        if exclude is not None and _same_file(spec, exclude):
+            raise UsageError(
+                f"--out {exclude} is the input folder {spec}: choose an output folder outside it"
+            )
         return list(_walk(spec, exclude))
-    if os.path.exists(spec):
+    if os.path.lexists(spec):
         return [InputImage(spec, os.path.basename(spec))]
-    if _GLOB_CHARS & set(spec):
+    if _GLOB_CHARS & set(spec) and not listed:
         root = _glob_root(spec)
         found: list[InputImage] = []
         for match in map(Path, glob.glob(spec, recursive=True)):
             rel = match.relative_to(root).as_posix()
             if match.is_dir():
-                found += [InputImage(im.path, f"{rel}/{im.rel}") for im in _walk(str(match), exclude)]
-            elif match.is_file() and is_image_name(match.name):
-                found.append(InputImage(str(match), rel))
+                found += [
+                    InputImage(im.path, f"{rel}/{im.rel}", im.error) for im in _walk(str(match), exclude)
+                ]
+            elif is_image_name(match.name):
+                found.append(InputImage(str(match), rel, None if match.is_file() else _unusable(str(match))))
         if not found:
             raise UsageError(f"pattern {spec!r} matches no image files")
         return found
+    if listed:  # one line of a list: a failed input, not a reason to stop the whole run
+        return [InputImage(spec, os.path.basename(spec), error="does not exist")]
     raise UsageError(f"input {spec} does not exist")
 
 
@@ -106,19 +164,24 @@ def find_images(
 ) -> list[InputImage]:
     """Expands files, folders (recursive) and glob patterns into images sorted by output key.
 
-    ``-`` among ``inputs`` stands for ``stdin_lines``, one input per line. ``exclude`` (the output
-    folder) is never searched. The same file reached twice counts once; two files that would write
-    the same output folder are a :class:`UsageError` naming both.
+    ``-`` among ``inputs`` stands for ``stdin_lines``, one path per item, taken verbatim (only a
+    trailing newline is removed); a listed path that does not exist is a failed input. ``exclude``
+    (the output folder) is never searched. The same file reached twice counts once; two files that
+    would write the same output folder are a :class:`UsageError` naming both. Entries that cannot
+    be images (FIFOs, unreadable folders) come back with ``error`` set.
     """
-    specs: list[str] = []
+    specs: list[tuple[str, bool]] = []
     for spec in map(str, inputs):
-        specs += [s.strip() for s in stdin_lines if s.strip()] if spec == "-" else [spec]
+        if spec == "-":
+            specs += [(line.removesuffix("\n"), True) for line in stdin_lines if line.removesuffix("\n")]
+        else:
+            specs.append((spec, False))
     exclude = exclude.resolve() if exclude is not None else None
     by_key: dict[str, InputImage] = {}
-    for spec in specs:
-        for image in _expand(spec, exclude):
+    for spec, listed in specs:
+        for image in _expand(spec, exclude, listed):
             # casefolded: on macOS and Windows, Cat/ and cat/ are one folder
-            key = image.key.casefold()
+            key = image.key.casefold() if image.error is None else "\0" + image.path
             other = by_key.get(key)
             if other is None:
                 by_key[key] = image
@@ -133,7 +196,7 @@ def find_images(
     return sorted(by_key.values(), key=lambda im: im.key)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: str | Path, b: str | Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -174,6 +237,9 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     ``Image.convert("RGB")`` and torchvision's readers do."""
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
+        if np.isnan(values).any():
+            warnings.warn("NaN pixels read as 0", RuntimeWarning, stacklevel=2)
+            values = np.nan_to_num(values, nan=0.0)
         full_scale = 1.0 if image.mode == "F" else 65535.0
         gray = np.rint(np.clip(values / full_scale, 0.0, 1.0) * 255.0).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
@@ -182,34 +248,105 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading without ever blocking: a FIFO, socket or device is refused at
+    once with an :class:`ImageError` (a FIFO's open would wait for a writer forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise ImageError("file disappeared before it could be read") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        raise ImageError(f"cannot open: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"not a regular file ({file_kind(mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_context = threading.local()  # the file a decode thread is reading, for warnings raised meanwhile
+
+
+@contextlib.contextmanager
+def warnings_to(log: Callable[[str], None]) -> Iterator[None]:
+    """For the length of a run: every warning raised while a file is decoded (corrupt EXIF, NaN
+    in a float TIFF) becomes one ``log`` line naming the file, every time, in any thread."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        path = getattr(_context, "path", None)
+        if path is None:
+            previous(message, category, filename, lineno, file, line)
+        else:
+            log(f"warning: {path}: {str(message).splitlines()[0] if str(message) else category.__name__}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check sizes ourselves
+        warnings.showwarning = show
+        yield
+
+
+def _formats() -> list[str]:
+    """The allowed formats this Pillow build can read (WebP and JPEG 2000 are optional in it)."""
+    Image.init()
+    return [f for f in IMAGE_FORMATS if f in Image.OPEN]
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Pillow refuses images past twice its own limit before we see them: raise its limit to ours."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode(
     path: str | Path, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Reads ``path`` -> ((H', W', 3) uint8 RGB after resizing, (H, W) as decoded). Raises
     :class:`ImageError` with a one-line reason for anything that is not a readable image."""
+    _context.path = str(path)
     try:
-        if os.stat(path).st_size == 0:
-            raise ImageError("empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+        return _decode(path, resize, max_pixels)
+    finally:
+        _context.path = None
+
+
+def _decode(path: str | Path, resize: Resize, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    _allow_pixels(max_pixels)
+    try:
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageError("empty file")
+            with Image.open(f, formats=_formats()) as image:
+                sixteen_bit = _is_16bit_rgb_png(image)  # before getexif(), which loads a PNG
                 w, h = image.size
                 if w * h > max_pixels:
                     raise ImageError(f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds {max_pixels:,}")
+                target = resize.target(*((w, h) if _orientation(image) in _SWAPS_AXES else (h, w)))
+                if target[0] * target[1] > max_pixels:
+                    raise ImageError(
+                        f"resizing to {target[0]}x{target[1]} would exceed --max-pixels {max_pixels:,}"
+                    )
                 image.seek(0)  # the first frame of an animation
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                rgb = to_rgb8(image)
+                if sixteen_bit:
+                    f.seek(0)
+                    rgb = _upright(_png16_to_rgb8(f.read()), _orientation(image))
+                else:
+                    image.load()
+                    rgb = to_rgb8(ImageOps.exif_transpose(image))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image file Pillow can decode") from None
-    except FileNotFoundError:
-        raise ImageError("file disappeared before it could be read") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
+        raise ImageError(f"not an image file of the formats read ({', '.join(IMAGE_FORMATS)})") from None
+    except MemoryError:
+        raise ImageError("not enough memory to decode it") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"truncated or corrupt image: {reason}") from None
@@ -221,12 +358,43 @@ def decode(
     return rgb, size
 
 
-def probe_size(path: str | Path) -> tuple[int, int] | None:
-    """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read."""
+def _orientation(image: Image.Image) -> int:
     try:
-        with Image.open(path) as image:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a corrupt EXIF block: the picture as stored
+        return 1
+
+
+def _upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    if orientation not in _TRANSPOSES:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).transpose(_TRANSPOSES[orientation]))
+
+
+def _is_16bit_rgb_png(image: Image.Image) -> bool:
+    """Pillow reads 16-bit colour PNGs as 8-bit by taking the high byte (1000 -> 3, not 4)."""
+    if image.format != "PNG" or image.mode not in ("RGB", "RGBA") or not image.tile:
+        return False
+    return str(image.tile[0].args).startswith(("RGB;16", "RGBA;16"))
+
+
+def _png16_to_rgb8(data: bytes) -> np.ndarray:
+    """A 16-bit colour PNG through torchvision's PNG decoder, scaled by 1/257 (rounded)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    values = pixels.permute(1, 2, 0).numpy().astype(np.float64)
+    return np.rint(values / 257.0).astype(np.uint8)
+
+
+def probe_size(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read
+    (never blocks: a FIFO or device is None at once)."""
+    try:
+        with open_regular(path) as f, Image.open(f, formats=_formats()) as image:
             w, h = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            orientation = _orientation(image)
     except Exception:
         return None
     return (w, h) if orientation in _SWAPS_AXES else (h, w)

@@ -73,3 +73,37 @@ def mixed_folder(root: Path) -> dict[str, tuple[int, int]]:
         "rotated.jpeg": (40, 24),
         "tiny.png": (1, 1),
     }
+
+
+def save_png16(path: Path, values: np.ndarray) -> None:
+    """A 16-bit colour PNG (Pillow cannot write one): (h, w, 3 or 4) uint16, written by hand."""
+    import struct
+    import zlib
+
+    h, w, c = values.shape
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2 if c == 3 else 6, 0, 0, 0)
+    data = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + data)
+
+
+def save_corrupt_exif_jpeg(path: Path, h: int = 6, w: int = 8) -> None:
+    """A JPEG whose EXIF block names a tag's data past its end: Pillow warns while reading it."""
+    ifd = (1).to_bytes(2, "little") + (0x010E).to_bytes(2, "little") + (2).to_bytes(2, "little")
+    ifd += (100).to_bytes(4, "little") + (1000).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    tiff = b"II*\x00" + (8).to_bytes(4, "little") + ifd
+    Image.new("RGB", (w, h), (10, 20, 30)).save(path, exif=b"Exif\x00\x00" + tiff)
+
+
+def eps_named_jpg(path: Path) -> None:
+    """A PostScript file with an image extension: Pillow would pass it to Ghostscript."""
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")

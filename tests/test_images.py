@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from fpn_cli import ImageError, UsageError
-from fpn_cli.images import Resize, decode, find_images, probe_size
+from fpn_cli.images import Resize, decode, find_images, probe_size, warnings_to
 
 from imagefactory import (
+    eps_named_jpg,
     gradient,
     mixed_folder,
     save_16bit_gray,
     save_animation,
+    save_corrupt_exif_jpeg,
     save_exif_rotated,
+    save_png16,
     save_rgb,
     truncated_jpeg,
 )
@@ -172,3 +177,135 @@ def test_no_images_and_missing_inputs_are_usage_errors(tmp_path):
         find_images([tmp_path / "nope"])
     with pytest.raises(UsageError, match="matches no image files"):
         find_images([str(tmp_path / "*.jpg")])
+
+
+def run_with_deadline(fn, seconds: float = 10):
+    """``fn()`` on a thread; fails the test if it blocks (a FIFO's open would wait forever)."""
+    import threading
+
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except Exception as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked"
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def test_a_fifo_is_refused_at_once_by_decode_and_probe(tmp_path):
+    os.mkfifo(tmp_path / "x.jpg")
+    with pytest.raises(ImageError, match=r"not a regular file \(a FIFO\)"):
+        run_with_deadline(lambda: decode(tmp_path / "x.jpg", Resize()))
+    assert run_with_deadline(lambda: probe_size(tmp_path / "x.jpg")) is None
+
+
+def test_listing_reports_special_files_broken_links_and_unreadable_folders(tmp_path, monkeypatch):
+    import socket
+
+    root = tmp_path / "in"
+    save_rgb(root / "ok.png", 8, 8)
+    os.mkfifo(root / "fifo.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.png"))
+    os.symlink(root / "gone.png", root / "dangling.jpg")
+    (root / "private").mkdir()
+    save_rgb(root / "private" / "hidden.png", 8, 8)
+    os.mkfifo(root / "notes.txt")  # not image-named: not an input at all
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("private"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = {im.rel: im.error for im in find_images([root])}
+    sock.close()
+    assert found == {
+        "ok.png": None,
+        "fifo.jpg": "not a regular file (a FIFO)",
+        "sock.png": "not a regular file (a socket)",
+        "dangling.jpg": "broken symbolic link",
+        "private/": "cannot read folder: Permission denied",
+    }
+
+
+def test_listed_names_are_verbatim_and_a_missing_one_is_a_failed_input(tmp_path):
+    save_rgb(tmp_path / " lead.png", 8, 8)
+    found = find_images(["-"], [f"{tmp_path}/ lead.png\n", f"{tmp_path}/missing.png\n"])
+    assert {im.rel: im.error for im in found} == {" lead.png": None, "missing.png": "does not exist"}
+
+
+def test_out_equal_to_an_input_folder_is_a_usage_error(tmp_path):
+    save_rgb(tmp_path / "a.png", 8, 8)
+    with pytest.raises(UsageError, match="is the input folder"):
+        find_images([tmp_path], exclude=tmp_path)
+
+
+def test_eps_named_jpg_never_reaches_ghostscript(tmp_path, monkeypatch):
+    import subprocess
+
+    from PIL import EpsImagePlugin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an external program was started")
+
+    monkeypatch.setattr(subprocess, "check_call", refuse)
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(EpsImagePlugin, "gs_windows_binary", "gs")
+    eps_named_jpg(tmp_path / "doc.jpg")
+    with pytest.raises(ImageError, match="not an image file of the formats read"):
+        decode(tmp_path / "doc.jpg", Resize())
+    assert probe_size(tmp_path / "doc.jpg") is None
+
+
+def test_16_bit_colour_png_is_scaled_by_1_over_257(tmp_path):
+    values = np.array([[[1000, 257, 65535], [0, 32896, 128]]], dtype=np.uint16)
+    save_png16(tmp_path / "c16.png", values)
+    rgb, _ = decode(tmp_path / "c16.png", Resize())
+    np.testing.assert_array_equal(rgb, np.rint(values / 257).astype(np.uint8))
+    assert rgb[0, 0, 0] == 4  # 1000 / 257 = 3.89, not the high byte 3
+    rgba = np.dstack([values, np.full((1, 2), 7, np.uint16)])
+    save_png16(tmp_path / "c16a.png", rgba)
+    np.testing.assert_array_equal(decode(tmp_path / "c16a.png", Resize())[0], rgb)
+
+
+def test_decoding_warnings_become_one_line_naming_the_file(tmp_path, recwarn):
+    save_corrupt_exif_jpeg(tmp_path / "exif.jpg")
+    lines: list[str] = []
+    with warnings_to(lines.append):
+        decode(tmp_path / "exif.jpg", Resize())
+        decode(tmp_path / "exif.jpg", Resize())  # every time, not once per place in Pillow
+    assert lines == [f"warning: {tmp_path / 'exif.jpg'}: Tag data larger than file. Skipping tag 270"] * 2
+    assert not [w for w in recwarn if "Tag data" in str(w.message)]
+
+
+def test_nan_in_a_float_tiff_is_black_with_a_warning(tmp_path):
+    Image.fromarray(np.array([[np.nan, 0.5]], dtype=np.float32), "F").save(tmp_path / "f.tif")
+    lines: list[str] = []
+    with warnings_to(lines.append):
+        rgb, _ = decode(tmp_path / "f.tif", Resize())
+    np.testing.assert_array_equal(rgb[0, :, 0], [0, 128])
+    assert lines == [f"warning: {tmp_path / 'f.tif'}: NaN pixels read as 0"]
+
+
+def test_max_pixels_above_pillows_own_limit_takes_effect(tmp_path, monkeypatch):
+    save_rgb(tmp_path / "big.png", 60, 60)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow alone would refuse 3600 pixels
+    rgb, _ = decode(tmp_path / "big.png", Resize(), max_pixels=5000)
+    assert rgb.shape == (60, 60, 3)
+
+
+def test_a_resize_past_max_pixels_is_a_failed_input_not_an_allocation(tmp_path):
+    save_rgb(tmp_path / "x.png", 10, 10)
+    with pytest.raises(ImageError, match="would exceed --max-pixels"):
+        decode(tmp_path / "x.png", Resize(short_side=100_000), max_pixels=10_000_000)
