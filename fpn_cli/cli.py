@@ -9,11 +9,11 @@ import time
 
 import click
 
-from . import __version__
 from .errors import FPNError
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .model import ARCHS, FPN_STYLES, FPNConfig, parse_levels
 from .pipeline import DTYPES, SAVE_DTYPES, Options, extract, summarize
+from .version import __version__
 
 
 class _IntPair(click.ParamType):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, preview
+from . import preview
 from .builder import build_fpn
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import DTYPES, MEAN, SAVE_DTYPES, STD, Engine, default_workers, is_out_of_memory, resolve_device
@@ -34,6 +34,7 @@ from .model import (
 )
 from .report import ImageResult, Report, format_summary, write_merged
 from .store import PREVIEW_FILE, Store
+from .version import __version__
 
 
 @dataclass(frozen=True)
