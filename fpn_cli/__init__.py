@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .builder import build_fpn
 from .errors import FPNError, ImageError, UsageError, WeightsError
-from .pipeline import Options, extract
+from .options import Options
+from .pipeline import extract
 from .version import __version__
 
 __all__ = [

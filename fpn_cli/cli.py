@@ -9,10 +9,12 @@ import time
 
 import click
 
+from .engine import DTYPES, SAVE_DTYPES
 from .errors import FPNError
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .model import ARCHS, FPN_STYLES, FPNConfig, parse_levels
-from .pipeline import DTYPES, SAVE_DTYPES, Options, extract, summarize
+from .options import Options
+from .pipeline import extract, summarize
 from .version import __version__
 
 

@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,50 +22,13 @@ import torch
 from . import preview
 from .builder import build_fpn
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
-from .engine import DTYPES, MEAN, SAVE_DTYPES, STD, Engine, default_workers, is_out_of_memory, resolve_device
-from .errors import FPNError, ImageError, UsageError
-from .images import DEFAULT_MAX_PIXELS, InputImage, Resize, decode, find_images, probe_size
-from .model import (
-    DEFAULT_LEVELS,
-    FPNConfig,
-    output_shapes,
-    parameter_count,
-    parse_levels,
-)
+from .engine import Engine, default_workers, is_out_of_memory, resolve_device
+from .errors import FPNError, ImageError
+from .images import InputImage, Resize, decode, find_images, probe_size
+from .model import FPNConfig, output_shapes, parameter_count
+from .options import Options, report_header, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
 from .store import PREVIEW_FILE, Store
-from .version import __version__
-
-
-@dataclass(frozen=True)
-class Options:
-    """Every setting of an extraction run (the CLI's options, by the same names)."""
-
-    arch: str = "resnet50"
-    weights: str = "random"
-    fpn_style: str | None = None  # None: reference, or what the weights need
-    levels: tuple[str, ...] = DEFAULT_LEVELS
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int | None = None  # None: 8 on an accelerator, 1 on the CPU
-    resize: Resize = field(default_factory=Resize)
-    dtype: str = "float32"  # compute precision (autocast below float32)
-    save_dtype: str = "float32"
-    overwrite: bool = False
-    workers: int | None = None  # decode threads; None: by device and core count
-    fail_fast: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    preview: bool = False  # also write OUT/<key>/preview.png
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "levels", parse_levels(self.levels))
-        object.__setattr__(self, "weights", str(self.weights))
-        if self.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise UsageError(f"unknown save dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
 
 
 @dataclass
@@ -193,22 +156,6 @@ def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> It
     yield from buckets.values()
 
 
-def settings_record(opts: Options, fpn_style: str) -> dict:
-    """What decides the numbers in the files: recorded in the output folder and checked on resume."""
-    weights = opts.weights
-    if weights not in ("random", "imagenet", "coco"):
-        weights = str(Path(weights).resolve())
-    return {
-        "arch": opts.arch,
-        "fpn_style": fpn_style,
-        "weights": weights,
-        "seed": opts.seed if opts.weights != "coco" else None,
-        "dtype": opts.dtype,
-        "save_dtype": opts.save_dtype,
-        "resize": asdict(opts.resize),
-    }
-
-
 def extract(
     inputs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -256,7 +203,7 @@ def extract(
                 f"note: --weights random (seed {opts.seed}): "
                 "features are for shapes and plumbing, not meaning"
             )
-        report = Report(_header(opts, model.config, device, shard), total=len(images), on_add=progress)
+        report = Report(report_header(opts, model.config, device, shard), total=len(images), on_add=progress)
         engine = Engine(model, device, opts.dtype, opts.save_dtype)
         with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
             if group is not None:
@@ -294,32 +241,6 @@ def _merge(store: Store, count: int) -> None:
     parts = store.read_shard_reports(count)
     if parts is not None:
         store.write_report(lambda f: write_merged(f, parts))
-
-
-def _header(opts: Options, config: FPNConfig, device: torch.device, shard: tuple[int, int] | None) -> dict:
-    return {
-        "version": __version__,
-        "model": {
-            "arch": config.arch,
-            "fpn_style": config.fpn_style,
-            "weights": opts.weights,
-            "levels": list(config.levels),
-            "seed": opts.seed,
-            "bn_eps": config.bn_eps,
-            "dtype": opts.dtype,
-            "save_dtype": opts.save_dtype,
-        },
-        "preprocess": {
-            "size": list(opts.resize.size) if opts.resize.size else None,
-            "short_side": opts.resize.short_side,
-            "max_side": opts.resize.max_side,
-            "resample": "bilinear (Pillow, on 8-bit RGB)",
-            "mean": list(MEAN),
-            "std": list(STD),
-        },
-        "device": str(device),
-        **({"shard": list(shard)} if shard else {}),
-    }
 
 
 def _plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[_Decoded]:
