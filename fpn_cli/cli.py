@@ -10,11 +10,12 @@ import time
 import click
 
 from .engine import DTYPES, SAVE_DTYPES
-from .errors import FPNError
+from .errors import FPNError, Interrupted
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .model import ARCHS, FPN_STYLES, FPNConfig, parse_levels
 from .options import Options
 from .pipeline import extract, summarize
+from .report import interrupted_status
 from .version import __version__
 
 
@@ -230,27 +231,21 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # before the run began: nothing was written
+    except KeyboardInterrupt as e:  # before the run began: nothing was written
         _echo_err("Interrupted before any image was processed")
-        sys.exit(128 + signal.SIGTERM if _terminated else 130)
+        sys.exit(interrupted_status(e))
     if verbose:
         for path, status in report.statuses():
             _echo_err(f"{status}: {path}")
     if report.interrupted:
         _echo_err(f"Interrupted: {report.counts['ok']} images written; {out}/report.json lists what is done")
-        sys.exit(128 + signal.SIGTERM if _terminated else report.exit_status)
     elif not quiet:
         click.echo(report.format_shapes())
     sys.exit(report.exit_status)
 
 
-_terminated = False
-
-
 def _interrupt(signum, frame) -> None:
-    global _terminated
-    _terminated = True
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def _echo_err(message: str) -> None:

@@ -210,8 +210,8 @@ def extract(
                 log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
             try:
                 _run(images, store, engine, opts, device, report, on_failure, log)
-            except KeyboardInterrupt:
-                report.interrupted = True
+            except KeyboardInterrupt as e:
+                report.interrupt(e)
             except FPNError:
                 with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
                     _write_reports(store, report, shard, merge=launch is None)

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from fpn_cli.cli import main
+from fpn_cli.errors import Interrupted
 
 from imagefactory import save_rgb, truncated_jpeg
 
@@ -290,16 +291,19 @@ def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_
     assert "cannot write" in result.stderr and "ValueError: simulated bug" in result.stderr
 
 
-def test_ctrl_c_during_start_up_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "interrupt,status", [(KeyboardInterrupt(), 130), (Interrupted(signal.SIGTERM), 143)], ids=["int", "term"]
+)
+def test_an_interrupt_during_start_up_is_a_message_not_a_traceback(tmp_path, monkeypatch, interrupt, status):
     from fpn_cli import pipeline
 
     small_images(tmp_path / "in", 1)
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise interrupt
 
-    monkeypatch.setattr(pipeline, "build_fpn", interrupted)  # Ctrl-C while the model loads
+    monkeypatch.setattr(pipeline, "build_fpn", interrupted)  # Ctrl-C or SIGTERM while the model loads
     result = CliRunner().invoke(main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), *SEED])
-    assert result.exit_code == 130
+    assert result.exit_code == status
     assert "Interrupted before any image was processed" in result.stderr
     assert not (tmp_path / "out").exists()
