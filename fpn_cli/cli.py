@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
 
 import click
 
+from .distributed import is_rank_zero
 from .engine import DTYPES, SAVE_DTYPES
 from .errors import FPNError, Interrupted
 from .images import DEFAULT_MAX_PIXELS, Resize
@@ -213,7 +213,7 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
-        show_progress = not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+        show_progress = not quiet and sys.stderr.isatty() and is_rank_zero()
         previous = signal.signal(signal.SIGTERM, _interrupt)  # preemption (Slurm, k8s) stops like Ctrl-C
         try:
             report = extract(

@@ -38,6 +38,13 @@ def torchrun_launch() -> Launch | None:
     return Launch(rank, world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def is_rank_zero() -> bool:
+    """False only in a torchrun rank other than 0: what one process of a job shows (the progress
+    bar) is shown once."""
+    launch = torchrun_launch()
+    return launch is None or launch.rank == 0
+
+
 def shard_of(key: str, count: int) -> int:
     """The shard (0..count-1) that owns the image with output key ``key``. A hash of the key, not a
     position in the list, so an image keeps its shard when other images are added or removed."""

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from fpn_cli.cli import main
-from fpn_cli.distributed import Launch, combine, shard_of
+from fpn_cli.distributed import Launch, combine, is_rank_zero, shard_of, torchrun_launch
 
 from imagefactory import save_rgb
 
@@ -83,6 +83,24 @@ def test_shard_under_torchrun_is_split_among_ranks():
     assert combine((1, 3), Launch(rank=1, world_size=2, local_rank=1)) == (3, 6)
     assert combine(None, Launch(rank=1, world_size=2, local_rank=1)) == (1, 2)
     assert combine((1, 3), None) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "env,launch",
+    [
+        ({}, None),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, Launch(1, 2, 1)),
+        ({"RANK": "0", "WORLD_SIZE": "1"}, Launch(0, 1, 0)),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, None),
+    ],
+)
+def test_the_torchrun_environment_is_read_in_one_place(monkeypatch, env, launch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert torchrun_launch() == launch
+    assert is_rank_zero() == (launch is None or launch.rank == 0)
 
 
 def test_torchrun_two_processes_equal_one_process(images, tmp_path):
