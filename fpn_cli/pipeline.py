@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -171,16 +171,18 @@ def extract(
     """Runs a whole extraction: finds the images in ``inputs``, writes their levels under ``out``
     and ``out/report.json``, and returns the :class:`Report` (its ``exit_status`` is the CLI's).
 
-    ``options`` or keyword arguments of :class:`Options` set the run; ``log`` receives one-line
-    notices, ``on_failure`` (path, reason) for each image that failed, ``progress`` (done, total)
-    after each image.
+    ``options`` and keyword arguments set the run: the keywords are fields of :class:`Options` and
+    replace those of ``options`` (``extract(inputs, out, base, overwrite=True)`` is ``base`` with
+    ``overwrite``); a keyword that is no field is a ``TypeError`` naming it. ``log`` receives
+    one-line notices, ``on_failure`` (path, reason) for each image that failed, ``progress``
+    (done, total) after each image.
 
     >>> import tempfile
     >>> report = extract(["examples/"], tempfile.mkdtemp(), arch="seed", device="cpu")
     >>> report.counts, report.exit_status
     ({'ok': 5, 'skipped': 0, 'failed': 0}, 0)
     """
-    opts = options or Options(**kwargs)
+    opts = Options(**kwargs) if options is None else replace(options, **kwargs)
     log = log or (lambda message: None)
     on_failure = on_failure or (lambda path, reason: None)
     out = Path(out)
