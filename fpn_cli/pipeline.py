@@ -25,6 +25,7 @@ from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError
 from .images import InputImage, Resize, decode, find_images, probe_size
+from .locks import finish_overwrite, lock_folder, record_settings
 from .model import FPNConfig, output_shapes, parameter_count
 from .options import Options, report_header, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
@@ -196,8 +197,9 @@ def extract(
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
     store = Store(out, opts.levels, opts.save_dtype)
-    with store.lock(shard):
-        store.prepare(settings_record(opts, model.config.fpn_style), opts.overwrite, shard)
+    with lock_folder(out, shard):
+        record_settings(out, settings_record(opts, model.config.fpn_style), opts.overwrite, shard)
+        store.sweep_dead_runs()
         if opts.dtype == "float16" and device.type == "cpu":
             log("note: --dtype float16 is slow on CPUs (10x slower than float32, measured); use bfloat16")
         if opts.weights == "random":
@@ -220,7 +222,7 @@ def extract(
                 raise
             _write_reports(store, report, shard, merge=launch is None)
             if not report.interrupted:
-                store.finish(shard)
+                finish_overwrite(out, shard)
             if group is not None:
                 group.barrier()  # every rank's part is on disk
                 if launch.rank == 0:
