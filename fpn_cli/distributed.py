@@ -62,7 +62,8 @@ def combine(shard: tuple[int, int] | None, launch: Launch | None) -> tuple[int, 
 class ProcessGroup:
     """torch.distributed for the length of a run: opened on entry, a barrier, closed on exit."""
 
-    def __init__(self, device: torch.device, timeout_s: float = 3600) -> None:
+    def __init__(self, launch: Launch, device: torch.device, timeout_s: float = 3600) -> None:
+        self.rank = launch.rank
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device

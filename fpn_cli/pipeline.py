@@ -1,8 +1,17 @@
-"""The extraction run: inputs to plan, decode prefetch, same-size batching, the forward pass
-(engine.py), and a background writer, so that decoding and disk writes overlap the network.
+"""The extraction run. Each arrow of the diagram is one named step, defined below in this order;
+jobs flow one way through them, and :func:`run` strings them together:
 
-    find_images -> [skip complete] -> decode (thread pool, bounded look-ahead)
-      -> batches of equal size -> forward (inference mode, autocast) -> writer thread (bounded queue)
+    plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
+
+- :func:`plan`: which images need work and which levels of each; complete ones are reported skipped.
+- :func:`decode_ahead`: decoding on a thread pool, a bounded look-ahead in front of the network.
+- :func:`split_off_failures`: unreadable images to the report, preview-only jobs to the writer.
+- :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
+- :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
+- :class:`Writer`: a background thread, behind a bounded queue, writes levels and previews.
+- :func:`publish_report`: report.json, or a shard's part, merged once the set is complete.
+
+:func:`extract` is the whole job around the run: inputs, shard, model, output folder and its lock.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,135 +36,30 @@ from .engine import Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError
 from .images import InputImage, Resize, decode, find_images, probe_size
 from .locks import finish_overwrite, lock_folder, record_settings
-from .model import FPNConfig, output_shapes, parameter_count
+from .model import FPN, FPNConfig, output_shapes, parameter_count
 from .options import Options, report_header, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
 from .store import PREVIEW_FILE, Store
 
+Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
+OnFailure = Callable[[str, str], None]  # (path as given, reason)
+Log = Callable[[str], None]
+
 
 @dataclass
-class _Decoded:
+class Job:
+    """One image's work, filled in as it moves through the run."""
+
     image: InputImage
-    missing: tuple[str, ...]  # the levels to write
-    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized
-    size: tuple[int, int] | None = None  # as decoded
-    error: str | None = None
+    missing: tuple[str, ...]  # the levels to compute and write; () when only the preview is missing
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead
+    size: tuple[int, int] | None = None  # (H, W) as decoded
+    error: str | None = None  # why it could not be decoded
 
-
-class Writer:
-    """Writes finished images on a background thread. The queue is bounded, so a slow disk slows
-    the producer instead of filling memory. The first OS error (disk full, say) stops all writing."""
-
-    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
-        self.store, self.report, self.preview = store, report, preview
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: FPNError | None = None
-        self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
-        self.thread.start()
-
-    def put(self, item: _Decoded, arrays: dict[str, np.ndarray | torch.Tensor] | None, ready=None) -> None:
-        """Queues ``item``'s computed levels; ``arrays`` None: its levels are on disk already and
-        only its preview is missing."""
-        if self.error is not None:
-            raise self.error
-        self.queue.put((item, arrays, ready))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def _loop(self) -> None:
-        while (job := self.queue.get()) is not None:
-            item, arrays, ready = job
-            if self.error is not None:
-                continue  # after a fatal write error, drain without writing
-            key = item.image.key
-            try:
-                if ready is not None:
-                    ready.synchronize()  # the device-to-host copies of this batch are done
-                if arrays is None:
-                    numpy = self.store.read_levels(key)
-                else:
-                    numpy = {k: np.asarray(v) for k, v in arrays.items()}
-                    self.store.write_levels(key, {k: numpy[k] for k in item.missing})
-                if self.preview:
-                    self.store.write_preview(key, preview.render(item.rgb, numpy))
-            except Exception as e:  # the thread must live on: a dead writer would hang the producer
-                if isinstance(e, OSError):
-                    reason, where = e.strerror or str(e), e.filename or self.store.root / key
-                else:
-                    reason, where = f"{type(e).__name__}: {e}", self.store.root / key
-                self.error = FPNError(f"cannot write {where}: {reason}")
-                self.report.add(ImageResult(item.image.rel, "failed", f"not written: {reason}"))
-                continue
-            status = "skipped" if arrays is None else "ok"
-            self.report.add(_written_result(item, self.store, {k: v.shape for k, v in numpy.items()}, status))
-
-
-def _written_result(
-    item: _Decoded, store: Store, shapes: dict[str, tuple[int, ...]], status: str
-) -> ImageResult:
-    assert item.rgb is not None
-    return ImageResult(
-        item.image.rel,
-        status,
-        input_size=item.size,
-        model_input_size=tuple(item.rgb.shape[:2]),
-        levels=_level_entries(item.image.key, store, shapes),
-        preview=_preview_entry(item.image.key, store),
-    )
-
-
-def _preview_entry(key: str, store: Store) -> str | None:
-    return f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None
-
-
-def _level_entries(key: str, store: Store, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
-    return {
-        level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
-        for level in store.levels
-        if level in shapes
-    }
-
-
-def _prefetch(
-    pool: ThreadPoolExecutor, jobs: Sequence[_Decoded], fn: Callable[[_Decoded], _Decoded], lookahead: int
-) -> Iterator[_Decoded]:
-    """``fn`` over ``jobs`` on the pool, at most ``lookahead`` in flight, results in input order."""
-    pending: list[Future] = []
-    it = iter(jobs)
-    for job in it:
-        pending.append(pool.submit(fn, job))
-        if len(pending) >= lookahead:
-            break
-    while pending:
-        done = pending.pop(0).result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield done
-
-
-def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> Iterator[list[_Decoded]]:
-    """Groups decoded images of equal size into batches, in arrival order; features never depend
-    on a neighbour (no padding). At most ``max_pending`` images wait for company."""
-    buckets: dict[tuple[int, int], list[_Decoded]] = {}
-    pending = 0
-    for item in items:
-        size = item.rgb.shape[:2]
-        bucket = buckets.setdefault(size, [])
-        bucket.append(item)
-        pending += 1
-        if len(bucket) == batch_size:
-            pending -= len(buckets.pop(size))
-            yield bucket
-        elif pending > max_pending:
-            fullest = max(buckets, key=lambda s: len(buckets[s]))
-            pending -= len(buckets[fullest])
-            yield buckets.pop(fullest)
-    yield from buckets.values()
+    @property
+    def preview_only(self) -> bool:
+        """Every level is on disk; the preview is drawn from the files, with no forward pass."""
+        return not self.missing
 
 
 def extract(
@@ -163,8 +68,8 @@ def extract(
     options: Options | None = None,
     *,
     stdin_lines: Iterable[str] = (),
-    log: Callable[[str], None] | None = None,
-    on_failure: Callable[[str, str], None] | None = None,
+    log: Log | None = None,
+    on_failure: OnFailure | None = None,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] | None = None,
     **kwargs,
@@ -190,168 +95,357 @@ def extract(
     launch = torchrun_launch()
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
+    images = _own_images(inputs, stdin_lines, out, shard)
+    model = _build_model(opts)
+    store = Store(out, opts.levels, opts.save_dtype)
+    with lock_folder(out, shard):
+        record_settings(out, settings_record(opts, model.config.fpn_style), opts.overwrite, shard)
+        store.sweep_dead_runs()
+        _notes(opts, device, log)
+        report = Report(report_header(opts, model.config, device, shard), total=len(images), on_add=progress)
+        engine = Engine(model, device, opts.dtype, opts.save_dtype)
+        with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
+            if group is not None:
+                log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
+            try:
+                run(images, store, engine, opts, report, on_failure, log)
+            except KeyboardInterrupt as e:
+                report.interrupt(e)
+            except FPNError:
+                with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
+                    publish_report(store, report, shard, group, failed=True)
+                raise
+            if not report.interrupted:
+                finish_overwrite(out, shard)  # every level this run owed is written
+            publish_report(store, report, shard, group)
+    return report
+
+
+def _own_images(
+    inputs: Sequence[str | os.PathLike[str]],
+    stdin_lines: Iterable[str],
+    out: Path,
+    shard: tuple[int, int] | None,
+) -> list[InputImage]:
+    """The images this process is responsible for: all of ``inputs``, or its shard's."""
     images = find_images(inputs, stdin_lines, exclude=out)
     for image in images:
         Store.check_key(image.key, image.path)
     if shard is not None:
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
-    model = build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
-    store = Store(out, opts.levels, opts.save_dtype)
-    with lock_folder(out, shard):
-        record_settings(out, settings_record(opts, model.config.fpn_style), opts.overwrite, shard)
-        store.sweep_dead_runs()
-        if opts.dtype == "float16" and device.type == "cpu":
-            log("note: --dtype float16 is slow on CPUs (10x slower than float32, measured); use bfloat16")
-        if opts.weights == "random":
-            log(
-                f"note: --weights random (seed {opts.seed}): "
-                "features are for shapes and plumbing, not meaning"
-            )
-        report = Report(report_header(opts, model.config, device, shard), total=len(images), on_add=progress)
-        engine = Engine(model, device, opts.dtype, opts.save_dtype)
-        with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
-            if group is not None:
-                log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
-            try:
-                _run(images, store, engine, opts, device, report, on_failure, log)
-            except KeyboardInterrupt as e:
-                report.interrupt(e)
-            except FPNError:
-                with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
-                    _write_reports(store, report, shard, merge=launch is None)
-                raise
-            _write_reports(store, report, shard, merge=launch is None)
-            if not report.interrupted:
-                finish_overwrite(out, shard)
-            if group is not None:
-                group.barrier()  # every rank's part is on disk
-                if launch.rank == 0:
-                    _merge(store, shard[1])
-    return report
+    return images
 
 
-def _write_reports(store: Store, report: Report, shard: tuple[int, int] | None, merge: bool) -> None:
-    """report.json, or for a shard its part; with ``merge``, the shard that completes the set
-    merges them (under torchrun, rank 0 merges after the barrier instead)."""
-    if shard is None:
-        store.write_report(report.write_json)
-        return
-    store.write_shard_report(*shard, report.write_json)
-    if merge:
-        _merge(store, shard[1])
+def _build_model(opts: Options) -> FPN:
+    """The network that ``opts`` describe, with its weights: the one place a run makes its model."""
+    return build_fpn(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed)
 
 
-def _merge(store: Store, count: int) -> None:
-    parts = store.read_shard_reports(count)
-    if parts is not None:
-        store.write_report(lambda f: write_merged(f, parts))
+def _notes(opts: Options, device: torch.device, log: Log) -> None:
+    if opts.dtype == "float16" and device.type == "cpu":
+        log("note: --dtype float16 is slow on CPUs (10x slower than float32, measured); use bfloat16")
+    if opts.weights == "random":
+        log(f"note: --weights random (seed {opts.seed}): features are for shapes and plumbing, not meaning")
 
 
-def _plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[_Decoded]:
-    """Images with every requested level in place are reported as skipped; the rest are jobs for
-    their missing levels (all levels with ``overwrite``)."""
+def run(
+    images: Sequence[InputImage],
+    store: Store,
+    engine: Engine,
+    opts: Options,
+    report: Report,
+    on_failure: OnFailure,
+    log: Log,
+) -> None:
+    """Every image of ``images`` through the steps, each ending as one entry of ``report``:
+    planned, decoded, split from the failures, batched, forwarded, written."""
+    device = engine.device
+    batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
+    workers = opts.workers or default_workers(device)
+    jobs = plan(images, store, opts, report)
+    forward = Forward(engine, report, on_failure, log)
+    with Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview) as writer:
+        decoded = decode_ahead(jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size)
+        readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer)
+        for batch in batches(readable, batch_size, max_pending=4 * batch_size):
+            for job, levels, ready in forward(batch):
+                writer.put(job, levels, ready)
+
+
+def plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[Job]:
+    """Step 1. Images with every requested level in place (and their preview, if asked) are
+    reported as skipped; the rest are jobs for their missing levels (all with ``overwrite``), or
+    preview-only jobs."""
     jobs = []
     for image in images:
         if not (store.root / image.key).is_dir():  # a new image: one stat, no more
-            jobs.append(_Decoded(image, store.levels))
+            jobs.append(Job(image, store.levels))
             continue
         store.remove_strays(image.key)
         have = {} if opts.overwrite else store.existing(image.key)
         missing = tuple(level for level in store.levels if level not in have)
         if missing or (opts.preview and not store.preview_path(image.key).is_file()):
-            jobs.append(_Decoded(image, missing))  # no missing level: draw the preview alone
+            jobs.append(Job(image, missing))
         else:
             size = probe_size(image.path)
-            report.add(
-                ImageResult(
-                    image.rel,
-                    "skipped",
-                    input_size=size,
-                    model_input_size=opts.resize.target(*size) if size else None,
-                    levels=_level_entries(image.key, store, have),
-                    preview=_preview_entry(image.key, store),
-                )
-            )
+            target = opts.resize.target(*size) if size else None
+            report.add(_done_result(image, store, "skipped", size, target, have))
     return jobs
 
 
-def _run(
-    images: Sequence[InputImage],
-    store: Store,
-    engine: Engine,
-    opts: Options,
-    device: torch.device,
-    report: Report,
-    on_failure: Callable[[str, str], None],
-    log: Callable[[str], None],
-) -> None:
-    jobs = _plan(images, store, opts, report)
-    batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
-    workers = opts.workers or default_workers(device)
+def decode_ahead(
+    jobs: Sequence[Job], resize: Resize, max_pixels: int, workers: int, lookahead: int
+) -> Iterator[Job]:
+    """Step 2. ``jobs`` in order, each decoded (``rgb``, ``size``) or with its ``error``, on a pool
+    of ``workers`` threads that runs at most ``lookahead`` jobs ahead of the consumer."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
+    try:
+        yield from _prefetch(
+            pool, jobs, partial(_decode_job, resize=resize, max_pixels=max_pixels), lookahead
+        )
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
-    def decode_job(job: _Decoded) -> _Decoded:
+
+def _decode_job(job: Job, resize: Resize, max_pixels: int) -> Job:
+    try:
+        job.rgb, job.size = decode(job.image.path, resize, max_pixels)
+    except ImageError as e:
+        job.error = str(e)
+    return job
+
+
+def _prefetch(
+    pool: ThreadPoolExecutor, jobs: Sequence[Job], fn: Callable[[Job], Job], lookahead: int
+) -> Iterator[Job]:
+    """``fn`` over ``jobs`` on the pool, at most ``lookahead`` in flight, results in input order."""
+    pending: list[Future] = []
+    it = iter(jobs)
+    for job in it:
+        pending.append(pool.submit(fn, job))
+        if len(pending) >= lookahead:
+            break
+    while pending:
+        done = pending.pop(0).result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield done
+
+
+def split_off_failures(
+    decoded: Iterable[Job], report: Report, on_failure: OnFailure, fail_fast: bool, writer: Writer
+) -> Iterator[Job]:
+    """Step 3. Images that could not be read are failed inputs (with ``fail_fast``, the first
+    stops the run); preview-only jobs go straight to ``writer``; the rest go on to the network."""
+    for job in decoded:
+        if job.error is not None:
+            _fail(job, job.error, report, on_failure)
+            if fail_fast:
+                raise FPNError(f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}")
+        elif job.preview_only:
+            writer.put_preview(job)
+        else:
+            yield job
+
+
+def batches(jobs: Iterable[Job], batch_size: int, max_pending: int) -> Iterator[list[Job]]:
+    """Step 4. Groups decoded images of equal size into batches, in arrival order; features never
+    depend on a neighbour (no padding). At most ``max_pending`` images wait for company."""
+    buckets: dict[tuple[int, int], list[Job]] = {}
+    pending = 0
+    for job in jobs:
+        size = job.rgb.shape[:2]
+        bucket = buckets.setdefault(size, [])
+        bucket.append(job)
+        pending += 1
+        if len(bucket) == batch_size:
+            pending -= len(buckets.pop(size))
+            yield bucket
+        elif pending > max_pending:
+            fullest = max(buckets, key=lambda s: len(buckets[s]))
+            pending -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    yield from buckets.values()
+
+
+class Forward:
+    """Step 5. The network over a batch. A batch that runs out of device memory is split in halves,
+    each tried again; an image that does not fit alone is a failed input."""
+
+    def __init__(self, engine: Engine, report: Report, on_failure: OnFailure, log: Log) -> None:
+        self.engine, self.report, self.on_failure, self.log = engine, report, on_failure, log
+
+    def __call__(self, batch: list[Job]) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
+        """(job, its levels {level: (C, h, w) on the CPU}, an event that fires when the device's
+        copies into them are done, or None) for each image of ``batch`` that fits."""
+        result = self._try(batch)
+        if result is None:
+            yield from self._split(batch)
+            return
+        feats, ready = result
+        for i, job in enumerate(batch):
+            yield job, {k: v[i] for k, v in feats.items()}, ready
+
+    def _try(self, batch: list[Job]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None] | None:
+        """The engine's output, or None when the device ran out of memory. The caller retries after
+        this returns, outside the except block: inside it, the exception's traceback keeps the failed
+        forward's frames alive, and with them its activations, so the halves would fail too (seen on
+        a GPU)."""
         try:
-            job.rgb, job.size = decode(job.image.path, opts.resize, opts.max_pixels)
-        except ImageError as e:
-            job.error = str(e)
-        return job
-
-    def decoded_ok() -> Iterator[_Decoded]:
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
-        try:
-            for job in _prefetch(pool, jobs, decode_job, lookahead=2 * workers + 2 * batch_size):
-                if job.error is None and not job.missing:
-                    writer.put(job, None)
-                    continue
-                if job.error is None:
-                    yield job
-                    continue
-                on_failure(job.image.path, job.error)
-                report.add(ImageResult(job.image.rel, "failed", job.error))
-                if opts.fail_fast:
-                    raise FPNError(
-                        f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}"
-                    )
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    writer = Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview)
-
-    def compute(batch: list[_Decoded]) -> None:
-        feats = None
-        try:
-            feats, ready = engine(np.stack([job.rgb for job in batch]))
+            return self.engine(np.stack([job.rgb for job in batch]))
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
-        if feats is None:
-            # Retried outside the except block: inside it, the exception's traceback keeps the
-            # failed forward's frames alive, and with them its activations, so halves fail too.
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) > 1:  # the images may fit one at a time
-                h, w = batch[0].rgb.shape[:2]
-                log(f"note: out of memory on {device} for {len(batch)} {h}x{w} images: splitting the batch")
-                half = len(batch) // 2
-                compute(batch[:half])
-                compute(batch[half:])
-                return
-            job = batch[0]
-            h, w = job.rgb.shape[:2]
-            reason = (
-                f"out of memory on {device} for a {h}x{w} input; try --max-side or a smaller --batch-size"
-            )
-            on_failure(job.image.path, reason)
-            report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
-            return
-        for i, job in enumerate(batch):
-            writer.put(job, {k: v[i] for k, v in feats.items()}, ready)
+        return None
 
-    try:
-        for batch in _batches(decoded_ok(), batch_size, max_pending=4 * batch_size):
-            compute(batch)
-    finally:
-        writer.close()
+    def _split(self, batch: list[Job]) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
+        device = self.engine.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        h, w = batch[0].rgb.shape[:2]
+        if len(batch) > 1:  # the images may fit one at a time
+            self.log(f"note: out of memory on {device} for {len(batch)} {h}x{w} images: splitting the batch")
+            half = len(batch) // 2
+            yield from self(batch[:half])
+            yield from self(batch[half:])
+            return
+        reason = f"out of memory on {device} for a {h}x{w} input; try --max-side or a smaller --batch-size"
+        _fail(batch[0], reason, self.report, self.on_failure)
+
+
+class Writer:
+    """Step 6. Writes finished images on a background thread and reports each. The queue is
+    bounded, so a slow disk slows the producer instead of filling memory. The first error (disk
+    full, say) stops all writing: later jobs are drained unwritten, and :meth:`put` and
+    :meth:`close` raise it. Used as a context manager, it closes on exit."""
+
+    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
+        self.store, self.report, self.preview = store, report, preview
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: FPNError | None = None
+        self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, job: Job, levels: Levels, ready: torch.cuda.Event | None = None) -> None:
+        """Queues ``job``'s computed levels; ``ready``, if given, fires when the device's copies
+        into them are done (the writer waits for it before it reads them)."""
+        self._enqueue(job, partial(self._write_levels, job, levels, ready))
+
+    def put_preview(self, job: Job) -> None:
+        """Queues a preview-only job: its levels are read back from disk to draw the preview."""
+        self._enqueue(job, partial(self._write_preview_only, job))
+
+    def close(self) -> None:
+        """Waits for the queued jobs to be written; raises the first write error, if any."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _enqueue(self, job: Job, write: Callable[[], ImageResult]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((job, write))
+
+    def _loop(self) -> None:
+        while (task := self.queue.get()) is not None:
+            job, write = task
+            if self.error is not None:
+                continue  # after a fatal write error, drain without writing
+            try:
+                result = write()
+            except Exception as e:  # the thread must live on: a dead writer would hang the producer
+                where = self.store.root / job.image.key
+                if isinstance(e, OSError):
+                    reason, where = e.strerror or str(e), e.filename or where
+                else:
+                    reason = f"{type(e).__name__}: {e}"
+                self.error = FPNError(f"cannot write {where}: {reason}")
+                self.report.add(ImageResult(job.image.rel, "failed", f"not written: {reason}"))
+                continue
+            self.report.add(result)
+
+    def _write_levels(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> ImageResult:
+        if ready is not None:
+            ready.synchronize()  # the device-to-host copies of this batch are done
+        arrays = {k: np.asarray(v) for k, v in levels.items()}
+        self.store.write_levels(job.image.key, {k: arrays[k] for k in job.missing})
+        if self.preview:
+            self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
+        return self._result(job, "ok", arrays)
+
+    def _write_preview_only(self, job: Job) -> ImageResult:
+        arrays = self.store.read_levels(job.image.key)
+        self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
+        return self._result(job, "skipped", arrays)
+
+    def _result(self, job: Job, status: str, arrays: dict[str, np.ndarray]) -> ImageResult:
+        shapes = {k: v.shape for k, v in arrays.items()}
+        return _done_result(job.image, self.store, status, job.size, job.rgb.shape[:2], shapes)
+
+
+def publish_report(
+    store: Store,
+    report: Report,
+    shard: tuple[int, int] | None,
+    group: ProcessGroup | None = None,
+    failed: bool = False,
+) -> None:
+    """Step 7. Writes report.json; a shard writes its part, ``.shards/report-I-of-N.json``, and the
+    parts are merged into report.json once all are in: under torchrun (``group``) by rank 0 after
+    a barrier that waits for every rank's part, otherwise by whichever shard finds the set
+    complete. A torchrun rank that ``failed`` writes its part only: the others may never reach the
+    barrier."""
+    if shard is None:
+        store.write_report(report.write_json)
+        return
+    store.write_shard_report(*shard, report.write_json)
+    if group is not None:
+        if failed:
+            return
+        group.barrier()  # every rank's part is on disk
+        if group.rank != 0:
+            return
+    parts = store.read_shard_reports(shard[1])
+    if parts is not None:
+        store.write_report(lambda f: write_merged(f, parts))
+
+
+def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
+    """An image that could not be processed: ``on_failure`` is told, the report lists it failed."""
+    on_failure(job.image.path, reason)
+    report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
+
+
+def _done_result(
+    image: InputImage,
+    store: Store,
+    status: str,
+    input_size: tuple[int, int] | None,
+    model_input_size: tuple[int, int] | None,
+    shapes: dict[str, tuple[int, ...]],
+) -> ImageResult:
+    """The report entry of an image whose levels are on disk, written now ("ok") or before."""
+    key = image.key
+    return ImageResult(
+        image.rel,
+        status,
+        input_size=input_size,
+        model_input_size=tuple(model_input_size) if model_input_size else None,
+        levels={
+            level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
+            for level in store.levels
+            if level in shapes
+        },
+        preview=f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None,
+    )
 
 
 def summarize(

@@ -302,7 +302,7 @@ def test_an_interrupt_during_start_up_is_a_message_not_a_traceback(tmp_path, mon
     def interrupted(*args, **kwargs):
         raise interrupt
 
-    monkeypatch.setattr(pipeline, "build_fpn", interrupted)  # Ctrl-C or SIGTERM while the model loads
+    monkeypatch.setattr(pipeline, "_build_model", interrupted)  # Ctrl-C or SIGTERM while the model loads
     result = CliRunner().invoke(main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), *SEED])
     assert result.exit_code == status
     assert "Interrupted before any image was processed" in result.stderr
