@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from fpn_cli import build_fpn
-from fpn_cli.cli import main
 
+from conftest import FPN_EXTRACT, SEED, npy_files, report_of, run
 from imagefactory import mixed_folder, save_rgb, truncated_jpeg
 
-SEED = ["--arch", "seed", "--device", "cpu", "-q"]
 LEVELS = ("p2", "p3", "p4", "p5")
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=input)
 
 
 def ceil_shape(h, w, stride):
     return (256, -(-h // stride), -(-w // stride))
-
-
-def report_of(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
 
 
 @pytest.fixture
@@ -72,10 +60,9 @@ def test_mixed_folder_gives_every_file_at_its_path_with_its_shape(mixed, tmp_pat
 
 def test_installed_console_script_runs_end_to_end(mixed, tmp_path):
     folder, expected = mixed
-    script = Path(sys.executable).parent / "fpn-extract"
     out = tmp_path / "out"
     proc = subprocess.run(
-        [script, folder, "--out", out, "--arch", "seed", "--device", "cpu", "--save-dtype", "float16"],
+        [*FPN_EXTRACT, folder, "--out", out, "--arch", "seed", "--device", "cpu", "--save-dtype", "float16"],
         capture_output=True,
         text=True,
     )
@@ -213,19 +200,12 @@ def test_cuda_on_a_machine_without_it_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "device 'cuda' is not available" in result.output
 
 
-def test_output_path_that_is_a_file_is_a_usage_error(tmp_path):
-    save_rgb(tmp_path / "img.png", 8, 8)
-    (tmp_path / "out").write_text("x")
-    result = run(tmp_path / "img.png", "-o", tmp_path / "out", *SEED)
-    assert result.exit_code == 2 and "exists and is not a folder" in result.output
-
-
 def test_resume_completes_exactly_what_a_crash_left_missing(tmp_path):
     for name in ("a", "b", "c"):
         save_rgb(tmp_path / "in" / f"{name}.png", 16, 24, seed=ord(name))
     out = tmp_path / "out"
     assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
-    clean = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")}
+    clean = npy_files(out)
     # the crash: b lost two levels, c's folder holds a half-written temporary file
     (out / "b" / "p4.npy").unlink()
     (out / "b" / "p5.npy").unlink()
@@ -235,7 +215,7 @@ def test_resume_completes_exactly_what_a_crash_left_missing(tmp_path):
     untouched[Path("a/p2.npy")] = 1
     result = run(tmp_path / "in", "-o", out, *SEED)
     assert result.exit_code == 0, result.output
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")} == clean
+    assert npy_files(out) == clean
     assert {p: (out / p).stat().st_mtime_ns for p in untouched} == untouched
     assert not list(out.rglob("*.tmp"))
     statuses = {e["path"]: e["status"] for e in report_of(out)["images"]}

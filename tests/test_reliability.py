@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from fpn_cli.cli import main
 from fpn_cli.errors import Interrupted
 
+from conftest import FPN_EXTRACT, SEED, files, report_of, run
 from imagefactory import save_rgb, truncated_jpeg
-
-SCRIPT = Path(sys.executable).parent / "fpn-extract"
-SEED = ["--arch", "seed", "--device", "cpu", "-q"]
 
 
 def fpn(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [*FPN_EXTRACT, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen(
-        [SCRIPT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*FPN_EXTRACT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -41,10 +37,6 @@ def wait_for_outputs(out: Path, count: int, proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, "the run finished before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.005)
-
-
-def files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
 def strays(out: Path) -> list[str]:
@@ -96,7 +88,7 @@ def test_interrupt_stops_soon_reports_what_is_done_and_leaves_no_partial_file(ma
     assert time.monotonic() - sent < 5
     assert proc.returncode == status, stderr
     assert "Interrupted:" in stderr and "Traceback" not in stderr
-    report = json.loads((out / "report.json").read_text())
+    report = report_of(out)
     assert report["interrupted"] is True
     done = [e["path"] for e in report["images"] if e["status"] == "ok"]
     assert 3 <= len(done) < 40
@@ -105,7 +97,7 @@ def test_interrupt_stops_soon_reports_what_is_done_and_leaves_no_partial_file(ma
             np.load(out / Path(name).stem / f"{level}.npy")  # complete and readable
     assert strays(out) == []
     assert fpn(many, "-o", out, *SEED).returncode == 0
-    assert json.loads((out / "report.json").read_text())["counts"]["skipped"] == len(done)
+    assert report_of(out)["counts"]["skipped"] == len(done)
 
 
 def small_images(folder: Path, n: int = 6) -> None:
@@ -190,7 +182,7 @@ def test_symlink_loop_and_a_folder_named_like_an_image(tmp_path):
     save_rgb(tmp_path / "in" / "holiday.jpg" / "inside.png", 16, 16)
     result = fpn(tmp_path / "in", "-o", tmp_path / "out", *SEED)
     assert result.returncode == 0, result.stderr
-    paths = sorted(e["path"] for e in json.loads((tmp_path / "out" / "report.json").read_text())["images"])
+    paths = sorted(e["path"] for e in report_of(tmp_path / "out")["images"])
     assert paths == ["holiday.jpg/inside.png", "im0.png", "im1.png"]
 
 
@@ -206,7 +198,7 @@ def test_a_file_that_disappears_after_listing_is_a_failed_input(many, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert f"failed: {folder / 'im19.png'}: file disappeared before it could be read" in stderr
-    assert json.loads((out / "report.json").read_text())["counts"] == {"ok": 19, "skipped": 0, "failed": 1}
+    assert report_of(out)["counts"] == {"ok": 19, "skipped": 0, "failed": 1}
 
 
 def test_a_corrupt_image_in_the_middle_of_a_batch_spares_the_rest(tmp_path):
@@ -234,7 +226,7 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_finishes(slo
     assert second.returncode == 2
     assert f"another fpn-extract run (pid {first.pid} on " in second.stderr
     assert first.wait(timeout=120) == 0
-    assert json.loads((out / "report.json").read_text())["counts"] == {"ok": 24, "skipped": 0, "failed": 0}
+    assert report_of(out)["counts"] == {"ok": 24, "skipped": 0, "failed": 0}
     for path in out.glob("*/p2.npy"):
         assert np.load(path).shape == (256, 80, 80)
 
@@ -250,7 +242,7 @@ def test_shards_may_share_a_folder_but_a_whole_run_may_not(tmp_path):
         for index in (0, 1):
             shard = fpn(tmp_path / "in", "-o", out, "--shard", f"{index}/2", *SEED)
             assert shard.returncode == 0, shard.stderr
-    assert json.loads((out / "report.json").read_text())["counts"]["ok"] == 4
+    assert report_of(out)["counts"]["ok"] == 4
 
 
 def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monkeypatch):
@@ -270,7 +262,7 @@ def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monk
 
     monkeypatch.setattr(engine.Engine, "__call__", tight_memory)
     args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4", *SEED]
-    result = CliRunner().invoke(main, args)
+    result = run(*args)
     assert result.exit_code == 1
     assert "huge.png: out of memory on cpu for a 32x32 input" in result.stderr
     assert len(list((tmp_path / "out").glob("*/p5.npy"))) == 3
@@ -286,7 +278,7 @@ def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_
 
     monkeypatch.setattr(store.Store, "write_levels", broken)
     args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "1", *SEED]
-    result = CliRunner().invoke(main, args)
+    result = run(*args)
     assert result.exit_code == 1
     assert "cannot write" in result.stderr and "ValueError: simulated bug" in result.stderr
 
@@ -303,7 +295,7 @@ def test_an_interrupt_during_start_up_is_a_message_not_a_traceback(tmp_path, mon
         raise interrupt
 
     monkeypatch.setattr(pipeline, "_build_model", interrupted)  # Ctrl-C or SIGTERM while the model loads
-    result = CliRunner().invoke(main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), *SEED])
+    result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
     assert result.exit_code == status
     assert "Interrupted before any image was processed" in result.stderr
     assert not (tmp_path / "out").exists()

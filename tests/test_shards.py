@@ -6,22 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from fpn_cli.cli import main
 from fpn_cli.distributed import Launch, combine, is_rank_zero, shard_of, torchrun_launch
 
+from conftest import FPN_EXTRACT, SEED, npy_files, report_of, run
 from imagefactory import save_rgb
-
-SEED = ["--arch", "seed", "--device", "cpu", "-q"]
-BIN = Path(sys.executable).parent
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -29,14 +20,6 @@ def images(tmp_path):
     for i in range(7):
         save_rgb(tmp_path / "in" / f"d{i % 2}" / f"im{i}.png", 20 + 4 * (i % 3), 28, seed=i)
     return tmp_path / "in"
-
-
-def npy_files(out: Path) -> dict[Path, bytes]:
-    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")}
-
-
-def report_of(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
 
 
 def test_two_shards_together_equal_one_run_and_merge_one_report(images, tmp_path):
@@ -106,15 +89,15 @@ def test_the_torchrun_environment_is_read_in_one_place(monkeypatch, env, launch)
 def test_torchrun_two_processes_equal_one_process(images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each, so float sums run in one order
     single = subprocess.run(
-        [BIN / "fpn-extract", images, "-o", tmp_path / "single", *SEED],
+        [*FPN_EXTRACT, images, "-o", tmp_path / "single", *SEED],
         env=env,
         capture_output=True,
         text=True,
     )
     assert single.returncode == 0, single.stderr
     proc = subprocess.run(
-        [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", "--no-python",
-         BIN / "fpn-extract", images, "-o", tmp_path / "dist", *SEED],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--no-python", *FPN_EXTRACT, images, "-o", tmp_path / "dist", *SEED],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
