@@ -224,6 +224,32 @@ def test_resume_completes_exactly_what_a_crash_left_missing(tmp_path):
     assert skipped["levels"]["p2"]["shape"] == [256, 4, 6] and skipped["input_size"] == [16, 24]
 
 
+def test_asking_a_finished_folder_for_more_levels_writes_only_the_new_files(tmp_path):
+    for name in ("a", "b"):
+        save_rgb(tmp_path / "in" / f"{name}.png", 24, 40, seed=ord(name))
+    out = tmp_path / "out"
+    assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
+    for path in out.rglob("*.npy"):
+        os.utime(path, ns=(1, 1))
+    before = {p.relative_to(out): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.npy")}
+    assert len(before) == 8
+    contents = npy_files(out)
+    result = run(tmp_path / "in", "-o", out, *SEED, "--levels", "p2,p3,p4,p5,c5")
+    assert result.exit_code == 0, result.output  # levels are not a setting that forbids resuming
+    after = {p.relative_to(out): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.npy")}
+    assert {p: after[p] for p in before} == before  # the same files, untouched
+    now = npy_files(out)
+    assert {p: now[p] for p in contents} == contents
+    assert sorted(set(after) - set(before)) == [Path("a/c5.npy"), Path("b/c5.npy")]
+    entries = {e["path"]: e for e in report_of(out)["images"]}
+    assert {p: e["status"] for p, e in entries.items()} == {"a.png": "ok", "b.png": "ok"}
+    assert list(entries["a.png"]["levels"]) == ["p2", "p3", "p4", "p5", "c5"]
+    fresh = tmp_path / "fresh"
+    assert run(tmp_path / "in", "-o", fresh, *SEED, "--levels", "c5").exit_code == 0
+    for key in ("a", "b"):
+        np.testing.assert_allclose(np.load(out / key / "c5.npy"), np.load(fresh / key / "c5.npy"), atol=1e-5)
+
+
 def test_a_truncated_level_file_is_not_complete(tmp_path):
     save_rgb(tmp_path / "in" / "a.png", 16, 24)
     out = tmp_path / "out"

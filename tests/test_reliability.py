@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import resource
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -103,6 +104,44 @@ def test_interrupt_stops_soon_reports_what_is_done_and_leaves_no_partial_file(ma
 def small_images(folder: Path, n: int = 6) -> None:
     for i in range(n):
         save_rgb(folder / f"im{i}.png", 32, 32, seed=i)
+
+
+def test_temporary_files_of_dead_runs_are_swept_and_a_live_runs_kept(tmp_path):
+    """The real names, ``.NAME~HOST~PID.tmp``: at the top of OUT and in .shards, only those whose
+    writer ran on this host and is gone are deleted; in an image folder (which the lock makes this
+    run's alone), any."""
+    small_images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    assert fpn(tmp_path / "in", "-o", out, "--levels", "p5", *SEED).returncode == 0
+    (out / ".shards").mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is no process now
+    live = subprocess.Popen(["sleep", "60"])
+    host = socket.gethostname()
+
+    def leftover(folder: Path, name: str, host: str, pid: int) -> Path:
+        path = folder / f".{name}~{host}~{pid}.tmp"
+        path.write_bytes(b"partial")
+        return path
+
+    try:
+        swept = [
+            leftover(out, "report.json", host, dead.pid),
+            leftover(out / ".shards", "report-0-of-2.json", host, dead.pid),
+            leftover(out / "im0", "p2.npy", host, live.pid),
+        ]
+        kept = [
+            leftover(out, "report.json", host, live.pid),
+            leftover(out / ".shards", "report-1-of-2.json", host, live.pid),
+            leftover(out, ".fpn-extract.json", "another-host", dead.pid),
+        ]
+        rerun = fpn(tmp_path / "in", "-o", out, "--levels", "p2,p5", *SEED)
+        assert rerun.returncode == 0, rerun.stderr
+        assert [p.name for p in swept if p.exists()] == []
+        assert [p.name for p in kept if not p.exists()] == []
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_file_size_limit_at_the_write_layer_is_a_clean_error_then_resumes(tmp_path):

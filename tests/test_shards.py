@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,12 +55,43 @@ def test_bad_shard_values_are_usage_errors(images, tmp_path, value):
     assert "--shard" in result.output
 
 
-def test_an_image_keeps_its_shard_when_others_are_added():
-    keys = [f"img{i:04d}" for i in range(400)]
-    owners = {k: shard_of(k, 4) for k in keys}
-    assert set(owners.values()) == {0, 1, 2, 3}
-    assert min(list(owners.values()).count(s) for s in range(4)) > 60  # roughly balanced
-    assert {k: shard_of(k, 4) for k in keys[:50]} == {k: owners[k] for k in keys[:50]}
+@pytest.mark.parametrize(
+    "key,crc32",  # zlib.crc32 of the key's UTF-8 bytes, computed once and written here
+    [("cat", 2656977832), ("x/cat", 2530113985), ("d0/im0", 3394977512), ("img0000", 837122815)],
+)
+def test_an_images_shard_is_the_crc32_of_its_key_modulo_n(key, crc32):
+    for count in (1, 2, 3, 4, 7):
+        assert shard_of(key, count) == crc32 % count
+
+
+def parts(out: Path) -> list[dict[str, str]]:
+    """Each shard's report part: path -> status."""
+    return [
+        {e["path"]: e["status"] for e in json.loads(p.read_text())["images"]}
+        for p in sorted((out / ".shards").glob("report-*-of-2.json"))
+    ]
+
+
+def test_an_image_keeps_its_shard_when_others_are_added(images, tmp_path):
+    out = tmp_path / "out"
+    for index in (0, 1):
+        assert run(images, "-o", out, "--shard", f"{index}/2", *SEED).exit_code == 0
+    first = parts(out)
+    assert all(first)  # both shards own images
+    assert sorted(p for part in first for p in part) == sorted(e["path"] for e in report_of(out)["images"])
+    for i in range(3):  # sorted before the others: every earlier image moves by three places
+        save_rgb(images / "a" / f"new{i}.png", 20, 28, seed=10 + i)
+    for index in (0, 1):
+        assert run(images, "-o", out, "--shard", f"{index}/2", *SEED).exit_code == 0
+    second = parts(out)
+    for before, after in zip(first, second, strict=True):
+        assert {p: after.get(p) for p in before} == dict.fromkeys(before, "skipped")  # kept, not moved
+    assert sorted(p for part in second for p in part if p.startswith("a/")) == [
+        "a/new0.png",
+        "a/new1.png",
+        "a/new2.png",
+    ]
+    assert report_of(out)["counts"] == {"ok": 3, "skipped": 7, "failed": 0}
 
 
 def test_shard_under_torchrun_is_split_among_ranks():
