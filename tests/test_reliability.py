@@ -27,7 +27,13 @@ def fpn(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen(
-        [*FPN_EXTRACT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*FPN_EXTRACT, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell starts background jobs with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: the run gets Ctrl-C's default, however pytest itself was started
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
