@@ -38,8 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from fpn_cli import build_fpn
-from fpn_cli.engine import MEAN, STD, Engine, resolve_device
+from fpn_cli.engine import Engine, resolve_device
 from fpn_cli.images import IMAGE_EXTENSIONS, Resize, decode
+from fpn_cli.preprocess import IMAGENET
 
 ROOT = Path(__file__).resolve().parents[1]
 # runs the CLI in-process and prints its own peak RSS, so each run's memory is its own
@@ -100,7 +101,7 @@ def naive_loop(paths: list[Path], out: Path, device: torch.device, size: tuple[i
         image = Image.open(path).convert("RGB")
         if size is not None:
             image = image.resize((size[1], size[0]), Image.BILINEAR)
-        x = TF.normalize(TF.to_tensor(image), MEAN, STD)[None].to(device)
+        x = TF.normalize(TF.to_tensor(image), IMAGENET.mean, IMAGENET.std)[None].to(device)
         with torch.no_grad():
             feats = model(x)
         for name, level in zip(("p2", "p3", "p4", "p5"), ("0", "1", "2", "3"), strict=True):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .builder import build_fpn  # noqa: E402
-from .errors import FPNError, ImageError, UsageError, WeightsError  # noqa: E402
-from .pipeline import Options, extract  # noqa: E402
+from .builder import build_fpn
+from .errors import FPNError, ImageError, UsageError, WeightsError
+from .options import Options
+from .pipeline import extract
+from .version import __version__
 
 __all__ = [
     "FPNError",

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
 
 import click
 
-from . import __version__
 from .backbones import ARCHS, TIMM_PREFIX, get_arch
 from .builder import resolve
-from .errors import FPNError
+from .distributed import is_rank_zero
+from .engine import DTYPES, SAVE_DTYPES
+from .errors import FPNError, Interrupted
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .levels import LEVELS, parse_levels
-from .pipeline import DTYPES, SAVE_DTYPES, Options, extract, summarize
+from .options import Options
+from .pipeline import extract, summarize
 from .pyramid import USER_STYLES
+from .report import interrupted_status
+from .version import __version__
 
 
 class _IntPair(click.ParamType):
@@ -240,7 +243,7 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
-        show_progress = not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+        show_progress = not quiet and sys.stderr.isatty() and is_rank_zero()
         previous = signal.signal(signal.SIGTERM, _interrupt)  # preemption (Slurm, k8s) stops like Ctrl-C
         try:
             report = extract(
@@ -258,27 +261,21 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # before the run began: nothing was written
+    except KeyboardInterrupt as e:  # before the run began: nothing was written
         _echo_err("Interrupted before any image was processed")
-        sys.exit(128 + signal.SIGTERM if _terminated else 130)
+        sys.exit(interrupted_status(e))
     if verbose:
         for path, status in report.statuses():
             _echo_err(f"{status}: {path}")
     if report.interrupted:
         _echo_err(f"Interrupted: {report.counts['ok']} images written; {out}/report.json lists what is done")
-        sys.exit(128 + signal.SIGTERM if _terminated else report.exit_status)
     elif not quiet:
         click.echo(report.format_shapes())
     sys.exit(report.exit_status)
 
 
-_terminated = False
-
-
 def _interrupt(signum, frame) -> None:
-    global _terminated
-    _terminated = True
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def _echo_err(message: str) -> None:

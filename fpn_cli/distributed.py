@@ -38,6 +38,13 @@ def torchrun_launch() -> Launch | None:
     return Launch(rank, world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def is_rank_zero() -> bool:
+    """False only in a torchrun rank other than 0: what one process of a job shows (the progress
+    bar) is shown once."""
+    launch = torchrun_launch()
+    return launch is None or launch.rank == 0
+
+
 def shard_of(key: str, count: int) -> int:
     """The shard (0..count-1) that owns the image with output key ``key``. A hash of the key, not a
     position in the list, so an image keeps its shard when other images are added or removed."""
@@ -55,7 +62,8 @@ def combine(shard: tuple[int, int] | None, launch: Launch | None) -> tuple[int, 
 class ProcessGroup:
     """torch.distributed for the length of a run: opened on entry, a barrier, closed on exit."""
 
-    def __init__(self, device: torch.device, timeout_s: float = 3600) -> None:
+    def __init__(self, launch: Launch, device: torch.device, timeout_s: float = 3600) -> None:
+        self.rank = launch.rank
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device

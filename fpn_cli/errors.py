@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class FPNError(Exception):
     """Anything fpn-extract reports to the user; the message is one line."""
@@ -21,3 +23,12 @@ class WeightsError(UsageError):
 
 class ImageError(FPNError):
     """One input image could not be decoded; the run carries on with the others."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops a run as Ctrl-C does, e.g. SIGTERM (Slurm, Kubernetes preemption).
+    ``signum`` says which; a plain ``KeyboardInterrupt`` is Ctrl-C's SIGINT."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -288,6 +288,9 @@ def warnings_to(log: Callable[[str], None]) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check sizes ourselves
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning
+        )  # libraries' notes to us, not about files
         warnings.showwarning = show
         yield
 
@@ -383,7 +386,9 @@ def _png16_to_rgb8(data: bytes) -> np.ndarray:
     import torch
     from torchvision.io import ImageReadMode, decode_png
 
-    pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+        pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
     values = pixels.permute(1, 2, 0).numpy().astype(np.float64)
     return np.rint(values / 257.0).astype(np.uint8)
 

@@ -1,8 +1,17 @@
-"""The extraction run: inputs to plan, decode prefetch, same-size batching, the forward pass
-(engine.py), and a background writer, so that decoding and disk writes overlap the network.
+"""The extraction run. Each arrow of the diagram is one named step, defined below in this order;
+jobs flow one way through them, and :func:`run` strings them together:
 
-    find_images -> [skip complete] -> decode (thread pool, bounded look-ahead)
-      -> batches of equal size -> forward (inference mode, autocast) -> writer thread (bounded queue)
+    plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
+
+- :func:`plan`: which images need work and which levels of each; complete ones are reported skipped.
+- :func:`decode_ahead`: decoding on a thread pool, a bounded look-ahead in front of the network.
+- :func:`split_off_failures`: unreadable images to the report, preview-only jobs to the writer.
+- :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
+- :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
+- :class:`Writer`: a background thread, behind a bounded queue, writes levels and previews.
+- :func:`publish_report`: report.json, or a shard's part, merged once the set is complete.
+
+:func:`extract` is the whole job around the run: inputs, shard, model, output folder and its lock.
 """
 
 from __future__ import annotations
@@ -13,147 +22,208 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__, preview
+from . import preview
 from .builder import ModelSpec, build, resolve
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
-from .engine import DTYPES, SAVE_DTYPES, Engine, default_workers, is_out_of_memory, resolve_device
-from .errors import FPNError, ImageError, UsageError
-from .images import DEFAULT_MAX_PIXELS, InputImage, Resize, decode, find_images, probe_size
-from .levels import parse_levels
-from .model import level_info, output_shapes, parameter_count, resolved_levels
+from .engine import Engine, default_workers, is_out_of_memory, resolve_device
+from .errors import FPNError, ImageError
+from .images import InputImage, Resize, decode, find_images, probe_size
+from .locks import finish_overwrite, lock_folder, record_settings
+from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
+from .options import Options, report_header, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
 from .store import PREVIEW_FILE, Store
 
-
-@dataclass(frozen=True)
-class Options:
-    """Every setting of an extraction run (the CLI's options, by the same names)."""
-
-    arch: str | None = None  # None: resnet50, or what the weights need
-    weights: str = "random"
-    fpn_style: str | None = None  # None: reference, or what the weights need
-    levels: tuple[str, ...] | None = None  # None: P2-P5, or the zoo entry's pyramid
-    pad_multiple: int | None = None  # None: what the weights' framework does (none for torchvision)
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int | None = None  # None: 8 on an accelerator, 1 on the CPU
-    resize: Resize = field(default_factory=Resize)
-    dtype: str = "float32"  # compute precision (autocast below float32)
-    save_dtype: str = "float32"
-    overwrite: bool = False
-    workers: int | None = None  # decode threads; None: by device and core count
-    fail_fast: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    preview: bool = False  # also write OUT/<key>/preview.png
-
-    def __post_init__(self) -> None:
-        if self.levels is not None:
-            object.__setattr__(self, "levels", parse_levels(self.levels))
-        object.__setattr__(self, "weights", str(self.weights))
-        if self.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise UsageError(f"unknown save dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
+Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
+OnFailure = Callable[[str, str], None]  # (path as given, reason)
+Log = Callable[[str], None]
 
 
 @dataclass
-class _Decoded:
+class Job:
+    """One image's work, filled in as it moves through the run."""
+
     image: InputImage
-    missing: tuple[str, ...]  # the levels to write
-    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized
-    size: tuple[int, int] | None = None  # as decoded
-    error: str | None = None
+    missing: tuple[str, ...]  # the levels to compute and write; () when only the preview is missing
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead
+    size: tuple[int, int] | None = None  # (H, W) as decoded
+    error: str | None = None  # why it could not be decoded
+
+    @property
+    def preview_only(self) -> bool:
+        """Every level is on disk; the preview is drawn from the files, with no forward pass."""
+        return not self.missing
 
 
-class Writer:
-    """Writes finished images on a background thread. The queue is bounded, so a slow disk slows
-    the producer instead of filling memory. The first OS error (disk full, say) stops all writing."""
+def extract(
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    options: Options | None = None,
+    *,
+    stdin_lines: Iterable[str] = (),
+    log: Log | None = None,
+    on_failure: OnFailure | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    shard: tuple[int, int] | None = None,
+    **kwargs,
+) -> Report:
+    """Runs a whole extraction: finds the images in ``inputs``, writes their levels under ``out``
+    and ``out/report.json``, and returns the :class:`Report` (its ``exit_status`` is the CLI's).
 
-    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
-        self.store, self.report, self.preview = store, report, preview
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: FPNError | None = None
-        self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
-        self.thread.start()
+    ``options`` and keyword arguments set the run: the keywords are fields of :class:`Options` and
+    replace those of ``options`` (``extract(inputs, out, base, overwrite=True)`` is ``base`` with
+    ``overwrite``); a keyword that is no field is a ``TypeError`` naming it. ``log`` receives
+    one-line notices, ``on_failure`` (path, reason) for each image that failed, ``progress``
+    (done, total) after each image.
 
-    def put(self, item: _Decoded, arrays: dict[str, np.ndarray | torch.Tensor] | None, ready=None) -> None:
-        """Queues ``item``'s computed levels; ``arrays`` None: its levels are on disk already and
-        only its preview is missing."""
-        if self.error is not None:
-            raise self.error
-        self.queue.put((item, arrays, ready))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def _loop(self) -> None:
-        while (job := self.queue.get()) is not None:
-            item, arrays, ready = job
-            if self.error is not None:
-                continue  # after a fatal write error, drain without writing
-            key = item.image.key
+    >>> import tempfile
+    >>> report = extract(["examples/"], tempfile.mkdtemp(), arch="seed", device="cpu")
+    >>> report.counts, report.exit_status
+    ({'ok': 5, 'skipped': 0, 'failed': 0}, 0)
+    """
+    opts = Options(**kwargs) if options is None else replace(options, **kwargs)
+    log = log or (lambda message: None)
+    on_failure = on_failure or (lambda path, reason: None)
+    out = Path(out)
+    launch = torchrun_launch()
+    shard = combine(shard, launch)
+    device = resolve_device(opts.device, launch.local_rank if launch else None)
+    images = _own_images(inputs, stdin_lines, out, shard)
+    spec = _resolve_model(opts)
+    model = _build_model(spec)
+    store = Store(out, resolved_levels(spec.config), opts.save_dtype)
+    with lock_folder(out, shard):
+        record_settings(out, settings_record(opts, spec), opts.overwrite, shard)
+        store.sweep_dead_runs()
+        _notes(opts, spec, device, log)
+        report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
+        engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
+        with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
+            if group is not None:
+                log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
             try:
-                if ready is not None:
-                    ready.synchronize()  # the device-to-host copies of this batch are done
-                if arrays is None:
-                    numpy = self.store.read_levels(key)
-                else:
-                    numpy = {k: np.asarray(v) for k, v in arrays.items()}
-                    self.store.write_levels(key, {k: numpy[k] for k in item.missing})
-                if self.preview:
-                    self.store.write_preview(key, preview.render(item.rgb, numpy))
-            except Exception as e:  # the thread must live on: a dead writer would hang the producer
-                if isinstance(e, OSError):
-                    reason, where = e.strerror or str(e), e.filename or self.store.root / key
-                else:
-                    reason, where = f"{type(e).__name__}: {e}", self.store.root / key
-                self.error = FPNError(f"cannot write {where}: {reason}")
-                self.report.add(ImageResult(item.image.rel, "failed", f"not written: {reason}"))
-                continue
-            status = "skipped" if arrays is None else "ok"
-            self.report.add(_written_result(item, self.store, {k: v.shape for k, v in numpy.items()}, status))
+                run(images, store, engine, opts, report, on_failure, log)
+            except KeyboardInterrupt as e:
+                report.interrupt(e)
+            except FPNError:
+                with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
+                    publish_report(store, report, shard, group, failed=True)
+                raise
+            if not report.interrupted:
+                finish_overwrite(out, shard)  # every level this run owed is written
+            publish_report(store, report, shard, group)
+    return report
 
 
-def _written_result(
-    item: _Decoded, store: Store, shapes: dict[str, tuple[int, ...]], status: str
-) -> ImageResult:
-    assert item.rgb is not None
-    return ImageResult(
-        item.image.rel,
-        status,
-        input_size=item.size,
-        model_input_size=tuple(item.rgb.shape[:2]),
-        levels=_level_entries(item.image.key, store, shapes),
-        preview=_preview_entry(item.image.key, store),
-    )
+def _own_images(
+    inputs: Sequence[str | os.PathLike[str]],
+    stdin_lines: Iterable[str],
+    out: Path,
+    shard: tuple[int, int] | None,
+) -> list[InputImage]:
+    """The images this process is responsible for: all of ``inputs``, or its shard's."""
+    images = find_images(inputs, stdin_lines, exclude=out)
+    for image in images:
+        Store.check_key(image.key, image.path)
+    if shard is not None:
+        images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
+    return images
 
 
-def _preview_entry(key: str, store: Store) -> str | None:
-    return f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None
+def _resolve_model(opts: Options) -> ModelSpec:
+    """What model ``opts`` describe (builder.resolve is the one owner of that decision)."""
+    return resolve(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed, opts.pad_multiple)
 
 
-def _level_entries(key: str, store: Store, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
-    return {
-        level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
-        for level in store.levels
-        if level in shapes
-    }
+def _build_model(spec: ModelSpec) -> FPN:
+    """The network ``spec`` describes, with its weights: the one place a run makes its model."""
+    return build(spec)
+
+
+def _notes(opts: Options, spec: ModelSpec, device: torch.device, log: Log) -> None:
+    if opts.dtype == "float16" and device.type == "cpu":
+        log("note: --dtype float16 is slow on CPUs (10x slower than float32, measured); use bfloat16")
+    if spec.random:
+        log(f"note: --weights random (seed {spec.seed}): features are for shapes and plumbing, not meaning")
+
+
+def run(
+    images: Sequence[InputImage],
+    store: Store,
+    engine: Engine,
+    opts: Options,
+    report: Report,
+    on_failure: OnFailure,
+    log: Log,
+) -> None:
+    """Every image of ``images`` through the steps, each ending as one entry of ``report``:
+    planned, decoded, split from the failures, batched, forwarded, written."""
+    device = engine.device
+    batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
+    workers = opts.workers or default_workers(device)
+    jobs = plan(images, store, opts, report)
+    forward = Forward(engine, report, on_failure, log)
+    with Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview) as writer:
+        decoded = decode_ahead(jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size)
+        readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer)
+        for batch in batches(readable, batch_size, max_pending=4 * batch_size):
+            for job, levels, ready in forward(batch):
+                writer.put(job, levels, ready)
+
+
+def plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[Job]:
+    """Step 1. Images with every requested level in place (and their preview, if asked) are
+    reported as skipped; the rest are jobs for their missing levels (all with ``overwrite``), or
+    preview-only jobs."""
+    jobs = []
+    for image in images:
+        if not (store.root / image.key).is_dir():  # a new image: one stat, no more
+            jobs.append(Job(image, store.levels))
+            continue
+        store.remove_strays(image.key)
+        have = {} if opts.overwrite else store.existing(image.key)
+        missing = tuple(level for level in store.levels if level not in have)
+        if missing or (opts.preview and not store.preview_path(image.key).is_file()):
+            jobs.append(Job(image, missing))
+        else:
+            size = probe_size(image.path)
+            target = opts.resize.target(*size) if size else None
+            report.add(_done_result(image, store, "skipped", size, target, have))
+    return jobs
+
+
+def decode_ahead(
+    jobs: Sequence[Job], resize: Resize, max_pixels: int, workers: int, lookahead: int
+) -> Iterator[Job]:
+    """Step 2. ``jobs`` in order, each decoded (``rgb``, ``size``) or with its ``error``, on a pool
+    of ``workers`` threads that runs at most ``lookahead`` jobs ahead of the consumer."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
+    try:
+        yield from _prefetch(
+            pool, jobs, partial(_decode_job, resize=resize, max_pixels=max_pixels), lookahead
+        )
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_job(job: Job, resize: Resize, max_pixels: int) -> Job:
+    try:
+        job.rgb, job.size = decode(job.image.path, resize, max_pixels)
+    except ImageError as e:
+        job.error = str(e)
+    return job
 
 
 def _prefetch(
-    pool: ThreadPoolExecutor, jobs: Sequence[_Decoded], fn: Callable[[_Decoded], _Decoded], lookahead: int
-) -> Iterator[_Decoded]:
+    pool: ThreadPoolExecutor, jobs: Sequence[Job], fn: Callable[[Job], Job], lookahead: int
+) -> Iterator[Job]:
     """``fn`` over ``jobs`` on the pool, at most ``lookahead`` in flight, results in input order."""
     pending: list[Future] = []
     it = iter(jobs)
@@ -169,15 +239,31 @@ def _prefetch(
         yield done
 
 
-def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> Iterator[list[_Decoded]]:
-    """Groups decoded images of equal size into batches, in arrival order; features never depend
-    on a neighbour (no padding). At most ``max_pending`` images wait for company."""
-    buckets: dict[tuple[int, int], list[_Decoded]] = {}
+def split_off_failures(
+    decoded: Iterable[Job], report: Report, on_failure: OnFailure, fail_fast: bool, writer: Writer
+) -> Iterator[Job]:
+    """Step 3. Images that could not be read are failed inputs (with ``fail_fast``, the first
+    stops the run); preview-only jobs go straight to ``writer``; the rest go on to the network."""
+    for job in decoded:
+        if job.error is not None:
+            _fail(job, job.error, report, on_failure)
+            if fail_fast:
+                raise FPNError(f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}")
+        elif job.preview_only:
+            writer.put_preview(job)
+        else:
+            yield job
+
+
+def batches(jobs: Iterable[Job], batch_size: int, max_pending: int) -> Iterator[list[Job]]:
+    """Step 4. Groups decoded images of equal size into batches, in arrival order; features never
+    depend on a neighbour (no padding). At most ``max_pending`` images wait for company."""
+    buckets: dict[tuple[int, int], list[Job]] = {}
     pending = 0
-    for item in items:
-        size = item.rgb.shape[:2]
+    for job in jobs:
+        size = job.rgb.shape[:2]
         bucket = buckets.setdefault(size, [])
-        bucket.append(item)
+        bucket.append(job)
         pending += 1
         if len(bucket) == batch_size:
             pending -= len(buckets.pop(size))
@@ -189,243 +275,183 @@ def _batches(items: Iterable[_Decoded], batch_size: int, max_pending: int) -> It
     yield from buckets.values()
 
 
-def settings_record(opts: Options, spec: ModelSpec) -> dict:
-    """What decides the numbers in the files: recorded in the output folder and checked on resume."""
-    return {
-        "arch": spec.config.arch,
-        "fpn_style": spec.config.fpn_style,
-        "weights": spec.weights,
-        "seed": spec.seed if not spec.fpn_from_weights else None,
-        "dtype": opts.dtype,
-        "save_dtype": opts.save_dtype,
-        "resize": asdict(opts.resize),
-        "pad_multiple": spec.config.pad_multiple,
-    }
+class Forward:
+    """Step 5. The network over a batch. A batch that runs out of device memory is split in halves,
+    each tried again; an image that does not fit alone is a failed input."""
 
+    def __init__(self, engine: Engine, report: Report, on_failure: OnFailure, log: Log) -> None:
+        self.engine, self.report, self.on_failure, self.log = engine, report, on_failure, log
 
-def extract(
-    inputs: Sequence[str | os.PathLike[str]],
-    out: str | os.PathLike[str],
-    options: Options | None = None,
-    *,
-    stdin_lines: Iterable[str] = (),
-    log: Callable[[str], None] | None = None,
-    on_failure: Callable[[str, str], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    shard: tuple[int, int] | None = None,
-    **kwargs,
-) -> Report:
-    """Runs a whole extraction: finds the images in ``inputs``, writes their levels under ``out``
-    and ``out/report.json``, and returns the :class:`Report` (its ``exit_status`` is the CLI's).
+    def __call__(self, batch: list[Job]) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
+        """(job, its levels {level: (C, h, w) on the CPU}, an event that fires when the device's
+        copies into them are done, or None) for each image of ``batch`` that fits."""
+        result = self._try(batch)
+        if result is None:
+            yield from self._split(batch)
+            return
+        feats, ready = result
+        for i, job in enumerate(batch):
+            yield job, {k: v[i] for k, v in feats.items()}, ready
 
-    ``options`` or keyword arguments of :class:`Options` set the run; ``log`` receives one-line
-    notices, ``on_failure`` (path, reason) for each image that failed, ``progress`` (done, total)
-    after each image.
-
-    >>> import tempfile
-    >>> report = extract(["examples/"], tempfile.mkdtemp(), arch="seed", device="cpu")
-    >>> report.counts, report.exit_status
-    ({'ok': 5, 'skipped': 0, 'failed': 0}, 0)
-    """
-    opts = options or Options(**kwargs)
-    log = log or (lambda message: None)
-    on_failure = on_failure or (lambda path, reason: None)
-    out = Path(out)
-    launch = torchrun_launch()
-    shard = combine(shard, launch)
-    device = resolve_device(opts.device, launch.local_rank if launch else None)
-    images = find_images(inputs, stdin_lines, exclude=out)
-    for image in images:
-        Store.check_key(image.key, image.path)
-    if shard is not None:
-        images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
-    spec = resolve(opts.arch, opts.weights, opts.fpn_style, opts.levels, opts.seed, opts.pad_multiple)
-    model = build(spec)
-    store = Store(out, resolved_levels(spec.config), opts.save_dtype)
-    with store.lock(shard):
-        store.prepare(settings_record(opts, spec), opts.overwrite, shard)
-        if opts.dtype == "float16" and device.type == "cpu":
-            log("note: --dtype float16 is slow on CPUs (10x slower than float32, measured); use bfloat16")
-        if spec.random:
-            log(
-                f"note: --weights random (seed {opts.seed}): "
-                "features are for shapes and plumbing, not meaning"
-            )
-        report = Report(_header(opts, spec, device, shard), total=len(images), on_add=progress)
-        engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
-        with ProcessGroup(device) if launch else contextlib.nullcontext() as group:
-            if group is not None:
-                log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
-            try:
-                _run(images, store, engine, opts, device, report, on_failure, log)
-            except KeyboardInterrupt:
-                report.interrupted = True
-            except FPNError:
-                with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
-                    _write_reports(store, report, shard, merge=launch is None)
+    def _try(self, batch: list[Job]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None] | None:
+        """The engine's output, or None when the device ran out of memory. The caller retries after
+        this returns, outside the except block: inside it, the exception's traceback keeps the failed
+        forward's frames alive, and with them its activations, so the halves would fail too (seen on
+        a GPU)."""
+        try:
+            return self.engine(np.stack([job.rgb for job in batch]))
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(e):
                 raise
-            _write_reports(store, report, shard, merge=launch is None)
-            if not report.interrupted:
-                store.finish(shard)
-            if group is not None:
-                group.barrier()  # every rank's part is on disk
-                if launch.rank == 0:
-                    _merge(store, shard[1])
-    return report
+        return None
+
+    def _split(self, batch: list[Job]) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
+        device = self.engine.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        h, w = batch[0].rgb.shape[:2]
+        if len(batch) > 1:  # the images may fit one at a time
+            self.log(f"note: out of memory on {device} for {len(batch)} {h}x{w} images: splitting the batch")
+            half = len(batch) // 2
+            yield from self(batch[:half])
+            yield from self(batch[half:])
+            return
+        reason = f"out of memory on {device} for a {h}x{w} input; try --max-side or a smaller --batch-size"
+        _fail(batch[0], reason, self.report, self.on_failure)
 
 
-def _write_reports(store: Store, report: Report, shard: tuple[int, int] | None, merge: bool) -> None:
-    """report.json, or for a shard its part; with ``merge``, the shard that completes the set
-    merges them (under torchrun, rank 0 merges after the barrier instead)."""
+class Writer:
+    """Step 6. Writes finished images on a background thread and reports each. The queue is
+    bounded, so a slow disk slows the producer instead of filling memory. The first error (disk
+    full, say) stops all writing: later jobs are drained unwritten, and :meth:`put` and
+    :meth:`close` raise it. Used as a context manager, it closes on exit."""
+
+    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
+        self.store, self.report, self.preview = store, report, preview
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: FPNError | None = None
+        self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, job: Job, levels: Levels, ready: torch.cuda.Event | None = None) -> None:
+        """Queues ``job``'s computed levels; ``ready``, if given, fires when the device's copies
+        into them are done (the writer waits for it before it reads them)."""
+        self._enqueue(job, partial(self._write_levels, job, levels, ready))
+
+    def put_preview(self, job: Job) -> None:
+        """Queues a preview-only job: its levels are read back from disk to draw the preview."""
+        self._enqueue(job, partial(self._write_preview_only, job))
+
+    def close(self) -> None:
+        """Waits for the queued jobs to be written; raises the first write error, if any."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _enqueue(self, job: Job, write: Callable[[], ImageResult]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((job, write))
+
+    def _loop(self) -> None:
+        while (task := self.queue.get()) is not None:
+            job, write = task
+            if self.error is not None:
+                continue  # after a fatal write error, drain without writing
+            try:
+                result = write()
+            except Exception as e:  # the thread must live on: a dead writer would hang the producer
+                where = self.store.root / job.image.key
+                if isinstance(e, OSError):
+                    reason, where = e.strerror or str(e), e.filename or where
+                else:
+                    reason = f"{type(e).__name__}: {e}"
+                self.error = FPNError(f"cannot write {where}: {reason}")
+                self.report.add(ImageResult(job.image.rel, "failed", f"not written: {reason}"))
+                continue
+            self.report.add(result)
+
+    def _write_levels(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> ImageResult:
+        if ready is not None:
+            ready.synchronize()  # the device-to-host copies of this batch are done
+        arrays = {k: np.asarray(v) for k, v in levels.items()}
+        self.store.write_levels(job.image.key, {k: arrays[k] for k in job.missing})
+        if self.preview:
+            self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
+        return self._result(job, "ok", arrays)
+
+    def _write_preview_only(self, job: Job) -> ImageResult:
+        arrays = self.store.read_levels(job.image.key)
+        self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
+        return self._result(job, "skipped", arrays)
+
+    def _result(self, job: Job, status: str, arrays: dict[str, np.ndarray]) -> ImageResult:
+        shapes = {k: v.shape for k, v in arrays.items()}
+        return _done_result(job.image, self.store, status, job.size, job.rgb.shape[:2], shapes)
+
+
+def publish_report(
+    store: Store,
+    report: Report,
+    shard: tuple[int, int] | None,
+    group: ProcessGroup | None = None,
+    failed: bool = False,
+) -> None:
+    """Step 7. Writes report.json; a shard writes its part, ``.shards/report-I-of-N.json``, and the
+    parts are merged into report.json once all are in: under torchrun (``group``) by rank 0 after
+    a barrier that waits for every rank's part, otherwise by whichever shard finds the set
+    complete. A torchrun rank that ``failed`` writes its part only: the others may never reach the
+    barrier."""
     if shard is None:
         store.write_report(report.write_json)
         return
     store.write_shard_report(*shard, report.write_json)
-    if merge:
-        _merge(store, shard[1])
-
-
-def _merge(store: Store, count: int) -> None:
-    parts = store.read_shard_reports(count)
+    if group is not None:
+        if failed:
+            return
+        group.barrier()  # every rank's part is on disk
+        if group.rank != 0:
+            return
+    parts = store.read_shard_reports(shard[1])
     if parts is not None:
         store.write_report(lambda f: write_merged(f, parts))
 
 
-def _header(opts: Options, spec: ModelSpec, device: torch.device, shard: tuple[int, int] | None) -> dict:
-    config = spec.config
-    info = level_info(config)
-    levels = resolved_levels(config)
-    return {
-        "version": __version__,
-        "model": {
-            "arch": config.arch,
-            "fpn_style": config.fpn_style,
-            "weights": spec.weights,
-            "levels": list(levels),
-            "strides": {name: info[name].stride for name in levels},
-            "seed": spec.seed,
-            "bn_eps": config.bn_eps,
-            "dtype": opts.dtype,
-            "save_dtype": opts.save_dtype,
-        },
-        "preprocess": {
-            "size": list(opts.resize.size) if opts.resize.size else None,
-            "short_side": opts.resize.short_side,
-            "max_side": opts.resize.max_side,
-            "resample": "bilinear (Pillow, on 8-bit RGB)",
-            **spec.preprocess.to_json(),
-            "pad_multiple": config.pad_multiple,
-        },
-        "device": str(device),
-        **({"shard": list(shard)} if shard else {}),
-    }
+def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
+    """An image that could not be processed: ``on_failure`` is told, the report lists it failed."""
+    on_failure(job.image.path, reason)
+    report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
 
 
-def _plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[_Decoded]:
-    """Images with every requested level in place are reported as skipped; the rest are jobs for
-    their missing levels (all levels with ``overwrite``)."""
-    jobs = []
-    for image in images:
-        if not (store.root / image.key).is_dir():  # a new image: one stat, no more
-            jobs.append(_Decoded(image, store.levels))
-            continue
-        store.remove_strays(image.key)
-        have = {} if opts.overwrite else store.existing(image.key)
-        missing = tuple(level for level in store.levels if level not in have)
-        if missing or (opts.preview and not store.preview_path(image.key).is_file()):
-            jobs.append(_Decoded(image, missing))  # no missing level: draw the preview alone
-        else:
-            size = probe_size(image.path)
-            report.add(
-                ImageResult(
-                    image.rel,
-                    "skipped",
-                    input_size=size,
-                    model_input_size=opts.resize.target(*size) if size else None,
-                    levels=_level_entries(image.key, store, have),
-                    preview=_preview_entry(image.key, store),
-                )
-            )
-    return jobs
-
-
-def _run(
-    images: Sequence[InputImage],
+def _done_result(
+    image: InputImage,
     store: Store,
-    engine: Engine,
-    opts: Options,
-    device: torch.device,
-    report: Report,
-    on_failure: Callable[[str, str], None],
-    log: Callable[[str], None],
-) -> None:
-    jobs = _plan(images, store, opts, report)
-    batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
-    workers = opts.workers or default_workers(device)
-
-    def decode_job(job: _Decoded) -> _Decoded:
-        try:
-            job.rgb, job.size = decode(job.image.path, opts.resize, opts.max_pixels)
-        except ImageError as e:
-            job.error = str(e)
-        return job
-
-    def decoded_ok() -> Iterator[_Decoded]:
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
-        try:
-            for job in _prefetch(pool, jobs, decode_job, lookahead=2 * workers + 2 * batch_size):
-                if job.error is None and not job.missing:
-                    writer.put(job, None)
-                    continue
-                if job.error is None:
-                    yield job
-                    continue
-                on_failure(job.image.path, job.error)
-                report.add(ImageResult(job.image.rel, "failed", job.error))
-                if opts.fail_fast:
-                    raise FPNError(
-                        f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}"
-                    )
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    writer = Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview)
-
-    def compute(batch: list[_Decoded]) -> None:
-        feats = None
-        try:
-            feats, ready = engine(np.stack([job.rgb for job in batch]))
-        except RuntimeError as e:  # torch.OutOfMemoryError is one
-            if not is_out_of_memory(e):
-                raise
-        if feats is None:
-            # Retried outside the except block: inside it, the exception's traceback keeps the
-            # failed forward's frames alive, and with them its activations, so halves fail too.
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) > 1:  # the images may fit one at a time
-                h, w = batch[0].rgb.shape[:2]
-                log(f"note: out of memory on {device} for {len(batch)} {h}x{w} images: splitting the batch")
-                half = len(batch) // 2
-                compute(batch[:half])
-                compute(batch[half:])
-                return
-            job = batch[0]
-            h, w = job.rgb.shape[:2]
-            reason = (
-                f"out of memory on {device} for a {h}x{w} input; try --max-side or a smaller --batch-size"
-            )
-            on_failure(job.image.path, reason)
-            report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
-            return
-        for i, job in enumerate(batch):
-            writer.put(job, {k: v[i] for k, v in feats.items()}, ready)
-
-    try:
-        for batch in _batches(decoded_ok(), batch_size, max_pending=4 * batch_size):
-            compute(batch)
-    finally:
-        writer.close()
+    status: str,
+    input_size: tuple[int, int] | None,
+    model_input_size: tuple[int, int] | None,
+    shapes: dict[str, tuple[int, ...]],
+) -> ImageResult:
+    """The report entry of an image whose levels are on disk, written now ("ok") or before."""
+    key = image.key
+    return ImageResult(
+        image.rel,
+        status,
+        input_size=input_size,
+        model_input_size=tuple(model_input_size) if model_input_size else None,
+        levels={
+            level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
+            for level in store.levels
+            if level in shapes
+        },
+        preview=f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None,
+    )
 
 
 def summarize(
@@ -439,7 +465,7 @@ def summarize(
     if inputs:
         sizes = []
         for image in find_images(inputs, stdin_lines):
-            size = probe_size(image.path)
+            size = probe_size(image.path) if image.error is None else None
             if size is not None:
                 sizes.append(resize.target(*size))
         sizes = sorted(set(sizes))

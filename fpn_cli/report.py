@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,18 @@ from .backbones import LevelInfo
 
 Shapes = dict[str, tuple[int, int, int]]
 _NAMES_SHOWN = 3  # images named per group in the shape report
+
+
+def interrupted_status(interrupt: KeyboardInterrupt) -> int:
+    """The exit status of a run that ``interrupt`` stopped: 128 + the signal's number, as a shell
+    reports a process stopped by it: 130 for Ctrl-C (SIGINT), 143 for SIGTERM. The one place that
+    decides it, for a run and for a start-up that was interrupted before any run began.
+
+    >>> from fpn_cli.errors import Interrupted
+    >>> interrupted_status(KeyboardInterrupt()), interrupted_status(Interrupted(signal.SIGTERM))
+    (130, 143)
+    """
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
 def format_summary(
@@ -71,7 +84,7 @@ class Report:
         self.header = header  # version, model, preprocess, device
         self.total = total  # images this run is responsible for
         self.on_add = on_add  # called with (done, total) after each result: a progress display
-        self.interrupted = False
+        self._interrupted_status: int | None = None  # set by interrupt()
         self._entries: list[tuple[str, str, str]] = []  # (path, status, JSON line)
         self._counts = {"ok": 0, "skipped": 0, "failed": 0}
         self._groups: dict[tuple, list] = {}  # (input size, shapes) -> [count, first paths]
@@ -95,6 +108,16 @@ class Report:
         if self.on_add is not None:
             self.on_add(done, self.total)
 
+    def interrupt(self, interrupt: KeyboardInterrupt) -> None:
+        """Records that ``interrupt`` (Ctrl-C, or an :class:`~fpn_cli.errors.Interrupted` signal)
+        stopped the run: the report says ``"interrupted": true`` and :attr:`exit_status` is the
+        signal's."""
+        self._interrupted_status = interrupted_status(interrupt)
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted_status is not None
+
     def statuses(self) -> list[tuple[str, str]]:
         """(path, status) of every image, sorted by path."""
         with self._lock:
@@ -107,9 +130,10 @@ class Report:
 
     @property
     def exit_status(self) -> int:
-        """0: every input written or already complete; 1: some failed; 130: interrupted."""
-        if self.interrupted:
-            return 130
+        """0: every input written or already complete; 1: some failed; when interrupted, the
+        signal's status (:func:`interrupted_status`: 130 for Ctrl-C, 143 for SIGTERM)."""
+        if self._interrupted_status is not None:
+            return self._interrupted_status
         return 1 if self.counts["failed"] else 0
 
     def write_json(self, f: BinaryIO) -> None:

@@ -1,11 +1,50 @@
-"""Shared helpers: torchvision reference models with non-trivial BatchNorm statistics."""
+"""Shared helpers: running fpn-extract (in this process or as a subprocess), reading what it
+wrote, and torchvision reference models with non-trivial BatchNorm statistics."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner, Result
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from fpn_cli.cli import main
+
+SEED = ["--arch", "seed", "--device", "cpu", "-q"]  # the small architecture, quietly
+
+
+def console_script() -> list[str]:
+    """The command that runs fpn-extract in a subprocess: the installed console script, or
+    ``python -m fpn_cli`` where none is installed beside this Python (the GPU machine's)."""
+    script = Path(sys.executable).parent / "fpn-extract"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fpn_cli"]
+
+
+FPN_EXTRACT = console_script()
+
+
+def run(*args, input: str | None = None) -> Result:
+    """``fpn-extract ARGS`` in this process, through click's runner; arguments may be Paths."""
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def npy_files(out: Path) -> dict[Path, bytes]:
+    """Every .npy file under ``out`` (relative path -> bytes)."""
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")}
+
+
+def files(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` (relative path as text -> bytes)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 1, tiny_var: bool = False) -> nn.Module:

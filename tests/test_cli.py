@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from fpn_cli import Options, UsageError
 from fpn_cli.cli import ProgressBar, main
 
+from conftest import FPN_EXTRACT, run
 from imagefactory import save_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def option_names() -> list[str]:
 
 
 def test_every_option_is_in_help_and_readme():
-    help_text = CliRunner().invoke(main, ["--help"]).output
+    help_text = run("--help").output
     readme = (ROOT / "README.md").read_text()
     assert len(option_names()) >= 20
     for name in option_names():
@@ -34,7 +34,7 @@ def test_every_option_is_in_help_and_readme():
 
 
 def test_help_shows_examples():
-    assert "fpn-extract images/ --out feats/" in CliRunner().invoke(main, ["--help"]).output
+    assert "fpn-extract images/ --out feats/" in run("--help").output
 
 
 def test_progress_bar_shows_done_total_and_rate(capsys):
@@ -48,7 +48,7 @@ def test_progress_bar_shows_done_total_and_rate(capsys):
 def run_with_tty_stderr(args: list[str]) -> str:
     parent, child = pty.openpty()
     proc = subprocess.Popen(
-        [Path(sys.executable).parent / "fpn-extract", *args],
+        [*FPN_EXTRACT, *args],
         stdout=subprocess.DEVNULL,
         stderr=child,
     )
@@ -76,16 +76,14 @@ def test_progress_bar_on_a_terminal_and_not_with_quiet(tmp_path):
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
     save_rgb(tmp_path / "a.png", 16, 16)
-    result = CliRunner().invoke(main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--arch", "seed"])
+    result = run(tmp_path / "a.png", "-o", tmp_path / "o", "--arch", "seed")
     assert result.exit_code == 0
     assert "img/s" not in result.stderr
 
 
 def test_verbose_lists_every_image(tmp_path):
     save_rgb(tmp_path / "a.png", 16, 16)
-    result = CliRunner().invoke(
-        main, [str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--arch", "seed", "-v"]
-    )
+    result = run(tmp_path / "a.png", "-o", tmp_path / "o", "--arch", "seed", "-v")
     assert "ok: a.png" in result.stderr
 
 

@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from fpn_cli import build_fpn
-from fpn_cli.cli import main
 
+from conftest import FPN_EXTRACT, SEED, npy_files, report_of, run
 from imagefactory import mixed_folder, save_rgb, truncated_jpeg
 
-SEED = ["--arch", "seed", "--device", "cpu", "-q"]
 LEVELS = ("p2", "p3", "p4", "p5")
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=input)
 
 
 def ceil_shape(h, w, stride):
     return (256, -(-h // stride), -(-w // stride))
-
-
-def report_of(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
 
 
 @pytest.fixture
@@ -72,10 +60,9 @@ def test_mixed_folder_gives_every_file_at_its_path_with_its_shape(mixed, tmp_pat
 
 def test_installed_console_script_runs_end_to_end(mixed, tmp_path):
     folder, expected = mixed
-    script = Path(sys.executable).parent / "fpn-extract"
     out = tmp_path / "out"
     proc = subprocess.run(
-        [script, folder, "--out", out, "--arch", "seed", "--device", "cpu", "--save-dtype", "float16"],
+        [*FPN_EXTRACT, folder, "--out", out, "--arch", "seed", "--device", "cpu", "--save-dtype", "float16"],
         capture_output=True,
         text=True,
     )
@@ -132,14 +119,14 @@ def test_bad_inputs_are_reported_and_the_others_written(tmp_path):
 def test_unreadable_file_is_a_failed_input(tmp_path, monkeypatch):
     save_rgb(tmp_path / "in" / "ok.png", 8, 8)
     save_rgb(tmp_path / "in" / "locked.png", 8, 8)
-    real_open = Image.open
+    real_open = os.open
 
-    def guarded_open(fp, *args, **kwargs):
-        if str(fp).endswith("locked.png"):
-            raise PermissionError(13, "Permission denied", str(fp))
-        return real_open(fp, *args, **kwargs)
+    def guarded_open(path, *args, **kwargs):
+        if str(path).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Image, "open", guarded_open)  # root reads any file, so refuse it here
+    monkeypatch.setattr(os, "open", guarded_open)  # root reads any file, so refuse it here
     result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
     assert result.exit_code == 1
     assert "locked.png: permission denied" in result.stderr
@@ -213,19 +200,12 @@ def test_cuda_on_a_machine_without_it_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "device 'cuda' is not available" in result.output
 
 
-def test_output_path_that_is_a_file_is_a_usage_error(tmp_path):
-    save_rgb(tmp_path / "img.png", 8, 8)
-    (tmp_path / "out").write_text("x")
-    result = run(tmp_path / "img.png", "-o", tmp_path / "out", *SEED)
-    assert result.exit_code == 2 and "exists and is not a folder" in result.output
-
-
 def test_resume_completes_exactly_what_a_crash_left_missing(tmp_path):
     for name in ("a", "b", "c"):
         save_rgb(tmp_path / "in" / f"{name}.png", 16, 24, seed=ord(name))
     out = tmp_path / "out"
     assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
-    clean = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")}
+    clean = npy_files(out)
     # the crash: b lost two levels, c's folder holds a half-written temporary file
     (out / "b" / "p4.npy").unlink()
     (out / "b" / "p5.npy").unlink()
@@ -235,13 +215,39 @@ def test_resume_completes_exactly_what_a_crash_left_missing(tmp_path):
     untouched[Path("a/p2.npy")] = 1
     result = run(tmp_path / "in", "-o", out, *SEED)
     assert result.exit_code == 0, result.output
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")} == clean
+    assert npy_files(out) == clean
     assert {p: (out / p).stat().st_mtime_ns for p in untouched} == untouched
     assert not list(out.rglob("*.tmp"))
     statuses = {e["path"]: e["status"] for e in report_of(out)["images"]}
     assert statuses == {"a.png": "skipped", "b.png": "ok", "c.png": "skipped"}
     skipped = next(e for e in report_of(out)["images"] if e["path"] == "a.png")
     assert skipped["levels"]["p2"]["shape"] == [256, 4, 6] and skipped["input_size"] == [16, 24]
+
+
+def test_asking_a_finished_folder_for_more_levels_writes_only_the_new_files(tmp_path):
+    for name in ("a", "b"):
+        save_rgb(tmp_path / "in" / f"{name}.png", 24, 40, seed=ord(name))
+    out = tmp_path / "out"
+    assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
+    for path in out.rglob("*.npy"):
+        os.utime(path, ns=(1, 1))
+    before = {p.relative_to(out): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.npy")}
+    assert len(before) == 8
+    contents = npy_files(out)
+    result = run(tmp_path / "in", "-o", out, *SEED, "--levels", "p2,p3,p4,p5,c5")
+    assert result.exit_code == 0, result.output  # levels are not a setting that forbids resuming
+    after = {p.relative_to(out): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.npy")}
+    assert {p: after[p] for p in before} == before  # the same files, untouched
+    now = npy_files(out)
+    assert {p: now[p] for p in contents} == contents
+    assert sorted(set(after) - set(before)) == [Path("a/c5.npy"), Path("b/c5.npy")]
+    entries = {e["path"]: e for e in report_of(out)["images"]}
+    assert {p: e["status"] for p, e in entries.items()} == {"a.png": "ok", "b.png": "ok"}
+    assert list(entries["a.png"]["levels"]) == ["p2", "p3", "p4", "p5", "c5"]
+    fresh = tmp_path / "fresh"
+    assert run(tmp_path / "in", "-o", fresh, *SEED, "--levels", "c5").exit_code == 0
+    for key in ("a", "b"):
+        np.testing.assert_allclose(np.load(out / key / "c5.npy"), np.load(fresh / key / "c5.npy"), atol=1e-5)
 
 
 def test_a_truncated_level_file_is_not_complete(tmp_path):

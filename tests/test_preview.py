@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-from click.testing import CliRunner
 from PIL import Image
 
-from fpn_cli.cli import main
 from fpn_cli.preview import layout_size, principal_rgb
 
+from conftest import SEED, report_of, run
 from imagefactory import save_rgb
 
-SEED = ["--arch", "seed", "--device", "cpu", "-q"]
 
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
+def run_ok(*args):
+    result = run(*args)
     assert result.exit_code == 0, result.output
     return result
 
@@ -30,21 +25,21 @@ def make_inputs(folder):
 
 def test_preview_per_image_with_the_layout_size_and_content(tmp_path):
     expected = make_inputs(tmp_path / "in")
-    run(tmp_path / "in", "-o", tmp_path / "out", "--preview", *SEED)
+    run_ok(tmp_path / "in", "-o", tmp_path / "out", "--preview", *SEED)
     for key, (h, w) in expected.items():
         picture = Image.open(tmp_path / "out" / key / "preview.png")
         assert picture.size == layout_size(h, w, 4)
         pixels = np.asarray(picture)
         assert pixels.std() > 10  # not a constant picture
         assert picture.mode == "RGB"
-    entries = json.loads((tmp_path / "out" / "report.json").read_text())["images"]
+    entries = report_of(tmp_path / "out")["images"]
     assert {e["preview"] for e in entries} == {"wide/preview.png", "sub/tall/preview.png"}
 
 
 def test_previews_are_byte_identical_across_runs(tmp_path):
     make_inputs(tmp_path / "in")
-    run(tmp_path / "in", "-o", tmp_path / "a", "--preview", *SEED)
-    run(tmp_path / "in", "-o", tmp_path / "b", "--preview", *SEED)
+    run_ok(tmp_path / "in", "-o", tmp_path / "a", "--preview", *SEED)
+    run_ok(tmp_path / "in", "-o", tmp_path / "b", "--preview", *SEED)
     for key in ("wide", "sub/tall"):
         first = (tmp_path / "a" / key / "preview.png").read_bytes()
         assert first == (tmp_path / "b" / key / "preview.png").read_bytes()
@@ -52,10 +47,10 @@ def test_previews_are_byte_identical_across_runs(tmp_path):
 
 def test_previews_drawn_from_an_existing_folder_match_and_recompute_nothing(tmp_path):
     make_inputs(tmp_path / "in")
-    run(tmp_path / "in", "-o", tmp_path / "during", "--preview", *SEED)
-    run(tmp_path / "in", "-o", tmp_path / "later", *SEED)
+    run_ok(tmp_path / "in", "-o", tmp_path / "during", "--preview", *SEED)
+    run_ok(tmp_path / "in", "-o", tmp_path / "later", *SEED)
     features = {p: p.stat().st_mtime_ns for p in (tmp_path / "later").rglob("*.npy")}
-    result = run(tmp_path / "in", "-o", tmp_path / "later", "--preview", "--arch", "seed")
+    result = run_ok(tmp_path / "in", "-o", tmp_path / "later", "--preview", "--arch", "seed")
     assert "2 already complete" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in features} == features
     for key in ("wide", "sub/tall"):

@@ -3,33 +3,37 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import resource
 import signal
+import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from fpn_cli.cli import main
+from fpn_cli.errors import Interrupted
 
+from conftest import FPN_EXTRACT, SEED, files, report_of, run
 from imagefactory import save_rgb, truncated_jpeg
-
-SCRIPT = Path(sys.executable).parent / "fpn-extract"
-SEED = ["--arch", "seed", "--device", "cpu", "-q"]
 
 
 def fpn(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [*FPN_EXTRACT, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen(
-        [SCRIPT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*FPN_EXTRACT, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell starts background jobs with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: the run gets Ctrl-C's default, however pytest itself was started
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -40,10 +44,6 @@ def wait_for_outputs(out: Path, count: int, proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, "the run finished before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.005)
-
-
-def files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
 def strays(out: Path) -> list[str]:
@@ -95,7 +95,7 @@ def test_interrupt_stops_soon_reports_what_is_done_and_leaves_no_partial_file(ma
     assert time.monotonic() - sent < 5
     assert proc.returncode == status, stderr
     assert "Interrupted:" in stderr and "Traceback" not in stderr
-    report = json.loads((out / "report.json").read_text())
+    report = report_of(out)
     assert report["interrupted"] is True
     done = [e["path"] for e in report["images"] if e["status"] == "ok"]
     assert 3 <= len(done) < 40
@@ -104,12 +104,50 @@ def test_interrupt_stops_soon_reports_what_is_done_and_leaves_no_partial_file(ma
             np.load(out / Path(name).stem / f"{level}.npy")  # complete and readable
     assert strays(out) == []
     assert fpn(many, "-o", out, *SEED).returncode == 0
-    assert json.loads((out / "report.json").read_text())["counts"]["skipped"] == len(done)
+    assert report_of(out)["counts"]["skipped"] == len(done)
 
 
 def small_images(folder: Path, n: int = 6) -> None:
     for i in range(n):
         save_rgb(folder / f"im{i}.png", 32, 32, seed=i)
+
+
+def test_temporary_files_of_dead_runs_are_swept_and_a_live_runs_kept(tmp_path):
+    """The real names, ``.NAME~HOST~PID.tmp``: at the top of OUT and in .shards, only those whose
+    writer ran on this host and is gone are deleted; in an image folder (which the lock makes this
+    run's alone), any."""
+    small_images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    assert fpn(tmp_path / "in", "-o", out, "--levels", "p5", *SEED).returncode == 0
+    (out / ".shards").mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is no process now
+    live = subprocess.Popen(["sleep", "60"])
+    host = socket.gethostname()
+
+    def leftover(folder: Path, name: str, host: str, pid: int) -> Path:
+        path = folder / f".{name}~{host}~{pid}.tmp"
+        path.write_bytes(b"partial")
+        return path
+
+    try:
+        swept = [
+            leftover(out, "report.json", host, dead.pid),
+            leftover(out / ".shards", "report-0-of-2.json", host, dead.pid),
+            leftover(out / "im0", "p2.npy", host, live.pid),
+        ]
+        kept = [
+            leftover(out, "report.json", host, live.pid),
+            leftover(out / ".shards", "report-1-of-2.json", host, live.pid),
+            leftover(out, ".fpn-extract.json", "another-host", dead.pid),
+        ]
+        rerun = fpn(tmp_path / "in", "-o", out, "--levels", "p2,p5", *SEED)
+        assert rerun.returncode == 0, rerun.stderr
+        assert [p.name for p in swept if p.exists()] == []
+        assert [p.name for p in kept if not p.exists()] == []
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_file_size_limit_at_the_write_layer_is_a_clean_error_then_resumes(tmp_path):
@@ -189,7 +227,7 @@ def test_symlink_loop_and_a_folder_named_like_an_image(tmp_path):
     save_rgb(tmp_path / "in" / "holiday.jpg" / "inside.png", 16, 16)
     result = fpn(tmp_path / "in", "-o", tmp_path / "out", *SEED)
     assert result.returncode == 0, result.stderr
-    paths = sorted(e["path"] for e in json.loads((tmp_path / "out" / "report.json").read_text())["images"])
+    paths = sorted(e["path"] for e in report_of(tmp_path / "out")["images"])
     assert paths == ["holiday.jpg/inside.png", "im0.png", "im1.png"]
 
 
@@ -205,7 +243,7 @@ def test_a_file_that_disappears_after_listing_is_a_failed_input(many, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert f"failed: {folder / 'im19.png'}: file disappeared before it could be read" in stderr
-    assert json.loads((out / "report.json").read_text())["counts"] == {"ok": 19, "skipped": 0, "failed": 1}
+    assert report_of(out)["counts"] == {"ok": 19, "skipped": 0, "failed": 1}
 
 
 def test_a_corrupt_image_in_the_middle_of_a_batch_spares_the_rest(tmp_path):
@@ -233,7 +271,7 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_finishes(slo
     assert second.returncode == 2
     assert f"another fpn-extract run (pid {first.pid} on " in second.stderr
     assert first.wait(timeout=120) == 0
-    assert json.loads((out / "report.json").read_text())["counts"] == {"ok": 24, "skipped": 0, "failed": 0}
+    assert report_of(out)["counts"] == {"ok": 24, "skipped": 0, "failed": 0}
     for path in out.glob("*/p2.npy"):
         assert np.load(path).shape == (256, 80, 80)
 
@@ -249,7 +287,7 @@ def test_shards_may_share_a_folder_but_a_whole_run_may_not(tmp_path):
         for index in (0, 1):
             shard = fpn(tmp_path / "in", "-o", out, "--shard", f"{index}/2", *SEED)
             assert shard.returncode == 0, shard.stderr
-    assert json.loads((out / "report.json").read_text())["counts"]["ok"] == 4
+    assert report_of(out)["counts"]["ok"] == 4
 
 
 def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monkeypatch):
@@ -269,7 +307,7 @@ def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monk
 
     monkeypatch.setattr(engine.Engine, "__call__", tight_memory)
     args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4", *SEED]
-    result = CliRunner().invoke(main, args)
+    result = run(*args)
     assert result.exit_code == 1
     assert "huge.png: out of memory on cpu for a 32x32 input" in result.stderr
     assert len(list((tmp_path / "out").glob("*/p5.npy"))) == 3
@@ -285,21 +323,24 @@ def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_
 
     monkeypatch.setattr(store.Store, "write_levels", broken)
     args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "1", *SEED]
-    result = CliRunner().invoke(main, args)
+    result = run(*args)
     assert result.exit_code == 1
     assert "cannot write" in result.stderr and "ValueError: simulated bug" in result.stderr
 
 
-def test_ctrl_c_during_start_up_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "interrupt,status", [(KeyboardInterrupt(), 130), (Interrupted(signal.SIGTERM), 143)], ids=["int", "term"]
+)
+def test_an_interrupt_during_start_up_is_a_message_not_a_traceback(tmp_path, monkeypatch, interrupt, status):
     from fpn_cli import pipeline
 
     small_images(tmp_path / "in", 1)
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise interrupt
 
-    monkeypatch.setattr(pipeline, "build", interrupted)  # Ctrl-C while the model loads
-    result = CliRunner().invoke(main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), *SEED])
-    assert result.exit_code == 130
+    monkeypatch.setattr(pipeline, "_build_model", interrupted)  # Ctrl-C or SIGTERM while the model loads
+    result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == status
     assert "Interrupted before any image was processed" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tracemalloc
 
+import pytest
+
+from fpn_cli.errors import Interrupted
 from fpn_cli.report import ImageResult, Report, dump_report
 
 
@@ -43,7 +47,7 @@ def test_report_json_lists_images_sorted_with_counts_and_header():
 def test_an_empty_or_interrupted_report_is_valid_json():
     report = Report({"version": "x"})
     assert parsed(report)["images"] == []
-    report.interrupted = True
+    report.interrupt(KeyboardInterrupt())
     assert parsed(report)["interrupted"] is True
     buffer = io.BytesIO()
     dump_report(buffer, {}, [], {"ok": 0}, {})
@@ -68,3 +72,15 @@ def test_a_result_costs_well_under_a_kilobyte_of_memory():
     per_image = (tracemalloc.get_traced_memory()[0] - before) / 5000
     tracemalloc.stop()
     assert per_image < 800, per_image
+
+
+@pytest.mark.parametrize(
+    "interrupt,status",
+    [(KeyboardInterrupt(), 130), (Interrupted(signal.SIGINT), 130), (Interrupted(signal.SIGTERM), 143)],
+)
+def test_an_interrupted_run_exits_with_its_signals_status(interrupt, status):
+    report = Report({})
+    report.add(result(1))
+    assert report.exit_status == 0
+    report.interrupt(interrupt)
+    assert report.interrupted and report.exit_status == status

@@ -9,19 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from fpn_cli.cli import main
-from fpn_cli.distributed import Launch, combine, shard_of
+from fpn_cli.distributed import Launch, combine, is_rank_zero, shard_of, torchrun_launch
 
+from conftest import FPN_EXTRACT, SEED, npy_files, report_of, run
 from imagefactory import save_rgb
-
-SEED = ["--arch", "seed", "--device", "cpu", "-q"]
-BIN = Path(sys.executable).parent
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -29,14 +21,6 @@ def images(tmp_path):
     for i in range(7):
         save_rgb(tmp_path / "in" / f"d{i % 2}" / f"im{i}.png", 20 + 4 * (i % 3), 28, seed=i)
     return tmp_path / "in"
-
-
-def npy_files(out: Path) -> dict[Path, bytes]:
-    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*.npy")}
-
-
-def report_of(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
 
 
 def test_two_shards_together_equal_one_run_and_merge_one_report(images, tmp_path):
@@ -71,12 +55,43 @@ def test_bad_shard_values_are_usage_errors(images, tmp_path, value):
     assert "--shard" in result.output
 
 
-def test_an_image_keeps_its_shard_when_others_are_added():
-    keys = [f"img{i:04d}" for i in range(400)]
-    owners = {k: shard_of(k, 4) for k in keys}
-    assert set(owners.values()) == {0, 1, 2, 3}
-    assert min(list(owners.values()).count(s) for s in range(4)) > 60  # roughly balanced
-    assert {k: shard_of(k, 4) for k in keys[:50]} == {k: owners[k] for k in keys[:50]}
+@pytest.mark.parametrize(
+    "key,crc32",  # zlib.crc32 of the key's UTF-8 bytes, computed once and written here
+    [("cat", 2656977832), ("x/cat", 2530113985), ("d0/im0", 3394977512), ("img0000", 837122815)],
+)
+def test_an_images_shard_is_the_crc32_of_its_key_modulo_n(key, crc32):
+    for count in (1, 2, 3, 4, 7):
+        assert shard_of(key, count) == crc32 % count
+
+
+def parts(out: Path) -> list[dict[str, str]]:
+    """Each shard's report part: path -> status."""
+    return [
+        {e["path"]: e["status"] for e in json.loads(p.read_text())["images"]}
+        for p in sorted((out / ".shards").glob("report-*-of-2.json"))
+    ]
+
+
+def test_an_image_keeps_its_shard_when_others_are_added(images, tmp_path):
+    out = tmp_path / "out"
+    for index in (0, 1):
+        assert run(images, "-o", out, "--shard", f"{index}/2", *SEED).exit_code == 0
+    first = parts(out)
+    assert all(first)  # both shards own images
+    assert sorted(p for part in first for p in part) == sorted(e["path"] for e in report_of(out)["images"])
+    for i in range(3):  # sorted before the others: every earlier image moves by three places
+        save_rgb(images / "a" / f"new{i}.png", 20, 28, seed=10 + i)
+    for index in (0, 1):
+        assert run(images, "-o", out, "--shard", f"{index}/2", *SEED).exit_code == 0
+    second = parts(out)
+    for before, after in zip(first, second, strict=True):
+        assert {p: after.get(p) for p in before} == dict.fromkeys(before, "skipped")  # kept, not moved
+    assert sorted(p for part in second for p in part if p.startswith("a/")) == [
+        "a/new0.png",
+        "a/new1.png",
+        "a/new2.png",
+    ]
+    assert report_of(out)["counts"] == {"ok": 3, "skipped": 7, "failed": 0}
 
 
 def test_shard_under_torchrun_is_split_among_ranks():
@@ -85,18 +100,36 @@ def test_shard_under_torchrun_is_split_among_ranks():
     assert combine((1, 3), None) == (1, 3)
 
 
+@pytest.mark.parametrize(
+    "env,launch",
+    [
+        ({}, None),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, Launch(1, 2, 1)),
+        ({"RANK": "0", "WORLD_SIZE": "1"}, Launch(0, 1, 0)),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, None),
+    ],
+)
+def test_the_torchrun_environment_is_read_in_one_place(monkeypatch, env, launch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert torchrun_launch() == launch
+    assert is_rank_zero() == (launch is None or launch.rank == 0)
+
+
 def test_torchrun_two_processes_equal_one_process(images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each, so float sums run in one order
     single = subprocess.run(
-        [BIN / "fpn-extract", images, "-o", tmp_path / "single", *SEED],
+        [*FPN_EXTRACT, images, "-o", tmp_path / "single", *SEED],
         env=env,
         capture_output=True,
         text=True,
     )
     assert single.returncode == 0, single.stderr
     proc = subprocess.run(
-        [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", "--no-python",
-         BIN / "fpn-extract", images, "-o", tmp_path / "dist", *SEED],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--no-python", *FPN_EXTRACT, images, "-o", tmp_path / "dist", *SEED],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

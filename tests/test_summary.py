@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-from fpn_cli.cli import main
+from conftest import run
 
 SEED_600x900 = """\
 seed, reference FPN, 16,700,480 parameters, weights random
@@ -19,10 +18,6 @@ P4         16       256      38     57
 P5         32       256      19     29
 output per image: 46.0 MB float32, 23.0 MB float16
 """
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args))
 
 
 def test_summary_for_the_seed_arch_at_the_default_size():

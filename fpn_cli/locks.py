@@ -1,0 +1,122 @@
+"""Who may write an output folder, and with which settings.
+
+    OUT/.lock                   a whole run holds it exclusively, each shard shared (flock)
+    OUT/.shards/lock-I-of-N     shard I of N holds it exclusively
+    OUT/.fpn-extract.json       the settings the features were made with, checked on resume
+    OUT/.overwrite-unfinished   (-I-of-N for a shard) an --overwrite run that has not finished
+
+``fcntl`` is POSIX-only: it is imported where a lock is taken, so the package imports anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO
+
+from .errors import UsageError
+from .store import (
+    HOST,
+    LOCK_FILE,
+    OVERWRITE_MARKER,
+    SETTINGS_FILE,
+    SHARDS_DIR,
+    atomic_write_json,
+    create_folder,
+)
+
+
+@contextlib.contextmanager
+def lock_folder(root: Path, shard: tuple[int, int] | None) -> Iterator[None]:
+    """Makes ``root`` if need be and holds it against other runs: a whole run locks it
+    exclusively; a shard locks it shared (other shards may run beside it) and its own shard
+    exclusively. A run that finds it taken is refused with a :class:`UsageError`; locks end with
+    the process."""
+    create_folder(root)
+    files = []
+    try:
+        files.append(_take(root, root / LOCK_FILE, exclusive=shard is None))
+        if shard is not None:
+            (root / SHARDS_DIR).mkdir(exist_ok=True)
+            files.append(_take(root, root / SHARDS_DIR / f"lock-{shard[0]}-of-{shard[1]}", True))
+        yield
+    finally:
+        for f in files:
+            f.close()
+
+
+def _take(root: Path, path: Path, exclusive: bool) -> IO[str]:
+    import fcntl  # POSIX only
+
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(
+            f"another fpn-extract run ({holder}) is writing to {root}; "
+            "wait for it to finish, or choose another --out"
+        ) from None
+    if exclusive:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {HOST}")
+        f.flush()
+    return f
+
+
+def record_settings(
+    root: Path, settings: Mapping[str, object], overwrite: bool, shard: tuple[int, int] | None
+) -> None:
+    """Records ``settings`` (under :func:`lock_folder`); features made with other settings are a
+    usage error unless ``overwrite`` (then they are recomputed). An ``overwrite`` run leaves a
+    marker until :func:`finish_overwrite`: until then the folder may mix old and new features, so
+    a run without ``overwrite`` is refused."""
+    pending = sorted(p.name for p in root.glob(OVERWRITE_MARKER + "*"))
+    if pending and not overwrite:
+        raise UsageError(
+            f"{root} holds an unfinished --overwrite run ({', '.join(pending)}), so old and new "
+            "features may be mixed: run it again with --overwrite to finish it"
+        )
+    recorded = _recorded_settings(root)
+    if recorded is not None and recorded != dict(settings) and not overwrite:
+        diff = ", ".join(
+            f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}"
+            for k in sorted(set(recorded) | set(settings))
+            if recorded.get(k) != settings.get(k)
+        )
+        raise UsageError(
+            f"{root} holds features made with other settings ({diff}); "
+            "pass --overwrite to recompute them, or choose another --out"
+        )
+    try:
+        if overwrite:
+            _overwrite_marker(root, shard).touch()
+        atomic_write_json(root / SETTINGS_FILE, dict(settings))
+    except OSError as e:
+        raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
+
+
+def finish_overwrite(root: Path, shard: tuple[int, int] | None) -> None:
+    """Marks this run (or shard) as finished: an ``overwrite`` is complete."""
+    _overwrite_marker(root, shard).unlink(missing_ok=True)
+
+
+def _overwrite_marker(root: Path, shard: tuple[int, int] | None) -> Path:
+    suffix = f"-{shard[0]}-of-{shard[1]}" if shard else ""
+    return root / f"{OVERWRITE_MARKER}{suffix}"
+
+
+def _recorded_settings(root: Path) -> dict | None:
+    try:
+        return json.loads((root / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return None

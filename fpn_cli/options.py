@@ -1,0 +1,96 @@
+"""A run's settings: :class:`Options` (the CLI's options, by the same names), and what of them is
+recorded: the settings record checked on resume, and report.json's header."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .builder import RANDOM, ModelSpec
+from .engine import DTYPES, SAVE_DTYPES
+from .errors import UsageError
+from .images import DEFAULT_MAX_PIXELS, Resize
+from .levels import parse_levels
+from .model import level_info, resolved_levels
+from .version import __version__
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every setting of an extraction run (the CLI's options, by the same names)."""
+
+    arch: str | None = None  # None: resnet50, or what the weights need
+    weights: str = RANDOM
+    fpn_style: str | None = None  # None: reference, or what the weights need
+    levels: tuple[str, ...] | None = None  # None: P2-P5, or the zoo model's own pyramid
+    pad_multiple: int | None = None  # None: what the weights' framework does (none for torchvision)
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int | None = None  # None: 8 on an accelerator, 1 on the CPU
+    resize: Resize = field(default_factory=Resize)
+    dtype: str = "float32"  # compute precision (autocast below float32)
+    save_dtype: str = "float32"
+    overwrite: bool = False
+    workers: int | None = None  # decode threads; None: by device and core count
+    fail_fast: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    preview: bool = False  # also write OUT/<key>/preview.png
+
+    def __post_init__(self) -> None:
+        if self.levels is not None:
+            object.__setattr__(self, "levels", parse_levels(self.levels))
+        object.__setattr__(self, "weights", str(self.weights))
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UsageError(f"unknown save dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+
+
+def settings_record(opts: Options, spec: ModelSpec) -> dict:
+    """What decides the numbers in the files: recorded in the output folder and checked on resume."""
+    return {
+        "arch": spec.config.arch,
+        "fpn_style": spec.config.fpn_style,
+        "weights": spec.weights,
+        "seed": None if spec.fpn_from_weights else spec.seed,
+        "dtype": opts.dtype,
+        "save_dtype": opts.save_dtype,
+        "resize": asdict(opts.resize),
+        "pad_multiple": spec.config.pad_multiple,
+    }
+
+
+def report_header(
+    opts: Options, spec: ModelSpec, device: torch.device, shard: tuple[int, int] | None
+) -> dict:
+    """report.json's fields before the images: version, model, preprocessing, device, shard."""
+    config = spec.config
+    levels = resolved_levels(config)
+    info = level_info(config)
+    return {
+        "version": __version__,
+        "model": {
+            "arch": config.arch,
+            "fpn_style": config.fpn_style,
+            "weights": spec.weights,
+            "levels": list(levels),
+            "strides": {name: info[name].stride for name in levels},
+            "seed": spec.seed,
+            "bn_eps": config.bn_eps,
+            "dtype": opts.dtype,
+            "save_dtype": opts.save_dtype,
+        },
+        "preprocess": {
+            "size": list(opts.resize.size) if opts.resize.size else None,
+            "short_side": opts.resize.short_side,
+            "max_side": opts.resize.max_side,
+            "resample": "bilinear (Pillow, on 8-bit RGB)",
+            **spec.preprocess.to_json(),
+            "pad_multiple": config.pad_multiple,
+        },
+        "device": str(device),
+        **({"shard": list(shard)} if shard else {}),
+    }
