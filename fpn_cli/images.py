@@ -269,6 +269,12 @@ def open_regular(path: str | Path) -> BinaryIO:
         raise
 
 
+# torchvision 0.29 deprecates its PNG decoder in favour of TorchCodec; it is what reads 16-bit colour
+# PNGs whole here, and its note is for us, not the user (catch_warnings is not thread-safe: a filter)
+warnings.filterwarnings(
+    "ignore", r"The image decoding and encoding capabilities of TorchVision", DeprecationWarning
+)
+
 _context = threading.local()  # the file a decode thread is reading, for warnings raised meanwhile
 
 
@@ -386,9 +392,7 @@ def _png16_to_rgb8(data: bytes) -> np.ndarray:
     import torch
     from torchvision.io import ImageReadMode, decode_png
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
-        pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
     values = pixels.permute(1, 2, 0).numpy().astype(np.float64)
     return np.rint(values / 257.0).astype(np.uint8)
 
