@@ -8,6 +8,7 @@ import time
 
 import click
 
+from . import zoo
 from .backbones import ARCHS, TIMM_PREFIX, get_arch
 from .builder import resolve
 from .distributed import is_rank_zero
@@ -102,9 +103,57 @@ class ProgressBar:
             return
         self.last_draw = now
         filled = self.width * done // max(total, 1)
-        rate = done / max(now - self.started, 1e-9)
+        elapsed = now - self.started
+        rate = done / max(elapsed, 1e-9)
+        eta = f", ETA {_clock((total - done) / rate)}" if 0 < done < total else ""
         bar = "#" * filled + "." * (self.width - filled)
-        click.echo(f"\r[{bar}] {done}/{total}  {rate:.1f} img/s", err=True, nl=done >= total)
+        line = f"\r[{bar}] {done}/{total}  {rate:.1f} img/s  {_clock(elapsed)} elapsed{eta}  "
+        click.echo(line, err=True, nl=done >= total)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class GroupedCommand(click.Command):
+    """A command whose ``--help`` lists its options in sections (inputs, model, output, run)
+    rather than one flat list; ``sections`` maps a title to parameter names, in order."""
+
+    def __init__(self, *args, sections: dict[str, tuple[str, ...]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
+        placed = {name for names in self.sections.values() for name in names}
+        other = tuple(name for name in rows if name not in placed)
+        for title, names in [*self.sections.items(), ("Other options", other)]:
+            records = [rows[n] for n in names if rows.get(n)]
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+class WithSubcommands(GroupedCommand):
+    """The main form, ``fpn-extract [OPTIONS] INPUTS...``, with subcommands beside it: a first
+    argument that names one (``models``, ``verify``) runs it; an input named like a subcommand
+    is reached as ``./models``."""
+
+    subcommands: dict[str, click.Command] = {}
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in self.subcommands:
+            name = prog_name or "fpn-extract"
+            return self.subcommands[args[0]].main(args[1:], prog_name=f"{name} {args[0]}", **kwargs)
+        return super().main(args, prog_name=prog_name, **kwargs)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, cmd.get_short_help_str(70)) for name, cmd in self.subcommands.items()])
+        super().format_epilog(ctx, formatter)
 
 
 EXAMPLES = """
@@ -118,7 +167,21 @@ Examples:
 """
 
 
-@click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+SECTIONS = {
+    "Inputs": ("max_pixels", "summary", "input_size"),
+    "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
+    "Preprocessing": ("size", "short_side", "max_side"),
+    "Output": ("out", "save_dtype", "overwrite", "preview"),
+    "Run": ("device", "dtype", "batch_size", "workers", "shard", "fail_fast", "quiet", "verbose"),
+}
+
+
+@click.command(
+    cls=WithSubcommands,
+    sections=SECTIONS,
+    epilog=EXAMPLES,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.argument("inputs", nargs=-1, metavar="[INPUTS]...")
 @click.option(
     "-o", "--out", type=click.Path(file_okay=True), help="Output folder (required unless --summary)."
@@ -280,3 +343,33 @@ def _interrupt(signum, frame) -> None:
 
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("pattern", required=False, default="")
+def models(pattern: str) -> None:
+    """List the model zoo (--weights NAME): backbone, levels, preprocessing, download size, cached.
+
+    PATTERN keeps the entries whose name contains it, e.g. retinanet or detectron2:.
+    """
+    entries = [e for e in zoo.zoo().values() if pattern.lower() in e.name.lower()]
+    if not entries:
+        raise click.UsageError(f"no zoo entry matches {pattern!r}")
+    rows = [("name", "backbone", "levels", "preprocessing", "download", "cached")]
+    for e in entries:
+        size = "?" if e.size_mb is None else f"{'~' if e.size_estimated else ''}{e.size_mb:.0f} MB"
+        pad = f", pad {e.pad_multiple}" if e.pad_multiple > 1 else ""
+        levels = ",".join(e.levels)
+        rows.append(
+            (e.name, e.arch, levels, e.preprocess.label + pad, size, "yes" if e.is_cached() else "no")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    cache = zoo.ZooEntry.cache_root()
+    click.echo(
+        f"\ncoco = torchvision:fasterrcnn_resnet50_fpn. Files are cached in {cache}; '~' sizes are estimates."
+    )
+
+
+WithSubcommands.subcommands = {"models": models}

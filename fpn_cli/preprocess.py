@@ -17,6 +17,7 @@ class Preprocess:
     std: tuple[float, float, float]
     channel_order: str = "RGB"  # or "BGR" (detectron2, mmdetection's caffe-style models)
     scale: float = 255.0  # 8-bit pixels are divided by this first: 255 gives [0, 1], 1 keeps 0-255
+    label: str = ""  # a short name for tables
 
     def to_json(self) -> dict:
         return {
@@ -31,7 +32,12 @@ class Preprocess:
         return f"{self.channel_order} {units}, mean {list(self.mean)}, std {list(self.std)}"
 
 
-IMAGENET = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # torchvision's weights
-DETECTRON2_BGR = Preprocess((103.530, 116.280, 123.675), (1.0, 1.0, 1.0), "BGR", 1.0)  # MSRA's R-50/101
-DETECTRON2_X101 = Preprocess((103.530, 116.280, 123.675), (57.375, 57.120, 58.395), "BGR", 1.0)
-MMDET_PYTORCH = Preprocess((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "RGB", 1.0)
+IMAGENET = Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), label="RGB/255, ImageNet mean/std")
+# MSRA's R-50/R-101 (detectron2, mmdetection's caffe style): the std is folded into conv1
+DETECTRON2_BGR = Preprocess((103.530, 116.280, 123.675), (1.0, 1.0, 1.0), "BGR", 1.0, "BGR 0-255, minus mean")
+DETECTRON2_X101 = Preprocess(
+    (103.530, 116.280, 123.675), (57.375, 57.120, 58.395), "BGR", 1.0, "BGR 0-255, mean/std"
+)
+MMDET_PYTORCH = Preprocess(
+    (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "RGB", 1.0, "RGB 0-255, ImageNet mean/std"
+)

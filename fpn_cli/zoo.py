@@ -18,7 +18,6 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +50,12 @@ class ZooEntry:
     def family(self) -> str:
         return self.name.split(":", 1)[0]
 
+    @staticmethod
+    def cache_root() -> Path:
+        return Path(torch.hub.get_dir()) / "checkpoints"
+
     def path(self) -> Path:
-        return Path(torch.hub.get_dir()) / "checkpoints" / self.cache_name
+        return self.cache_root() / self.cache_name
 
     def is_cached(self) -> bool:
         return self.path().is_file()
@@ -403,6 +406,3 @@ def imagenet_checkpoint(torchvision_name: str | None, arch: str) -> Checkpoint:
         url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), f"ImageNet {torchvision_name}"
     )
     return read_file(path, source=f"imagenet ({path.name})")
-
-
-LoadFn = Callable[[], Checkpoint]

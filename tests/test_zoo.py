@@ -348,3 +348,28 @@ def test_pad_multiple_pads_with_zeros_and_crops_back():
     for level, stride in (("p2", 4), ("p5", 32)):
         assert got[level].shape[-2:] == (math.ceil(45 / stride), math.ceil(70 / stride))
         torch.testing.assert_close(got[level], crop(expected[level], 45, 70, stride))
+
+
+def test_models_lists_every_entry_with_its_columns(torch_home):
+    entry = zoo_mod.entry(D2_RCNN)
+    write_d2_pkl(d2_state((1, 1, 1, 1)), entry.path())  # one cached file
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = {
+        line.split()[0]: line.split() for line in result.output.splitlines()[1:] if ":" in line.split(" ")[0]
+    }
+    assert set(lines) == set(zoo_mod.zoo())
+    assert lines[D2_RCNN][1:3] == ["resnet50_msra", "p2,p3,p4,p5"] and lines[D2_RCNN][-1] == "yes"
+    assert lines["torchvision:fcos_resnet50_fpn"][-1] == "no"
+    assert "124 MB" in " ".join(lines["torchvision:fcos_resnet50_fpn"])  # torchvision's stated size
+    assert str(torch_home) in result.output
+
+
+def test_models_filters_and_an_input_named_models_is_reached_as_a_path(tmp_path, monkeypatch):
+    result = CliRunner().invoke(main, ["models", "fcos"])
+    assert result.exit_code == 0 and len(result.output.strip().splitlines()) == 4  # header, row, blank, note
+    monkeypatch.chdir(tmp_path)
+    save_rgb(tmp_path / "models" / "a.png", 16, 16)
+    result = CliRunner().invoke(main, ["./models", "-o", "out", "--arch", "seed", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "a" / "p2.npy").exists()
