@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from .builder import build_fpn
+from .dataset import FeatureDataset
 from .errors import FPNError, ImageError, UsageError, WeightsError
+from .formats import open_features
 from .options import Options
 from .pipeline import extract
 from .version import __version__
 
 __all__ = [
     "FPNError",
+    "FeatureDataset",
     "ImageError",
     "Options",
     "UsageError",
@@ -17,4 +20,5 @@ __all__ = [
     "__version__",
     "build_fpn",
     "extract",
+    "open_features",
 ]

@@ -14,6 +14,7 @@ from .builder import resolve
 from .distributed import is_rank_zero
 from .engine import DTYPES, SAVE_DTYPES
 from .errors import FPNError, Interrupted
+from .formats import FORMATS
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .levels import LEVELS, parse_levels
 from .options import Options
@@ -86,6 +87,27 @@ class ShardType(_IntPair):
 
     def problem(self, a: int, b: int) -> str | None:
         return "need 0 <= I < N" if b < 1 or not 0 <= a < b else None
+
+
+class ByteSizeType(click.ParamType):
+    """``1GB``, ``500MB``, ``64MiB``, ``1e9`` or a plain count -> bytes (at least 1)."""
+
+    name = "SIZE"
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+    units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        try:
+            size = int(float(number) * self.units[text[len(number) :]])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size, e.g. 1GB, 500MB or 1e9", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r}: must be at least 1 byte", param, ctx)
+        return size
 
 
 class ProgressBar:
@@ -163,15 +185,16 @@ Examples:
   fpn-extract images/ -o feats/ --device cuda --dtype bfloat16 --save-dtype float16
   fpn-extract 'shots/**/*.png' -o feats/ --short-side 800 --max-side 1333
   find . -name '*.jpg' | fpn-extract - -o feats/        paths from standard input
+  fpn-extract 'data/shard-{000000..000099}.tar' -o s3://bucket/feats --format shards
   fpn-extract --summary --input-size 800x1333          level sizes, no images needed
 """
 
 
 SECTIONS = {
-    "Inputs": ("max_pixels", "summary", "input_size"),
+    "Inputs": ("lists", "list_column", "max_pixels", "summary", "input_size"),
     "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
     "Preprocessing": ("size", "short_side", "max_side"),
-    "Output": ("out", "save_dtype", "overwrite", "preview"),
+    "Output": ("out", "format", "shard_size", "save_dtype", "overwrite", "preview"),
     "Run": ("device", "dtype", "batch_size", "workers", "shard", "fail_fast", "quiet", "verbose"),
 }
 
@@ -184,7 +207,38 @@ SECTIONS = {
 )
 @click.argument("inputs", nargs=-1, metavar="[INPUTS]...")
 @click.option(
-    "-o", "--out", type=click.Path(file_okay=True), help="Output folder (required unless --summary)."
+    "-o",
+    "--out",
+    type=click.Path(file_okay=True),
+    help="Output folder, or with --format shards a URL (required unless --summary).",
+)
+@click.option(
+    "--format",
+    type=click.Choice(FORMATS),
+    default="npy",
+    show_default=True,
+    help="npy: a .npy file per level and image; shards: WebDataset tar shards under OUT/shards/ "
+    "with an index.",
+)
+@click.option(
+    "--shard-size",
+    type=ByteSizeType(),
+    default="1GB",
+    show_default=True,
+    help="With --format shards: a tar shard closes once it holds this much.",
+)
+@click.option(
+    "--list",
+    "lists",
+    multiple=True,
+    metavar="FILE",
+    help="Inputs listed in FILE: text (a path a line), CSV/TSV/parquet (a path column); repeatable.",
+)
+@click.option(
+    "--list-column",
+    default=None,
+    metavar="NAME",
+    help="The column of a CSV/TSV/parquet --list that holds the paths [default: path].",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option(
@@ -284,12 +338,16 @@ SECTIONS = {
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or shape report.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list every image as it is written.")
 @click.version_option(__version__, "--version", prog_name="fpn-extract")
-def main(inputs, out, size, short_side, max_side, shard, summary, input_size, quiet, verbose, **options):
+def main(
+    inputs, out, size, short_side, max_side, shard, summary, input_size, quiet, verbose, lists, list_column,
+    **options,
+):  # fmt: skip
     """Compute Feature Pyramid Network features (P2-P5) for images.
 
-    INPUTS are image files, folders (searched recursively) or glob patterns; - reads paths from
-    standard input. Each image's levels go to OUT/<path without extension>/<level>.npy, and
-    OUT/report.json lists every image.
+    INPUTS are image files, folders (searched recursively), glob patterns, WebDataset tar shards
+    (brace patterns too) or URLs (s3://, gs://, https://); - reads paths from standard input.
+    Each image's levels go to OUT/<path without extension>/<level>.npy (or into tar shards with
+    --format shards), and OUT/report.json lists every image.
     """
     stdin_lines = sys.stdin if "-" in inputs else ()
     try:
@@ -299,9 +357,12 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
                 options["arch"], options["weights"], options["fpn_style"], options["levels"], options["seed"],
                 options["pad_multiple"],
             )  # fmt: skip
-            click.echo(summarize(inputs, spec, resize, input_size, stdin_lines))
+            text = summarize(
+                inputs, spec, resize, input_size, stdin_lines, lists, list_column, options["shard_size"]
+            )
+            click.echo(text)
             return
-        if not inputs:
+        if not inputs and not lists:
             raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
@@ -314,6 +375,8 @@ def main(inputs, out, size, short_side, max_side, shard, summary, input_size, qu
                 out,
                 options,
                 stdin_lines=stdin_lines,
+                lists=lists,
+                list_column=list_column,
                 shard=shard,
                 log=None if quiet else _echo_err,
                 on_failure=lambda path, reason: _echo_err(f"failed: {path}: {reason}"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import os
 import stat
 import threading
@@ -18,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,11 +46,20 @@ _TRANSPOSES = {  # EXIF orientation -> the transpose that shows the picture upri
 }
 
 
+class Readable(Protocol):
+    """An input that is not a local file (a tar member, a URL: sources.py): ``open()`` gives its
+    bytes as a seekable file, or raises :class:`ImageError`; ``str()`` names it in messages."""
+
+    def open(self) -> BinaryIO: ...
+
+
 @dataclass(frozen=True)
 class InputImage:
     """One image to process: where it is, and its path relative to its input root."""
 
-    path: str  # a plain string: listing a million files should not build a million Paths
+    # a local file as a plain string (listing a million files should not build a million Paths),
+    # or a Readable: a tar member, a URL
+    path: str | Readable
     rel: str  # posix, with extension: "x/cat.jpg"
     error: str | None = None  # why listing found it unusable (a FIFO, an unreadable folder)
     key: str = field(init=False)  # the output folder under OUT: ``rel`` without its extension
@@ -131,7 +141,9 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts[:first_wild]) if first_wild else Path(".")
 
 
-def _expand(spec: str, exclude: Path | None, listed: bool) -> list[InputImage]:
+def expand_local(spec: str, exclude: Path | None, listed: bool) -> list[InputImage]:
+    """The images of one local input: a file, a folder (recursive) or a glob pattern; ``listed``
+    (a line of a list) is taken verbatim and, missing, is a failed input rather than an error."""
     if os.path.isdir(spec):
         if exclude is not None and _same_file(spec, exclude):
             raise UsageError(
@@ -177,26 +189,33 @@ def find_images(
         else:
             specs.append((spec, False))
     exclude = exclude.resolve() if exclude is not None else None
+    return unique_images(image for spec, listed in specs for image in expand_local(spec, exclude, listed))
+
+
+def unique_images(images: Iterable[InputImage]) -> list[InputImage]:
+    """``images`` sorted by key, each file once; two files that would write the same output
+    folder are a :class:`UsageError` naming both, and no image at all is one too."""
     by_key: dict[str, InputImage] = {}
-    for spec, listed in specs:
-        for image in _expand(spec, exclude, listed):
-            # casefolded: on macOS and Windows, Cat/ and cat/ are one folder
-            key = image.key.casefold() if image.error is None else "\0" + image.path
-            other = by_key.get(key)
-            if other is None:
-                by_key[key] = image
-            elif not _same_file(other.path, image.path):
-                first, second = sorted([str(other.path), str(image.path)])
-                raise UsageError(
-                    f"{first} and {second} would both write {image.key}/ in the output folder; "
-                    "rename one or give them separate input folders"
-                )
+    for image in images:
+        # casefolded: on macOS and Windows, Cat/ and cat/ are one folder
+        key = image.key.casefold() if image.error is None else "\0" + str(image.path)
+        other = by_key.get(key)
+        if other is None:
+            by_key[key] = image
+        elif not _same_file(other.path, image.path):
+            first, second = sorted([str(other.path), str(image.path)])
+            raise UsageError(
+                f"{first} and {second} would both write {image.key}/ in the output folder; "
+                "rename one or give them separate input folders"
+            )
     if not by_key:
         raise UsageError("no image files found in the inputs")
     return sorted(by_key.values(), key=lambda im: im.key)
 
 
-def _same_file(a: str | Path, b: str | Path) -> bool:
+def _same_file(a: str | Path | Readable, b: str | Path | Readable) -> bool:
+    if not isinstance(a, (str, os.PathLike)) or not isinstance(b, (str, os.PathLike)):
+        return a == b  # tar members, URLs: the same when they name the same bytes
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -269,6 +288,21 @@ def open_regular(path: str | Path) -> BinaryIO:
         raise
 
 
+def open_input(path: str | Path | Readable) -> BinaryIO:
+    """An input opened for reading: a local file by :func:`open_regular` (never blocking), any
+    other through its own ``open()``."""
+    return open_regular(path) if isinstance(path, (str, os.PathLike)) else path.open()
+
+
+def _is_empty(f: BinaryIO) -> bool:
+    if hasattr(f, "fileno"):
+        with contextlib.suppress(OSError, io.UnsupportedOperation):
+            return os.fstat(f.fileno()).st_size == 0
+    empty = f.seek(0, os.SEEK_END) == 0
+    f.seek(0)
+    return empty
+
+
 # torchvision 0.29 deprecates its PNG decoder in favour of TorchCodec; it is what reads 16-bit colour
 # PNGs whole here, and its note is for us, not the user (catch_warnings is not thread-safe: a filter)
 warnings.filterwarnings(
@@ -314,10 +348,11 @@ def _allow_pixels(max_pixels: int) -> None:
 
 
 def decode(
-    path: str | Path, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path | Readable, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reads ``path`` -> ((H', W', 3) uint8 RGB after resizing, (H, W) as decoded). Raises
-    :class:`ImageError` with a one-line reason for anything that is not a readable image."""
+    """Reads ``path`` (a local file, or a :class:`Readable`) -> ((H', W', 3) uint8 RGB after
+    resizing, (H, W) as decoded). Raises :class:`ImageError` with a one-line reason for anything
+    that is not a readable image."""
     _context.path = str(path)
     try:
         return _decode(path, resize, max_pixels)
@@ -325,11 +360,13 @@ def decode(
         _context.path = None
 
 
-def _decode(path: str | Path, resize: Resize, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode(
+    path: str | Path | Readable, resize: Resize, max_pixels: int
+) -> tuple[np.ndarray, tuple[int, int]]:
     _allow_pixels(max_pixels)
     try:
-        with open_regular(path) as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        with open_input(path) as f:
+            if _is_empty(f):
                 raise ImageError("empty file")
             with Image.open(f, formats=_formats()) as image:
                 sixteen_bit = _is_16bit_rgb_png(image)  # before getexif(), which loads a PNG
@@ -397,11 +434,11 @@ def _png16_to_rgb8(data: bytes) -> np.ndarray:
     return np.rint(values / 257.0).astype(np.uint8)
 
 
-def probe_size(path: str | Path) -> tuple[int, int] | None:
+def probe_size(path: str | Path | Readable) -> tuple[int, int] | None:
     """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read
     (never blocks: a FIFO or device is None at once)."""
     try:
-        with open_regular(path) as f, Image.open(f, formats=_formats()) as image:
+        with open_input(path) as f, Image.open(f, formats=_formats()) as image:
             w, h = image.size
             orientation = _orientation(image)
     except Exception:

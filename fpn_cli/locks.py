@@ -81,12 +81,29 @@ def record_settings(
     marker until :func:`finish_overwrite`: until then the folder may mix old and new features, so
     a run without ``overwrite`` is refused."""
     pending = sorted(p.name for p in root.glob(OVERWRITE_MARKER + "*"))
+    check_settings(root, _recorded_settings(root), settings, pending, overwrite)
+    try:
+        if overwrite:
+            _overwrite_marker(root, shard).touch()
+        atomic_write_json(root / SETTINGS_FILE, dict(settings))
+    except OSError as e:
+        raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
+
+
+def check_settings(
+    root: object,
+    recorded: Mapping[str, object] | None,
+    settings: Mapping[str, object],
+    pending: list[str],
+    overwrite: bool,
+) -> None:
+    """The rule of :func:`record_settings`, for any folder (a URL too): ``pending`` are the
+    unfinished-overwrite markers found, ``recorded`` the settings found (None if none)."""
     if pending and not overwrite:
         raise UsageError(
             f"{root} holds an unfinished --overwrite run ({', '.join(pending)}), so old and new "
             "features may be mixed: run it again with --overwrite to finish it"
         )
-    recorded = _recorded_settings(root)
     if recorded is not None and recorded != dict(settings) and not overwrite:
         diff = ", ".join(
             f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}"
@@ -97,12 +114,6 @@ def record_settings(
             f"{root} holds features made with other settings ({diff}); "
             "pass --overwrite to recompute them, or choose another --out"
         )
-    try:
-        if overwrite:
-            _overwrite_marker(root, shard).touch()
-        atomic_write_json(root / SETTINGS_FILE, dict(settings))
-    except OSError as e:
-        raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
 
 
 def finish_overwrite(root: Path, shard: tuple[int, int] | None) -> None:
@@ -111,8 +122,12 @@ def finish_overwrite(root: Path, shard: tuple[int, int] | None) -> None:
 
 
 def _overwrite_marker(root: Path, shard: tuple[int, int] | None) -> Path:
+    return root / overwrite_marker_name(shard)
+
+
+def overwrite_marker_name(shard: tuple[int, int] | None) -> str:
     suffix = f"-{shard[0]}-of-{shard[1]}" if shard else ""
-    return root / f"{OVERWRITE_MARKER}{suffix}"
+    return f"{OVERWRITE_MARKER}{suffix}"
 
 
 def _recorded_settings(root: Path) -> dict | None:

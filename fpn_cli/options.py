@@ -10,6 +10,7 @@ import torch
 from .builder import RANDOM, ModelSpec
 from .engine import DTYPES, SAVE_DTYPES
 from .errors import UsageError
+from .formats import DEFAULT_SHARD_SIZE, FORMATS
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .levels import parse_levels
 from .model import level_info, resolved_levels
@@ -36,6 +37,8 @@ class Options:
     fail_fast: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     preview: bool = False  # also write OUT/<key>/preview.png
+    format: str = "npy"  # npy: a file per level and image; shards: tar shards and an index (formats/)
+    shard_size: int = DEFAULT_SHARD_SIZE  # with shards: a shard closes once it holds this many bytes
 
     def __post_init__(self) -> None:
         if self.levels is not None:
@@ -47,6 +50,12 @@ class Options:
             raise UsageError(f"unknown save dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
+        if self.shard_size < 1:
+            raise UsageError("--shard-size must be at least 1 byte")
+        if self.preview and self.format != "npy":
+            raise UsageError("--preview draws PNG files into the npy layout; it is not for --format shards")
 
 
 def settings_record(opts: Options, spec: ModelSpec) -> dict:
@@ -60,6 +69,13 @@ def settings_record(opts: Options, spec: ModelSpec) -> dict:
         "save_dtype": opts.save_dtype,
         "resize": asdict(opts.resize),
         "pad_multiple": spec.config.pad_multiple,
+        # a shard's images cannot gain levels later, so their levels are settings; npy folders
+        # made before formats existed record neither, and stay resumable
+        **(
+            {"format": opts.format, "levels": list(resolved_levels(spec.config))}
+            if opts.format != "npy"
+            else {}
+        ),
     }
 
 

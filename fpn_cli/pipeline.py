@@ -11,6 +11,9 @@ jobs flow one way through them, and :func:`run` strings them together:
 - :class:`Writer`: a background thread, behind a bounded queue, writes levels and previews.
 - :func:`publish_report`: report.json, or a shard's part, merged once the set is complete.
 
+Where and how features are stored is the :class:`~fpn_cli.formats.base.Storage` that
+:func:`extract` opens (formats/): the npy layout or tar shards, on disk or behind a URL.
+
 :func:`extract` is the whole job around the run: inputs, shard, model, output folder and its lock.
 """
 
@@ -20,6 +23,7 @@ import contextlib
 import os
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -34,12 +38,14 @@ from .builder import ModelSpec, build, resolve
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError
-from .images import InputImage, Resize, decode, find_images, probe_size
-from .locks import finish_overwrite, lock_folder, record_settings
+from .formats import DEFAULT_SHARD_SIZE, Storage, format_totals, open_store
+from .images import InputImage, Resize, decode, probe_size
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
 from .options import Options, report_header, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
-from .store import PREVIEW_FILE, Store
+from .sources import find_inputs
+from .store import Store
+from .urls import is_url
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
@@ -68,14 +74,18 @@ def extract(
     options: Options | None = None,
     *,
     stdin_lines: Iterable[str] = (),
+    lists: Sequence[str | os.PathLike[str]] = (),
+    list_column: str | None = None,
     log: Log | None = None,
     on_failure: OnFailure | None = None,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] | None = None,
     **kwargs,
 ) -> Report:
-    """Runs a whole extraction: finds the images in ``inputs``, writes their levels under ``out``
-    and ``out/report.json``, and returns the :class:`Report` (its ``exit_status`` is the CLI's).
+    """Runs a whole extraction: finds the images in ``inputs`` (and in the list files ``lists``,
+    paths in their ``list_column``), writes their levels under ``out`` (a folder, or a URL with
+    ``format="shards"``) and its report.json, and returns the :class:`Report` (its
+    ``exit_status`` is the CLI's).
 
     ``options`` and keyword arguments set the run: the keywords are fields of :class:`Options` and
     replace those of ``options`` (``extract(inputs, out, base, overwrite=True)`` is ``base`` with
@@ -91,16 +101,17 @@ def extract(
     opts = Options(**kwargs) if options is None else replace(options, **kwargs)
     log = log or (lambda message: None)
     on_failure = on_failure or (lambda path, reason: None)
-    out = Path(out)
+    out = str(out) if is_url(str(out)) else Path(out)
     launch = torchrun_launch()
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
-    images = _own_images(inputs, stdin_lines, out, shard)
+    images = _own_images(inputs, stdin_lines, lists, list_column, out, shard)
     spec = _resolve_model(opts)
     model = _build_model(spec)
-    store = Store(out, resolved_levels(spec.config), opts.save_dtype)
-    with lock_folder(out, shard):
-        record_settings(out, settings_record(opts, spec), opts.overwrite, shard)
+    levels = resolved_levels(spec.config)
+    store = open_store(out, opts.format, levels, opts.save_dtype, opts.shard_size, shard)
+    with store.lock():
+        store.record_settings(settings_record(opts, spec), opts.overwrite)
         store.sweep_dead_runs()
         _notes(opts, spec, device, log)
         report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
@@ -117,7 +128,7 @@ def extract(
                     publish_report(store, report, shard, group, failed=True)
                 raise
             if not report.interrupted:
-                finish_overwrite(out, shard)  # every level this run owed is written
+                store.finish_overwrite()  # every level this run owed is written
             publish_report(store, report, shard, group)
     return report
 
@@ -125,11 +136,14 @@ def extract(
 def _own_images(
     inputs: Sequence[str | os.PathLike[str]],
     stdin_lines: Iterable[str],
-    out: Path,
+    lists: Sequence[str | os.PathLike[str]],
+    list_column: str | None,
+    out: Path | str,
     shard: tuple[int, int] | None,
 ) -> list[InputImage]:
-    """The images this process is responsible for: all of ``inputs``, or its shard's."""
-    images = find_images(inputs, stdin_lines, exclude=out)
+    """The images this process is responsible for: all of the inputs, or its shard's."""
+    exclude = out if isinstance(out, Path) else None
+    images = find_inputs(inputs, stdin_lines, exclude, lists, list_column)
     for image in images:
         Store.check_key(image.key, image.path)
     if shard is not None:
@@ -156,7 +170,7 @@ def _notes(opts: Options, spec: ModelSpec, device: torch.device, log: Log) -> No
 
 def run(
     images: Sequence[InputImage],
-    store: Store,
+    store: Storage,
     engine: Engine,
     opts: Options,
     report: Report,
@@ -178,24 +192,24 @@ def run(
                 writer.put(job, levels, ready)
 
 
-def plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[Job]:
+def plan(images: Sequence[InputImage], store: Storage, opts: Options, report: Report) -> list[Job]:
     """Step 1. Images with every requested level in place (and their preview, if asked) are
     reported as skipped; the rest are jobs for their missing levels (all with ``overwrite``), or
     preview-only jobs."""
     jobs = []
     for image in images:
-        if not (store.root / image.key).is_dir():  # a new image: one stat, no more
-            jobs.append(Job(image, store.levels))
-            continue
-        store.remove_strays(image.key)
-        have = {} if opts.overwrite else store.existing(image.key)
+        have = store.resume(image.key, opts.overwrite)
         missing = tuple(level for level in store.levels if level not in have)
-        if missing or (opts.preview and not store.preview_path(image.key).is_file()):
+        if missing or (opts.preview and store.preview_file(image.key) is None):
             jobs.append(Job(image, missing))
+            continue
+        recorded = store.recorded_sizes(image.key)
+        if recorded is not None:  # no need to read the image again (it may be far away)
+            size, target = recorded
         else:
             size = probe_size(image.path)
             target = opts.resize.target(*size) if size else None
-            report.add(_done_result(image, store, "skipped", size, target, have))
+        report.add(_done_result(image, store, "skipped", size, target, have))
     return jobs
 
 
@@ -326,7 +340,7 @@ class Writer:
     full, say) stops all writing: later jobs are drained unwritten, and :meth:`put` and
     :meth:`close` raise it. Used as a context manager, it closes on exit."""
 
-    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
+    def __init__(self, store: Storage, report: Report, depth: int, preview: bool) -> None:
         self.store, self.report, self.preview = store, report, preview
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: FPNError | None = None
@@ -343,9 +357,16 @@ class Writer:
         self._enqueue(job, partial(self._write_preview_only, job))
 
     def close(self) -> None:
-        """Waits for the queued jobs to be written; raises the first write error, if any."""
+        """Waits for the queued jobs to be written and puts them in place (``store.flush``: a
+        format that packs images closes its pack); raises the first write error, if any."""
         self.queue.put(None)
         self.thread.join()
+        try:
+            self.store.flush()
+        except OSError as e:
+            self.error = self.error or FPNError(f"cannot write {e.filename or self.store}: {e.strerror or e}")
+        except FPNError as e:
+            self.error = self.error or e
         if self.error is not None:
             raise self.error
 
@@ -368,7 +389,7 @@ class Writer:
             try:
                 result = write()
             except Exception as e:  # the thread must live on: a dead writer would hang the producer
-                where = self.store.root / job.image.key
+                where = self.store.where(job.image.key)
                 if isinstance(e, OSError):
                     reason, where = e.strerror or str(e), e.filename or where
                 else:
@@ -385,12 +406,16 @@ class Writer:
         self.store.write_levels(job.image.key, {k: arrays[k] for k in job.missing})
         if self.preview:
             self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        return self._result(job, "ok", arrays)
+        result = self._result(job, "ok", arrays)
+        self.store.finish_image(job.image.key, result.to_json())
+        return result
 
     def _write_preview_only(self, job: Job) -> ImageResult:
         arrays = self.store.read_levels(job.image.key)
         self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        return self._result(job, "skipped", arrays)
+        result = self._result(job, "skipped", arrays)
+        self.store.finish_image(job.image.key, result.to_json())
+        return result
 
     def _result(self, job: Job, status: str, arrays: dict[str, np.ndarray]) -> ImageResult:
         shapes = {k: v.shape for k, v in arrays.items()}
@@ -398,7 +423,7 @@ class Writer:
 
 
 def publish_report(
-    store: Store,
+    store: Storage,
     report: Report,
     shard: tuple[int, int] | None,
     group: ProcessGroup | None = None,
@@ -408,9 +433,10 @@ def publish_report(
     parts are merged into report.json once all are in: under torchrun (``group``) by rank 0 after
     a barrier that waits for every rank's part, otherwise by whichever shard finds the set
     complete. A torchrun rank that ``failed`` writes its part only: the others may never reach the
-    barrier."""
+    barrier. The store's index (shards' index.jsonl) is published with report.json."""
     if shard is None:
         store.write_report(report.write_json)
+        store.publish_index()
         return
     store.write_shard_report(*shard, report.write_json)
     if group is not None:
@@ -422,6 +448,7 @@ def publish_report(
     parts = store.read_shard_reports(shard[1])
     if parts is not None:
         store.write_report(lambda f: write_merged(f, parts))
+        store.publish_index()
 
 
 def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
@@ -432,7 +459,7 @@ def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
 
 def _done_result(
     image: InputImage,
-    store: Store,
+    store: Storage,
     status: str,
     input_size: tuple[int, int] | None,
     model_input_size: tuple[int, int] | None,
@@ -446,11 +473,11 @@ def _done_result(
         input_size=input_size,
         model_input_size=tuple(model_input_size) if model_input_size else None,
         levels={
-            level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
+            level: {"shape": list(shapes[level]), **store.location(key, level)}
             for level in store.levels
             if level in shapes
         },
-        preview=f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None,
+        preview=store.preview_file(key),
     )
 
 
@@ -460,17 +487,36 @@ def summarize(
     resize: Resize,
     input_size: tuple[int, int],
     stdin_lines: Iterable[str] = (),
+    lists: Sequence[str | os.PathLike[str]] = (),
+    list_column: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> str:
-    """The ``--summary`` text: for ``input_size``, or for each distinct size among ``inputs``."""
-    if inputs:
-        sizes = []
-        for image in find_images(inputs, stdin_lines):
-            size = probe_size(image.path) if image.error is None else None
-            if size is not None:
-                sizes.append(resize.target(*size))
-        sizes = sorted(set(sizes))
-    else:
-        sizes = [input_size]
+    """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs,
+    then the dataset's totals in each format and save dtype."""
     config = spec.config
-    shapes = [(s, output_shapes(config, *s)) for s in sizes]
-    return format_summary(spec, parameter_count(config), level_info(config), shapes)
+    if not inputs and not lists:
+        shapes = [(input_size, output_shapes(config, *input_size))]
+        return format_summary(spec, parameter_count(config), level_info(config), shapes)
+    per_size: Counter[tuple[int, int]] = Counter()
+    unreadable = 0
+    for size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column)):
+        if size is None:
+            unreadable += 1
+        else:
+            per_size[resize.target(*size)] += 1
+    shapes = [(s, output_shapes(config, *s)) for s in sorted(per_size)]
+    text = format_summary(spec, parameter_count(config), level_info(config), shapes)
+    totals = format_totals(per_size, dict(shapes), unreadable, ("float32", "float16"), shard_size)
+    return f"{text}\n\n{totals}"
+
+
+def _probe_all(
+    images: Sequence[InputImage], workers: int = 8, chunk: int = 1024
+) -> Iterator[tuple[int, int] | None]:
+    """Each image's size from its header, None where it cannot be read; on a few threads, since
+    an image behind a URL is a round trip, and a chunk at a time, so a million images are not a
+    million pending futures."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="fpn-probe") as pool:
+        for start in range(0, len(images), chunk):
+            part = images[start : start + chunk]
+            yield from pool.map(lambda im: None if im.error else probe_size(im.path), part)

@@ -89,6 +89,16 @@ def atomic_write_json(target: Path, data: object) -> None:
     atomic_write_bytes(target, lambda f: f.write(text))
 
 
+def temporary_name(target: Path) -> Path:
+    """The name a file being written as ``target`` has until it is complete."""
+    return _tmp_name(target)
+
+
+def sweep_dead_writers(folder: Path) -> None:
+    """Deletes the temporary files in ``folder`` whose writer ran on this host and is gone."""
+    _remove_tmp_files(folder, _writer_is_gone)
+
+
 def _remove_tmp_files(folder: Path, stale: Callable[[str], bool]) -> None:
     try:
         entries = list(os.scandir(folder))
@@ -123,7 +133,7 @@ class Store:
         """Deletes the temporary files that runs on this host left at the top of the folder and
         in ``.shards`` before they died (another run's live ones stay)."""
         for folder in (self.root, self.root / SHARDS_DIR):
-            _remove_tmp_files(folder, _writer_is_gone)
+            sweep_dead_writers(folder)
 
     @staticmethod
     def check_key(key: str, source: str) -> None:

@@ -1,0 +1,139 @@
+"""``--format npy`` (the default): one ``.npy`` file per array and image, ``OUT/<key>/<name>.npy``.
+The layout itself, its atomic writes and completion checks are store.py's; this module makes it a
+:class:`~fpn_cli.formats.base.Storage` and reads it back."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import mmap
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FPNError
+from ..locks import finish_overwrite, lock_folder, record_settings
+from ..store import PREVIEW_FILE, REPORT_FILE, Store
+from .base import Features, Shape, Size, npy_size
+
+
+class NpyStore(Store):
+    """The npy layout as a run writes it: store.Store with the folder's lock and settings."""
+
+    format = "npy"
+
+    def __init__(
+        self, root: Path, levels: Iterable[str], save_dtype: str, shard: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__(root, levels, save_dtype)
+        self.shard = shard
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return lock_folder(self.root, self.shard)
+
+    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
+        record_settings(self.root, settings, overwrite, self.shard)
+
+    def finish_overwrite(self) -> None:
+        finish_overwrite(self.root, self.shard)
+
+    def resume(self, key: str, overwrite: bool) -> dict[str, Shape]:
+        if not (self.root / key).is_dir():  # a new image: one stat, no more
+            return {}
+        self.remove_strays(key)
+        return {} if overwrite else self.existing(key)
+
+    def recorded_sizes(self, key: str) -> tuple[Size | None, Size | None] | None:
+        return None  # the layout keeps no sizes: they come from the image
+
+    def preview_file(self, key: str) -> str | None:
+        return f"{key}/{PREVIEW_FILE}" if self.preview_path(key).is_file() else None
+
+    def location(self, key: str, name: str) -> dict[str, str]:
+        return {"file": f"{key}/{name}.npy"}
+
+    def where(self, key: str) -> str:
+        return str(self.root / key)
+
+    def finish_image(self, key: str, entry: dict) -> None:
+        pass  # report.json holds the entries
+
+    def flush(self) -> None:
+        pass  # each file is in place once written
+
+    def publish_index(self) -> None:
+        pass  # the folder tree is the index
+
+
+class NpyFeatures(Features):
+    """The npy layout's reader: keys from report.json (its images that are not failed), every
+    ``OUT/<key>/*.npy`` memory-mapped with ``np.load``."""
+
+    format = "npy"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        path = root / REPORT_FILE
+        try:
+            with open(path, "rb") as f:
+                self._report = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise FPNError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        found = []
+        offset = 0
+        # report.json keeps one image a line (report.dump_report), so it is read a line at a time
+        for line in iter(self._report.readline, b""):
+            text = line.strip().rstrip(b",")
+            if text.startswith(b'{"path"'):
+                image = json.loads(text)
+                if image["status"] != "failed":
+                    found.append((os.path.splitext(image["path"])[0], offset))
+            offset += len(line)
+        found.sort()
+        self._keys = [key for key, _ in found]
+        self._offsets = [at for _, at in found]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def key_at(self, index: int) -> str:
+        return self._keys[index]
+
+    def _find(self, key: str) -> int | None:
+        i = bisect.bisect_left(self._keys, key)
+        return i if i < len(self._keys) and self._keys[i] == key else None
+
+    def read(self, key: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        if self._find(key) is None:
+            raise KeyError(key)
+        wanted = None if names is None else set(names)
+        arrays = {}
+        with os.scandir(self.root / key) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                name, ext = os.path.splitext(entry.name)
+                if ext == ".npy" and (wanted is None or name in wanted) and entry.is_file():
+                    arrays[name] = np.load(entry.path, mmap_mode="r")
+        return arrays
+
+    def entry(self, key: str) -> dict:
+        i = self._find(key)
+        if i is None:
+            raise KeyError(key)
+        start = self._offsets[i]
+        line = self._report[start : self._report.find(b"\n", start)]  # no seek: threads share the map
+        return json.loads(line.strip().rstrip(b","))
+
+
+def estimate(
+    per_image: Iterable[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
+) -> tuple[int, int]:
+    """(bytes, files) that ``count`` images of each set of level shapes take in the npy layout:
+    a file per level and image, and report.json."""
+    total = files = 0
+    for count, shapes in per_image:
+        total += count * sum(npy_size(shape, dtype) for shape in shapes.values())
+        files += count * len(shapes)
+    return total, files + 1

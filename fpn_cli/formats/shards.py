@@ -1,0 +1,640 @@
+"""``--format shards``: WebDataset-compatible tar shards, an index, exact resume.
+
+    OUT/shards/000000.tar, 000001.tar ...     (I-of-N-000000.tar ... for --shard I/N or a torchrun rank)
+        <stem>.p2.npy ... <stem>.json           one image: its arrays, then its report.json entry
+    OUT/shards/.index/000000.jsonl ...        one index part per shard: a line per image
+    OUT/shards/index.jsonl                    every part merged, sorted by key (publish_report)
+    OUT/report.json, OUT/.fpn-extract.json     as in the npy layout
+
+**Member names.** WebDataset takes a sample's key to be a member's name up to the first dot of
+its base name, and skips a first component like ``__x__/`` as metadata. An image's ``<stem>`` is
+its key with ``%`` and, in the base name, ``.`` percent-escaped, and a leading ``__`` escaped as
+``%5F_``: every key survives those rules, and ``urllib.parse.unquote(stem)`` gives it back (the
+json member holds the real path too).
+
+**Index lines.** ``{"key", "path", "shard", "input_size", "model_input_size", "members"}``, where
+``members`` maps each member's suffix (``p2.npy``, ``json``) to the ``offset`` of its data in the
+tar and its ``size``; an ``.npy`` member adds ``shape``, ``dtype`` and ``data``, the offset of the
+array's first byte, so a level is memory-mapped with no other read. Tar data starts on 512-byte
+boundaries, and the ``.npy`` header is a multiple of 64 bytes, so arrays are 64-byte aligned.
+index.jsonl's first line is a header; the rest are sorted by key, so a reader finds a key by
+bisection over line offsets without parsing the file: millions of images cost a reader 8 bytes
+each.
+
+**Atomic shards, exact resume.** A shard is written under a temporary name and becomes
+complete in two steps: its index part is written, then the tar is renamed into place (uploaded, for
+a URL). Complete = a tar with its index part; a tar whose part is missing is scanned and its part
+rewritten. A killed run leaves a temporary tar (swept) and perhaps a part without its tar
+(deleted): its images are in no complete shard, so the next run computes them again, and every
+image is in exactly one shard. Images never straddle shards (WebDataset groups a sample's members
+within one tar); a shard closes once it holds ``--shard-size`` bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import io
+import json
+import mmap
+import os
+import queue
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote
+
+import numpy as np
+
+from ..distributed import shard_of
+from ..errors import FPNError, UsageError
+from ..locks import check_settings, finish_overwrite, lock_folder, overwrite_marker_name, record_settings
+from ..store import (
+    HOST,
+    OVERWRITE_MARKER,
+    REPORT_FILE,
+    SETTINGS_FILE,
+    create_folder,
+    sweep_dead_writers,
+    temporary_name,
+)
+from ..store import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
+from ..urls import Folder
+from . import tario
+from .base import Features, Shape, Size, npy_size, read_npy_header
+
+SHARDS = "shards"  # under OUT
+PARTS = f"{SHARDS}/.index"  # one index part per shard
+INDEX = f"{SHARDS}/index.jsonl"
+DEFAULT_SHARD_SIZE = 1_000_000_000
+INDEX_FORMAT = "fpn-extract shards"
+INDEX_VERSION = 1
+_SHARD_NAME = re.compile(r"^(?:(\d+)-of-(\d+)-)?(\d{6,})\.tar$")
+_LINE_SCAN = 1 << 26  # bytes of index scanned for line ends at a time
+_MAPS_KEPT = 64  # shards a reader keeps memory-mapped
+
+
+def member_stem(key: str) -> str:
+    """The name an image's members share in a tar, before their suffixes (module docstring).
+
+    >>> member_stem("x/img.2024.01"), member_stem("__meta__/a"), member_stem("100%")
+    ('x/img%2E2024%2E01', '%5F_meta__/a', '100%25')
+    """
+    folder, slash, base = key.rpartition("/")
+    stem = folder.replace("%", "%25") + slash + base.replace("%", "%25").replace(".", "%2E")
+    return "%5F" + stem[1:] if stem.startswith("__") else stem
+
+
+def key_of(stem: str) -> str:
+    return unquote(stem)
+
+
+def stem_of(member: str) -> tuple[str, str] | None:
+    """(stem, suffix) of a member name, by WebDataset's rule; None where it finds no key."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", member)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def _prefix(shard: tuple[int, int] | None) -> str:
+    """Shard names of a job array's part (or torchrun rank) start with ``I-of-N-``."""
+    if shard is None:
+        return ""
+    index, count = shard
+    return f"{index:0{len(str(count - 1))}d}-of-{count}-"
+
+
+def _parse(name: str) -> tuple[tuple[int, int] | None, int] | None:
+    """(partition or None, sequence number) of a complete shard's file name; None for others."""
+    match = _SHARD_NAME.match(name)
+    if not match:
+        return None
+    part = (int(match.group(1)), int(match.group(2))) if match.group(1) else None
+    return part, int(match.group(3))
+
+
+def _part_name(shard_name: str) -> str:
+    return f"{PARTS}/{shard_name[: -len('.tar')]}.jsonl"
+
+
+@dataclass
+class _Group:
+    """The image being written: where it began (to cut it off if it fails) and its members."""
+
+    key: str
+    start: int
+    members: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class _OpenShard:
+    name: str
+    writer: tario.TarWriter
+    lines: list[dict] = field(default_factory=list)  # index lines of the finished images
+    group: _Group | None = None
+
+
+class ShardStore:
+    """The shard format's writer side (a :class:`~fpn_cli.formats.base.Storage`): ``root`` is a
+    local folder or an fsspec URL; ``shard`` the job array's part (or torchrun rank) whose shards
+    this run writes. Only the run's writer thread writes images; the rest runs before or after it."""
+
+    format = "shards"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        levels: Iterable[str],
+        save_dtype: str,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
+        self.folder = Folder(root)
+        self.levels = tuple(levels)
+        self.dtype = np.dtype(save_dtype)
+        self.shard_size = shard_size
+        self.shard = shard
+        self._prefix = _prefix(shard)
+        self._complete: dict[str, dict] | None = None  # key -> index line: this run's complete images
+        self._open: _OpenShard | None = None
+        self._next: int | None = None  # the sequence number of the next shard
+        self._uploads: _Uploads | None = None
+
+    # -- who may write, with which settings --------------------------------------------------
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        if self.folder.remote:  # an object store has no locks: two runs on one URL are not stopped
+            return contextlib.nullcontext()
+        return lock_folder(self.folder.path(""), self.shard)
+
+    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
+        if self.folder.remote:
+            raw = self.folder.read_bytes(SETTINGS_FILE)
+            pending = [n for n in self.folder.names() if n.startswith(OVERWRITE_MARKER)]
+            check_settings(self.folder, json.loads(raw) if raw else None, settings, pending, overwrite)
+            if overwrite:
+                self.folder.write(overwrite_marker_name(self.shard), lambda f: None)
+            self.folder.write(SETTINGS_FILE, lambda f: f.write(json.dumps(dict(settings), indent=2).encode()))
+        else:
+            record_settings(self.folder.path(""), settings, overwrite, self.shard)
+            self.folder.makedirs(PARTS)
+        if overwrite:
+            self._remove_own_shards()
+
+    def finish_overwrite(self) -> None:
+        if self.folder.remote:
+            self.folder.remove(overwrite_marker_name(self.shard))
+        else:
+            finish_overwrite(self.folder.path(""), self.shard)
+
+    def sweep_dead_runs(self) -> None:
+        if self.folder.remote:
+            sweep_dead_writers(_staging())
+            return
+        root = self.folder.path("")
+        for rel in ("", REPORTS_DIR, SHARDS, PARTS):
+            sweep_dead_writers(root / rel)
+
+    def _remove_own_shards(self) -> None:
+        """``--overwrite``: this run's part of the shards goes; shards of another ``--shard``
+        layout may hold this run's images too, so they are a usage error."""
+        for name in self.folder.names(SHARDS):
+            parsed = _parse(name)
+            if parsed is None:
+                continue
+            if self._owns(parsed[0]):
+                self.folder.remove(_part_name(name))
+                self.folder.remove(f"{SHARDS}/{name}")
+            elif self.shard is not None and (parsed[0] is None or parsed[0][1] != self.shard[1]):
+                raise UsageError(
+                    f"{self.folder.url(SHARDS)} holds shards of another --shard layout ({name}), which "
+                    "may hold this run's images: --overwrite them with that layout, or remove them"
+                )
+
+    def _owns(self, part: tuple[int, int] | None) -> bool:
+        """Whether shards of job-array part ``part`` are this run's to replace."""
+        return self.shard is None or part == self.shard
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def resume(self, key: str, overwrite: bool) -> dict[str, Shape]:
+        line = None if overwrite else self._completed().get(key)
+        if line is None:
+            return {}
+        members = line["members"]
+        return {
+            name[: -len(".npy")]: tuple(m["shape"]) for name, m in members.items() if name.endswith(".npy")
+        }
+
+    def recorded_sizes(self, key: str) -> tuple[Size | None, Size | None] | None:
+        line = self._completed().get(key)
+        if line is None:
+            return None
+        sizes = (line.get("input_size"), line.get("model_input_size"))
+        return tuple(tuple(s) if s else None for s in sizes)  # type: ignore[return-value]
+
+    def _completed(self) -> dict[str, dict]:
+        """Index lines of the images this run owns that are in complete shards, read once."""
+        if self._complete is None:
+            self._complete = {}
+            for line in complete_lines(self.folder, repair=True, clean=self._owns):
+                if self.shard is None or shard_of(line["key"], self.shard[1]) == self.shard[0]:
+                    self._complete[line["key"]] = line
+        return self._complete
+
+    # -- writing images -------------------------------------------------------------------
+
+    def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+        shard, group = self._group(key)
+        stem = member_stem(key)
+        for name, array in arrays.items():
+            member = shard.writer.add_array(f"{stem}.{name}.npy", array)
+            header = member.size - array.nbytes
+            group.members[f"{name}.npy"] = {
+                "offset": member.offset,
+                "size": member.size,
+                "shape": list(array.shape),
+                "dtype": array.dtype.str,
+                "data": member.offset + header,
+            }
+
+    def write_preview(self, key: str, picture) -> None:
+        raise UsageError("--preview is for the npy layout")  # open_store refuses it first
+
+    def read_levels(self, key: str) -> dict[str, np.ndarray]:
+        raise UsageError("a shard's images are complete once written; nothing is read back")
+
+    def finish_image(self, key: str, entry: dict) -> None:
+        shard, group = self._group(key)
+        member = shard.writer.add_bytes(f"{member_stem(key)}.json", json.dumps(entry).encode())
+        group.members["json"] = {"offset": member.offset, "size": member.size}
+        shard.writer.flush()  # a write error fails this image, before it is indexed
+        shard.lines.append(
+            {
+                "key": key,
+                "path": entry["path"],
+                "shard": shard.name,
+                "input_size": entry.get("input_size"),
+                "model_input_size": entry.get("model_input_size"),
+                "members": group.members,
+            }
+        )
+        shard.group = None
+        if shard.writer.position >= self.shard_size:
+            self._close_shard()
+
+    def flush(self) -> None:
+        """Closes the open shard with its whole images (an image cut short by an error is cut
+        off) and waits for the uploads."""
+        try:
+            self._close_shard()
+        finally:
+            if self._uploads is not None:
+                self._uploads.wait()
+
+    def location(self, key: str, name: str) -> dict[str, str]:
+        shard = self._open
+        if shard is not None and shard.group is not None and shard.group.key == key:
+            file = shard.name
+        else:
+            file = self._completed()[key]["shard"]
+        return {"file": f"{SHARDS}/{file}", "member": f"{member_stem(key)}.{name}.npy"}
+
+    def preview_file(self, key: str) -> str | None:
+        return None
+
+    def where(self, key: str) -> str:
+        shard = self._open
+        return self.folder.url(f"{SHARDS}/{shard.name}" if shard else SHARDS)
+
+    def _group(self, key: str) -> tuple[_OpenShard, _Group]:
+        """The open shard (opened if need be) and ``key``'s group in it."""
+        if self._open is None:
+            self._open = self._new_shard()
+        shard = self._open
+        if shard.group is None or shard.group.key != key:
+            if shard.group is not None:  # the last image never finished: cut it off
+                shard.writer.rollback(shard.group.start)
+            shard.group = _Group(key, shard.writer.position)
+        return shard, shard.group
+
+    def _new_shard(self) -> _OpenShard:
+        if self._next is None:
+            names = self.folder.names(SHARDS) + [
+                n[: -len(".jsonl")] + ".tar" for n in self.folder.names(PARTS)
+            ]
+            mine = [p[1] for p in map(_parse, names) if p is not None and p[0] == self.shard]
+            self._next = max(mine, default=-1) + 1
+        name = f"{self._prefix}{self._next:06d}.tar"
+        self._next += 1
+        if self.folder.remote:
+            tmp = _staging() / f".{name}~{HOST}~{os.getpid()}.tmp"
+        else:
+            tmp = temporary_name(self.folder.path(f"{SHARDS}/{name}"))
+        return _OpenShard(name, tario.TarWriter(tmp))
+
+    def _close_shard(self) -> None:
+        """The open shard, with its finished images, becomes complete: index part, then tar."""
+        shard, self._open = self._open, None
+        if shard is None:
+            return
+        if shard.group is not None:
+            shard.writer.rollback(shard.group.start)
+        if not shard.lines:
+            shard.writer.abort()
+            return
+        part = "".join(json.dumps(line) + "\n" for line in shard.lines).encode()
+        try:
+            shard.writer.close()
+            if not self.folder.remote:
+                self.folder.write(_part_name(shard.name), lambda f: f.write(part))
+                self.folder.put(shard.writer.path, f"{SHARDS}/{shard.name}")
+        except OSError as e:
+            shard.writer.abort()
+            where = self.folder.url(f"{SHARDS}/{shard.name}")
+            raise FPNError(
+                f"cannot write {where}: {e.strerror or e}; its {len(shard.lines)} images are computed "
+                "again by the next run"
+            ) from None
+        if self.folder.remote:
+            if self._uploads is None:
+                self._uploads = _Uploads(self.folder)
+            self._uploads.put(shard.writer.path, shard.name, part)
+
+    # -- the run's files --------------------------------------------------------------------
+
+    def write_report(self, write: Callable[[BinaryIO], object]) -> None:
+        self.folder.write(REPORT_FILE, write)
+
+    def write_shard_report(self, index: int, count: int, write: Callable[[BinaryIO], object]) -> None:
+        self.folder.makedirs(REPORTS_DIR)
+        self.folder.write(f"{REPORTS_DIR}/report-{index}-of-{count}.json", write)
+
+    def read_shard_reports(self, count: int) -> list[dict] | None:
+        parts = []
+        for index in range(count):
+            raw = self.folder.read_bytes(f"{REPORTS_DIR}/report-{index}-of-{count}.json")
+            try:
+                parts.append(json.loads(raw or b""))
+            except ValueError:
+                return None
+        return parts
+
+    def publish_index(self) -> None:
+        """index.jsonl from every complete shard's part: a header line, then one line per image,
+        sorted by key."""
+        lines = sorted((line["key"], json.dumps(line)) for line in complete_lines(self.folder, repair=True))
+        for (a, _), (b, _) in zip(lines, lines[1:], strict=False):
+            if a == b:
+                raise FPNError(f"image {a!r} is in two shards of {self.folder.url(SHARDS)}")
+        shards = len({json.loads(text)["shard"] for _, text in lines}) if lines else 0
+        header = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "images": len(lines),
+            "shards": shards,
+            "levels": list(self.levels),
+            "save_dtype": self.dtype.name,
+        }
+
+        def write(f: BinaryIO) -> None:
+            f.write((json.dumps(header) + "\n").encode())
+            for _, text in lines:
+                f.write((text + "\n").encode())
+
+        self.folder.write(INDEX, write)
+
+
+def _staging() -> Path:
+    """Where shards bound for a URL are written before their upload."""
+    folder = Path(tempfile.gettempdir()) / "fpn-extract-staging"
+    create_folder(folder)
+    return folder
+
+
+class _Uploads:
+    """Uploads finished shards on a thread of its own, one at a time, while the next is written;
+    at most one waits, so the staging disk holds at most three shards. The first failure is
+    raised by the next :meth:`put` or by :meth:`wait`."""
+
+    def __init__(self, folder: Folder) -> None:
+        self.folder = folder
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: FPNError | None = None
+        self.thread = threading.Thread(target=self._loop, name="fpn-upload", daemon=True)
+        self.thread.start()
+
+    def put(self, local: Path, name: str, part: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((local, name, part))
+
+    def wait(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while (task := self.queue.get()) is not None:
+            local, name, part = task
+            try:
+                if self.error is None:
+                    self.folder.write(_part_name(name), lambda f, part=part: f.write(part))
+                    self.folder.put(local, f"{SHARDS}/{name}")
+            except Exception as e:  # the thread must live on: a dead uploader would hang the writer
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self.error = FPNError(f"cannot upload {self.folder.url(f'{SHARDS}/{name}')}: {reason}")
+            finally:
+                local.unlink(missing_ok=True)
+
+
+def complete_lines(
+    folder: Folder, repair: bool = False, clean: Callable[[tuple[int, int] | None], bool] | None = None
+) -> Iterator[dict]:
+    """The index lines of every complete shard in ``folder``: from its index part or, where that
+    is missing, by scanning the tar (and, with ``repair``, writing the part). ``clean(partition)``
+    says whose parts without a tar (a killed run's) may be deleted."""
+    tars = [n for n in folder.names(SHARDS) if _parse(n) is not None]
+    parts = set(folder.names(PARTS))
+    for stray in sorted(parts - {_part_name(n).rsplit("/", 1)[1] for n in tars}):
+        parsed = _parse(stray[: -len(".jsonl")] + ".tar")
+        if clean is not None and parsed is not None and clean(parsed[0]):
+            folder.remove(f"{PARTS}/{stray}")
+    for name in tars:
+        raw = folder.read_bytes(_part_name(name))
+        if raw is None:
+            lines = scan_shard(folder, name)
+            if repair:
+                text = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                folder.write(_part_name(name), lambda f, text=text: f.write(text))
+        else:
+            lines = [json.loads(text) for text in raw.decode().splitlines() if text]
+        yield from lines
+
+
+def scan_shard(folder: Folder, name: str) -> list[dict]:
+    """A shard's index lines, rebuilt from the tar: members grouped by stem, each image's json
+    member read for its path and sizes, each ``.npy`` header for its array. A group without its
+    json member was never finished and is left out."""
+    with folder.open(f"{SHARDS}/{name}") as f:
+        members = list(tario.scan(f))
+        groups: dict[str, dict[str, tario.Member]] = {}
+        for member in members:
+            parsed = stem_of(member.name)
+            if parsed is not None:
+                groups.setdefault(parsed[0], {})[parsed[1]] = member
+        lines = []
+        for stem, group in groups.items():
+            if "json" not in group:
+                continue
+            f.seek(group["json"].offset)
+            entry = json.loads(f.read(group["json"].size))
+            described = {}
+            for suffix, member in group.items():
+                described[suffix] = {"offset": member.offset, "size": member.size}
+                if suffix.endswith(".npy"):
+                    f.seek(member.offset)
+                    shape, dtype = read_npy_header(f)
+                    described[suffix] |= {
+                        "shape": list(shape),
+                        "dtype": dtype.str,
+                        "data": f.tell(),
+                    }
+            lines.append(
+                {
+                    "key": key_of(stem),
+                    "path": entry.get("path"),
+                    "shard": name,
+                    "input_size": entry.get("input_size"),
+                    "model_input_size": entry.get("model_input_size"),
+                    "members": described,
+                }
+            )
+    return lines
+
+
+class ShardFeatures(Features):
+    """The shard format's reader: index.jsonl (or, before a run has published it, the parts),
+    bisected by key over its line offsets; arrays memory-mapped out of local tars, read by range
+    out of remote ones."""
+
+    format = "shards"
+
+    def __init__(self, folder: Folder) -> None:
+        self.folder = folder
+        raw = None
+        if not folder.remote:
+            with contextlib.suppress(FileNotFoundError, ValueError), open(folder.path(INDEX), "rb") as f:
+                raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            raw = folder.read_bytes(INDEX)
+        if raw is None:  # no run has published one yet: what the complete shards hold
+            lines = sorted((line["key"], json.dumps(line)) for line in complete_lines(folder))
+            header = json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION})
+            raw = "".join(text + "\n" for text in [header, *(text for _, text in lines)]).encode()
+        self._data = raw
+        self._starts = _line_starts(raw)
+        header = json.loads(bytes(raw[: self._starts[1]]))
+        if header.get("format") != INDEX_FORMAT:
+            raise FPNError(f"{folder.url(INDEX)} is not an fpn-extract shard index")
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._starts) - 2
+
+    def line(self, index: int) -> dict:
+        """Image ``index``'s index line (module docstring)."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return json.loads(bytes(self._data[self._starts[index + 1] : self._starts[index + 2]]))
+
+    def key_at(self, index: int) -> str:
+        return self.line(index)["key"]
+
+    def _find(self, key: str) -> dict | None:
+        i = bisect.bisect_left(range(len(self)), key, key=self.key_at)
+        if i < len(self):
+            line = self.line(i)
+            if line["key"] == key:
+                return line
+        return None
+
+    def _line_of(self, key: str) -> dict:
+        line = self._find(key)
+        if line is None:
+            raise KeyError(key)
+        return line
+
+    def read(self, key: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        line = self._line_of(key)
+        wanted = None if names is None else set(names)
+        arrays = {}
+        for suffix, member in line["members"].items():
+            name = suffix[: -len(".npy")]
+            if suffix.endswith(".npy") and (wanted is None or name in wanted):
+                arrays[name] = self._array(line["shard"], member)
+        return arrays
+
+    def entry(self, key: str) -> dict:
+        line = self._line_of(key)
+        member = line["members"]["json"]
+        return json.loads(
+            self.folder.read_range(f"{SHARDS}/{line['shard']}", member["offset"], member["size"])
+        )
+
+    def _array(self, shard: str, member: dict) -> np.ndarray:
+        shape, dtype = tuple(member["shape"]), np.dtype(member["dtype"])
+        if self.folder.remote:
+            data = self.folder.read_range(f"{SHARDS}/{shard}", member["offset"], member["size"])
+            return np.load(io.BytesIO(data))
+        count = int(np.prod(shape))
+        return np.frombuffer(self._map(shard), dtype, count, member["data"]).reshape(shape)
+
+    def _map(self, shard: str) -> mmap.mmap:
+        """The shard mapped, from a bounded set (arrays keep their own map alive when it leaves)."""
+        mapped = self._maps.get(shard)
+        if mapped is None:
+            with open(self.folder.path(f"{SHARDS}/{shard}"), "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[shard] = mapped
+            if len(self._maps) > _MAPS_KEPT:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(shard)
+        return mapped
+
+
+def _line_starts(data: bytes | mmap.mmap) -> np.ndarray:
+    """Offsets where each line starts, and the end: line i is data[starts[i]:starts[i + 1]]."""
+    view = np.frombuffer(data, np.uint8)
+    ends = [
+        np.flatnonzero(view[s : s + _LINE_SCAN] == ord("\n")) + s + 1 for s in range(0, len(view), _LINE_SCAN)
+    ]
+    starts = np.concatenate([np.zeros(1, np.int64), *ends]).astype(np.int64)
+    if starts[-1] != len(view):  # a last line without its newline
+        starts = np.append(starts, len(view))
+    return starts
+
+
+def estimate(
+    per_image: Sequence[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
+) -> tuple[int, int]:
+    """(bytes, files) that ``count`` images of each set of level shapes take as shards: tar
+    headers and padding included; files are the tars (about total / ``shard_size``), an index
+    part each, index.jsonl and report.json."""
+    total = 0
+    for count, shapes in per_image:
+        group = 3 * tario.BLOCK  # the json member: a header, and an entry of under 1 kB
+        for shape in shapes.values():
+            group += tario.BLOCK + tario.padded(npy_size(shape, dtype))
+        total += count * group
+    images = sum(count for count, _ in per_image)
+    # a shard closes once it holds shard_size: whole images of the average size to a shard
+    per_shard = -(-shard_size * images // total) if total else 1
+    shards = -(-images // per_shard)
+    return total, 2 * shards + 2

@@ -1,0 +1,272 @@
+"""Inputs beyond local files, folders and globs: list files, WebDataset tar shards of images,
+and fsspec URLs. Each becomes :class:`~fpn_cli.images.InputImage` objects like any other input;
+an image that is not a local file has a :class:`TarMember` or :class:`RemoteFile` as its
+``path``, which images.decode reads through its ``open()``.
+
+    --list FILE          text (one path a line), CSV/TSV (a header row, the path in --list-column),
+                         parquet (pyarrow); each path is taken as a line of stdin is
+    data/shard-{000000..000099}.tar
+                         braces expand (``{a,b}``, ``{000..099}``); each image member of a tar is an
+                         input whose path relative to its root is the member's name (key + ext)
+    s3://b/imgs/, gs://..., https://host/x.jpg, memory://...
+                         a URL is a file, a tar, a folder (searched recursively) or a glob
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import ImageError, UsageError
+from .images import InputImage, expand_local, is_image_name, open_regular, unique_images
+from .urls import filesystem, is_url, local_path
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_GLOB_CHARS = frozenset("*?[")
+TAR_SUFFIX = ".tar"
+
+
+def find_inputs(
+    inputs: Sequence[str | os.PathLike[str]],
+    stdin_lines: Iterable[str] = (),
+    exclude: Path | None = None,
+    lists: Sequence[str | os.PathLike[str]] = (),
+    list_column: str | None = None,
+) -> list[InputImage]:
+    """Every input image of a run, sorted by key: what images.find_images finds in files, folders,
+    globs and stdin (``-``), plus the lines of each list file, the members of tar shards and URLs.
+    Clashing keys are a :class:`UsageError` (images.unique_images)."""
+    specs: list[tuple[str, bool]] = []  # (spec, listed): a listed path is taken verbatim
+    for spec in map(str, inputs):
+        if spec == "-":
+            specs += [(line.removesuffix("\n"), True) for line in stdin_lines if line.removesuffix("\n")]
+        else:
+            specs += [(one, False) for one in expand_braces(spec)]
+    for listing in map(str, lists):
+        specs += [(line, True) for line in read_list(listing, list_column)]
+    exclude = exclude.resolve() if exclude is not None else None
+    return unique_images(image for spec, listed in specs for image in _expand(spec, exclude, listed))
+
+
+def _expand(spec: str, exclude: Path | None, listed: bool) -> list[InputImage]:
+    if is_url(spec):
+        return _expand_url(spec, listed)
+    spec = local_path(spec)
+    if spec.lower().endswith(TAR_SUFFIX) and os.path.isfile(spec):
+        return tar_members(spec, open(spec, "rb"), spec)
+    return expand_local(spec, exclude, listed)
+
+
+def expand_braces(spec: str) -> list[str]:
+    """Shell-style braces: ``a{0..2}b`` -> a0b a1b a2b (zero-padded as written), ``{x,y}`` -> x y.
+
+    >>> expand_braces("data/shard-{000..002}.tar")
+    ['data/shard-000.tar', 'data/shard-001.tar', 'data/shard-002.tar']
+    >>> expand_braces("s3://b/{train,val}/x.jpg")
+    ['s3://b/train/x.jpg', 's3://b/val/x.jpg']
+    """
+    match = _BRACES.search(spec)
+    if match is None:
+        return [spec]
+    head, body, tail = spec[: match.start()], match.group(1), spec[match.end() :]
+    numbers = _RANGE.match(body)
+    if numbers:
+        first, last = numbers.groups()
+        width = len(first) if first.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [f"{i:0{width}d}" for i in range(int(first), int(last) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        return [head + "{" + body + "}" + one for one in expand_braces(tail)]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def read_list(listing: str, column: str | None = None) -> list[str]:
+    """The paths in a list file: text (one a line, verbatim), CSV or TSV (``column`` of a header
+    row, ``path`` unless given), parquet (``column``, through pyarrow). ``listing`` may be a URL."""
+    suffix = listing.lower().rsplit(".", 1)[-1] if "." in listing else ""
+    column = column or "path"
+    if suffix == "parquet":
+        return _parquet_column(listing, column)
+    raw = _read_all(listing)
+    text = raw.decode("utf-8", "surrogateescape")
+    if suffix in ("csv", "tsv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == "tsv" else ",")
+        if column not in (reader.fieldnames or []):
+            found = ", ".join(reader.fieldnames or []) or "none"
+            raise UsageError(f"--list {listing}: no column {column!r} (columns: {found}); see --list-column")
+        return [row[column] for row in reader if row[column]]
+    return [line for line in text.split("\n") if line]
+
+
+def _read_all(path: str) -> bytes:
+    try:
+        if is_url(path):
+            fs, inner = filesystem(path)
+            return fs.cat_file(inner)
+        with open(local_path(path), "rb") as f:
+            return f.read()
+    except UsageError:
+        raise
+    except OSError as e:
+        raise UsageError(f"cannot read --list {path}: {e.strerror or e}") from None
+    except Exception as e:  # a backend's own error (no credentials, no network)
+        raise UsageError(f"cannot read --list {path}: {_reason(e)}") from None
+
+
+def _parquet_column(listing: str, column: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        hint = "pip install 'fpn-extract[parquet]'"
+        raise UsageError(f"--list {listing}: parquet lists need pyarrow: {hint}") from None
+    try:
+        schema = pq.read_schema(io.BytesIO(_read_all(listing)))
+    except Exception as e:
+        raise UsageError(f"--list {listing}: not a readable parquet file: {_reason(e)}") from None
+    if column not in schema.names:
+        raise UsageError(
+            f"--list {listing}: no column {column!r} (columns: {', '.join(schema.names)}); see --list-column"
+        )
+    table = pq.read_table(io.BytesIO(_read_all(listing)), columns=[column])
+    return [str(value) for value in table.column(column).to_pylist() if value]
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """An image inside a tar shard: ``tar`` (a local path or a URL), the member's ``name``, and
+    where its data is (``offset``, ``size``), found when the tar was listed."""
+
+    tar: str
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.tar}#{self.name}"
+
+    def open(self) -> BinaryIO:
+        try:
+            if is_url(self.tar):
+                fs, inner = filesystem(self.tar)
+                data = fs.cat_file(inner, start=self.offset, end=self.offset + self.size)
+            else:
+                with open_regular(self.tar) as f:
+                    data = os.pread(f.fileno(), self.size, self.offset)
+        except (ImageError, UsageError):
+            raise
+        except FileNotFoundError:
+            raise ImageError("its tar file disappeared before it could be read") from None
+        except Exception as e:
+            raise ImageError(f"cannot read from its tar file: {_reason(e)}") from None
+        if len(data) < self.size:
+            raise ImageError("its tar file is shorter than when it was listed")
+        return io.BytesIO(data)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """An image behind an fsspec URL."""
+
+    url: str
+
+    def __str__(self) -> str:
+        return self.url
+
+    def open(self) -> BinaryIO:
+        fs, inner = filesystem(self.url)
+        try:
+            return io.BytesIO(fs.cat_file(inner))
+        except FileNotFoundError:
+            raise ImageError("does not exist") from None
+        except Exception as e:  # a backend's own error (access denied, network)
+            raise ImageError(f"cannot read: {_reason(e)}") from None
+
+
+def tar_members(tar: str, f: BinaryIO, shown: str) -> list[InputImage]:
+    """The image members of the tar ``f`` (from ``tar``), each an input whose path relative to
+    its root is the member's name. Names that would leave the output folder (absolute, ``..``)
+    are failed inputs, as is the rest of a tar cut short."""
+    import tarfile
+
+    found: list[InputImage] = []
+    try:
+        with f, tarfile.open(fileobj=f, mode="r:") as archive:
+            for info in archive:
+                if not info.isreg() or not is_image_name(info.name):
+                    continue
+                name = posixpath.normpath(info.name)
+                member = TarMember(tar, info.name, info.offset_data, info.size)
+                if name.startswith(("/", "../")) or name == "..":
+                    found.append(InputImage(member, info.name, error="unsafe member name: leaves its folder"))
+                else:
+                    found.append(InputImage(member, name))
+    except tarfile.ReadError as e:
+        if not found:
+            reason = f"not a readable tar file ({_reason(e)}); only uncompressed tars are read"
+            raise UsageError(f"{shown}: {reason}") from None
+        found.append(InputImage(shown, os.path.basename(shown) + "/", error=f"tar cut short: {_reason(e)}"))
+    except OSError as e:
+        raise UsageError(f"cannot read {shown}: {e.strerror or e}") from None
+    return found
+
+
+def _expand_url(url: str, listed: bool) -> list[InputImage]:
+    """A URL: one file (listed URLs always; their existence is checked when read), a tar, a glob,
+    or a folder searched recursively."""
+    name = posixpath.basename(url.split("?", 1)[0].rstrip("/"))
+    if url.lower().endswith(TAR_SUFFIX):
+        fs, inner = filesystem(url)
+        try:
+            f = fs.open(inner, "rb")
+        except FileNotFoundError:
+            if listed:
+                return [InputImage(RemoteFile(url), name, error="does not exist")]
+            raise UsageError(f"input {url} does not exist") from None
+        except Exception as e:
+            raise UsageError(f"cannot read {url}: {_reason(e)}") from None
+        return tar_members(url, f, url)
+    if listed:
+        return [InputImage(RemoteFile(url), name)]
+    fs, inner = filesystem(url)
+    try:
+        if _GLOB_CHARS & set(inner):
+            root = inner[: min(inner.index(c) for c in _GLOB_CHARS if c in inner)].rsplit("/", 1)[0]
+            found = _remote_images(fs, fs.glob(inner, detail=True), root)
+            if not found:
+                raise UsageError(f"pattern {url!r} matches no image files")
+            return found
+        # an http server's pages are not folders that can be trusted to list
+        if not url.lower().startswith(("http://", "https://")) and fs.isdir(inner):
+            return _remote_images(fs, fs.find(inner, detail=True), inner.rstrip("/"))
+        if fs.exists(inner):
+            return [InputImage(RemoteFile(url), name)]
+    except UsageError:
+        raise
+    except Exception as e:  # a backend's own error (no credentials, no network)
+        raise UsageError(f"cannot list {url}: {_reason(e)}") from None
+    raise UsageError(f"input {url} does not exist")
+
+
+def _remote_images(fs: Any, listing: Mapping[str, dict], root: str) -> list[InputImage]:
+    """The image files of an fsspec listing (path -> info), relative to ``root``."""
+    found = []
+    for path, info in sorted(listing.items()):
+        if is_image_name(path) and info.get("type") == "file":
+            rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+            found.append(InputImage(RemoteFile(fs.unstrip_protocol(path)), rel))
+    return found
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text or type(e).__name__
