@@ -170,7 +170,34 @@ class TarMember:
             raise ImageError(f"cannot read from its tar file: {_reason(e)}") from None
         if len(data) < self.size:
             raise ImageError("its tar file is shorter than when it was listed")
+        if len(data) > self.size:  # an HTTP server that ignores byte ranges sends the whole tar
+            raise ImageError(f"asked for {self.size} bytes of its tar file, got {len(data)}")
         return io.BytesIO(data)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An input that listing found unusable (a name that would leave the output folder): reading
+    it fails with ``reason``, so it is a failed input like any unreadable image."""
+
+    source: TarMember | RemoteFile
+    reason: str
+
+    def __str__(self) -> str:
+        return str(self.source)
+
+    def open(self) -> BinaryIO:
+        raise ImageError(self.reason)
+
+
+def _checked(source: TarMember | RemoteFile, rel: str) -> InputImage:
+    """``source`` as an input at ``rel``, or refused if ``rel`` would leave the output folder
+    (``..``, absolute): tar members and object keys may be named anything."""
+    name = posixpath.normpath(rel)
+    if name.startswith("/") or name == ".." or name.startswith("../"):
+        reason = "unsafe name: it would be written outside the output folder"
+        return InputImage(Refused(source, reason), rel, error=reason)
+    return InputImage(source, name)
 
 
 @dataclass(frozen=True)
@@ -204,12 +231,7 @@ def tar_members(tar: str, f: BinaryIO, shown: str) -> list[InputImage]:
             for info in archive:
                 if not info.isreg() or not is_image_name(info.name):
                     continue
-                name = posixpath.normpath(info.name)
-                member = TarMember(tar, info.name, info.offset_data, info.size)
-                if name.startswith(("/", "../")) or name == "..":
-                    found.append(InputImage(member, info.name, error="unsafe member name: leaves its folder"))
-                else:
-                    found.append(InputImage(member, name))
+                found.append(_checked(TarMember(tar, info.name, info.offset_data, info.size), info.name))
     except tarfile.ReadError as e:
         if not found:
             reason = f"not a readable tar file ({_reason(e)}); only uncompressed tars are read"
@@ -263,7 +285,7 @@ def _remote_images(fs: Any, listing: Mapping[str, dict], root: str) -> list[Inpu
     for path, info in sorted(listing.items()):
         if is_image_name(path) and info.get("type") == "file":
             rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
-            found.append(InputImage(RemoteFile(fs.unstrip_protocol(path)), rel))
+            found.append(_checked(RemoteFile(fs.unstrip_protocol(path)), rel))
     return found
 
 
