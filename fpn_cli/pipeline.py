@@ -38,7 +38,7 @@ from .builder import ModelSpec, build, resolve
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError
-from .formats import DEFAULT_SHARD_SIZE, Storage, format_totals, open_store
+from .formats import DEFAULT_SHARD_SIZE, Storage, check_destination, format_totals, open_store
 from .images import InputImage, Resize, decode, probe_size
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
 from .options import Options, report_header, settings_record
@@ -102,6 +102,7 @@ def extract(
     log = log or (lambda message: None)
     on_failure = on_failure or (lambda path, reason: None)
     out = str(out) if is_url(str(out)) else Path(out)
+    check_destination(out, opts.format)
     launch = torchrun_launch()
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
@@ -364,7 +365,8 @@ class Writer:
         try:
             self.store.flush()
         except OSError as e:
-            self.error = self.error or FPNError(f"cannot write {e.filename or self.store}: {e.strerror or e}")
+            where = e.filename or self.store.where("")
+            self.error = self.error or FPNError(f"cannot write {where}: {e.strerror or e}")
         except FPNError as e:
             self.error = self.error or e
         if self.error is not None:

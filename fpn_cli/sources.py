@@ -48,6 +48,8 @@ def find_inputs(
     for spec in map(str, inputs):
         if spec == "-":
             specs += [(line.removesuffix("\n"), True) for line in stdin_lines if line.removesuffix("\n")]
+        elif os.path.lexists(spec):  # a name with braces in it is that name
+            specs.append((spec, False))
         else:
             specs += [(one, False) for one in expand_braces(spec)]
     for listing in map(str, lists):

@@ -143,14 +143,18 @@ def test_an_image_never_straddles_shards_and_a_shard_closes_at_shard_size(pair):
     assert sorted(key_of(stem) for stem in seen) == KEYS
 
 
-def test_a_rerun_keeps_every_complete_shard(pair, tmp_path):
+def test_a_rerun_keeps_every_complete_shard_and_rebuilds_a_lost_index_part(pair, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(pair.shards, out)
     before = {t.name: t.read_bytes() for t in tars(out)}
+    part = out / "shards" / ".index" / "000001.jsonl"
+    lost = part.read_text()
+    part.unlink()
     result = run(pair.inputs, "-o", out, "--format", "shards", "--shard-size", SHARD_SIZE, "--arch", "seed")
     assert result.exit_code == 0, result.output
     assert "0 written, 7 already complete" in result.output
     assert {t.name: t.read_bytes() for t in tars(out)} == before
+    assert part.read_text() == lost  # scanned back out of its tar
     entries = report_of(out)["images"]
     assert {e["status"] for e in entries} == {"skipped"}
     assert entries[0]["input_size"] == [32, 32] and entries[0]["levels"]["p5"]["file"].startswith("shards/")
@@ -160,6 +164,9 @@ def test_overwrite_replaces_the_shards_and_keeps_each_image_once(pair, tmp_path)
     out = tmp_path / "out"
     shutil.copytree(pair.shards, out)
     args = [pair.inputs, "-o", out, "--format", "shards", "--shard-size", 10**9, *SEED]
+    part = run(*args, "--overwrite", "--shard", "0/2")  # a job-array part cannot tell whose images
+    assert part.exit_code == 2 and "holds shards of another --shard layout (000000.tar)" in part.output
+    assert len(tars(out)) == 3 and not list(out.glob(".overwrite*"))
     assert run(*args, "--overwrite").exit_code == 0
     assert [t.name for t in tars(out)] == ["000000.tar"]
     assert [line["key"] for line in index_lines(out)] == KEYS
@@ -193,6 +200,10 @@ def test_job_array_parts_write_their_own_shards_and_one_merged_index(pair, tmp_p
         assert not (out / "shards" / "index.jsonl").exists()  # half the job is no index
         result = run(pair.inputs, "-o", out, "--format", "shards", "--shard", f"{index}/2", *SEED)
         assert result.exit_code == 0, result.output
+        if index == 0:  # a reader meanwhile sees what the complete shards hold
+            done = json.loads((out / ".shards" / "report-0-of-2.json").read_text())["images"]
+            assert 0 < len(done) < 7
+            assert list(open_features(out)) == sorted(os.path.splitext(e["path"])[0] for e in done)
     assert {t.name.split("-0")[0] for t in tars(out)} == {"0-of-2", "1-of-2"}
     assert report_of(out)["counts"]["ok"] == 7
     assert_same_features(pair.npy, out)

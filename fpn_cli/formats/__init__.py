@@ -49,15 +49,18 @@ def open_store(
 ) -> Storage:
     """The writer of ``format`` for the output folder ``out`` (a path, or a URL for shards);
     ``shard`` is the job array's part this run writes."""
+    check_destination(out, format)
     if format == "npy":
-        if is_url(str(out)):
-            raise UsageError(
-                f"--out {out}: a URL needs --format shards (npy writes a file per level and image)"
-            )
         return NpyStore(Path(local_path(str(out))), levels, save_dtype, shard)
-    if format == "shards":
-        return ShardStore(out, levels, save_dtype, shard_size, shard)
-    raise UsageError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    return ShardStore(out, levels, save_dtype, shard_size, shard)
+
+
+def check_destination(out: str | os.PathLike[str], format: str) -> None:
+    """A :class:`UsageError` unless ``format`` can be written to ``out``: before any work."""
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    if format == "npy" and is_url(str(out)):
+        raise UsageError(f"--out {out}: a URL needs --format shards (npy writes a file per level and image)")
 
 
 def open_features(out: str | os.PathLike[str]) -> Features:

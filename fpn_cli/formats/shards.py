@@ -172,6 +172,9 @@ class ShardStore:
         return lock_folder(self.folder.path(""), self.shard)
 
     def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
+        shards = [(name, parsed[0]) for name in self.folder.names(SHARDS) if (parsed := _parse(name))]
+        if overwrite:
+            self._check_layout(shards)
         if self.folder.remote:
             raw = self.folder.read_bytes(SETTINGS_FILE)
             pending = [n for n in self.folder.names() if n.startswith(OVERWRITE_MARKER)]
@@ -182,8 +185,10 @@ class ShardStore:
         else:
             record_settings(self.folder.path(""), settings, overwrite, self.shard)
             self.folder.makedirs(PARTS)
-        if overwrite:
-            self._remove_own_shards()
+        for name, part in shards if overwrite else ():  # this run's part of the shards goes
+            if self._owns(part):
+                self.folder.remove(_part_name(name))
+                self.folder.remove(f"{SHARDS}/{name}")
 
     def finish_overwrite(self) -> None:
         if self.folder.remote:
@@ -199,17 +204,11 @@ class ShardStore:
         for rel in ("", REPORTS_DIR, SHARDS, PARTS):
             sweep_dead_writers(root / rel)
 
-    def _remove_own_shards(self) -> None:
-        """``--overwrite``: this run's part of the shards goes; shards of another ``--shard``
-        layout may hold this run's images too, so they are a usage error."""
-        for name in self.folder.names(SHARDS):
-            parsed = _parse(name)
-            if parsed is None:
-                continue
-            if self._owns(parsed[0]):
-                self.folder.remove(_part_name(name))
-                self.folder.remove(f"{SHARDS}/{name}")
-            elif self.shard is not None and (parsed[0] is None or parsed[0][1] != self.shard[1]):
+    def _check_layout(self, shards: list[tuple[str, tuple[int, int] | None]]) -> None:
+        """``--overwrite`` replaces this run's part of the shards; shards of another ``--shard``
+        layout may hold this run's images too, so they are a usage error, before anything changes."""
+        for name, part in shards:
+            if self.shard is not None and (part is None or part[1] != self.shard[1]):
                 raise UsageError(
                     f"{self.folder.url(SHARDS)} holds shards of another --shard layout ({name}), which "
                     "may hold this run's images: --overwrite them with that layout, or remove them"
@@ -293,8 +292,9 @@ class ShardStore:
         try:
             self._close_shard()
         finally:
-            if self._uploads is not None:
-                self._uploads.wait()
+            uploads, self._uploads = self._uploads, None
+            if uploads is not None:
+                uploads.wait()
 
     def location(self, key: str, name: str) -> dict[str, str]:
         shard = self._open
