@@ -51,13 +51,12 @@ def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for ``url``; a missing backend is a :class:`UsageError`
     naming the extra that installs it."""
     extra = EXTRAS.get(protocol(url))
-    hint = (
-        f"pip install 'fpn-extract[{extra}]'" if extra else f"install fsspec's backend for {protocol(url)}://"
-    )
+    install = f"pip install 'fpn-extract[{extra}]'" if extra else None
     try:
         import fsspec
     except ImportError:
-        raise UsageError(f"{url}: URLs need fsspec: {hint}") from None
+        raise UsageError(f"{url}: URLs need fsspec: {install or 'pip install fsspec'}") from None
+    hint = install or f"install fsspec's backend for {protocol(url)}://"
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError:
