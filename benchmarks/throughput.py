@@ -4,11 +4,13 @@
     python benchmarks/throughput.py --small 4 --large 16 --arch seed
     python benchmarks/throughput.py --save-dtype float16 --out-dir /dev/shm   # where the time goes
     python benchmarks/throughput.py --dtype bfloat16 --size 800x1333          # the detection setting
+    python benchmarks/throughput.py --format both --arch seed                 # shards against npy
 
 On identical inputs (the example photos, repeated), one run prints images/s and ms/image for:
 
 - cli:        the `fpn-extract` console script, steady state: the slope between a small and a large
-              run, so start-up cancels; with each run's peak RSS
+              run, so start-up cancels; with each run's peak RSS. ``--format both`` runs it for
+              npy and for shards, alternating on the same inputs, and prints shards / npy
 - forward:    the same model's bare forward (folded, channels-last, inference mode) on tensors
               already decoded and on the device; nothing else
 - naive:      torchvision's resnet_fpn_backbone("resnet50"), batch 1, PIL decode, np.save per
@@ -43,13 +45,14 @@ from fpn_cli.images import IMAGE_EXTENSIONS, Resize, decode
 from fpn_cli.preprocess import IMAGENET
 
 ROOT = Path(__file__).resolve().parents[1]
-# runs the CLI in-process and prints its own peak RSS, so each run's memory is its own
+# runs the CLI in-process and prints its own peak RSS and CPU time, so each run's are its own
 CLI_WITH_RSS = (
     "import resource, sys\n"
     "from fpn_cli.cli import main\n"
     "try:\n    main(sys.argv[1:])\n"
     "except SystemExit as e:\n    code = e.code\n"
-    "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "print('maxrss_kb', usage.ru_maxrss, 'cpu_s', usage.ru_utime + usage.ru_stime, file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -70,16 +73,16 @@ def make_inputs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def run_cli(inputs: Path, out: Path, args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one `fpn-extract` process."""
+def run_cli(inputs: Path, out: Path, args: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds) of one `fpn-extract` process."""
     cmd = [sys.executable, "-c", CLI_WITH_RSS, str(inputs), "-o", str(out), "-q", *args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"fpn-extract failed: {proc.stderr}")
-    rss_kb = int(proc.stderr.split("maxrss_kb")[-1].split()[0])
-    return seconds, rss_kb / 1024
+    fields = proc.stderr.split("maxrss_kb")[-1].split()
+    return seconds, int(fields[0]) / 1024, float(fields[2])
 
 
 def time_per_image(fn, items, device: torch.device, warmup: int = 1) -> float:
@@ -163,7 +166,9 @@ def stage_breakdown(
     paths: list[Path], resize: Resize, engine: Engine, out: Path, batch_size: int
 ) -> dict[str, float]:
     """ms/image of each stage alone, one after the other on the same images: decode (one thread),
-    copy to the device, forward, copy back (to the save dtype), write the .npy files."""
+    copy to the device, forward, copy back (to the save dtype), write the .npy files, and write
+    the same arrays into tar shards (--format shards; the one stage where the formats differ)."""
+    from fpn_cli.formats.shards import ShardStore
     from fpn_cli.store import Store
 
     device = engine.device
@@ -180,9 +185,11 @@ def stage_breakdown(
     ]
     engine(batches[0])  # warm-up
     sync(device)
-    stages = {"copy to device": 0.0, "forward": 0.0, "copy back": 0.0, "write": 0.0}
-    store = Store(out, ("p2", "p3", "p4", "p5"), str(engine.save_dtype).replace("torch.", ""))
-    out.mkdir(parents=True, exist_ok=True)
+    stages = {"copy to device": 0.0, "forward": 0.0, "copy back": 0.0, "write npy": 0.0, "write shards": 0.0}
+    save_dtype = str(engine.save_dtype).replace("torch.", "")
+    store = Store(out / "npy", ("p2", "p3", "p4", "p5"), save_dtype)
+    shards = ShardStore(out / "shards", ("p2", "p3", "p4", "p5"), save_dtype)
+    shards.folder.makedirs("shards/.index")
     n = 0
     with torch.inference_mode():
         for batch in batches:
@@ -202,11 +209,18 @@ def stage_breakdown(
             host = {k: v.numpy() for k, v in host.items()}
             t3 = time.perf_counter()
             for i in range(len(batch)):
-                store.write_levels(f"im{n}", {k: v[i] for k, v in host.items()})
-                n += 1
+                store.write_levels(f"im{n + i}", {k: v[i] for k, v in host.items()})
             t4 = time.perf_counter()
-            for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            for i in range(len(batch)):
+                shards.write_levels(f"im{n + i}", {k: v[i] for k, v in host.items()})
+                shards.finish_image(f"im{n + i}", {"path": f"im{n + i}.png", "status": "ok"})
+            n += len(batch)
+            t5 = time.perf_counter()
+            for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
                 stages[name] += dt
+    t6 = time.perf_counter()
+    shards.flush()  # the last shard's close, counted with its writes
+    stages["write shards"] += time.perf_counter() - t6
     times.update(stages)
     bytes_per_image = sum(v[0].nbytes for v in host.values())
     return {k: 1000 * v / len(paths) for k, v in times.items()} | {"MB per image": bytes_per_image / 1e6}
@@ -223,6 +237,15 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None, help="where the CLI writes (default: a temporary folder)")
     parser.add_argument("--size", default=None, help="HxW: resize every image, e.g. 800x1333")
     parser.add_argument("--batch-size", type=int, default=None, help="for the CLI runs and the breakdown")
+    parser.add_argument(
+        "--format",
+        choices=("npy", "shards", "both"),
+        default="npy",
+        help="the CLI's --format; both: side by side",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="CLI runs per format and size (the fastest counts)"
+    )
     args = parser.parse_args()
     resize = Resize(size=tuple(int(v) for v in args.size.split("x"))) if args.size else Resize()
     device = resolve_device(args.device)
@@ -239,13 +262,30 @@ def main() -> None:
         make_inputs(small, args.small)
         paths = make_inputs(large, args.large)
         outs = Path(tempfile.mkdtemp(dir=args.out_dir)) if args.out_dir else tmp
-        t_small, rss_small = run_cli(small, outs / "out_small", common)
-        t_large, rss_large = run_cli(large, outs / "out_large", common)
+        formats = ("npy", "shards") if args.format == "both" else (args.format,)
+        runs = {(f, n): [] for f in formats for n in ("small", "large")}
+        for repeat in range(args.repeats):
+            for n, folder in (("small", small), ("large", large)):
+                for f in formats:  # alternating, so drift in the machine's speed hits both alike
+                    out = outs / f"out_{f}_{n}_{repeat}"
+                    runs[f, n].append(run_cli(folder, out, [*common, "--format", f]))
+                    shutil.rmtree(out)
         if args.out_dir:
             shutil.rmtree(outs)
-        cli = (t_large - t_small) / (args.large - args.small)
-        if cli <= 0:
-            raise SystemExit("the large run was not slower than the small one: start-up noise; raise --large")
+        steady, cpu = {}, {}
+        for f in formats:
+            t_small, rss_small, _ = min(runs[f, "small"])
+            t_large, rss_large, _ = min(runs[f, "large"])
+            steady[f] = (t_large - t_small) / (args.large - args.small), rss_small, rss_large
+            # CPU seconds an image: what other processes on a shared machine barely move
+            cpu[f] = (min(r[2] for r in runs[f, "large"]) - min(r[2] for r in runs[f, "small"])) / (
+                args.large - args.small
+            )
+            if steady[f][0] <= 0:
+                raise SystemExit(
+                    "the large run was not slower than the small one: start-up noise; raise --large"
+                )
+        cli, rss_small, rss_large = steady[formats[0]]
 
         engine = Engine(build_fpn(arch=args.arch), device, args.dtype, "float32")
         batches = [np.stack([decode(p, resize)[0]]) for p in paths]
@@ -271,7 +311,11 @@ def main() -> None:
     def row(name: str, seconds: float) -> str:
         return f"{name:<34}{1 / seconds:8.2f} img/s {seconds * 1000:9.1f} ms/image"
 
-    print(row("cli pipeline (steady state)", cli))
+    for f, (seconds, _, _) in steady.items():
+        print(row(f"cli pipeline, --format {f}", seconds) + f"  ({cpu[f] * 1000:.1f} ms of CPU)")
+    if len(steady) == 2:
+        print(f"{'shards / npy throughput':<34}{steady['npy'][0] / steady['shards'][0]:8.3f}   (goal >= 1.0)")
+        print(f"{'shards / npy, by CPU time':<34}{cpu['npy'] / cpu['shards']:8.3f}   (steadier when shared)")
     print(row("bare forward (same model)", bare))
     print(row("naive loop (torchvision, np.save)", naive))
     if dtype_error is not None:
@@ -284,8 +328,9 @@ def main() -> None:
     print(row("  ours (folded, channels-last)", ours_s))
     print(f"{'  ours / torchvision':<34}{tv_s / ours_s:8.3f}   (goal >= 1.1)")
     print(f"{'  max relative diff vs unoptimised':<34}{diff:10.2e} (goal <= 1e-4)")
-    print(f"peak RSS: {args.small} images {rss_small:.0f} MiB, {args.large} images {rss_large:.0f} MiB, "
-          f"ratio {rss_large / rss_small:.3f} (goal <= 1.15)")  # fmt: skip
+    for f, (_, rss_small, rss_large) in steady.items():
+        print(f"peak RSS, --format {f}: {args.small} images {rss_small:.0f} MiB, {args.large} images "
+              f"{rss_large:.0f} MiB, ratio {rss_large / rss_small:.3f} (goal <= 1.15)")  # fmt: skip
     achieved = flops / bare / 1e9
     print(f"forward: {flops / 1e9:.1f} GFLOP/image, {achieved:.1f} GFLOP/s achieved; {args.dtype} "
           f"matmul on this machine {peak:.1f} GFLOP/s ({achieved / peak:.0%} of it)")  # fmt: skip
