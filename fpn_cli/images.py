@@ -182,14 +182,23 @@ def find_images(
     would write the same output folder are a :class:`UsageError` naming both. Entries that cannot
     be images (FIFOs, unreadable folders) come back with ``error`` set.
     """
+    exclude = exclude.resolve() if exclude is not None else None
+    specs = input_specs(inputs, stdin_lines)
+    return unique_images(image for spec, listed in specs for image in expand_local(spec, exclude, listed))
+
+
+def input_specs(
+    inputs: Sequence[str | os.PathLike[str]], stdin_lines: Iterable[str]
+) -> list[tuple[str, bool]]:
+    """(spec, listed) for each input: ``-`` stands for ``stdin_lines``, each a listed path taken
+    verbatim (only a trailing newline is removed)."""
     specs: list[tuple[str, bool]] = []
     for spec in map(str, inputs):
         if spec == "-":
             specs += [(line.removesuffix("\n"), True) for line in stdin_lines if line.removesuffix("\n")]
         else:
             specs.append((spec, False))
-    exclude = exclude.resolve() if exclude is not None else None
-    return unique_images(image for spec, listed in specs for image in expand_local(spec, exclude, listed))
+    return specs
 
 
 def unique_images(images: Iterable[InputImage]) -> list[InputImage]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ImageError, UsageError
-from .images import InputImage, expand_local, is_image_name, open_regular, unique_images
+from .images import InputImage, expand_local, input_specs, is_image_name, open_regular, unique_images
 from .urls import filesystem, is_url, local_path
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
@@ -45,11 +45,9 @@ def find_inputs(
     globs and stdin (``-``), plus the lines of each list file, the members of tar shards and URLs.
     Clashing keys are a :class:`UsageError` (images.unique_images)."""
     specs: list[tuple[str, bool]] = []  # (spec, listed): a listed path is taken verbatim
-    for spec in map(str, inputs):
-        if spec == "-":
-            specs += [(line.removesuffix("\n"), True) for line in stdin_lines if line.removesuffix("\n")]
-        elif os.path.lexists(spec):  # a name with braces in it is that name
-            specs.append((spec, False))
+    for spec, listed in input_specs(inputs, stdin_lines):
+        if listed or os.path.lexists(spec):  # a name with braces in it is that name
+            specs.append((spec, listed))
         else:
             specs += [(one, False) for one in expand_braces(spec)]
     for listing in map(str, lists):
