@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import bisect
 import json
-import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from .backbones import LevelInfo
+from .signals import interrupted_status
 
 Shapes = dict[str, tuple[int, int, int]]
 _NAMES_SHOWN = 3  # images named per group in the shape report
-
-
-def interrupted_status(interrupt: KeyboardInterrupt) -> int:
-    """The exit status of a run that ``interrupt`` stopped: 128 + the signal's number, as a shell
-    reports a process stopped by it: 130 for Ctrl-C (SIGINT), 143 for SIGTERM. The one place that
-    decides it, for a run and for a start-up that was interrupted before any run began.
-
-    >>> from fpn_cli.errors import Interrupted
-    >>> interrupted_status(KeyboardInterrupt()), interrupted_status(Interrupted(signal.SIGTERM))
-    (130, 143)
-    """
-    return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
 def format_summary(
@@ -58,11 +46,14 @@ class ImageResult:
     model_input_size: tuple[int, int] | None = None  # (H, W) after --size / --short-side
     levels: dict[str, dict] = field(default_factory=dict)  # level -> {"shape": [...], "file": ...}
     preview: str | None = None  # "x/cat/preview.png" when one exists
+    recomputed: str | None = None  # why stored features were not kept (the input changed, say)
 
     def to_json(self) -> dict:
         entry: dict = {"path": self.path, "status": self.status}
         if self.error is not None:
             entry["error"] = self.error
+        if self.recomputed is not None:
+            entry["recomputed"] = self.recomputed
         entry["input_size"] = list(self.input_size) if self.input_size else None
         entry["model_input_size"] = list(self.model_input_size) if self.model_input_size else None
         entry["levels"] = self.levels
