@@ -15,6 +15,30 @@ from .levels import parse_levels
 from .model import level_info, resolved_levels
 from .version import __version__
 
+DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
+
+
+def check_resize(resize: Resize, max_pixels: int) -> None:
+    """A resize that makes every image larger than ``max_pixels`` is refused before any work:
+    ``--size HxW`` over it, or ``--short-side N`` (capped by ``--max-side M``) whose square
+    target, N x N (or M x M), is. Other targets over the limit (a panorama given
+    ``--short-side``) fail as single inputs when decoded."""
+    if resize.size is not None:
+        h, w = resize.size
+        what = f"--size {h}x{w}"
+    elif resize.short_side is not None:
+        h = w = min(resize.short_side, resize.max_side or resize.short_side)
+        what = f"--short-side {resize.short_side}" + (
+            f" --max-side {resize.max_side}" if resize.max_side else ""
+        )
+    else:
+        return
+    if h * w > max_pixels:
+        raise UsageError(
+            f"{what} makes {h * w:,}-pixel inputs, over --max-pixels {max_pixels:,}: choose a smaller size "
+            "(or raise --max-pixels if this machine has the memory)"
+        )
+
 
 @dataclass(frozen=True)
 class Options:
@@ -36,10 +60,15 @@ class Options:
     fail_fast: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     preview: bool = False  # also write OUT/<key>/preview.png
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds to read and decode one image; None: no limit
+    hash: bool = False  # record a sha256 of each input, and check it on resume
 
     def __post_init__(self) -> None:
         if self.levels is not None:
             object.__setattr__(self, "levels", parse_levels(self.levels))
+        check_resize(self.resize, self.max_pixels)
+        if self.timeout is not None and not self.timeout > 0:
+            raise UsageError("--timeout must be a positive number of seconds")
         object.__setattr__(self, "weights", str(self.weights))
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")

@@ -2,14 +2,17 @@
 
     OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype (npyio.py)
     OUT/<key>/preview.png       with --preview: the image beside its levels
+    OUT/<key>/input.json        the input's fingerprint and size, written last: the image is
+                                complete (resume.py decides what of it a resume may keep)
     OUT/report.json             what the last run did (all shards merged)
     OUT/.shards/report-I-of-N.json   one shard's part, with --shard or under torchrun
     OUT/.fpn-extract.json, OUT/.lock, OUT/.shards/lock-I-of-N, OUT/.overwrite-unfinished*
                                 who may write here, with which settings (locks.py)
 
 Every file appears by ``os.replace`` of a temporary sibling named ``.<name>~<host>~<pid>.tmp``, so a
-reader never sees a partial file, and an image is complete when each requested level's file is in
-place.
+reader never sees a partial file. :func:`check_layout` refuses, before any work, inputs whose files
+would land on each other's (a key against another key's level, preview or record file, or the
+tool's own files).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import UsageError
+from .levels import LEVELS
 from .npyio import DirectWriter, npy_shape, write_file
 
 SETTINGS_FILE = ".fpn-extract.json"
 REPORT_FILE = "report.json"
 PREVIEW_FILE = "preview.png"
+RECORD_FILE = "input.json"  # the input's fingerprint: written after the levels, so it marks them complete
 LOCK_FILE = ".lock"
 OVERWRITE_MARKER = ".overwrite-unfinished"  # -I-of-N for a shard
 SHARDS_DIR = ".shards"  # report-I-of-N.json per shard, merged into report.json by the last
@@ -161,6 +166,29 @@ class Store:
     def preview_path(self, key: str) -> Path:
         return self.root / key / PREVIEW_FILE
 
+    def record_path(self, key: str) -> Path:
+        return self.root / key / RECORD_FILE
+
+    def read_record(self, key: str) -> dict | None:
+        """``key``'s record (resume.py's), or None if it is absent or unreadable."""
+        try:
+            record = json.loads(self.record_path(key).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def write_record(self, key: str, record: Mapping[str, object]) -> None:
+        """Writes ``key``'s record, atomically; call it after the levels: it marks them complete."""
+        atomic_write_json(self.record_path(key), dict(record))
+
+    def forget(self, key: str) -> None:
+        """Deletes ``key``'s record, every level file and its preview: features of an input that
+        has changed since, which nothing may keep (the lock makes this run the folder's only
+        writer)."""
+        folder = self.root / key
+        for name in (RECORD_FILE, PREVIEW_FILE, *(f"{level}.npy" for level in LEVELS)):
+            (folder / name).unlink(missing_ok=True)
+
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
         """The requested levels of a complete image, memory-mapped."""
         return {level: np.load(self.level_path(key, level), mmap_mode="r") for level in self.levels}
@@ -189,3 +217,48 @@ class Store:
             except (OSError, ValueError):
                 return None
         return parts
+
+
+def files_of_a_key() -> frozenset[str]:
+    """The names a run may write in an image's folder, whatever its options: every level's file,
+    the preview and the record (their temporary siblings are :func:`is_temporary_name`)."""
+    return frozenset({PREVIEW_FILE, RECORD_FILE, *(f"{level}.npy" for level in LEVELS)})
+
+
+def is_temporary_name(name: str) -> bool:
+    """A name of the kind :func:`replacing` gives its temporary files (``.p2.npy~HOST~PID.tmp``)."""
+    return _is_tmp(name) and "~" in name
+
+
+def check_layout(keyed: Iterable[tuple[str, str]]) -> None:
+    """(key, input path) pairs that would write over each other in the output folder are a
+    :class:`UsageError` naming both, before any work: a key whose folder, or a folder above it, is
+    a file that another key's folder holds (``k/p2.npy`` from ``k/p2.npy.jpg`` against ``k``'s
+    level file), a key with a part named like a temporary file, or one that would leave OUT
+    (``..``) or take the tool's own names (:meth:`Store.check_key`). Names are compared
+    casefolded, as macOS and Windows do; two keys that are one folder are find_images' to refuse."""
+    owners: dict[str, str] = {}
+    pairs = list(keyed)
+    for key, source in pairs:
+        owners.setdefault(key.casefold(), source)
+    own_files = {name.casefold() for name in files_of_a_key()}
+    for key, source in pairs:
+        Store.check_key(key, source)
+        parts = key.split("/")
+        for i, part in enumerate(parts):
+            if part in ("", ".", ".."):
+                raise UsageError(
+                    f"{source} would write {key}/, which is not a folder inside the output folder"
+                )
+            if is_temporary_name(part):
+                raise UsageError(f"{source} would write {key}/, named like fpn-extract's temporary files")
+            if part.casefold() not in own_files or i == 0:
+                continue
+            parent = "/".join(parts[:i])
+            other = owners.get(parent.casefold())
+            if other is not None:
+                raise UsageError(
+                    f"{other} and {source} would collide in the output folder: {parent}/{part} is a "
+                    f"file of {other} and a folder of {source}; rename one or give them separate "
+                    "input folders"
+                )

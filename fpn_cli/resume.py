@@ -1,0 +1,175 @@
+"""What a resume may keep. Each image's features are recorded with a fingerprint of the input they
+were made from, in ``OUT/<key>/input.json``, written after the levels (so it also marks them
+complete)::
+
+    {"input": "/abs/path/cat.jpg", "path": "cat.jpg", "size": 48213,
+     "mtime_ns": 1732590000123456789, "sha256": "9f86d0...", "input_size": [300, 451]}
+
+``sha256`` only with ``--hash``. For an image whose folder exists, :func:`examine` keeps a level
+only if the record is there, the input is the same file (the same name, size in bytes and
+modification time, and content hash where asked), and the level's file is a complete ``.npy`` of
+exactly the shape the recorded input size and this run's settings give. Anything else is
+recomputed, and the report says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .deadline import ordered_map
+from .errors import ImageError
+from .images import InputImage, open_regular
+from .npyio import npy_shape
+from .store import Store
+
+Shape = tuple[int, ...]
+NO_RECORD = "no fingerprint recorded with its features (an earlier version's, or an unfinished image)"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies an input's content: its size and modification time, and a hash if asked."""
+
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+def fingerprint(path: str, content_hash: bool = False) -> Fingerprint:
+    """``path``'s fingerprint, taken before its pixels are read: a file changed meanwhile then
+    looks changed to the next run, never the other way round. Opened without blocking; a file
+    that is not regular is an :class:`ImageError`."""
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        digest = None
+        if content_hash:
+            h = hashlib.sha256()
+            while block := f.read(1 << 20):
+                h.update(block)
+            digest = h.hexdigest()
+    return Fingerprint(st.st_size, st.st_mtime_ns, digest)
+
+
+def record(image: InputImage, print_: Fingerprint, input_size: tuple[int, int]) -> dict:
+    """The record written with ``image``'s features."""
+    entry = {
+        "input": os.path.abspath(image.path),
+        "path": image.rel,
+        "size": print_.size,
+        "mtime_ns": print_.mtime_ns,
+    }
+    if print_.sha256 is not None:
+        entry["sha256"] = print_.sha256
+    entry["input_size"] = list(input_size)
+    return entry
+
+
+def recorded_fingerprint(entry: dict) -> Fingerprint | None:
+    try:
+        return Fingerprint(int(entry["size"]), int(entry["mtime_ns"]), entry.get("sha256"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def change(recorded: Fingerprint, path: str, content_hash: bool) -> str | None:
+    """How the file at ``path`` differs from ``recorded``; None when it is the same. Compares the
+    content hash when ``content_hash`` (a record without one then counts as changed: it cannot be
+    shown to be the same). Raises :class:`ImageError` if the file cannot be read now."""
+    now = fingerprint(path)
+    if now.size != recorded.size:
+        return f"input changed: {recorded.size:,} bytes then, {now.size:,} now"
+    if now.mtime_ns != recorded.mtime_ns:
+        return "input changed: modified since its features were written"
+    if content_hash:
+        if recorded.sha256 is None:
+            return "no content hash recorded (--hash): it cannot be shown to be the same input"
+        if fingerprint(path, content_hash=True).sha256 != recorded.sha256:
+            return "input changed: different content (sha256)"
+    return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a resume may keep of an image whose folder exists."""
+
+    kept: dict[str, Shape] = field(default_factory=dict)  # levels exactly as the input and settings give
+    input_size: tuple[int, int] | None = None  # (H, W) as recorded
+    recomputed: str | None = None  # why stored features were not trusted
+    stale: bool = False  # the input changed: every stored file of the image is stale
+    error: str | None = None  # the input cannot be read now: a failed input
+
+
+def examine(
+    image: InputImage, store: Store, shapes: Callable[[int, int], dict[str, Shape]], content_hash: bool
+) -> Verdict:
+    """What of ``image``'s stored features a resume may keep; ``shapes(H, W)`` gives each level's
+    (C, h, w) for an input of H x W as decoded, under this run's settings. A record that names
+    the same input at another place (the input folder was moved) is updated to name it here."""
+    entry = store.read_record(image.key)
+    recorded = recorded_fingerprint(entry) if entry is not None else None
+    size = _input_size(entry) if entry is not None else None
+    if recorded is None or size is None:
+        return Verdict(recomputed=NO_RECORD)
+    try:
+        if entry.get("path") != image.rel:
+            changed = f"input changed: was {entry.get('path')}"
+        else:
+            changed = change(recorded, image.path, content_hash)
+    except ImageError as e:
+        return Verdict(error=str(e))
+    if changed:
+        return Verdict(recomputed=changed, stale=True)
+    if entry.get("input") != os.path.abspath(image.path):
+        store.write_record(image.key, {**entry, "input": os.path.abspath(image.path)})
+    expected = shapes(*size)
+    kept, wrong = {}, []
+    for level in store.levels:
+        path = store.level_path(image.key, level)
+        shape = npy_shape(path, store.dtype)
+        if shape == expected[level]:
+            kept[level] = shape
+        elif shape is not None:
+            wrong.append(f"{level}.npy is {_shape_text(shape)}, not {_shape_text(expected[level])}")
+        elif path.exists():
+            wrong.append(f"{level}.npy is not a complete {store.dtype} .npy file")
+    return Verdict(kept, size, "; ".join(wrong) or None)
+
+
+def _input_size(entry: dict) -> tuple[int, int] | None:
+    try:
+        h, w = (int(n) for n in entry["input_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return h, w
+
+
+def examine_all(
+    images: Sequence[InputImage],
+    store: Store,
+    shapes: Callable[[int, int], dict[str, Shape]],
+    content_hash: bool,
+    workers: int,
+    timeout: float | None,
+) -> Iterator[Verdict]:
+    """:func:`examine` for each of ``images``, in order, on ``workers`` threads; an input whose
+    check runs past ``timeout`` seconds (a hung mount) is a failed input."""
+
+    def late(image: InputImage) -> Verdict:
+        return Verdict(error=f"timed out after {timeout:g} s reading it (--timeout)")
+
+    return ordered_map(
+        lambda image: examine(image, store, shapes, content_hash),
+        images,
+        workers=workers,
+        lookahead=4 * workers,
+        timeout=timeout,
+        late=late,
+        name="fpn-resume",
+    )
+
+
+def _shape_text(shape: Shape) -> str:
+    return "x".join(map(str, shape))
