@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import signal
+import os
 import sys
 import time
 
 import click
 
-from . import zoo
+from . import signals, zoo
 from .backbones import ARCHS, TIMM_PREFIX, get_arch
-from .builder import resolve
+from .builder import SEED_RANGE, resolve
 from .distributed import is_rank_zero
 from .engine import DTYPES, SAVE_DTYPES
-from .errors import FPNError, Interrupted
-from .images import DEFAULT_MAX_PIXELS, Resize
+from .errors import FPNError
+from .images import DEFAULT_MAX_PIXELS, Resize, read_names
 from .levels import LEVELS, parse_levels
-from .options import Options
+from .options import DEFAULT_TIMEOUT, Options
 from .pipeline import extract, summarize
 from .pyramid import USER_STYLES
-from .report import interrupted_status
+from .verify import verify_folder
 from .version import __version__
 
 
@@ -168,10 +168,10 @@ Examples:
 
 
 SECTIONS = {
-    "Inputs": ("max_pixels", "summary", "input_size"),
+    "Inputs": ("null", "max_pixels", "timeout", "summary", "input_size"),
     "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
     "Preprocessing": ("size", "short_side", "max_side"),
-    "Output": ("out", "save_dtype", "overwrite", "preview"),
+    "Output": ("out", "save_dtype", "overwrite", "hash", "preview"),
     "Run": ("device", "dtype", "batch_size", "workers", "shard", "fail_fast", "quiet", "verbose"),
 }
 
@@ -207,7 +207,13 @@ SECTIONS = {
     default=None,
     help="Top-down design [default: reference, or what --weights needs].",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
+@click.option(
+    "--seed",
+    type=click.IntRange(*SEED_RANGE),
+    default=0,
+    show_default=True,
+    help="Seed of the random initialisation (0 to 2**64-1).",
+)
 @click.option(
     "--levels",
     type=LevelsType(),
@@ -266,6 +272,19 @@ SECTIONS = {
     "--preview", is_flag=True, help="Also write OUT/<image>/preview.png: the image beside its levels."
 )
 @click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to read and decode one image; a slower one (a hung mount) fails, the run goes on.",
+)
+@click.option(
+    "--hash",
+    is_flag=True,
+    help="Record a SHA-256 of each input with its features; a resume keeps only those it matches.",
+)
+@click.option("-0", "--null", is_flag=True, help="With -: paths on stdin are NUL-separated (find -print0).")
+@click.option(
     "--pad-multiple",
     type=click.IntRange(min=1),
     default=None,
@@ -284,65 +303,104 @@ SECTIONS = {
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or shape report.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list every image as it is written.")
 @click.version_option(__version__, "--version", prog_name="fpn-extract")
-def main(inputs, out, size, short_side, max_side, shard, summary, input_size, quiet, verbose, **options):
+@signals.stop_on_first_signal()
+def main(
+    inputs, out, size, short_side, max_side, shard, summary, input_size, quiet, verbose, null, **options
+):
     """Compute Feature Pyramid Network features (P2-P5) for images.
 
     INPUTS are image files, folders (searched recursively) or glob patterns; - reads paths from
     standard input. Each image's levels go to OUT/<path without extension>/<level>.npy, and
     OUT/report.json lists every image.
     """
-    stdin_lines = sys.stdin if "-" in inputs else ()
+    _tolerant_streams()
+    stdin_lines = read_names(_stdin(), null) if "-" in inputs else ()
+    failures = []
+
+    def on_failure(path: str, reason: str) -> None:
+        failures.append(path)
+        _echo_err(f"failed: {path}: {reason}")
+
+    report = None
     try:
         resize = Resize(size, short_side, max_side)
         if summary:
             spec = resolve(
-                options["arch"], options["weights"], options["fpn_style"], options["levels"], options["seed"],
-                options["pad_multiple"],
+                options["arch"], options["weights"], options["fpn_style"], options["levels"],
+                options["seed"], options["pad_multiple"],
             )  # fmt: skip
-            click.echo(summarize(inputs, spec, resize, input_size, stdin_lines))
-            return
+            _echo(summarize(inputs, spec, resize, input_size, stdin_lines, on_failure))
+            sys.exit(1 if failures else 0)
         if not inputs:
             raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
         show_progress = not quiet and sys.stderr.isatty() and is_rank_zero()
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # preemption (Slurm, k8s) stops like Ctrl-C
-        try:
-            report = extract(
-                inputs,
-                out,
-                options,
-                stdin_lines=stdin_lines,
-                shard=shard,
-                log=None if quiet else _echo_err,
-                on_failure=lambda path, reason: _echo_err(f"failed: {path}: {reason}"),
-                progress=ProgressBar() if show_progress else None,
-            )
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        report = extract(
+            inputs,
+            out,
+            options,
+            stdin_lines=stdin_lines,
+            shard=shard,
+            log=None if quiet else _echo_err,
+            on_failure=on_failure,
+            progress=ProgressBar() if show_progress else None,
+        )
+        _print_outcome(report, out, quiet, verbose)
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt as e:  # before the run began: nothing was written
-        _echo_err("Interrupted before any image was processed")
-        sys.exit(interrupted_status(e))
+    except MemoryError:
+        _echo_err("Error: out of memory; try a smaller --batch-size, --max-side or --workers")
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        if report is None:  # the run had not begun: nothing was written
+            _echo_err("Interrupted before any image was processed")
+            sys.exit(signals.interrupted_status(e))
+        report.interrupt(e)  # while its outcome was printed: report.json is written
+        _echo_err(_interrupted(report, out))
+    sys.exit(report.exit_status)
+
+
+def _print_outcome(report, out: str, quiet: bool, verbose: bool) -> None:
     if verbose:
         for path, status in report.statuses():
             _echo_err(f"{status}: {path}")
     if report.interrupted:
-        _echo_err(f"Interrupted: {report.counts['ok']} images written; {out}/report.json lists what is done")
+        _echo_err(_interrupted(report, out))
     elif not quiet:
-        click.echo(report.format_shapes())
-    sys.exit(report.exit_status)
+        _echo(report.format_shapes())
 
 
-def _interrupt(signum, frame) -> None:
-    raise Interrupted(signum)
+def _interrupted(report, out: str) -> str:
+    return f"Interrupted: {report.counts['ok']} images written; {out}/report.json lists what is done"
+
+
+def _stdin():
+    """Standard input as bytes: names are bytes, and not all of them are UTF-8."""
+    return getattr(sys.stdin, "buffer", sys.stdin)
+
+
+def _tolerant_streams() -> None:
+    """Output never fails on a character its stream cannot encode: a file name that is not UTF-8
+    (held as surrogates, os.fsdecode's way) prints as ``\\xff``, on a strict UTF-8 stream too."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of undecodable file names as ``\\xNN`` rather than surrogates."""
+    return os.fsencode(text).decode(sys.getfilesystemencoding(), "backslashreplace")
+
+
+def _echo(message: str) -> None:
+    click.echo(printable(message))
 
 
 def _echo_err(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(printable(message), err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -372,4 +430,24 @@ def models(pattern: str) -> None:
     )
 
 
-WithSubcommands.subcommands = {"models": models}
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(file_okay=False))
+def verify(out: str) -> None:
+    """Check an output folder against its report.json and the inputs: every listed image's files
+    (present, complete, dtype and shape as listed) and its input's fingerprint (still there, same
+    size and modification time, same SHA-256 if recorded). Prints one line per problem; exit
+    status 1 if there is any, 0 if none.
+    """
+    _tolerant_streams()
+    try:
+        result = verify_folder(out)
+    except FPNError as e:
+        _echo_err(f"Error: {e}")
+        sys.exit(e.exit_code)
+    for problem in result.problems:
+        _echo(problem)
+    _echo_err(result.summary())
+    sys.exit(1 if result.problems else 0)
+
+
+WithSubcommands.subcommands = {"models": models, "verify": verify}

@@ -139,7 +139,7 @@ def _expand(spec: str, exclude: Path | None, listed: bool) -> list[InputImage]:
             )
         return list(_walk(spec, exclude))
     if os.path.lexists(spec):
-        return [InputImage(spec, os.path.basename(spec))]
+        return [InputImage(spec, os.path.basename(spec), None if os.path.isfile(spec) else _unusable(spec))]
     if _GLOB_CHARS & set(spec) and not listed:
         root = _glob_root(spec)
         found: list[InputImage] = []
@@ -164,8 +164,9 @@ def find_images(
 ) -> list[InputImage]:
     """Expands files, folders (recursive) and glob patterns into images sorted by output key.
 
-    ``-`` among ``inputs`` stands for ``stdin_lines``, one path per item, taken verbatim (only a
-    trailing newline is removed); a listed path that does not exist is a failed input. ``exclude``
+    ``-`` among ``inputs`` stands for ``stdin_lines``, one path per item, taken verbatim
+    (:func:`read_names` splits a stream into them); a listed path that does not exist is a failed
+    input. ``exclude``
     (the output folder) is never searched. The same file reached twice counts once; two files that
     would write the same output folder are a :class:`UsageError` naming both. Entries that cannot
     be images (FIFOs, unreadable folders) come back with ``error`` set.
@@ -173,7 +174,7 @@ def find_images(
     specs: list[tuple[str, bool]] = []
     for spec in map(str, inputs):
         if spec == "-":
-            specs += [(line.removesuffix("\n"), True) for line in stdin_lines if line.removesuffix("\n")]
+            specs += [(name, True) for name in stdin_lines if name]
         else:
             specs.append((spec, False))
     exclude = exclude.resolve() if exclude is not None else None
@@ -194,6 +195,20 @@ def find_images(
     if not by_key:
         raise UsageError("no image files found in the inputs")
     return sorted(by_key.values(), key=lambda im: im.key)
+
+
+def read_names(stream: BinaryIO, null: bool = False) -> Iterator[str]:
+    """The paths in ``stream``: one a line with only the line's ``\\n`` removed (a leading space or
+    a ``\\r`` is part of the name), or, with ``null``, separated by NUL bytes as ``find -print0``
+    writes them, so that any name, newlines included, comes through. Bytes that are not UTF-8
+    are kept as the file system's own names (``os.fsdecode``); empty names are skipped."""
+    separator = b"\0" if null else b"\n"
+    rest = b""
+    while chunk := stream.read(1 << 16):
+        *names, rest = (rest + chunk).split(separator)
+        yield from (os.fsdecode(name) for name in names if name)
+    if rest:
+        yield os.fsdecode(rest)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
@@ -321,6 +336,8 @@ def decode(
     _context.path = str(path)
     try:
         return _decode(path, resize, max_pixels)
+    except MemoryError:  # the resize's allocation too, not only the decoder's
+        raise ImageError("not enough memory to decode and resize it") from None
     finally:
         _context.path = None
 
@@ -397,13 +414,26 @@ def _png16_to_rgb8(data: bytes) -> np.ndarray:
     return np.rint(values / 257.0).astype(np.uint8)
 
 
-def probe_size(path: str | Path) -> tuple[int, int] | None:
-    """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read
-    (never blocks: a FIFO or device is None at once)."""
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) after EXIF orientation, from the header alone; an :class:`ImageError` with the
+    reason if the file cannot be read (never blocks: a FIFO or device is refused at once)."""
     try:
         with open_regular(path) as f, Image.open(f, formats=_formats()) as image:
             w, h = image.size
             orientation = _orientation(image)
-    except Exception:
-        return None
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image file of the formats read ({', '.join(IMAGE_FORMATS)})") from None
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"truncated or corrupt image: {reason}") from None
     return (w, h) if orientation in _SWAPS_AXES else (h, w)
+
+
+def probe_size(path: str | Path) -> tuple[int, int] | None:
+    """:func:`image_size`, or None if the file cannot be read."""
+    try:
+        return image_size(path)
+    except ImageError:
+        return None

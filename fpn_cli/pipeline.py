@@ -3,8 +3,10 @@ jobs flow one way through them, and :func:`run` strings them together:
 
     plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
 
-- :func:`plan`: which images need work and which levels of each; complete ones are reported skipped.
-- :func:`decode_ahead`: decoding on a thread pool, a bounded look-ahead in front of the network.
+- :func:`plan`: which images need work and which levels of each; complete ones are reported skipped
+  (what a resume may keep is resume.py's decision).
+- :func:`decode_ahead`: decoding on a few threads, a bounded look-ahead in front of the network, a
+  deadline per image (deadline.py).
 - :func:`split_off_failures`: unreadable images to the report, preview-only jobs to the writer.
 - :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
 - :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
@@ -21,7 +23,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -29,17 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import preview
+from . import preview, resume
 from .builder import ModelSpec, build, resolve
+from .deadline import ordered_map
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import Engine, default_workers, is_out_of_memory, resolve_device
-from .errors import FPNError, ImageError
-from .images import InputImage, Resize, decode, find_images, probe_size
+from .errors import FPNError, ImageError, UsageError
+from .images import InputImage, Resize, decode, find_images, image_size, warnings_to
 from .locks import finish_overwrite, lock_folder, record_settings
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
 from .options import Options, report_header, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
-from .store import PREVIEW_FILE, Store
+from .store import PREVIEW_FILE, Store, check_layout
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
@@ -54,7 +56,9 @@ class Job:
     missing: tuple[str, ...]  # the levels to compute and write; () when only the preview is missing
     rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead
     size: tuple[int, int] | None = None  # (H, W) as decoded
-    error: str | None = None  # why it could not be decoded
+    error: str | None = None  # why it could not be listed, checked or decoded
+    fingerprint: resume.Fingerprint | None = None  # of the input, taken just before decoding
+    recomputed: str | None = None  # why the features it had were not kept
 
     @property
     def preview_only(self) -> bool:
@@ -91,6 +95,8 @@ def extract(
     opts = Options(**kwargs) if options is None else replace(options, **kwargs)
     log = log or (lambda message: None)
     on_failure = on_failure or (lambda path, reason: None)
+    if not os.fspath(out):
+        raise UsageError("--out is empty: name an output folder")
     out = Path(out)
     launch = torchrun_launch()
     shard = combine(shard, launch)
@@ -99,26 +105,38 @@ def extract(
     spec = _resolve_model(opts)
     model = _build_model(spec)
     store = Store(out, resolved_levels(spec.config), opts.save_dtype)
-    with lock_folder(out, shard):
-        record_settings(out, settings_record(opts, spec), opts.overwrite, shard)
-        store.sweep_dead_runs()
-        _notes(opts, spec, device, log)
-        report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
-        engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
-        with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
-            if group is not None:
-                log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
-            try:
-                run(images, store, engine, opts, report, on_failure, log)
-            except KeyboardInterrupt as e:
-                report.interrupt(e)
-            except FPNError:
-                with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
-                    publish_report(store, report, shard, group, failed=True)
-                raise
-            if not report.interrupted:
-                finish_overwrite(out, shard)  # every level this run owed is written
-            publish_report(store, report, shard, group)
+    report: Report | None = None
+    began = False  # an interrupt that escapes before the run began found nothing processed
+    try:
+        with lock_folder(out, shard), warnings_to(log):
+            record_settings(out, settings_record(opts, spec), opts.overwrite, shard)
+            store.sweep_dead_runs()
+            _notes(opts, spec, device, log)
+            report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
+            engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
+            with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
+                if group is not None:
+                    log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
+                began = True
+                try:
+                    run(images, store, engine, opts, report, on_failure, log)
+                except KeyboardInterrupt as e:
+                    report.interrupt(e)
+                except FPNError:
+                    with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
+                        publish_report(store, report, shard, group, failed=True)
+                    raise
+                try:
+                    if not report.interrupted:
+                        finish_overwrite(out, shard)  # every level this run owed is written
+                    publish_report(store, report, shard, group)
+                except KeyboardInterrupt as e:  # the first: later ones are ignored (signals.py)
+                    report.interrupt(e)
+                    publish_report(store, report, shard, group)
+    except KeyboardInterrupt as e:
+        if not began:
+            raise
+        report.interrupt(e)  # as the run let go of the folder: report.json is written already
     return report
 
 
@@ -130,8 +148,7 @@ def _own_images(
 ) -> list[InputImage]:
     """The images this process is responsible for: all of ``inputs``, or its shard's."""
     images = find_images(inputs, stdin_lines, exclude=out)
-    for image in images:
-        Store.check_key(image.key, image.path)
+    check_layout((image.key, image.path) for image in images if image.error is None)
     if shard is not None:
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     return images
@@ -168,75 +185,111 @@ def run(
     device = engine.device
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
-    jobs = plan(images, store, opts, report)
+    shapes = partial(_shapes, engine.model.config, opts.resize)
+    jobs = plan(images, store, opts, report, shapes, workers, log)
     forward = Forward(engine, report, on_failure, log)
     with Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview) as writer:
-        decoded = decode_ahead(jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size)
+        decoded = decode_ahead(
+            jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
+        )
         readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer)
         for batch in batches(readable, batch_size, max_pending=4 * batch_size):
             for job, levels, ready in forward(batch):
                 writer.put(job, levels, ready)
 
 
-def plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[Job]:
-    """Step 1. Images with every requested level in place (and their preview, if asked) are
-    reported as skipped; the rest are jobs for their missing levels (all with ``overwrite``), or
-    preview-only jobs."""
+def plan(
+    images: Sequence[InputImage],
+    store: Store,
+    opts: Options,
+    report: Report,
+    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
+    workers: int,
+    log: Log,
+) -> list[Job]:
+    """Step 1. Images with every requested level in place and trusted (resume.py; and their
+    preview, if asked) are reported as skipped; the rest are jobs for their missing levels (all
+    with ``overwrite``), or preview-only jobs. Inputs that listing or the check found unusable
+    are jobs with their ``error`` set, to be reported failed in order."""
+    present = [
+        image for image in images if image.error is None and (store.root / image.key).is_dir()
+    ]  # a new image costs one stat, no more
+    for image in present:
+        store.remove_strays(image.key)
+    checked = [] if opts.overwrite else present
+    verdicts = dict(
+        zip(
+            (image.key for image in checked),
+            resume.examine_all(checked, store, shapes, opts.hash, workers, opts.timeout),
+            strict=True,
+        )
+    )
+    unrecorded = 0
     jobs = []
     for image in images:
-        if not (store.root / image.key).is_dir():  # a new image: one stat, no more
-            jobs.append(Job(image, store.levels))
+        verdict = verdicts.get(image.key) if image.error is None else None
+        if verdict is None:
+            jobs.append(Job(image, store.levels, error=image.error))
             continue
-        store.remove_strays(image.key)
-        have = {} if opts.overwrite else store.existing(image.key)
-        missing = tuple(level for level in store.levels if level not in have)
+        if verdict.error is not None:
+            jobs.append(Job(image, store.levels, error=verdict.error))
+            continue
+        if verdict.stale:
+            store.forget(image.key)
+        if verdict.recomputed == resume.NO_RECORD:
+            unrecorded += 1
+        elif verdict.recomputed:
+            log(f"recomputing {image.path}: {verdict.recomputed}")
+        missing = tuple(level for level in store.levels if level not in verdict.kept)
         if missing or (opts.preview and not store.preview_path(image.key).is_file()):
-            jobs.append(Job(image, missing))
+            jobs.append(Job(image, missing, recomputed=verdict.recomputed))
         else:
-            size = probe_size(image.path)
-            target = opts.resize.target(*size) if size else None
-            report.add(_done_result(image, store, "skipped", size, target, have))
+            target = opts.resize.target(*verdict.input_size)
+            report.add(_done_result(image, store, "skipped", verdict.input_size, target, verdict.kept))
+    if unrecorded:
+        log(f"note: recomputing {unrecorded} images whose features carry no fingerprint of their input")
     return jobs
 
 
+def _shapes(config, resize: Resize, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+    """Each level's (C, h, w) for an input of ``height`` x ``width`` as decoded."""
+    return output_shapes(config, *resize.target(height, width))
+
+
 def decode_ahead(
-    jobs: Sequence[Job], resize: Resize, max_pixels: int, workers: int, lookahead: int
+    jobs: Sequence[Job],
+    resize: Resize,
+    max_pixels: int,
+    workers: int,
+    lookahead: int,
+    timeout: float | None = None,
+    content_hash: bool = False,
 ) -> Iterator[Job]:
-    """Step 2. ``jobs`` in order, each decoded (``rgb``, ``size``) or with its ``error``, on a pool
-    of ``workers`` threads that runs at most ``lookahead`` jobs ahead of the consumer."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
-    try:
-        yield from _prefetch(
-            pool, jobs, partial(_decode_job, resize=resize, max_pixels=max_pixels), lookahead
-        )
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Step 2. ``jobs`` in order, each fingerprinted and decoded (``fingerprint``, ``rgb``,
+    ``size``) or with its ``error``, on ``workers`` threads that run at most ``lookahead`` jobs
+    ahead of the consumer. A job still reading after ``timeout`` seconds is failed and left
+    behind (deadline.py)."""
+
+    def late(job: Job) -> Job:
+        return replace(job, error=f"timed out after {timeout:g} s reading or decoding it (--timeout)")
+
+    read = partial(_decode_job, resize=resize, max_pixels=max_pixels, content_hash=content_hash)
+    yield from ordered_map(
+        read, jobs, workers=workers, lookahead=lookahead, timeout=timeout, late=late, name="fpn-decode"
+    )
 
 
-def _decode_job(job: Job, resize: Resize, max_pixels: int) -> Job:
+def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -> Job:
+    if job.error is not None:  # listing or the resume check found it unusable
+        return job
     try:
+        job.fingerprint = resume.fingerprint(job.image.path, content_hash)
         job.rgb, job.size = decode(job.image.path, resize, max_pixels)
     except ImageError as e:
         job.error = str(e)
+    except MemoryError:
+        job.error = "not enough memory to read it"
     return job
-
-
-def _prefetch(
-    pool: ThreadPoolExecutor, jobs: Sequence[Job], fn: Callable[[Job], Job], lookahead: int
-) -> Iterator[Job]:
-    """``fn`` over ``jobs`` on the pool, at most ``lookahead`` in flight, results in input order."""
-    pending: list[Future] = []
-    it = iter(jobs)
-    for job in it:
-        pending.append(pool.submit(fn, job))
-        if len(pending) >= lookahead:
-            break
-    while pending:
-        done = pending.pop(0).result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield done
 
 
 def split_off_failures(
@@ -300,6 +353,8 @@ class Forward:
         a GPU)."""
         try:
             return self.engine(np.stack([job.rgb for job in batch]))
+        except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
+            pass
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
@@ -385,6 +440,7 @@ class Writer:
         self.store.write_levels(job.image.key, {k: arrays[k] for k in job.missing})
         if self.preview:
             self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
+        self.store.write_record(job.image.key, resume.record(job.image, job.fingerprint, job.size))
         return self._result(job, "ok", arrays)
 
     def _write_preview_only(self, job: Job) -> ImageResult:
@@ -394,7 +450,9 @@ class Writer:
 
     def _result(self, job: Job, status: str, arrays: dict[str, np.ndarray]) -> ImageResult:
         shapes = {k: v.shape for k, v in arrays.items()}
-        return _done_result(job.image, self.store, status, job.size, job.rgb.shape[:2], shapes)
+        return _done_result(
+            job.image, self.store, status, job.size, job.rgb.shape[:2], shapes, job.recomputed
+        )
 
 
 def publish_report(
@@ -437,12 +495,14 @@ def _done_result(
     input_size: tuple[int, int] | None,
     model_input_size: tuple[int, int] | None,
     shapes: dict[str, tuple[int, ...]],
+    recomputed: str | None = None,
 ) -> ImageResult:
     """The report entry of an image whose levels are on disk, written now ("ok") or before."""
     key = image.key
     return ImageResult(
         image.rel,
         status,
+        recomputed=recomputed,
         input_size=input_size,
         model_input_size=tuple(model_input_size) if model_input_size else None,
         levels={
@@ -460,14 +520,21 @@ def summarize(
     resize: Resize,
     input_size: tuple[int, int],
     stdin_lines: Iterable[str] = (),
+    on_failure: OnFailure | None = None,
 ) -> str:
-    """The ``--summary`` text: for ``input_size``, or for each distinct size among ``inputs``."""
+    """The ``--summary`` text: for ``input_size``, or for each distinct size among ``inputs``;
+    ``on_failure`` (path, reason) for each input whose size cannot be read."""
     if inputs:
         sizes = []
         for image in find_images(inputs, stdin_lines):
-            size = probe_size(image.path) if image.error is None else None
-            if size is not None:
-                sizes.append(resize.target(*size))
+            reason = image.error
+            if reason is None:
+                try:
+                    sizes.append(resize.target(*image_size(image.path)))
+                except ImageError as e:
+                    reason = str(e)
+            if reason is not None and on_failure is not None:
+                on_failure(image.path, reason)
         sizes = sorted(set(sizes))
     else:
         sizes = [input_size]

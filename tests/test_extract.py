@@ -329,7 +329,7 @@ def test_save_dtype_and_compute_dtype(tmp_path):
 def test_levels_option_writes_only_those_levels(tmp_path):
     save_rgb(tmp_path / "a.png", 32, 32)
     assert run(tmp_path / "a.png", "-o", tmp_path / "out", "--levels", "c3,p6", *SEED).exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["c3.npy", "p6.npy"]
+    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["c3.npy", "input.json", "p6.npy"]
     assert np.load(tmp_path / "out" / "a" / "c3.npy").shape == (512, 4, 4)
 
 
