@@ -426,6 +426,8 @@ class Writer:
                 where = self.store.root / job.image.key
                 if isinstance(e, OSError):
                     reason, where = e.strerror or str(e), e.filename or where
+                elif isinstance(e, MemoryError):
+                    reason = "out of memory"
                 else:
                     reason = f"{type(e).__name__}: {e}"
                 self.error = FPNError(f"cannot write {where}: {reason}")
