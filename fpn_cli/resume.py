@@ -53,16 +53,16 @@ def fingerprint(path: str, content_hash: bool = False) -> Fingerprint:
     return Fingerprint(st.st_size, st.st_mtime_ns, digest)
 
 
-def record(image: InputImage, print_: Fingerprint, input_size: tuple[int, int]) -> dict:
+def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int]) -> dict:
     """The record written with ``image``'s features."""
     entry = {
         "input": os.path.abspath(image.path),
         "path": image.rel,
-        "size": print_.size,
-        "mtime_ns": print_.mtime_ns,
+        "size": taken.size,
+        "mtime_ns": taken.mtime_ns,
     }
-    if print_.sha256 is not None:
-        entry["sha256"] = print_.sha256
+    if taken.sha256 is not None:
+        entry["sha256"] = taken.sha256
     entry["input_size"] = list(input_size)
     return entry
 

@@ -164,6 +164,29 @@ def test_a_stalled_read_fails_that_image_after_timeout_and_the_run_goes_on(tmp_p
     assert statuses == {"a.png": "ok", "stuck.png": "failed", "z.png": "ok"}
 
 
+def test_a_resume_check_that_stalls_fails_that_image_after_timeout(copied, monkeypatch):
+    from fpn_cli import resume
+
+    src, out = copied
+    release = threading.Event()
+    real_change = resume.change
+
+    def change(recorded, path, content_hash):
+        if Path(path).stem == "c":
+            release.wait()
+        return real_change(recorded, path, content_hash)
+
+    monkeypatch.setattr(resume, "change", change)
+    try:
+        result = run(src, "-o", out, "--timeout", "0.5", *SEED)
+    finally:
+        release.set()
+    assert result.exit_code == 1
+    assert f"failed: {src / 'c.png'}: timed out after 0.5 s reading it (--timeout)" in result.stderr
+    statuses = {path: e["status"] for path, e in entries(out).items()}
+    assert statuses == {**dict.fromkeys(statuses, "skipped"), "c.png": "failed"}
+
+
 def test_a_read_stalled_forever_does_not_keep_the_process_from_exiting(tmp_path):
     """The real console script, with a read that never returns: the stuck thread is left behind
     and the process still exits (ThreadPoolExecutor's threads are joined at exit)."""
