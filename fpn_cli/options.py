@@ -36,6 +36,7 @@ class Options:
     fail_fast: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     preview: bool = False  # also write OUT/<key>/preview.png
+    compile: bool = False  # torch.compile with freezing: faster forwards after a compile per input size
 
     def __post_init__(self) -> None:
         if self.levels is not None:

@@ -104,7 +104,7 @@ def extract(
         store.sweep_dead_runs()
         _notes(opts, spec, device, log)
         report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
-        engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
+        engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile)
         with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
             if group is not None:
                 log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
