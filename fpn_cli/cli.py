@@ -10,7 +10,7 @@ import click
 
 from . import zoo
 from .backbones import ARCHS, TIMM_PREFIX, get_arch
-from .builder import resolve
+from .builder import RANDOM, resolve
 from .distributed import is_rank_zero
 from .engine import DTYPES, SAVE_DTYPES
 from .errors import FPNError, Interrupted
@@ -196,7 +196,7 @@ SECTIONS = {
 )
 @click.option(
     "--weights",
-    default="random",
+    default=RANDOM,
     show_default=True,
     help="random (seeded), imagenet, a zoo name (coco, torchvision:..., detectron2:..., mmdet:...; "
     "see fpn-extract models), or a checkpoint file.",
