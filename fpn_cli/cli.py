@@ -20,6 +20,7 @@ from .options import Options
 from .pipeline import extract, summarize
 from .pyramid import USER_STYLES
 from .report import interrupted_status
+from .roi import parse_pool
 from .version import __version__
 
 
@@ -62,6 +63,18 @@ class LevelsType(click.ParamType):
             return value
         try:
             return parse_levels(value)
+        except FPNError as e:
+            self.fail(str(e), param, ctx)
+
+
+class PoolType(click.ParamType):
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_pool(value)
         except FPNError as e:
             self.fail(str(e), param, ctx)
 
@@ -164,6 +177,7 @@ Examples:
   fpn-extract 'shots/**/*.png' -o feats/ --short-side 800 --max-side 1333
   find . -name '*.jpg' | fpn-extract - -o feats/        paths from standard input
   fpn-extract --summary --input-size 800x1333          level sizes, no images needed
+  fpn-extract images/ -o feats/ --boxes boxes.csv --pool avg     RoI features, pooled vectors
 """
 
 
@@ -172,6 +186,7 @@ SECTIONS = {
     "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
     "Preprocessing": ("size", "short_side", "max_side"),
     "Output": ("out", "save_dtype", "overwrite", "preview"),
+    "Regions and pooling": ("boxes", "roi_size", "roi_levels", "pool", "no_maps"),
     "Run": ("device", "dtype", "batch_size", "workers", "shard", "fail_fast", "quiet", "verbose"),
 }
 
@@ -271,6 +286,31 @@ SECTIONS = {
     default=None,
     help="Zero-pad each input's bottom/right to a multiple of N, as detectron2 and mmdetection do; "
     "levels are cropped back [default: what the weights' framework does, none for torchvision].",
+)
+@click.option(
+    "--boxes",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CSV (path,x1,y1,x2,y2) or COCO JSON of boxes in original pixels: OUT/<image>/rois.npy, "
+    "each box's features by torchvision's MultiScaleRoIAlign.",
+)
+@click.option(
+    "--roi-size", type=click.IntRange(min=1), default=7, show_default=True, help="RoI features are N x N."
+)
+@click.option(
+    "--roi-levels",
+    type=LevelsType(),
+    default=None,
+    help="Consecutive pyramid levels RoIs pool from [default: those of p2-p5 extracted].",
+)
+@click.option(
+    "--pool",
+    type=PoolType(),
+    default=None,
+    help="avg, max or avg,max: one vector per level, OUT/<image>/<level>_avg.npy.",
+)
+@click.option(
+    "--no-maps", is_flag=True, help="Store only the pooled vectors and RoI features, not the levels."
 )
 @click.option("--shard", type=ShardType(), default=None, help="Process only shard I (0-based) of N.")
 @click.option("--summary", is_flag=True, help="Print the level sizes and exit; computes no features.")
