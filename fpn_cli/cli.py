@@ -20,7 +20,7 @@ from .options import Options
 from .pipeline import extract, summarize
 from .pyramid import USER_STYLES
 from .report import interrupted_status
-from .roi import parse_pool
+from .roi import parse_pool, rois_from_folder
 from .version import __version__
 
 
@@ -178,6 +178,7 @@ Examples:
   find . -name '*.jpg' | fpn-extract - -o feats/        paths from standard input
   fpn-extract --summary --input-size 800x1333          level sizes, no images needed
   fpn-extract images/ -o feats/ --boxes boxes.csv --pool avg     RoI features, pooled vectors
+  fpn-extract roi feats/ --boxes more.csv              RoI features from the stored levels
 """
 
 
@@ -412,4 +413,38 @@ def models(pattern: str) -> None:
     )
 
 
-WithSubcommands.subcommands = {"models": models}
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--boxes",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="CSV (path,x1,y1,x2,y2) or COCO JSON, paths as in OUT/report.json.",
+)
+@click.option("--roi-size", type=click.IntRange(min=1), default=None, help="[default: the folder's, else 7]")
+@click.option("--roi-levels", type=LevelsType(), default=None, help="[default: the folder's, else p2-p5]")
+@click.option("--overwrite", is_flag=True, help="Recompute rois that are complete for these boxes.")
+@click.option("-q", "--quiet", is_flag=True, help="Only failures on stderr; no summary.")
+def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
+    """RoI features for the boxes in FILE from the levels stored in OUT, with no network:
+    OUT/<image>/rois.npy, the same bytes that extracting with --boxes writes.
+    """
+    try:
+        result = rois_from_folder(
+            out,
+            boxes,
+            roi_size,
+            roi_levels,
+            overwrite,
+            log=None if quiet else _echo_err,
+            on_failure=lambda path, reason: _echo_err(f"failed: {path}: {reason}"),
+        )
+    except FPNError as e:
+        _echo_err(f"Error: {e}")
+        sys.exit(e.exit_code)
+    if not quiet:
+        click.echo(result.describe())
+    sys.exit(result.exit_status)
+
+
+WithSubcommands.subcommands = {"models": models, "roi": roi}

@@ -9,26 +9,32 @@
 - :class:`RoiSpec` and :func:`roi_features`: torchvision's ``MultiScaleRoIAlign`` over the levels.
 - :class:`Outputs`: every array a run writes for an image (levels, pooled vectors, RoI features),
   which of them are complete on disk, and the derived ones computed from the levels.
+- :func:`rois_from_folder`: ``fpn-extract roi OUT --boxes FILE``, from the stored levels.
 
 Derived arrays are computed on the CPU from the levels as stored (in the save dtype, widened to
-float32): computed during a run or later from the files, they are the same bytes.
+float32), during a run and by :func:`rois_from_folder` alike: both give the same bytes.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import LevelMapper
 
-from .boxes import BoxFile, Checked, check, clip_note
+from .boxes import BoxFile, Checked, check, clip_note, read_boxes
 from .errors import UsageError
 from .levels import LEVELS, parse_levels
-from .store import Store
+from .locks import finish_overwrite, lock_folder, read_settings, record_settings
+from .report import dump_report
+from .store import OVERWRITE_MARKER, REPORT_FILE, SETTINGS_FILE, Store
 
 ROIS, BOXES = "rois", "boxes"
 POOLS = ("avg", "max")
@@ -328,3 +334,173 @@ def tell_boxes(
     for clip in checked.clipped:
         log(f"note: {shown}: {clip_note(outputs.boxes.of(rel), clip, geometry.input_size)}")
     return checked
+
+
+# --- fpn-extract roi OUT --boxes FILE --------------------------------------------------------------
+
+
+@dataclass
+class RoiRun:
+    """What :func:`rois_from_folder` did: images written, already complete, failed, and boxes."""
+
+    written: int = 0
+    complete: int = 0
+    failed: int = 0
+    boxes: int = 0
+    refused: int = 0
+    clipped: int = 0
+    unknown: dict[str, int] = field(default_factory=dict)  # images in FILE not in report.json
+
+    @property
+    def exit_status(self) -> int:
+        """0, or 1 when an image failed or a box was refused (the rest are written)."""
+        return 1 if self.failed or self.refused else 0
+
+    def describe(self) -> str:
+        return (
+            f"{self.written + self.complete + self.failed} images with boxes: {self.written} written, "
+            f"{self.complete} already complete, {self.failed} failed; {self.boxes} boxes "
+            f"({self.refused} refused, {self.clipped} clipped)"
+        )
+
+
+def rois_from_folder(
+    out: str | os.PathLike[str],
+    boxes: str | os.PathLike[str],
+    roi_size: int | tuple[int, int] | None = None,
+    roi_levels: Sequence[str] | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
+) -> RoiRun:
+    """RoI features for the boxes in ``boxes`` from the levels stored in ``out``, with no network:
+    ``out/<key>/rois.npy`` and ``boxes.npy`` for each image the file names, the same bytes an
+    extraction with ``--boxes`` writes. Images whose rois are complete for these boxes are left
+    alone unless ``overwrite``. The settings are the folder's (``roi_size``/``roi_levels`` other
+    than those its rois were made with are a :class:`UsageError` unless ``overwrite``);
+    report.json's entries get their ``rois``."""
+    log = log or (lambda message: None)
+    on_failure = on_failure or (lambda path, reason: None)
+    out = Path(out)
+    if not (out / SETTINGS_FILE).is_file() or not (out / REPORT_FILE).is_file():
+        raise UsageError(f"{out} holds no finished extraction (.fpn-extract.json and report.json)")
+    table = read_boxes(boxes)
+    with lock_folder(out, None):
+        settings, report = read_settings(out), _read_report(out / REPORT_FILE)
+        if settings is None or report is None:
+            raise UsageError(f"cannot read the settings and report.json of {out}")
+        if any(out.glob(OVERWRITE_MARKER + "*")):
+            raise UsageError(f"{out} holds an unfinished --overwrite extraction: finish it first")
+        spec = _roi_spec(settings, report, roi_size, roi_levels)
+        # new RoI settings over old rois: the folder mixes both until every image is redone
+        changed = overwrite and settings.get("roi", spec.record()) != spec.record()
+        record_settings(out, {**settings, "roi": spec.record()}, changed, None)
+        result = _rois_for_report(
+            out, report, table, spec, settings["save_dtype"], overwrite, log, on_failure
+        )
+        if changed:
+            finish_overwrite(out, None)
+    return result
+
+
+def _rois_for_report(
+    out: Path,
+    report: dict,
+    table: BoxFile,
+    spec: RoiSpec,
+    save_dtype: str,
+    overwrite: bool,
+    log: Callable[[str], None],
+    on_failure: Callable[[str, str], None],
+) -> RoiRun:
+    """rois.npy for every image of ``report`` that ``table`` has boxes for; report.json rewritten
+    with their entries."""
+    outputs = Outputs(spec.levels, save_dtype, maps=False, roi=spec, boxes=table)
+    store = Store(out, spec.levels, save_dtype)
+    result = RoiRun(boxes=table.count)
+    entries = {entry["path"]: entry for entry in report["images"]}
+    result.unknown = table.unknown(p for p, e in entries.items() if e["status"] != "failed")
+    for rel, count in result.unknown.items():
+        reason = "failed in the extraction" if rel in entries else "not in report.json"
+        log(f"warning: {rel}: {count} box(es) in {table.path}, but the image is {reason}")
+    for rel in sorted(table.images):
+        if rel not in result.unknown:
+            _rois_of(entries[rel], store, outputs, overwrite, result, log, on_failure)
+    regions = report.setdefault("regions", {"maps": True, "pool": []})
+    regions.update({k: v for k, v in outputs.header(result.unknown).items() if k in ("roi", "boxes")})
+    _write_report(store, report)
+    return result
+
+
+def _roi_spec(
+    settings: Mapping,
+    report: Mapping,
+    roi_size: int | tuple[int, int] | None,
+    roi_levels: Sequence[str] | None,
+) -> RoiSpec:
+    """The options, else the folder's recorded RoI settings, else the defaults for its levels."""
+    recorded = RoiSpec.from_record(settings["roi"]) if "roi" in settings else None
+    size = roi_size if roi_size is not None else recorded.output_size if recorded else 7
+    levels = roi_levels if roi_levels is not None else recorded.levels if recorded else None
+    return RoiSpec.resolve(size, levels, report["model"]["levels"])
+
+
+def _rois_of(
+    entry: dict,
+    store: Store,
+    outputs: Outputs,
+    overwrite: bool,
+    result: RoiRun,
+    log: Callable[[str], None],
+    on_failure: Callable[[str, str], None],
+) -> None:
+    """One image's rois from its stored levels; its report entry updated."""
+    rel = entry["path"]
+    key = os.path.splitext(rel)[0]
+    geometry = _geometry(entry)
+    if geometry is None:
+        result.failed += 1
+        on_failure(rel, "report.json has no size for it (input_size, model_input_size)")
+        return
+    have = {} if overwrite else outputs.complete(store, key, rel)
+    if ROIS in have:
+        result.complete += 1
+    else:
+        lacking = [level for level in outputs.levels if level not in store.existing(key)]
+        if lacking:
+            result.failed += 1
+            on_failure(rel, f"{key}/{lacking[0]}.npy is missing or incomplete: extract it first")
+            return
+        arrays = outputs.compute(store.read_levels(key), (ROIS, BOXES), rel, geometry)
+        store.write_levels(key, arrays)
+        have = {name: arrays[name].shape for name in (ROIS, BOXES)}
+        result.written += 1
+    entry["rois"] = outputs.entries(key, rel, have, geometry)["rois"]
+    checked = tell_boxes(rel, rel, outputs, geometry, log, on_failure)
+    if checked is not None:
+        result.refused += len(checked.refused)
+        result.clipped += len(checked.clipped)
+
+
+def _geometry(entry: Mapping) -> Geometry | None:
+    """An image's geometry from its report.json entry (sizes only in reports before geometry)."""
+    if not entry.get("input_size") or not entry.get("model_input_size"):
+        return None
+    orientation = (entry.get("geometry") or {}).get("orientation", 1)
+    return Geometry(tuple(entry["input_size"]), tuple(entry["model_input_size"]), orientation)
+
+
+def _read_report(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_report(store: Store, report: Mapping) -> None:
+    """report.json again, in the layout a run writes it (one line per image)."""
+    tail = ("images", "counts", "shards", "interrupted")
+    header = {k: v for k, v in report.items() if k not in tail}
+    extra = {k: report[k] for k in ("shards", "interrupted") if k in report}
+    lines = (json.dumps(entry) for entry in report["images"])
+    store.write_report(lambda f: dump_report(f, header, lines, report["counts"], extra))

@@ -1,10 +1,11 @@
-"""RoI features (--boxes), pooled vectors (--pool, --no-maps) and geometry in report.json, checked
-against torchvision.ops applied to the stored levels."""
+"""RoI features (--boxes), pooled vectors (--pool, --no-maps), geometry in report.json and
+``fpn-extract roi``, checked against torchvision.ops applied to the stored levels."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from fpn_cli import UsageError
 from fpn_cli.boxes import ImageBoxes, check, read_boxes
 from fpn_cli.images import Resize, decode_image, probe
 
-from conftest import SEED, report_of, run
+from conftest import FPN_EXTRACT, SEED, report_of, run
 from imagefactory import save_exif_rotated, save_rgb
 
 LEVELS = ("p2", "p3", "p4", "p5")
@@ -334,6 +335,55 @@ def test_roi_settings_are_checked_on_resume_and_kept_by_runs_without_boxes(tmp_p
     result = run(tmp_path / "in", "-o", out, *SEED, "--boxes", csv)
     assert result.exit_code == 2 and "roi {" in result.output and "other settings" in result.output
     run_ok(tmp_path / "in", "-o", out, *SEED)  # no boxes: the recorded RoI settings stay
-    result = run(tmp_path / "in", "-o", out, *SEED, "--boxes", csv)
+    result = run("roi", out, "--boxes", csv, "--roi-size", 7)
     assert result.exit_code == 2 and "other settings" in result.output
-    run_ok(tmp_path / "in", "-o", out, *SEED, "--boxes", csv, "--roi-size", 5)
+    run_ok("roi", out, "--boxes", csv, "--overwrite")  # the folder's size, 5
+    assert np.load(out / "a" / "rois.npy").shape == (1, 256, 5, 5)
+
+
+# --- fpn-extract roi OUT --boxes FILE --------------------------------------------------------------
+
+
+def test_roi_subcommand_writes_the_bytes_extraction_writes_from_the_stored_levels(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 40, 60)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    save_exif_rotated(tmp_path / "in" / "sub" / "r.jpg", 24, 40, orientation=6)
+    csv = write_csv(
+        tmp_path / "b.csv",
+        [("a.png", 1, 2, 9, 10), ("a.png", 0, 0, 60, 40), ("sub/r.jpg", 3, 5, 20, 38), ("a.png", 5, 5, 5, 9)],
+    )
+    common = [*SEED, "--size", "96x120", "--save-dtype", "float16"]
+    during, later = tmp_path / "during", tmp_path / "later"
+    assert run(tmp_path / "in", "-o", during, *common, "--boxes", csv).exit_code == 1  # a refused box
+    run_ok(tmp_path / "in", "-o", later, *common)
+    proc = subprocess.run([*FPN_EXTRACT, "roi", later, "--boxes", csv], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr  # box 2 of a.png is empty
+    assert "2 images with boxes: 2 written, 0 already complete, 0 failed; 4 boxes (1 refused" in proc.stdout
+    assert "failed: a.png: box 2 (line 5) [5, 5, 5, 9]: empty (x2 <= x1)" in proc.stderr
+    for key in ("a", "sub/r"):
+        for name in ("rois.npy", "boxes.npy"):
+            assert (later / key / name).read_bytes() == (during / key / name).read_bytes(), (key, name)
+    assert np.load(later / "a" / "rois.npy").dtype == np.float16
+    assert entry(later, "a.png")["rois"] == entry(during, "a.png")["rois"]
+    assert report_of(later)["regions"]["roi"] == report_of(during)["regions"]["roi"]
+
+
+def test_roi_subcommand_needs_an_extracted_folder(tmp_path):
+    csv = write_csv(tmp_path / "b.csv", [("a.png", 1, 1, 4, 4)])
+    (tmp_path / "empty").mkdir()
+    result = run("roi", tmp_path / "empty", "--boxes", csv)
+    assert result.exit_code == 2 and "holds no finished extraction" in result.output
+
+
+def test_roi_subcommand_fails_only_the_images_whose_levels_are_not_stored(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 24, 32)
+    save_rgb(tmp_path / "in" / "b.png", 24, 32, seed=1)
+    out = tmp_path / "out"
+    run_ok(tmp_path / "in", "-o", out, *SEED)
+    (out / "b" / "p3.npy").unlink()
+    csv = write_csv(tmp_path / "b.csv", [("a.png", 1, 1, 20, 20), ("b.png", 1, 1, 20, 20)])
+    result = run("roi", out, "--boxes", csv)
+    assert result.exit_code == 1
+    assert "failed: b.png: b/p3.npy is missing or incomplete: extract it first" in result.stderr
+    assert (out / "a" / "rois.npy").is_file() and not (out / "b" / "rois.npy").exists()
+    assert "rois" in entry(out, "a.png") and "rois" not in entry(out, "b.png")
