@@ -20,6 +20,7 @@ from .options import Options
 from .pipeline import extract, summarize
 from .pyramid import USER_STYLES
 from .report import interrupted_status
+from .roi import parse_pool, rois_from_folder
 from .version import __version__
 
 
@@ -62,6 +63,18 @@ class LevelsType(click.ParamType):
             return value
         try:
             return parse_levels(value)
+        except FPNError as e:
+            self.fail(str(e), param, ctx)
+
+
+class PoolType(click.ParamType):
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_pool(value)
         except FPNError as e:
             self.fail(str(e), param, ctx)
 
@@ -164,6 +177,8 @@ Examples:
   fpn-extract 'shots/**/*.png' -o feats/ --short-side 800 --max-side 1333
   find . -name '*.jpg' | fpn-extract - -o feats/        paths from standard input
   fpn-extract --summary --input-size 800x1333          level sizes, no images needed
+  fpn-extract images/ -o feats/ --boxes boxes.csv --pool avg     RoI features, pooled vectors
+  fpn-extract roi feats/ --boxes more.csv              RoI features from the stored levels
 """
 
 
@@ -172,6 +187,7 @@ SECTIONS = {
     "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
     "Preprocessing": ("size", "short_side", "max_side"),
     "Output": ("out", "save_dtype", "overwrite", "preview"),
+    "Regions and pooling": ("boxes", "roi_size", "roi_levels", "pool", "no_maps"),
     "Run": ("device", "dtype", "batch_size", "compile", "workers", "shard", "fail_fast", "quiet", "verbose"),
 }
 
@@ -279,6 +295,31 @@ SECTIONS = {
     help="Zero-pad each input's bottom/right to a multiple of N, as detectron2 and mmdetection do; "
     "levels are cropped back [default: what the weights' framework does, none for torchvision].",
 )
+@click.option(
+    "--boxes",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CSV (path,x1,y1,x2,y2) or COCO JSON of boxes in original pixels: OUT/<image>/rois.npy, "
+    "each box's features by torchvision's MultiScaleRoIAlign.",
+)
+@click.option(
+    "--roi-size", type=click.IntRange(min=1), default=7, show_default=True, help="RoI features are N x N."
+)
+@click.option(
+    "--roi-levels",
+    type=LevelsType(),
+    default=None,
+    help="Consecutive pyramid levels RoIs pool from [default: those of p2-p5 extracted].",
+)
+@click.option(
+    "--pool",
+    type=PoolType(),
+    default=None,
+    help="avg, max or avg,max: one vector per level, OUT/<image>/<level>_avg.npy.",
+)
+@click.option(
+    "--no-maps", is_flag=True, help="Store only the pooled vectors and RoI features, not the levels."
+)
 @click.option("--shard", type=ShardType(), default=None, help="Process only shard I (0-based) of N.")
 @click.option("--summary", is_flag=True, help="Print the level sizes and exit; computes no features.")
 @click.option(
@@ -379,4 +420,38 @@ def models(pattern: str) -> None:
     )
 
 
-WithSubcommands.subcommands = {"models": models}
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--boxes",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="CSV (path,x1,y1,x2,y2) or COCO JSON, paths as in OUT/report.json.",
+)
+@click.option("--roi-size", type=click.IntRange(min=1), default=None, help="[default: the folder's, else 7]")
+@click.option("--roi-levels", type=LevelsType(), default=None, help="[default: the folder's, else p2-p5]")
+@click.option("--overwrite", is_flag=True, help="Recompute rois that are complete for these boxes.")
+@click.option("-q", "--quiet", is_flag=True, help="Only failures on stderr; no summary.")
+def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
+    """RoI features for the boxes in FILE from the levels stored in OUT, with no network:
+    OUT/<image>/rois.npy, the same bytes that extracting with --boxes writes.
+    """
+    try:
+        result = rois_from_folder(
+            out,
+            boxes,
+            roi_size,
+            roi_levels,
+            overwrite,
+            log=None if quiet else _echo_err,
+            on_failure=lambda path, reason: _echo_err(f"failed: {path}: {reason}"),
+        )
+    except FPNError as e:
+        _echo_err(f"Error: {e}")
+        sys.exit(e.exit_code)
+    if not quiet:
+        click.echo(result.describe())
+    sys.exit(result.exit_status)
+
+
+WithSubcommands.subcommands = {"models": models, "roi": roi}

@@ -3,12 +3,15 @@ jobs flow one way through them, and :func:`run` strings them together:
 
     plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
 
-- :func:`plan`: which images need work and which levels of each; complete ones are reported skipped.
+- :func:`plan`: which images need work and which arrays of each (levels, pooled vectors, RoI
+  features); complete ones are reported skipped.
 - :func:`decode_ahead`: decoding on a thread pool, a bounded look-ahead in front of the network.
-- :func:`split_off_failures`: unreadable images to the report, preview-only jobs to the writer.
+- :func:`split_off_failures`: unreadable images to the report, jobs whose levels are on disk to
+  the writer.
 - :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
 - :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
-- :class:`Writer`: a background thread, behind a bounded queue, writes levels and previews.
+- :class:`Writer`: a background thread, behind a bounded queue, derives pooled vectors and RoI
+  features from the levels (roi.py) and writes them, the levels and previews.
 - :func:`publish_report`: report.json, or a shard's part, merged once the set is complete.
 
 :func:`extract` is the whole job around the run: inputs, shard, model, output folder and its lock.
@@ -22,7 +25,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,18 +33,21 @@ import numpy as np
 import torch
 
 from . import preview
+from .boxes import read_boxes
 from .builder import ModelSpec, build, resolve
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError
-from .images import InputImage, Resize, decode, find_images, probe_size
+from .images import InputImage, Resize, decode_image, find_images, probe, probe_size
 from .locks import finish_overwrite, lock_folder, record_settings
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
-from .options import Options, report_header, settings_record
+from .options import Options, report_header, roi_spec, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
+from .roi import Geometry, Outputs, tell_boxes
 from .store import PREVIEW_FILE, Store
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
+_UNKNOWN_SHOWN = 10  # images a boxes file names, not among the inputs, listed on stderr
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
 Log = Callable[[str], None]
 
@@ -51,15 +57,18 @@ class Job:
     """One image's work, filled in as it moves through the run."""
 
     image: InputImage
-    missing: tuple[str, ...]  # the levels to compute and write; () when only the preview is missing
-    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead
-    size: tuple[int, int] | None = None  # (H, W) as decoded
+    missing: tuple[str, ...]  # the arrays to write (levels, pooled vectors, rois and boxes), in order
+    have: dict[str, tuple[int, ...]] = field(default_factory=dict)  # arrays complete on disk: shapes
+    from_disk: bool = False  # every level is on disk: the rest is derived from the files, no forward pass
+    preview: bool = False  # draw preview.png
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead, if pixels are needed
+    geometry: Geometry | None = None  # sizes and orientation: set by decode_ahead
     error: str | None = None  # why it could not be decoded
 
     @property
-    def preview_only(self) -> bool:
-        """Every level is on disk; the preview is drawn from the files, with no forward pass."""
-        return not self.missing
+    def needs_pixels(self) -> bool:
+        """For the network or a preview; otherwise the image's header is enough."""
+        return not self.from_disk or self.preview
 
 
 def extract(
@@ -95,21 +104,32 @@ def extract(
     launch = torchrun_launch()
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
-    images = _own_images(inputs, stdin_lines, out, shard)
+    found = _find_images(inputs, stdin_lines, out)
     spec = _resolve_model(opts)
+    # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
+    boxes, roi = (read_boxes(opts.boxes), roi_spec(opts, spec)) if opts.boxes else (None, None)
+    unknown = boxes.unknown(image.rel for image in found) if boxes else {}
+    images = _own_images(found, shard)
     model = _build_model(spec)
     store = Store(out, resolved_levels(spec.config), opts.save_dtype)
+    outputs = Outputs(
+        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, spec.config.pad_multiple
+    )
     with lock_folder(out, shard):
         record_settings(out, settings_record(opts, spec), opts.overwrite, shard)
         store.sweep_dead_runs()
         _notes(opts, spec, device, log)
-        report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
+        _unknown_images(unknown, opts.boxes, log)
+        header = report_header(opts, spec, device, shard)
+        if opts.pool or opts.boxes or opts.no_maps:
+            header["regions"] = outputs.header(unknown)
+        report = Report(header, total=len(images), on_add=progress)
         engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile)
         with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
             if group is not None:
                 log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
             try:
-                run(images, store, engine, opts, report, on_failure, log)
+                run(images, store, engine, opts, report, on_failure, log, outputs)
             except KeyboardInterrupt as e:
                 report.interrupt(e)
             except FPNError:
@@ -122,19 +142,32 @@ def extract(
     return report
 
 
-def _own_images(
-    inputs: Sequence[str | os.PathLike[str]],
-    stdin_lines: Iterable[str],
-    out: Path,
-    shard: tuple[int, int] | None,
+def _find_images(
+    inputs: Sequence[str | os.PathLike[str]], stdin_lines: Iterable[str], out: Path
 ) -> list[InputImage]:
-    """The images this process is responsible for: all of ``inputs``, or its shard's."""
+    """Every image of ``inputs``, each with an output folder the store may use."""
     images = find_images(inputs, stdin_lines, exclude=out)
     for image in images:
         Store.check_key(image.key, image.path)
+    return images
+
+
+def _own_images(images: list[InputImage], shard: tuple[int, int] | None) -> list[InputImage]:
+    """The images this process is responsible for: all of them, or its shard's."""
     if shard is not None:
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     return images
+
+
+def _unknown_images(unknown: dict[str, int], boxes: str | None, log: Log) -> None:
+    """A boxes file may name images this run was not given (a subset of a dataset): a warning
+    each, up to a few, not a failure; report.json lists them all."""
+    for rel, count in list(unknown.items())[:_UNKNOWN_SHOWN]:
+        log(f"warning: {boxes} has {count} box(es) for {rel}, which is not among the inputs")
+    if len(unknown) > _UNKNOWN_SHOWN:
+        log(
+            f"warning: ... and {len(unknown) - _UNKNOWN_SHOWN} more images not among the inputs (report.json)"
+        )
 
 
 def _resolve_model(opts: Options) -> ModelSpec:
@@ -162,15 +195,19 @@ def run(
     report: Report,
     on_failure: OnFailure,
     log: Log,
+    outputs: Outputs | None = None,
 ) -> None:
     """Every image of ``images`` through the steps, each ending as one entry of ``report``:
-    planned, decoded, split from the failures, batched, forwarded, written."""
+    planned, decoded, split from the failures, batched, forwarded, written. ``outputs``: the
+    arrays each image gets (default: its levels)."""
     device = engine.device
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
-    jobs = plan(images, store, opts, report)
+    outputs = outputs or Outputs(store.levels, opts.save_dtype)
+    results = Results(store, outputs, report, on_failure, log)
+    jobs = plan(images, store, opts, outputs, results)
     forward = Forward(engine, report, on_failure, log)
-    with Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview) as writer:
+    with Writer(store, report, depth=max(2, 2 * batch_size), outputs=outputs, results=results) as writer:
         decoded = decode_ahead(jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size)
         readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer)
         for batch in batches(readable, batch_size, max_pending=4 * batch_size):
@@ -178,24 +215,30 @@ def run(
                 writer.put(job, levels, ready)
 
 
-def plan(images: Sequence[InputImage], store: Store, opts: Options, report: Report) -> list[Job]:
-    """Step 1. Images with every requested level in place (and their preview, if asked) are
-    reported as skipped; the rest are jobs for their missing levels (all with ``overwrite``), or
-    preview-only jobs."""
+def plan(
+    images: Sequence[InputImage], store: Store, opts: Options, outputs: Outputs, results: Results
+) -> list[Job]:
+    """Step 1. Images with every requested array in place (and their preview, if asked) are
+    reported as skipped; the rest are jobs for their missing arrays (all with ``overwrite``). A
+    job whose levels are all on disk derives the rest from the files, with no forward pass."""
     jobs = []
     for image in images:
+        names = outputs.names(image.rel)
+        if not names and not opts.preview:  # --no-maps, and neither boxes nor --pool for it
+            results.done(image, "skipped", _probe_geometry(image.path, opts.resize), {})
+            continue
         if not (store.root / image.key).is_dir():  # a new image: one stat, no more
-            jobs.append(Job(image, store.levels))
+            jobs.append(Job(image, names, preview=opts.preview))
             continue
         store.remove_strays(image.key)
-        have = {} if opts.overwrite else store.existing(image.key)
-        missing = tuple(level for level in store.levels if level not in have)
-        if missing or (opts.preview and not store.preview_path(image.key).is_file()):
-            jobs.append(Job(image, missing))
+        have = {} if opts.overwrite else outputs.complete(store, image.key, image.rel)
+        missing = tuple(name for name in names if name not in have)
+        preview = opts.preview and (opts.overwrite or not store.preview_path(image.key).is_file())
+        if missing or preview:
+            from_disk = all(level in have for level in store.levels)
+            jobs.append(Job(image, missing, have, from_disk, preview))
         else:
-            size = probe_size(image.path)
-            target = opts.resize.target(*size) if size else None
-            report.add(_done_result(image, store, "skipped", size, target, have))
+            results.done(image, "skipped", _probe_geometry(image.path, opts.resize), have)
     return jobs
 
 
@@ -214,11 +257,24 @@ def decode_ahead(
 
 
 def _decode_job(job: Job, resize: Resize, max_pixels: int) -> Job:
+    if not job.needs_pixels:
+        job.geometry = _probe_geometry(job.image.path, resize)
+        if job.geometry is not None:
+            return job  # else decoding says why the header could not be read
     try:
-        job.rgb, job.size = decode(job.image.path, resize, max_pixels)
+        decoded = decode_image(job.image.path, resize, max_pixels)
     except ImageError as e:
         job.error = str(e)
+        return job
+    job.rgb = decoded.rgb if job.needs_pixels else None
+    job.geometry = Geometry(decoded.size, decoded.rgb.shape[:2], decoded.orientation)
     return job
+
+
+def _probe_geometry(path: str, resize: Resize) -> Geometry | None:
+    """An image's geometry from its header alone; None if it cannot be read."""
+    found = probe(path)
+    return Geometry(found.size, resize.target(*found.size), found.orientation) if found else None
 
 
 def _prefetch(
@@ -243,14 +299,15 @@ def split_off_failures(
     decoded: Iterable[Job], report: Report, on_failure: OnFailure, fail_fast: bool, writer: Writer
 ) -> Iterator[Job]:
     """Step 3. Images that could not be read are failed inputs (with ``fail_fast``, the first
-    stops the run); preview-only jobs go straight to ``writer``; the rest go on to the network."""
+    stops the run); jobs whose levels are on disk go straight to ``writer``; the rest go on to the
+    network."""
     for job in decoded:
         if job.error is not None:
             _fail(job, job.error, report, on_failure)
             if fail_fast:
                 raise FPNError(f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}")
-        elif job.preview_only:
-            writer.put_preview(job)
+        elif job.from_disk:
+            writer.put_from_disk(job)
         else:
             yield job
 
@@ -321,13 +378,14 @@ class Forward:
 
 
 class Writer:
-    """Step 6. Writes finished images on a background thread and reports each. The queue is
-    bounded, so a slow disk slows the producer instead of filling memory. The first error (disk
-    full, say) stops all writing: later jobs are drained unwritten, and :meth:`put` and
-    :meth:`close` raise it. Used as a context manager, it closes on exit."""
+    """Step 6. Writes finished images on a background thread and reports each: the missing
+    levels, the arrays derived from the levels (``outputs``: pooled vectors, RoI features) and the
+    preview. The queue is bounded, so a slow disk slows the producer instead of filling memory.
+    The first error (disk full, say) stops all writing: later jobs are drained unwritten, and
+    :meth:`put` and :meth:`close` raise it. Used as a context manager, it closes on exit."""
 
-    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
-        self.store, self.report, self.preview = store, report, preview
+    def __init__(self, store: Store, report: Report, depth: int, outputs: Outputs, results: Results) -> None:
+        self.store, self.report, self.outputs, self.results = store, report, outputs, results
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: FPNError | None = None
         self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
@@ -336,11 +394,12 @@ class Writer:
     def put(self, job: Job, levels: Levels, ready: torch.cuda.Event | None = None) -> None:
         """Queues ``job``'s computed levels; ``ready``, if given, fires when the device's copies
         into them are done (the writer waits for it before it reads them)."""
-        self._enqueue(job, partial(self._write_levels, job, levels, ready))
+        self._enqueue(job, partial(self._write_computed, job, levels, ready))
 
-    def put_preview(self, job: Job) -> None:
-        """Queues a preview-only job: its levels are read back from disk to draw the preview."""
-        self._enqueue(job, partial(self._write_preview_only, job))
+    def put_from_disk(self, job: Job) -> None:
+        """Queues a job whose levels are all on disk: they are read back (memory-mapped) for the
+        derived arrays and the preview."""
+        self._enqueue(job, partial(self._write_from_disk, job))
 
     def close(self) -> None:
         """Waits for the queued jobs to be written; raises the first write error, if any."""
@@ -355,7 +414,7 @@ class Writer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _enqueue(self, job: Job, write: Callable[[], ImageResult]) -> None:
+    def _enqueue(self, job: Job, write: Callable[[], None]) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((job, write))
@@ -366,7 +425,7 @@ class Writer:
             if self.error is not None:
                 continue  # after a fatal write error, drain without writing
             try:
-                result = write()
+                write()
             except Exception as e:  # the thread must live on: a dead writer would hang the producer
                 where = self.store.root / job.image.key
                 if isinstance(e, OSError):
@@ -375,26 +434,25 @@ class Writer:
                     reason = f"{type(e).__name__}: {e}"
                 self.error = FPNError(f"cannot write {where}: {reason}")
                 self.report.add(ImageResult(job.image.rel, "failed", f"not written: {reason}"))
-                continue
-            self.report.add(result)
 
-    def _write_levels(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> ImageResult:
+    def _write_computed(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()  # the device-to-host copies of this batch are done
-        arrays = {k: np.asarray(v) for k, v in levels.items()}
-        self.store.write_levels(job.image.key, {k: arrays[k] for k in job.missing})
-        if self.preview:
-            self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        return self._result(job, "ok", arrays)
+        self._finish(job, {k: np.asarray(v) for k, v in levels.items()}, "ok")
 
-    def _write_preview_only(self, job: Job) -> ImageResult:
-        arrays = self.store.read_levels(job.image.key)
-        self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        return self._result(job, "skipped", arrays)
+    def _write_from_disk(self, job: Job) -> None:
+        levels = self.store.read_levels(job.image.key)
+        self._finish(job, levels, "ok" if job.missing else "skipped")  # a preview alone: skipped
 
-    def _result(self, job: Job, status: str, arrays: dict[str, np.ndarray]) -> ImageResult:
-        shapes = {k: v.shape for k, v in arrays.items()}
-        return _done_result(job.image, self.store, status, job.size, job.rgb.shape[:2], shapes)
+    def _finish(self, job: Job, levels: dict[str, np.ndarray], status: str) -> None:
+        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry)
+        every = {**levels, **derived}
+        written = {name: every[name] for name in job.missing}
+        self.store.write_levels(job.image.key, written)
+        if job.preview:
+            self.store.write_preview(job.image.key, preview.render(job.rgb, levels))
+        shapes = {**job.have, **{name: array.shape for name, array in written.items()}}
+        self.results.done(job.image, status, job.geometry, shapes)
 
 
 def publish_report(
@@ -427,31 +485,40 @@ def publish_report(
 def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
     """An image that could not be processed: ``on_failure`` is told, the report lists it failed."""
     on_failure(job.image.path, reason)
-    report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
+    size = job.geometry.input_size if job.geometry else None
+    report.add(ImageResult(job.image.rel, "failed", reason, input_size=size))
 
 
-def _done_result(
-    image: InputImage,
-    store: Store,
-    status: str,
-    input_size: tuple[int, int] | None,
-    model_input_size: tuple[int, int] | None,
-    shapes: dict[str, tuple[int, ...]],
-) -> ImageResult:
-    """The report entry of an image whose levels are on disk, written now ("ok") or before."""
-    key = image.key
-    return ImageResult(
-        image.rel,
-        status,
-        input_size=input_size,
-        model_input_size=tuple(model_input_size) if model_input_size else None,
-        levels={
-            level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
-            for level in store.levels
-            if level in shapes
-        },
-        preview=f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None,
-    )
+class Results:
+    """Reports images whose arrays are on disk, written now ("ok") or before ("skipped"): their
+    report.json entries, and a message per box that was refused (a failure) or clipped (a note)."""
+
+    def __init__(
+        self, store: Store, outputs: Outputs, report: Report, on_failure: OnFailure, log: Log
+    ) -> None:
+        self.store, self.outputs, self.report = store, outputs, report
+        self.on_failure, self.log = on_failure, log
+
+    def done(
+        self, image: InputImage, status: str, geometry: Geometry | None, shapes: dict[str, tuple[int, ...]]
+    ) -> None:
+        key = image.key
+        result = ImageResult(
+            image.rel,
+            status,
+            input_size=geometry.input_size if geometry else None,
+            model_input_size=tuple(geometry.model_input_size) if geometry else None,
+            levels={
+                level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
+                for level in self.store.levels
+                if level in shapes
+            },
+            preview=f"{key}/{PREVIEW_FILE}" if self.store.preview_path(key).is_file() else None,
+            **self.outputs.entries(key, image.rel, shapes, geometry),
+        )
+        self.report.add(result)
+        if result.rois is not None:
+            tell_boxes(image.rel, image.path, self.outputs, geometry, self.log, self.on_failure)
 
 
 def summarize(

@@ -2,6 +2,7 @@
 
     OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype (npyio.py)
     OUT/<key>/preview.png       with --preview: the image beside its levels
+    OUT/<key>/p2_avg.npy, rois.npy, boxes.npy   with --pool, --boxes: derived arrays (roi.py)
     OUT/report.json             what the last run did (all shards merged)
     OUT/.shards/report-I-of-N.json   one shard's part, with --shard or under torchrun
     OUT/.fpn-extract.json, OUT/.lock, OUT/.shards/lock-I-of-N, OUT/.overwrite-unfinished*
@@ -139,11 +140,18 @@ class Store:
 
     def existing(self, key: str) -> dict[str, tuple[int, ...]]:
         """Shapes of the requested levels already complete for ``key``."""
+        return self.shapes(key, self.levels)
+
+    def shapes(
+        self, key: str, names: Iterable[str], dtypes: Mapping[str, np.dtype] | None = None
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes of the arrays ``key/<name>.npy`` among ``names`` that are complete: of the save
+        dtype, or the one ``dtypes`` gives for the name (boxes.npy is float64 in any store)."""
         found = {}
-        for level in self.levels:
-            shape = npy_shape(self.level_path(key, level), self.dtype)
+        for name in names:
+            shape = npy_shape(self.level_path(key, name), (dtypes or {}).get(name, self.dtype))
             if shape is not None:
-                found[level] = shape
+                found[name] = shape
         return found
 
     def remove_strays(self, key: str) -> None:
@@ -152,7 +160,8 @@ class Store:
         _remove_tmp_files(self.root / key, lambda name: True)
 
     def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
-        """Writes each array to ``key/<level>.npy``, each file atomically."""
+        """Writes each array to ``key/<name>.npy``, each file atomically, in ``arrays``' order:
+        levels, and the arrays derived from them (pooled vectors, rois, boxes; roi.py)."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
         for level, array in arrays.items():
             with replacing(self.level_path(key, level)) as tmp:
@@ -163,7 +172,11 @@ class Store:
 
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
         """The requested levels of a complete image, memory-mapped."""
-        return {level: np.load(self.level_path(key, level), mmap_mode="r") for level in self.levels}
+        return {level: self.read_array(key, level) for level in self.levels}
+
+    def read_array(self, key: str, name: str) -> np.ndarray:
+        """``key/<name>.npy``, memory-mapped."""
+        return np.load(self.level_path(key, name), mmap_mode="r")
 
     def write_preview(self, key: str, picture) -> None:
         """Writes a PIL image as ``key/preview.png``, atomically."""
