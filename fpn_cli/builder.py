@@ -16,7 +16,7 @@ import torch
 
 from . import weights as wts
 from . import zoo
-from .backbones import ResNetArch, TimmArch, get_arch
+from .backbones import ResNetArch, TimmArch, get_arch, import_timm
 from .errors import UsageError, WeightsError
 from .levels import parse_levels
 from .model import FPN, FPNConfig, build_model
@@ -58,6 +58,8 @@ def resolve(
     the weights need, else the default" (resnet50, reference FPN, P2-P5, no padding). An option
     that contradicts the weights is a :class:`UsageError` naming both."""
     weights = str(weights)
+    if arch is not None and isinstance(get_arch(arch), TimmArch):
+        import_timm()  # here, not only when a model is first built: shapes are cached per config
     if weights in (RANDOM, IMAGENET_WEIGHTS):
         return _plain(arch or DEFAULT_ARCH, weights, fpn_style, levels, seed, pad_multiple)
     if zoo.is_zoo_name(weights):
