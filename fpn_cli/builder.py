@@ -16,7 +16,7 @@ import torch
 
 from . import weights as wts
 from . import zoo
-from .backbones import ResNetArch, TimmArch, get_arch
+from .backbones import ResNetArch, TimmArch, get_arch, import_timm
 from .errors import UsageError, WeightsError
 from .levels import parse_levels
 from .model import FPN, FPNConfig, build_model
@@ -63,6 +63,8 @@ def resolve(
     weights = str(weights)
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise UsageError(f"seed {seed} is out of range: use an integer from 0 to 2**64-1")
+    if arch is not None and isinstance(get_arch(arch), TimmArch):
+        import_timm()  # here, not only when a model is first built: shapes are cached per config
     if weights in (RANDOM, IMAGENET_WEIGHTS):
         return _plain(arch or DEFAULT_ARCH, weights, fpn_style, levels, seed, pad_multiple)
     if zoo.is_zoo_name(weights):

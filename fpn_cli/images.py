@@ -328,11 +328,35 @@ def _allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """An image as the network gets it, and what was done to get there."""
+
+    rgb: np.ndarray  # (H', W', 3) uint8, resized
+    size: tuple[int, int]  # (H, W) as decoded, EXIF orientation applied
+    orientation: int  # the EXIF orientation applied: 1 (none) to 8, as the tag's values
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an image's header says: its size after EXIF orientation, and that orientation."""
+
+    size: tuple[int, int]  # (H, W), upright
+    orientation: int  # 1 (none) to 8
+
+
 def decode(
     path: str | Path, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reads ``path`` -> ((H', W', 3) uint8 RGB after resizing, (H, W) as decoded). Raises
-    :class:`ImageError` with a one-line reason for anything that is not a readable image."""
+    """Reads ``path`` -> ((H', W', 3) uint8 RGB after resizing, (H, W) as decoded): the
+    :func:`decode_image` fields most callers need."""
+    decoded = decode_image(path, resize, max_pixels)
+    return decoded.rgb, decoded.size
+
+
+def decode_image(path: str | Path, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Reads ``path`` -> :class:`Decoded`. Raises :class:`ImageError` with a one-line reason for
+    anything that is not a readable image."""
     _context.path = str(path)
     try:
         return _decode(path, resize, max_pixels)
@@ -342,7 +366,7 @@ def decode(
         _context.path = None
 
 
-def _decode(path: str | Path, resize: Resize, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode(path: str | Path, resize: Resize, max_pixels: int) -> Decoded:
     _allow_pixels(max_pixels)
     try:
         with open_regular(path) as f:
@@ -350,10 +374,11 @@ def _decode(path: str | Path, resize: Resize, max_pixels: int) -> tuple[np.ndarr
                 raise ImageError("empty file")
             with Image.open(f, formats=_formats()) as image:
                 sixteen_bit = _is_16bit_rgb_png(image)  # before getexif(), which loads a PNG
+                orientation = _orientation(image)
                 w, h = image.size
                 if w * h > max_pixels:
                     raise ImageError(f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds {max_pixels:,}")
-                target = resize.target(*((w, h) if _orientation(image) in _SWAPS_AXES else (h, w)))
+                target = resize.target(*((w, h) if orientation in _SWAPS_AXES else (h, w)))
                 if target[0] * target[1] > max_pixels:
                     raise ImageError(
                         f"resizing to {target[0]}x{target[1]} would exceed --max-pixels {max_pixels:,}"
@@ -361,7 +386,7 @@ def _decode(path: str | Path, resize: Resize, max_pixels: int) -> tuple[np.ndarr
                 image.seek(0)  # the first frame of an animation
                 if sixteen_bit:
                     f.seek(0)
-                    rgb = _upright(_png16_to_rgb8(f.read()), _orientation(image))
+                    rgb = _upright(_png16_to_rgb8(f.read()), orientation)
                 else:
                     image.load()
                     rgb = to_rgb8(ImageOps.exif_transpose(image))
@@ -381,14 +406,18 @@ def _decode(path: str | Path, resize: Resize, max_pixels: int) -> tuple[np.ndarr
     if target != size:
         resized = Image.fromarray(rgb).resize((target[1], target[0]), Image.Resampling.BILINEAR)
         rgb = np.asarray(resized)
-    return rgb, size
+    return Decoded(rgb, size, orientation)
 
 
 def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation that decoding applies: 2 to 8 as the tag says; 1 for none, for values
+    outside the standard's (which ``ImageOps.exif_transpose`` ignores too) and for a corrupt EXIF
+    block (the picture as stored)."""
     try:
-        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a corrupt EXIF block: the picture as stored
+        value = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:
         return 1
+    return value if value in _TRANSPOSES else 1
 
 
 def _upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -414,9 +443,9 @@ def _png16_to_rgb8(data: bytes) -> np.ndarray:
     return np.rint(values / 257.0).astype(np.uint8)
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) after EXIF orientation, from the header alone; an :class:`ImageError` with the
-    reason if the file cannot be read (never blocks: a FIFO or device is refused at once)."""
+def read_header(path: str | Path) -> Probe:
+    """:class:`Probe` of ``path`` from the header alone; an :class:`ImageError` with the reason if
+    the file cannot be read (never blocks: a FIFO or device is refused at once)."""
     try:
         with open_regular(path) as f, Image.open(f, formats=_formats()) as image:
             w, h = image.size
@@ -428,12 +457,24 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"truncated or corrupt image: {reason}") from None
-    return (w, h) if orientation in _SWAPS_AXES else (h, w)
+    return Probe((w, h) if orientation in _SWAPS_AXES else (h, w), orientation)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) after EXIF orientation, from the header alone (:func:`read_header`'s size); an
+    :class:`ImageError` if the file cannot be read."""
+    return read_header(path).size
+
+
+def probe(path: str | Path) -> Probe | None:
+    """:func:`read_header`, or None if the file cannot be read."""
+    try:
+        return read_header(path)
+    except ImageError:
+        return None
 
 
 def probe_size(path: str | Path) -> tuple[int, int] | None:
-    """:func:`image_size`, or None if the file cannot be read."""
-    try:
-        return image_size(path)
-    except ImageError:
-        return None
+    """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read."""
+    found = probe(path)
+    return found.size if found else None

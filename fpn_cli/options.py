@@ -13,6 +13,7 @@ from .errors import UsageError
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .levels import parse_levels
 from .model import level_info, resolved_levels
+from .roi import RoiSpec, parse_pool
 from .version import __version__
 
 DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
@@ -62,6 +63,12 @@ class Options:
     preview: bool = False  # also write OUT/<key>/preview.png
     timeout: float | None = DEFAULT_TIMEOUT  # seconds to read and decode one image; None: no limit
     hash: bool = False  # record a sha256 of each input, and check it on resume
+    compile: bool = False  # torch.compile with freezing: faster forwards after a compile per input size
+    boxes: str | None = None  # --boxes FILE: RoI features for its boxes (roi.py)
+    roi_size: int | tuple[int, int] = 7  # each box's features are roi_size x roi_size (or (h, w))
+    roi_levels: tuple[str, ...] | None = None  # None: those of P2-P5 the run extracts
+    pool: tuple[str, ...] = ()  # "avg", "max": one vector per level
+    no_maps: bool = False  # store only the pooled vectors and RoI features, not the levels
 
     def __post_init__(self) -> None:
         if self.levels is not None:
@@ -69,6 +76,13 @@ class Options:
         check_resize(self.resize, self.max_pixels)
         if self.timeout is not None and not self.timeout > 0:
             raise UsageError("--timeout must be a positive number of seconds")
+        if self.roi_levels is not None:
+            object.__setattr__(self, "roi_levels", parse_levels(self.roi_levels))
+        object.__setattr__(self, "pool", parse_pool(self.pool or ()))
+        if self.boxes is not None:
+            object.__setattr__(self, "boxes", str(self.boxes))
+        if self.no_maps and not (self.pool or self.boxes):
+            raise UsageError("--no-maps stores only pooled vectors and RoI features: add --pool or --boxes")
         object.__setattr__(self, "weights", str(self.weights))
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
@@ -89,7 +103,14 @@ def settings_record(opts: Options, spec: ModelSpec) -> dict:
         "save_dtype": opts.save_dtype,
         "resize": asdict(opts.resize),
         "pad_multiple": spec.config.pad_multiple,
+        # only with --boxes: a run without boxes leaves the recorded one alone (locks.OPTIONAL_SETTINGS)
+        **({"roi": roi_spec(opts, spec).record()} if opts.boxes else {}),
     }
+
+
+def roi_spec(opts: Options, spec: ModelSpec) -> RoiSpec:
+    """How this run pools RoI features (used with ``--boxes``)."""
+    return RoiSpec.resolve(opts.roi_size, opts.roi_levels, resolved_levels(spec.config))
 
 
 def report_header(

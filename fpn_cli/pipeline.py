@@ -3,14 +3,18 @@ jobs flow one way through them, and :func:`run` strings them together:
 
     plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
 
-- :func:`plan`: which images need work and which levels of each; complete ones are reported skipped
-  (what a resume may keep is resume.py's decision).
-- :func:`decode_ahead`: decoding on a few threads, a bounded look-ahead in front of the network, a
-  deadline per image (deadline.py).
-- :func:`split_off_failures`: unreadable images to the report, preview-only jobs to the writer.
+- :func:`plan`: which images need work and which arrays of each (levels, pooled vectors, RoI
+  features); complete ones are reported skipped (what a resume may keep of the levels is
+  resume.py's decision, of the arrays derived from them roi.py's).
+- :func:`decode_ahead`: fingerprinting and decoding on a few threads, a bounded look-ahead in
+  front of the network, a deadline per image (deadline.py).
+- :func:`split_off_failures`: unreadable images to the report, jobs whose levels are on disk to
+  the writer.
 - :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
 - :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
-- :class:`Writer`: a background thread, behind a bounded queue, writes levels and previews.
+- :class:`Writer`: a background thread, behind a bounded queue, derives pooled vectors and RoI
+  features from the levels (roi.py) and writes them, the levels and previews, then the input's
+  record (resume.py) last.
 - :func:`publish_report`: report.json, or a shard's part, merged once the set is complete.
 
 :func:`extract` is the whole job around the run: inputs, shard, model, output folder and its lock.
@@ -23,7 +27,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,19 +35,22 @@ import numpy as np
 import torch
 
 from . import preview, resume
+from .boxes import read_boxes
 from .builder import ModelSpec, build, resolve
 from .deadline import ordered_map
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import Engine, default_workers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError, UsageError
-from .images import InputImage, Resize, decode, find_images, image_size, warnings_to
+from .images import InputImage, Resize, decode_image, find_images, image_size, read_header, warnings_to
 from .locks import finish_overwrite, lock_folder, record_settings
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
-from .options import Options, report_header, settings_record
+from .options import Options, report_header, roi_spec, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
+from .roi import Geometry, Outputs, tell_boxes
 from .store import PREVIEW_FILE, Store, check_layout
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
+_UNKNOWN_SHOWN = 10  # images a boxes file names, not among the inputs, listed on stderr
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
 Log = Callable[[str], None]
 
@@ -53,17 +60,27 @@ class Job:
     """One image's work, filled in as it moves through the run."""
 
     image: InputImage
-    missing: tuple[str, ...]  # the levels to compute and write; () when only the preview is missing
-    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead
-    size: tuple[int, int] | None = None  # (H, W) as decoded
+    missing: tuple[str, ...]  # the arrays to write (levels, pooled vectors, rois and boxes), in order
+    have: dict[str, tuple[int, ...]] = field(default_factory=dict)  # arrays kept on disk: shapes
+    from_disk: bool = False  # every level is on disk: the rest is derived from the files, no forward pass
+    preview: bool = False  # draw preview.png
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead, if pixels are needed
+    geometry: Geometry | None = None  # sizes and orientation: from the record, else set by decode_ahead
     error: str | None = None  # why it could not be listed, checked or decoded
-    fingerprint: resume.Fingerprint | None = None  # of the input, taken just before decoding
+    # the input's, for its record: as recorded where the resume check found it unchanged (what is
+    # kept was made from that input), else taken just before decoding
+    fingerprint: resume.Fingerprint | None = None
     recomputed: str | None = None  # why the features it had were not kept
 
     @property
-    def preview_only(self) -> bool:
-        """Every level is on disk; the preview is drawn from the files, with no forward pass."""
-        return not self.missing
+    def needs_network(self) -> bool:
+        """Its levels are computed: some are missing, or nothing is stored to derive the rest from."""
+        return not self.from_disk and bool(self.missing or self.preview)
+
+    @property
+    def needs_pixels(self) -> bool:
+        """For the network or a preview; otherwise its record or header is enough."""
+        return self.needs_network or self.preview
 
 
 def extract(
@@ -101,10 +118,17 @@ def extract(
     launch = torchrun_launch()
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
-    images = _own_images(inputs, stdin_lines, out, shard)
+    found = _find_images(inputs, stdin_lines, out)
     spec = _resolve_model(opts)
+    # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
+    boxes, roi = (read_boxes(opts.boxes), roi_spec(opts, spec)) if opts.boxes else (None, None)
+    unknown = boxes.unknown(image.rel for image in found) if boxes else {}
+    images = _own_images(found, shard)
     model = _build_model(spec)
     store = Store(out, resolved_levels(spec.config), opts.save_dtype)
+    outputs = Outputs(
+        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, spec.config.pad_multiple
+    )
     report: Report | None = None
     began = False  # an interrupt that escapes before the run began found nothing processed
     try:
@@ -112,14 +136,18 @@ def extract(
             record_settings(out, settings_record(opts, spec), opts.overwrite, shard)
             store.sweep_dead_runs()
             _notes(opts, spec, device, log)
-            report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
-            engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
+            _unknown_images(unknown, opts.boxes, log)
+            header = report_header(opts, spec, device, shard)
+            if opts.pool or opts.boxes or opts.no_maps:
+                header["regions"] = outputs.header(unknown)
+            report = Report(header, total=len(images), on_add=progress)
+            engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile)
             with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
                 if group is not None:
                     log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
                 began = True
                 try:
-                    run(images, store, engine, opts, report, on_failure, log)
+                    run(images, store, engine, opts, report, on_failure, log, outputs)
                 except KeyboardInterrupt as e:
                     report.interrupt(e)
                 except FPNError:
@@ -140,18 +168,32 @@ def extract(
     return report
 
 
-def _own_images(
-    inputs: Sequence[str | os.PathLike[str]],
-    stdin_lines: Iterable[str],
-    out: Path,
-    shard: tuple[int, int] | None,
+def _find_images(
+    inputs: Sequence[str | os.PathLike[str]], stdin_lines: Iterable[str], out: Path
 ) -> list[InputImage]:
-    """The images this process is responsible for: all of ``inputs``, or its shard's."""
+    """Every image of ``inputs``; inputs whose files would land on each other's in the output
+    folder are a :class:`UsageError` before any work (store.check_layout)."""
     images = find_images(inputs, stdin_lines, exclude=out)
     check_layout((image.key, image.path) for image in images if image.error is None)
+    return images
+
+
+def _own_images(images: list[InputImage], shard: tuple[int, int] | None) -> list[InputImage]:
+    """The images this process is responsible for: all of them, or its shard's."""
     if shard is not None:
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     return images
+
+
+def _unknown_images(unknown: dict[str, int], boxes: str | None, log: Log) -> None:
+    """A boxes file may name images this run was not given (a subset of a dataset): a warning
+    each, up to a few, not a failure; report.json lists them all."""
+    for rel, count in list(unknown.items())[:_UNKNOWN_SHOWN]:
+        log(f"warning: {boxes} has {count} box(es) for {rel}, which is not among the inputs")
+    if len(unknown) > _UNKNOWN_SHOWN:
+        log(
+            f"warning: ... and {len(unknown) - _UNKNOWN_SHOWN} more images not among the inputs (report.json)"
+        )
 
 
 def _resolve_model(opts: Options) -> ModelSpec:
@@ -179,16 +221,20 @@ def run(
     report: Report,
     on_failure: OnFailure,
     log: Log,
+    outputs: Outputs | None = None,
 ) -> None:
     """Every image of ``images`` through the steps, each ending as one entry of ``report``:
-    planned, decoded, split from the failures, batched, forwarded, written."""
+    planned, decoded, split from the failures, batched, forwarded, written. ``outputs``: the
+    arrays each image gets (default: its levels)."""
     device = engine.device
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
+    outputs = outputs or Outputs(store.levels, opts.save_dtype)
+    results = Results(store, outputs, report, on_failure, log)
     shapes = partial(_shapes, engine.model.config, opts.resize)
-    jobs = plan(images, store, opts, report, shapes, workers, log)
+    jobs = plan(images, store, opts, outputs, results, shapes, workers, log)
     forward = Forward(engine, report, on_failure, log)
-    with Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview) as writer:
+    with Writer(store, report, depth=max(2, 2 * batch_size), outputs=outputs, results=results) as writer:
         decoded = decode_ahead(
             jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
         )
@@ -202,21 +248,26 @@ def plan(
     images: Sequence[InputImage],
     store: Store,
     opts: Options,
-    report: Report,
+    outputs: Outputs,
+    results: Results,
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
     workers: int,
     log: Log,
 ) -> list[Job]:
-    """Step 1. Images with every requested level in place and trusted (resume.py; and their
-    preview, if asked) are reported as skipped; the rest are jobs for their missing levels (all
-    with ``overwrite``), or preview-only jobs. Inputs that listing or the check found unusable
-    are jobs with their ``error`` set, to be reported failed in order."""
+    """Step 1. Images with every requested array in place and trusted (and their preview, if
+    asked) are reported as skipped; the rest are jobs for their missing arrays (all with
+    ``overwrite``). A job whose levels are all on disk and trusted derives the rest from the
+    files, with no forward pass. Inputs that listing or the resume check found unusable are jobs
+    with their ``error`` set, to be reported failed in order.
+
+    What is trusted: resume.py checks the record and the levels (:func:`_kept` the rest). A stale
+    image's files are deleted here, before anything new is written."""
     present = [
         image for image in images if image.error is None and (store.root / image.key).is_dir()
     ]  # a new image costs one stat, no more
     for image in present:
         store.remove_strays(image.key)
-    checked = [] if opts.overwrite else present
+    checked = [] if opts.overwrite else [image for image in present if _stores(image, outputs, opts)]
     verdicts = dict(
         zip(
             (image.key for image in checked),
@@ -227,28 +278,89 @@ def plan(
     unrecorded = 0
     jobs = []
     for image in images:
+        names = outputs.names(image.rel)
         verdict = verdicts.get(image.key) if image.error is None else None
-        if verdict is None:
-            jobs.append(Job(image, store.levels, error=image.error))
-            continue
-        if verdict.error is not None:
-            jobs.append(Job(image, store.levels, error=verdict.error))
-            continue
-        if verdict.stale:
-            store.forget(image.key)
-        if verdict.recomputed == resume.NO_RECORD:
-            unrecorded += 1
-        elif verdict.recomputed:
-            log(f"recomputing {image.path}: {verdict.recomputed}")
-        missing = tuple(level for level in store.levels if level not in verdict.kept)
-        if missing or (opts.preview and not store.preview_path(image.key).is_file()):
-            jobs.append(Job(image, missing, recomputed=verdict.recomputed))
+        if image.error is not None or (verdict is not None and verdict.error is not None):
+            jobs.append(Job(image, names, error=image.error or verdict.error))
+        elif not _stores(image, outputs, opts):
+            jobs.append(Job(image, ()))  # nothing to store: its header, for the report's geometry
+        elif verdict is None:  # a new image, or --overwrite
+            jobs.append(Job(image, names, preview=opts.preview))
         else:
-            target = opts.resize.target(*verdict.input_size)
-            report.add(_done_result(image, store, "skipped", verdict.input_size, target, verdict.kept))
+            if verdict.recomputed == resume.NO_RECORD:
+                unrecorded += 1
+            elif verdict.recomputed:
+                log(f"recomputing {image.path}: {verdict.recomputed}")
+            job = _resume_job(image, names, verdict, store, outputs, shapes, opts)
+            if job.missing or job.preview:
+                jobs.append(job)
+            else:
+                results.done(image, "skipped", job.geometry, job.have)
     if unrecorded:
         log(f"note: recomputing {unrecorded} images whose features carry no fingerprint of their input")
     return jobs
+
+
+def _stores(image: InputImage, outputs: Outputs, opts: Options) -> bool:
+    """Whether the run stores anything for ``image`` (not so with --no-maps, for an image with
+    no boxes in the file and no --pool)."""
+    return bool(outputs.names(image.rel)) or opts.preview
+
+
+def _resume_job(
+    image: InputImage,
+    names: tuple[str, ...],
+    verdict: resume.Verdict,
+    store: Store,
+    outputs: Outputs,
+    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
+    opts: Options,
+) -> Job:
+    """The job for an image whose folder exists, after :func:`_kept` has deleted what may not
+    stay; one with nothing missing and no preview to draw is complete."""
+    have = _kept(image, verdict, store, outputs, shapes)
+    missing = tuple(name for name in names if name not in have)
+    preview = opts.preview and not store.preview_path(image.key).is_file()
+    from_disk = all(level in have for level in store.levels)
+    geometry = _recorded_geometry(verdict, opts.resize) if verdict.trusted else None
+    return Job(
+        image,
+        missing,
+        have,
+        from_disk,
+        preview,
+        geometry=geometry,
+        fingerprint=verdict.fingerprint,
+        recomputed=verdict.recomputed,
+    )
+
+
+def _kept(
+    image: InputImage,
+    verdict: resume.Verdict,
+    store: Store,
+    outputs: Outputs,
+    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the image's arrays this run keeps: the levels resume.py trusts, and the arrays
+    derived from them that are complete at exactly their shape (roi.Outputs: rois only with
+    boxes.npy equal to the file's boxes). What may not stay is deleted: every file of the image
+    when its input changed or its record is missing (the record this run writes must not vouch
+    for them), every derived file when a stored level was wrong (they were made from it)."""
+    if not verdict.trusted:
+        store.forget(image.key)
+        return {}
+    if verdict.wrong:
+        store.forget_derived(image.key)
+        return dict(verdict.kept)
+    level_shapes = shapes(*verdict.input_size)
+    derived = outputs.complete(store, image.key, image.rel, level_shapes)
+    return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}
+
+
+def _recorded_geometry(verdict: resume.Verdict, resize: Resize) -> Geometry:
+    """An image's geometry from its record: the input is the one recorded, so nothing is read."""
+    return Geometry(verdict.input_size, resize.target(*verdict.input_size), verdict.orientation)
 
 
 def _shapes(config, resize: Resize, height: int, width: int) -> dict[str, tuple[int, int, int]]:
@@ -266,9 +378,10 @@ def decode_ahead(
     content_hash: bool = False,
 ) -> Iterator[Job]:
     """Step 2. ``jobs`` in order, each fingerprinted and decoded (``fingerprint``, ``rgb``,
-    ``size``) or with its ``error``, on ``workers`` threads that run at most ``lookahead`` jobs
-    ahead of the consumer. A job still reading after ``timeout`` seconds is failed and left
-    behind (deadline.py)."""
+    ``geometry``), or its header read where no pixels are needed and its geometry is not known,
+    or with its ``error``, on ``workers`` threads that run at most ``lookahead`` jobs ahead of
+    the consumer. A job still reading after ``timeout`` seconds is failed and left behind
+    (deadline.py)."""
 
     def late(job: Job) -> Job:
         return replace(job, error=f"timed out after {timeout:g} s reading or decoding it (--timeout)")
@@ -283,8 +396,15 @@ def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -
     if job.error is not None:  # listing or the resume check found it unusable
         return job
     try:
-        job.fingerprint = resume.fingerprint(job.image.path, content_hash)
-        job.rgb, job.size = decode(job.image.path, resize, max_pixels)
+        if job.needs_pixels:
+            if job.fingerprint is None:  # before the pixels: a change meanwhile shows next time
+                job.fingerprint = resume.fingerprint(job.image.path, content_hash)
+            decoded = decode_image(job.image.path, resize, max_pixels)
+            job.rgb = decoded.rgb
+            job.geometry = Geometry(decoded.size, decoded.rgb.shape[:2], decoded.orientation)
+        elif job.geometry is None:
+            found = read_header(job.image.path)
+            job.geometry = Geometry(found.size, resize.target(*found.size), found.orientation)
     except ImageError as e:
         job.error = str(e)
     except MemoryError:
@@ -296,14 +416,15 @@ def split_off_failures(
     decoded: Iterable[Job], report: Report, on_failure: OnFailure, fail_fast: bool, writer: Writer
 ) -> Iterator[Job]:
     """Step 3. Images that could not be read are failed inputs (with ``fail_fast``, the first
-    stops the run); preview-only jobs go straight to ``writer``; the rest go on to the network."""
+    stops the run); jobs whose levels are on disk, or that store nothing, go straight to
+    ``writer``; the rest go on to the network."""
     for job in decoded:
         if job.error is not None:
             _fail(job, job.error, report, on_failure)
             if fail_fast:
                 raise FPNError(f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}")
-        elif job.preview_only:
-            writer.put_preview(job)
+        elif not job.needs_network:
+            writer.put_from_disk(job)
         else:
             yield job
 
@@ -376,13 +497,15 @@ class Forward:
 
 
 class Writer:
-    """Step 6. Writes finished images on a background thread and reports each. The queue is
-    bounded, so a slow disk slows the producer instead of filling memory. The first error (disk
-    full, say) stops all writing: later jobs are drained unwritten, and :meth:`put` and
-    :meth:`close` raise it. Used as a context manager, it closes on exit."""
+    """Step 6. Writes finished images on a background thread and reports each: the missing
+    levels, the arrays derived from the levels (``outputs``: pooled vectors, RoI features), the
+    preview, and last the input's record, which marks the image complete. The queue is bounded,
+    so a slow disk slows the producer instead of filling memory. The first error (disk full, say)
+    stops all writing: later jobs are drained unwritten, and :meth:`put` and :meth:`close` raise
+    it. Used as a context manager, it closes on exit."""
 
-    def __init__(self, store: Store, report: Report, depth: int, preview: bool) -> None:
-        self.store, self.report, self.preview = store, report, preview
+    def __init__(self, store: Store, report: Report, depth: int, outputs: Outputs, results: Results) -> None:
+        self.store, self.report, self.outputs, self.results = store, report, outputs, results
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: FPNError | None = None
         self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
@@ -391,11 +514,12 @@ class Writer:
     def put(self, job: Job, levels: Levels, ready: torch.cuda.Event | None = None) -> None:
         """Queues ``job``'s computed levels; ``ready``, if given, fires when the device's copies
         into them are done (the writer waits for it before it reads them)."""
-        self._enqueue(job, partial(self._write_levels, job, levels, ready))
+        self._enqueue(job, partial(self._write_computed, job, levels, ready))
 
-    def put_preview(self, job: Job) -> None:
-        """Queues a preview-only job: its levels are read back from disk to draw the preview."""
-        self._enqueue(job, partial(self._write_preview_only, job))
+    def put_from_disk(self, job: Job) -> None:
+        """Queues a job whose levels are all on disk: they are read back (memory-mapped) for the
+        derived arrays and the preview."""
+        self._enqueue(job, partial(self._write_from_disk, job))
 
     def close(self) -> None:
         """Waits for the queued jobs to be written; raises the first write error, if any."""
@@ -410,7 +534,7 @@ class Writer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _enqueue(self, job: Job, write: Callable[[], ImageResult]) -> None:
+    def _enqueue(self, job: Job, write: Callable[[], None]) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((job, write))
@@ -421,7 +545,7 @@ class Writer:
             if self.error is not None:
                 continue  # after a fatal write error, drain without writing
             try:
-                result = write()
+                write()
             except Exception as e:  # the thread must live on: a dead writer would hang the producer
                 where = self.store.root / job.image.key
                 if isinstance(e, OSError):
@@ -432,29 +556,30 @@ class Writer:
                     reason = f"{type(e).__name__}: {e}"
                 self.error = FPNError(f"cannot write {where}: {reason}")
                 self.report.add(ImageResult(job.image.rel, "failed", f"not written: {reason}"))
-                continue
-            self.report.add(result)
 
-    def _write_levels(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> ImageResult:
+    def _write_computed(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()  # the device-to-host copies of this batch are done
-        arrays = {k: np.asarray(v) for k, v in levels.items()}
-        self.store.write_levels(job.image.key, {k: arrays[k] for k in job.missing})
-        if self.preview:
-            self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        self.store.write_record(job.image.key, resume.record(job.image, job.fingerprint, job.size))
-        return self._result(job, "ok", arrays)
+        self._finish(job, {k: np.asarray(v) for k, v in levels.items()}, "ok")
 
-    def _write_preview_only(self, job: Job) -> ImageResult:
-        arrays = self.store.read_levels(job.image.key)
-        self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        return self._result(job, "skipped", arrays)
+    def _write_from_disk(self, job: Job) -> None:
+        levels = self.store.read_levels(job.image.key) if job.from_disk else {}  # else: nothing to store
+        self._finish(job, levels, "ok" if job.missing else "skipped")  # a preview alone: skipped
 
-    def _result(self, job: Job, status: str, arrays: dict[str, np.ndarray]) -> ImageResult:
-        shapes = {k: v.shape for k, v in arrays.items()}
-        return _done_result(
-            job.image, self.store, status, job.size, job.rgb.shape[:2], shapes, job.recomputed
-        )
+    def _finish(self, job: Job, levels: dict[str, np.ndarray], status: str) -> None:
+        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry)
+        every = {**levels, **derived}
+        written = {name: every[name] for name in job.missing}
+        key = job.image.key
+        self.store.write_levels(key, written)  # levels, pooled vectors, rois, then boxes (roi.Outputs)
+        if job.preview:
+            self.store.write_preview(key, preview.render(job.rgb, levels))
+        if written or job.preview:  # the record last: everything above is in place
+            geometry = job.geometry
+            record = resume.record(job.image, job.fingerprint, geometry.input_size, geometry.orientation)
+            self.store.write_record(key, record)
+        shapes = {**job.have, **{name: array.shape for name, array in written.items()}}
+        self.results.done(job.image, status, job.geometry, shapes, job.recomputed)
 
 
 def publish_report(
@@ -487,33 +612,46 @@ def publish_report(
 def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
     """An image that could not be processed: ``on_failure`` is told, the report lists it failed."""
     on_failure(job.image.path, reason)
-    report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
+    size = job.geometry.input_size if job.geometry else None
+    report.add(ImageResult(job.image.rel, "failed", reason, input_size=size))
 
 
-def _done_result(
-    image: InputImage,
-    store: Store,
-    status: str,
-    input_size: tuple[int, int] | None,
-    model_input_size: tuple[int, int] | None,
-    shapes: dict[str, tuple[int, ...]],
-    recomputed: str | None = None,
-) -> ImageResult:
-    """The report entry of an image whose levels are on disk, written now ("ok") or before."""
-    key = image.key
-    return ImageResult(
-        image.rel,
-        status,
-        recomputed=recomputed,
-        input_size=input_size,
-        model_input_size=tuple(model_input_size) if model_input_size else None,
-        levels={
-            level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
-            for level in store.levels
-            if level in shapes
-        },
-        preview=f"{key}/{PREVIEW_FILE}" if store.preview_path(key).is_file() else None,
-    )
+class Results:
+    """Reports images whose arrays are on disk, written now ("ok") or before ("skipped"): their
+    report.json entries, and a message per box that was refused (a failure) or clipped (a note)."""
+
+    def __init__(
+        self, store: Store, outputs: Outputs, report: Report, on_failure: OnFailure, log: Log
+    ) -> None:
+        self.store, self.outputs, self.report = store, outputs, report
+        self.on_failure, self.log = on_failure, log
+
+    def done(
+        self,
+        image: InputImage,
+        status: str,
+        geometry: Geometry | None,
+        shapes: dict[str, tuple[int, ...]],
+        recomputed: str | None = None,
+    ) -> None:
+        key = image.key
+        result = ImageResult(
+            image.rel,
+            status,
+            recomputed=recomputed,
+            input_size=geometry.input_size if geometry else None,
+            model_input_size=tuple(geometry.model_input_size) if geometry else None,
+            levels={
+                level: {"shape": list(shapes[level]), "file": f"{key}/{level}.npy"}
+                for level in self.store.levels
+                if level in shapes
+            },
+            preview=f"{key}/{PREVIEW_FILE}" if self.store.preview_path(key).is_file() else None,
+            **self.outputs.entries(key, image.rel, shapes, geometry),
+        )
+        self.report.add(result)
+        if result.rois is not None:
+            tell_boxes(image.rel, image.path, self.outputs, geometry, self.log, self.on_failure)
 
 
 def summarize(

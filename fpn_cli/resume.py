@@ -1,15 +1,18 @@
 """What a resume may keep. Each image's features are recorded with a fingerprint of the input they
-were made from, in ``OUT/<key>/input.json``, written after the levels (so it also marks them
-complete)::
+were made from, in ``OUT/<key>/input.json``, written after every other file of the image (levels,
+pooled vectors, rois and boxes, preview), so it also marks them complete::
 
     {"input": "/abs/path/cat.jpg", "path": "cat.jpg", "size": 48213,
-     "mtime_ns": 1732590000123456789, "sha256": "9f86d0...", "input_size": [300, 451]}
+     "mtime_ns": 1732590000123456789, "sha256": "9f86d0...", "input_size": [300, 451],
+     "orientation": 1}
 
 ``sha256`` only with ``--hash``. For an image whose folder exists, :func:`examine` keeps a level
 only if the record is there, the input is the same file (the same name, size in bytes and
 modification time, and content hash where asked), and the level's file is a complete ``.npy`` of
 exactly the shape the recorded input size and this run's settings give. Anything else is
-recomputed, and the report says why.
+recomputed, and the report says why. The arrays derived from the levels are the run's to judge
+(pipeline.plan, roi.Outputs): they are kept only where the verdict :attr:`Verdict.trusted` the
+record and found no level wrong.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ def fingerprint(path: str, content_hash: bool = False) -> Fingerprint:
     return Fingerprint(st.st_size, st.st_mtime_ns, digest)
 
 
-def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int]) -> dict:
-    """The record written with ``image``'s features."""
+def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int], orientation: int) -> dict:
+    """The record written with ``image``'s features: ``taken`` before its pixels were read,
+    ``input_size`` (H, W) as decoded and the EXIF ``orientation`` applied (roi.Geometry's), so
+    that a resume knows the image's geometry without reading the input again."""
     entry = {
         "input": os.path.abspath(image.path),
         "path": image.rel,
@@ -64,6 +69,7 @@ def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int]) -
     if taken.sha256 is not None:
         entry["sha256"] = taken.sha256
     entry["input_size"] = list(input_size)
+    entry["orientation"] = orientation
     return entry
 
 
@@ -100,6 +106,15 @@ class Verdict:
     recomputed: str | None = None  # why stored features were not trusted
     stale: bool = False  # the input changed: every stored file of the image is stale
     error: str | None = None  # the input cannot be read now: a failed input
+    orientation: int = 1  # the EXIF orientation recorded
+    fingerprint: Fingerprint | None = None  # as recorded, and found to be the input's now
+    wrong: tuple[str, ...] = ()  # levels whose files are there but not as the input and settings give
+
+    @property
+    def trusted(self) -> bool:
+        """The record is there and the input is the one it names: the image's files were made
+        from this input (each still to be checked for its shape)."""
+        return self.fingerprint is not None
 
 
 def examine(
@@ -111,7 +126,8 @@ def examine(
     entry = store.read_record(image.key)
     recorded = recorded_fingerprint(entry) if entry is not None else None
     size = _input_size(entry) if entry is not None else None
-    if recorded is None or size is None:
+    orientation = _orientation(entry) if entry is not None else None
+    if recorded is None or size is None or orientation is None:
         return Verdict(recomputed=NO_RECORD)
     try:
         if entry.get("path") != image.rel:
@@ -125,17 +141,22 @@ def examine(
     if entry.get("input") != os.path.abspath(image.path):
         store.write_record(image.key, {**entry, "input": os.path.abspath(image.path)})
     expected = shapes(*size)
-    kept, wrong = {}, []
+    kept, wrong, reasons = {}, [], []
     for level in store.levels:
         path = store.level_path(image.key, level)
         shape = npy_shape(path, store.dtype)
         if shape == expected[level]:
             kept[level] = shape
-        elif shape is not None:
-            wrong.append(f"{level}.npy is {_shape_text(shape)}, not {_shape_text(expected[level])}")
+            continue
+        if shape is not None:
+            reasons.append(f"{level}.npy is {_shape_text(shape)}, not {_shape_text(expected[level])}")
         elif path.exists():
-            wrong.append(f"{level}.npy is not a complete {store.dtype} .npy file")
-    return Verdict(kept, size, "; ".join(wrong) or None)
+            reasons.append(f"{level}.npy is not a complete {store.dtype} .npy file")
+        else:
+            continue  # not stored (yet): computed, and nothing was derived from it
+        wrong.append(level)
+    reason = "; ".join(reasons) or None
+    return Verdict(kept, size, reason, orientation=orientation, fingerprint=recorded, wrong=tuple(wrong))
 
 
 def _input_size(entry: dict) -> tuple[int, int] | None:
@@ -144,6 +165,11 @@ def _input_size(entry: dict) -> tuple[int, int] | None:
     except (KeyError, TypeError, ValueError):
         return None
     return h, w
+
+
+def _orientation(entry: dict) -> int | None:
+    value = entry.get("orientation")
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
 
 
 def examine_all(

@@ -2,8 +2,10 @@
 
     OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype (npyio.py)
     OUT/<key>/preview.png       with --preview: the image beside its levels
-    OUT/<key>/input.json        the input's fingerprint and size, written last: the image is
-                                complete (resume.py decides what of it a resume may keep)
+    OUT/<key>/p2_avg.npy, rois.npy, boxes.npy   with --pool, --boxes: derived arrays (roi.py)
+    OUT/<key>/input.json        the input's fingerprint, size and orientation, written last, after
+                                every array and the preview: the image is complete (resume.py
+                                decides what of it a resume may keep)
     OUT/report.json             what the last run did (all shards merged)
     OUT/.shards/report-I-of-N.json   one shard's part, with --shard or under torchrun
     OUT/.fpn-extract.json, OUT/.lock, OUT/.shards/lock-I-of-N, OUT/.overwrite-unfinished*
@@ -34,7 +36,9 @@ from .npyio import DirectWriter, npy_shape, write_file
 SETTINGS_FILE = ".fpn-extract.json"
 REPORT_FILE = "report.json"
 PREVIEW_FILE = "preview.png"
-RECORD_FILE = "input.json"  # the input's fingerprint: written after the levels, so it marks them complete
+RECORD_FILE = "input.json"  # the input's fingerprint: written last, so it marks the image complete
+ROIS, BOXES = "rois", "boxes"  # with --boxes: RoI features, and the boxes they came from (roi.py)
+POOLS = ("avg", "max")  # with --pool: <level>_<kind>.npy, one vector per level
 LOCK_FILE = ".lock"
 OVERWRITE_MARKER = ".overwrite-unfinished"  # -I-of-N for a shard
 SHARDS_DIR = ".shards"  # report-I-of-N.json per shard, merged into report.json by the last
@@ -42,6 +46,17 @@ TMP_SUFFIX = ".tmp"
 
 
 HOST = socket.gethostname()
+
+
+def pool_name(level: str, kind: str) -> str:
+    """``p3_avg``: no dot inside, so the name is one WebDataset member suffix."""
+    return f"{level}_{kind}"
+
+
+def derived_names() -> tuple[str, ...]:
+    """Every array a run may derive from an image's levels, whatever its options: each level's
+    pooled vectors, the RoI features and their boxes."""
+    return (*(pool_name(level, kind) for level in LEVELS for kind in POOLS), ROIS, BOXES)
 
 
 def _tmp_name(target: Path) -> Path:
@@ -144,11 +159,18 @@ class Store:
 
     def existing(self, key: str) -> dict[str, tuple[int, ...]]:
         """Shapes of the requested levels already complete for ``key``."""
+        return self.shapes(key, self.levels)
+
+    def shapes(
+        self, key: str, names: Iterable[str], dtypes: Mapping[str, np.dtype] | None = None
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes of the arrays ``key/<name>.npy`` among ``names`` that are complete: of the save
+        dtype, or the one ``dtypes`` gives for the name (boxes.npy is float64 in any store)."""
         found = {}
-        for level in self.levels:
-            shape = npy_shape(self.level_path(key, level), self.dtype)
+        for name in names:
+            shape = npy_shape(self.level_path(key, name), (dtypes or {}).get(name, self.dtype))
             if shape is not None:
-                found[level] = shape
+                found[name] = shape
         return found
 
     def remove_strays(self, key: str) -> None:
@@ -157,7 +179,8 @@ class Store:
         _remove_tmp_files(self.root / key, lambda name: True)
 
     def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
-        """Writes each array to ``key/<level>.npy``, each file atomically."""
+        """Writes each array to ``key/<name>.npy``, each file atomically, in ``arrays``' order:
+        levels, and the arrays derived from them (pooled vectors, rois, boxes; roi.py)."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
         for level, array in arrays.items():
             with replacing(self.level_path(key, level)) as tmp:
@@ -182,16 +205,28 @@ class Store:
         atomic_write_json(self.record_path(key), dict(record))
 
     def forget(self, key: str) -> None:
-        """Deletes ``key``'s record, every level file and its preview: features of an input that
-        has changed since, which nothing may keep (the lock makes this run the folder's only
-        writer)."""
+        """Deletes ``key``'s record, every level file, every array derived from them and its
+        preview: features of an input that has changed since (or of one never recorded), which
+        nothing may keep (the lock makes this run the folder's only writer)."""
         folder = self.root / key
-        for name in (RECORD_FILE, PREVIEW_FILE, *(f"{level}.npy" for level in LEVELS)):
+        for name in (RECORD_FILE, *(f"{level}.npy" for level in LEVELS)):
+            (folder / name).unlink(missing_ok=True)
+        self.forget_derived(key)
+
+    def forget_derived(self, key: str) -> None:
+        """Deletes what was derived from ``key``'s levels (pooled vectors, RoI features and
+        boxes, preview), whatever options made them: a level they came from is not trusted."""
+        folder = self.root / key
+        for name in (PREVIEW_FILE, *(f"{name}.npy" for name in derived_names())):
             (folder / name).unlink(missing_ok=True)
 
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
         """The requested levels of a complete image, memory-mapped."""
-        return {level: np.load(self.level_path(key, level), mmap_mode="r") for level in self.levels}
+        return {level: self.read_array(key, level) for level in self.levels}
+
+    def read_array(self, key: str, name: str) -> np.ndarray:
+        """``key/<name>.npy``, memory-mapped."""
+        return np.load(self.level_path(key, name), mmap_mode="r")
 
     def write_preview(self, key: str, picture) -> None:
         """Writes a PIL image as ``key/preview.png``, atomically."""
@@ -221,8 +256,10 @@ class Store:
 
 def files_of_a_key() -> frozenset[str]:
     """The names a run may write in an image's folder, whatever its options: every level's file,
-    the preview and the record (their temporary siblings are :func:`is_temporary_name`)."""
-    return frozenset({PREVIEW_FILE, RECORD_FILE, *(f"{level}.npy" for level in LEVELS)})
+    every derived array's (pooled vectors, rois, boxes), the preview and the record (their
+    temporary siblings are :func:`is_temporary_name`)."""
+    arrays = (*LEVELS, *derived_names())
+    return frozenset({PREVIEW_FILE, RECORD_FILE, *(f"{name}.npy" for name in arrays)})
 
 
 def is_temporary_name(name: str) -> bool:

@@ -140,14 +140,14 @@ def test_a_complete_image_replaced_by_a_fifo_is_a_failed_input_and_its_features_
 def stall(monkeypatch):
     """Reading any input named stuck.* hangs (a dead network mount) until the test ends."""
     release = threading.Event()
-    real_decode = pipeline.decode
+    real_decode = pipeline.decode_image
 
     def decode(path, *args, **kwargs):
         if Path(path).stem == "stuck":
             release.wait()
         return real_decode(path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "decode", decode)
+    monkeypatch.setattr(pipeline, "decode_image", decode)
     yield
     release.set()
 
