@@ -5,7 +5,11 @@ For every image report.json lists as ok or skipped:
 
 - each listed level's file is present, a complete ``.npy`` (valid header, full length) of the
   report's save dtype, and of the shape listed, which is the shape the report's model gives for
-  the image's network input size;
+  the image's network input size; every level of the model is listed, unless the run stored
+  none (``--no-maps``);
+- each listed pooled vector (``--pool``) likewise, of the shape listed, (C,) for its level's C;
+- its RoI features (``--boxes``), if listed: ``rois.npy`` likewise, of the shape listed, and
+  ``boxes.npy`` a complete float64 ``.npy`` of one row of 4 per RoI;
 - its preview, if one is listed, is present;
 - its record (``input.json``, resume.py) is present and names the same image, and the input it
   names is still there, a regular file of the recorded size and modification time, and of the
@@ -28,6 +32,7 @@ from .images import InputImage
 from .model import FPNConfig, output_shapes
 from .npyio import npy_shape
 from .resume import change, recorded_fingerprint
+from .roi import BOX_DTYPE
 from .store import REPORT_FILE, SHARDS_DIR, Store
 
 STATUSES = ("ok", "skipped", "failed")
@@ -65,6 +70,8 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
     except TypeError:
         dtype = np.dtype("float32")
     config = _config(report)
+    regions = report.get("regions") if isinstance(report.get("regions"), dict) else {}
+    maps = regions.get("maps", True) is not False
     counts = dict.fromkeys(STATUSES, 0)
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("status") not in STATUSES:
@@ -75,7 +82,8 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
             continue
         result.images += 1
         path = str(entry.get("path"))
-        result.problems += [f"{path}: {p}" for p in _check_image(root, entry, dtype, model, config)]
+        problems = _check_image(root, entry, dtype, model, config, maps)
+        result.problems += [f"{path}: {p}" for p in problems]
     if isinstance(report.get("counts"), dict) and report["counts"] != counts:
         result.problems.append(f"{REPORT_FILE}: counts {report['counts']} but its entries give {counts}")
     return result
@@ -116,16 +124,23 @@ def _config(report: dict) -> FPNConfig | None:
 
 
 def _check_image(
-    root: Path, entry: dict, dtype: np.dtype, model: dict, config: FPNConfig | None
+    root: Path, entry: dict, dtype: np.dtype, model: dict, config: FPNConfig | None, maps: bool = True
 ) -> list[str]:
     problems = []
     levels = entry.get("levels") if isinstance(entry.get("levels"), dict) else {}
-    for level in model.get("levels") or ():
+    required = (model.get("levels") or ()) if maps else ()  # --no-maps stores no levels
+    for level in required:
         if level not in levels:
             problems.append(f"lists no {level}")
     expected = _expected(config, entry.get("model_input_size"))
     for level, info in levels.items():
         problems += _check_level(root, level, info, dtype, expected.get(level))
+    pooled = entry.get("pooled") if isinstance(entry.get("pooled"), dict) else {}
+    for name, info in pooled.items():
+        channels = expected.get(name.rsplit("_", 1)[0])
+        problems += _check_level(root, name, info, dtype, channels[:1] if channels else None)
+    if entry.get("rois") is not None:
+        problems += _check_rois(root, entry["rois"], dtype)
     if entry.get("preview") and not (root / entry["preview"]).is_file():
         problems.append(f"its preview {entry['preview']} is missing")
     return problems + _check_input(root, entry)
@@ -157,6 +172,23 @@ def _check_level(
         problems.append(f"{info['file']} has shape {_text(shape)}, the report lists {_text(listed)}")
     if expected is not None and listed != expected:
         problems.append(f"{level} is listed as {_text(listed)}, but the model gives {_text(expected)}")
+    return problems
+
+
+def _check_rois(root: Path, rois: object, dtype: np.dtype) -> list[str]:
+    """rois.npy as listed, and boxes.npy beside it: (N, 4) float64 for its N rows."""
+    if not isinstance(rois, dict) or "boxes" not in rois:
+        return ["rois: no boxes file listed"]
+    problems = _check_level(root, "rois", rois, dtype, None)
+    count = (rois.get("shape") or [None])[0]
+    path = root / str(rois["boxes"])
+    if not path.is_file():
+        return [*problems, f"{rois['boxes']} is missing"]
+    shape = npy_shape(path, BOX_DTYPE)
+    if shape is None:
+        problems.append(f"{rois['boxes']} is not a complete {BOX_DTYPE} .npy file (header, dtype or length)")
+    elif shape != (count, 4):
+        problems.append(f"{rois['boxes']} has shape {_text(shape)}, not {count}x4 for the RoIs listed")
     return problems
 
 
