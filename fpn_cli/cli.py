@@ -510,10 +510,12 @@ def verify(out: str) -> None:
 @click.option("--roi-levels", type=LevelsType(), default=None, help="[default: the folder's, else p2-p5]")
 @click.option("--overwrite", is_flag=True, help="Recompute rois that are complete for these boxes.")
 @click.option("-q", "--quiet", is_flag=True, help="Only failures on stderr; no summary.")
+@signals.stop_on_first_signal()
 def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
     """RoI features for the boxes in FILE from the levels stored in OUT, with no network:
     OUT/<image>/rois.npy, the same bytes that extracting with --boxes writes.
     """
+    _tolerant_streams()
     try:
         result = rois_from_folder(
             out,
@@ -527,8 +529,11 @@ def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:  # every file is whole (atomic writes); report.json not yet updated
+        _echo_err(f"Interrupted: {out}/report.json is as it was; run the command again to finish")
+        sys.exit(signals.interrupted_status(e))
     if not quiet:
-        click.echo(result.describe())
+        _echo(result.describe())
     sys.exit(result.exit_status)
 
 

@@ -491,6 +491,9 @@ def _rois_of(
             return
         arrays = outputs.compute(store.read_levels(key), (ROIS, BOXES), rel, geometry)
         store.write_levels(key, arrays)
+        record = store.read_record(key)
+        if record is not None:  # written last again, as a run does: it marks the image complete
+            store.write_record(key, record)
         have = {name: arrays[name].shape for name in (ROIS, BOXES)}
         result.written += 1
     entry["rois"] = outputs.entries(key, rel, have, geometry)["rois"]

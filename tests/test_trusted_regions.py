@@ -47,3 +47,60 @@ def test_verify_checks_pooled_vectors_rois_and_boxes_as_listed(tmp_path):
         "b.png: b/rois.npy is not a complete float32 .npy file (header, dtype or length)",
         "c.png: c/boxes.npy has shape 3x4, not 2x4 for the RoIs listed",
     ]
+
+
+def test_the_record_is_written_after_every_other_file_of_its_image(tmp_path, monkeypatch):
+    """input.json marks the whole image complete: levels, pooled vectors, rois, then boxes (which
+    mark the rois current), the preview, and last the record; in a run that computes them, in one
+    that derives them from stored levels, and in ``fpn-extract roi``."""
+    from fpn_cli.store import Store
+
+    writes: list[tuple[str, str]] = []
+    real = {name: getattr(Store, name) for name in ("write_levels", "write_preview", "write_record")}
+
+    def write_levels(self, key, arrays):
+        writes.extend((key, name) for name in arrays)
+        return real["write_levels"](self, key, arrays)
+
+    def write_preview(self, key, picture):
+        writes.append((key, "preview"))
+        return real["write_preview"](self, key, picture)
+
+    def write_record(self, key, record):
+        writes.append((key, "input.json"))
+        return real["write_record"](self, key, record)
+
+    monkeypatch.setattr(Store, "write_levels", write_levels)
+    monkeypatch.setattr(Store, "write_preview", write_preview)
+    monkeypatch.setattr(Store, "write_record", write_record)
+    save_rgb(tmp_path / "in" / "a.png", 24, 32)
+    csv = write_csv(tmp_path / "b.csv", [("a.png", 1, 1, 20, 20)])
+    out = tmp_path / "out"
+
+    def order() -> list[str]:
+        names = [name for key, name in writes if key == "a"]
+        writes.clear()
+        return names
+
+    run_ok(tmp_path / "in", "-o", out, *SEED, "--pool", "avg", "--boxes", csv, "--preview")
+    pooled = [f"{level}_avg" for level in LEVELS]
+    assert order() == [*LEVELS, *pooled, "rois", "boxes", "preview", "input.json"]
+    run_ok(tmp_path / "in", "-o", out, *SEED, "--pool", "avg,max", "--boxes", csv)  # from the files
+    assert order() == [*(f"{level}_max" for level in LEVELS), "input.json"]
+    run_ok("roi", out, "--boxes", csv, "--overwrite")
+    assert order() == ["rois", "boxes", "input.json"]
+    assert run("verify", out).exit_code == 0
+
+
+def test_an_interrupted_roi_subcommand_says_so_and_exits_130(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fpn_cli.cli.rois_from_folder", interrupted)
+    csv = write_csv(tmp_path / "b.csv", [("a.png", 1, 1, 4, 4)])
+    result = run("roi", tmp_path, "--boxes", csv)
+    assert result.exit_code == 130
+    assert (
+        result.stderr
+        == f"Interrupted: {tmp_path}/report.json is as it was; run the command again to finish\n"
+    )
