@@ -4,6 +4,7 @@ or 2, never prints a traceback, and writes nothing outside its output folder."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
 from pathlib import Path
@@ -48,6 +49,8 @@ OPTIONS = st.fixed_dictionaries(
         "--pad-multiple": st.sampled_from(["1", "32"]),
         "--shard": st.sampled_from(["0/1", "1/2"]),
         "--fpn-style": st.sampled_from(["reference", "torchvision"]),
+        "--pool": st.sampled_from(["avg", "max,avg"]),
+        "--roi-size": st.sampled_from(["1", "3"]),
     },
 )
 RESIZE = st.one_of(
@@ -64,12 +67,15 @@ BAD = [
     ("--seed", str(2**64)), ("--seed", "-1"), ("--seed", str(-(2**70))), ("--batch-size", "0"),
     ("--save-dtype", "float8"), ("--max-pixels", "0"), ("--timeout", "0"), ("--timeout", "nan"),
     ("--pad-multiple", "0"), ("--shard", "2/2"), ("--shard", "a/b"), ("--fpn-style", "nope"),
+    ("--pool", "median"), ("--pool", "avg,avg"), ("--roi-size", "0"), ("--roi-levels", "p2,p4"),
 ]  # fmt: skip
 ONE_BAD = st.sampled_from([None] * 2 * len(BAD) + BAD)
 
 FLAGS = st.lists(
-    st.sampled_from(["--overwrite", "--hash", "--preview", "--fail-fast", "-v", "--summary"]), unique=True
+    st.sampled_from(["--overwrite", "--hash", "--preview", "--fail-fast", "-v", "--summary", "--no-maps"]),
+    unique=True,
 )
+BOXES = st.booleans()  # a boxes file naming the inputs: a good box, one past the edge, an empty one
 HOW = st.sampled_from(["folder", "file", "glob", "stdin", "stdin0", "out-in-input", "empty-out"])
 
 
@@ -95,6 +101,19 @@ def make(folder: Path, files) -> list[Path]:
                 os.mkfifo(path)
             made.append(path)
     return made
+
+
+def write_boxes(path: Path, folder: Path, made: list[Path]) -> Path:
+    """A CSV of boxes for ``made``, by their paths below ``folder`` (csv quotes any name; one
+    that is not UTF-8 cannot be in the file, which is UTF-8)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "x1", "y1", "x2", "y2"])
+        for image in made:
+            rel = str(image.relative_to(folder))
+            with contextlib.suppress(UnicodeEncodeError):
+                rows.writerows([[rel, 1, 1, 6, 6], [rel, -2, 0, 40, 5], [rel, 3, 3, 3, 9]])
+    return path
 
 
 def snapshot(root: Path, out: Path) -> dict[str, tuple[int, int] | None]:
@@ -141,9 +160,9 @@ def fast_models():
 
 
 @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(files=FILES, options=OPTIONS, resize=RESIZE, bad=ONE_BAD, flags=FLAGS, how=HOW)
+@given(files=FILES, options=OPTIONS, resize=RESIZE, bad=ONE_BAD, flags=FLAGS, how=HOW, boxes=BOXES)
 def test_any_options_names_and_inputs_end_in_0_1_or_2_without_traceback_or_stray_files(
-    fast_models, files, options, resize, bad, flags, how
+    fast_models, files, options, resize, bad, flags, how, boxes
 ):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -167,6 +186,8 @@ def test_any_options_names_and_inputs_end_in_0_1_or_2_without_traceback_or_stray
             inputs = [str(folder)]
         args = [*inputs, "-o", "" if how == "empty-out" else str(out), "--arch", "seed", "--device", "cpu"]
         args += [a for item in (*options.items(), resize, *([bad] if bad else [])) for a in item] + flags
+        if boxes:
+            args += ["--boxes", str(write_boxes(root / "boxes.csv", folder, made))]
         before = snapshot(root, out)
         cwd = os.getcwd()
         os.chdir(root)  # a write to the working folder would show in the snapshot
