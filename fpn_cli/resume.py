@@ -153,7 +153,7 @@ def examine(
         elif path.exists():
             reasons.append(f"{level}.npy is not a complete {store.dtype} .npy file")
         else:
-            continue  # not stored (yet): computed, and nothing was derived from it
+            continue  # not stored (yet, or --no-maps): what came from it came from this same input
         wrong.append(level)
     reason = "; ".join(reasons) or None
     return Verdict(kept, size, reason, orientation=orientation, fingerprint=recorded, wrong=tuple(wrong))
