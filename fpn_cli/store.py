@@ -13,8 +13,8 @@
 
 Every file appears by ``os.replace`` of a temporary sibling named ``.<name>~<host>~<pid>.tmp``, so a
 reader never sees a partial file. :func:`check_layout` refuses, before any work, inputs whose files
-would land on each other's (a key against another key's level, preview or record file, or the
-tool's own files).
+would land on each other's (a key against another key's level, derived array, preview or record
+file, or the tool's own files).
 """
 
 from __future__ import annotations
