@@ -1,24 +1,37 @@
-"""fpn-extract: Feature Pyramid Network features for folders of images."""
+"""fpn-extract: Feature Pyramid Network features for folders of images.
+
+The public names are imported on first use (PEP 562), so that the console script can set up its
+signal handling before torch is imported (console.py).
+"""
 
 from __future__ import annotations
 
-from .builder import build_fpn
-from .dataset import FeatureDataset
-from .errors import FPNError, ImageError, UsageError, WeightsError
-from .formats import open_features
-from .options import Options
-from .pipeline import extract
+import importlib
+
 from .version import __version__
 
-__all__ = [
-    "FPNError",
-    "FeatureDataset",
-    "ImageError",
-    "Options",
-    "UsageError",
-    "WeightsError",
-    "__version__",
-    "build_fpn",
-    "extract",
-    "open_features",
-]
+_PUBLIC = {
+    "FPNError": "errors",
+    "FeatureDataset": "dataset",
+    "ImageError": "errors",
+    "Options": "options",
+    "UsageError": "errors",
+    "WeightsError": "errors",
+    "build_fpn": "builder",
+    "extract": "pipeline",
+    "open_features": "formats",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'fpn_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

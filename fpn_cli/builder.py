@@ -16,7 +16,7 @@ import torch
 
 from . import weights as wts
 from . import zoo
-from .backbones import ResNetArch, TimmArch, get_arch
+from .backbones import ResNetArch, TimmArch, get_arch, import_timm
 from .errors import UsageError, WeightsError
 from .levels import parse_levels
 from .model import FPN, FPNConfig, build_model
@@ -25,6 +25,9 @@ from .pyramid import USER_STYLES
 
 DEFAULT_ARCH = "resnet50"
 RANDOM, IMAGENET_WEIGHTS = "random", "imagenet"
+# what torch's generators take, each seed its own weights (torch also takes negatives down to
+# -2**63, as aliases of 2**64 + seed: refused, so that a seed and its weights are one to one)
+SEED_RANGE = (0, 2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ def resolve(
     the weights need, else the default" (resnet50, reference FPN, P2-P5, no padding). An option
     that contradicts the weights is a :class:`UsageError` naming both."""
     weights = str(weights)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UsageError(f"seed {seed} is out of range: use an integer from 0 to 2**64-1")
+    if arch is not None and isinstance(get_arch(arch), TimmArch):
+        import_timm()  # here, not only when a model is first built: shapes are cached per config
     if weights in (RANDOM, IMAGENET_WEIGHTS):
         return _plain(arch or DEFAULT_ARCH, weights, fpn_style, levels, seed, pad_multiple)
     if zoo.is_zoo_name(weights):

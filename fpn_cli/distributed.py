@@ -47,8 +47,9 @@ def is_rank_zero() -> bool:
 
 def shard_of(key: str, count: int) -> int:
     """The shard (0..count-1) that owns the image with output key ``key``. A hash of the key, not a
-    position in the list, so an image keeps its shard when other images are added or removed."""
-    return zlib.crc32(key.encode()) % count
+    position in the list, so an image keeps its shard when other images are added or removed. A
+    name that is not UTF-8 hashes as its bytes on disk (held as surrogates, os.fsdecode's way)."""
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % count
 
 
 def combine(shard: tuple[int, int] | None, launch: Launch | None) -> tuple[int, int] | None:

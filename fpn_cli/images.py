@@ -52,6 +52,13 @@ class Readable(Protocol):
 
     def open(self) -> BinaryIO: ...
 
+    def stat(self) -> tuple[int, int, str | None]:
+        """(size in bytes, modification time in ns, a version tag or None) as its source tells
+        them now, for its fingerprint (resume.py); an :class:`ImageError` if it cannot be read."""
+
+    def locator(self) -> dict[str, str]:
+        """Where it is, as its record names it: ``{"input": ...}`` and what else finds it."""
+
 
 @dataclass(frozen=True)
 class InputImage:
@@ -151,7 +158,7 @@ def expand_local(spec: str, exclude: Path | None, listed: bool) -> list[InputIma
             )
         return list(_walk(spec, exclude))
     if os.path.lexists(spec):
-        return [InputImage(spec, os.path.basename(spec))]
+        return [InputImage(spec, os.path.basename(spec), None if os.path.isfile(spec) else _unusable(spec))]
     if _GLOB_CHARS & set(spec) and not listed:
         root = _glob_root(spec)
         found: list[InputImage] = []
@@ -176,8 +183,9 @@ def find_images(
 ) -> list[InputImage]:
     """Expands files, folders (recursive) and glob patterns into images sorted by output key.
 
-    ``-`` among ``inputs`` stands for ``stdin_lines``, one path per item, taken verbatim (only a
-    trailing newline is removed); a listed path that does not exist is a failed input. ``exclude``
+    ``-`` among ``inputs`` stands for ``stdin_lines``, one path per item, taken verbatim
+    (:func:`read_names` splits a stream into them); a listed path that does not exist is a failed
+    input. ``exclude``
     (the output folder) is never searched. The same file reached twice counts once; two files that
     would write the same output folder are a :class:`UsageError` naming both. Entries that cannot
     be images (FIFOs, unreadable folders) come back with ``error`` set.
@@ -191,11 +199,11 @@ def input_specs(
     inputs: Sequence[str | os.PathLike[str]], stdin_lines: Iterable[str]
 ) -> list[tuple[str, bool]]:
     """(spec, listed) for each input: ``-`` stands for ``stdin_lines``, each a listed path taken
-    verbatim (only a trailing newline is removed)."""
+    verbatim (:func:`read_names` splits a stream into them); empty names are skipped."""
     specs: list[tuple[str, bool]] = []
     for spec in map(str, inputs):
         if spec == "-":
-            specs += [(line.removesuffix("\n"), True) for line in stdin_lines if line.removesuffix("\n")]
+            specs += [(name, True) for name in stdin_lines if name]
         else:
             specs.append((spec, False))
     return specs
@@ -220,6 +228,20 @@ def unique_images(images: Iterable[InputImage]) -> list[InputImage]:
     if not by_key:
         raise UsageError("no image files found in the inputs")
     return sorted(by_key.values(), key=lambda im: im.key)
+
+
+def read_names(stream: BinaryIO, null: bool = False) -> Iterator[str]:
+    """The paths in ``stream``: one a line with only the line's ``\\n`` removed (a leading space or
+    a ``\\r`` is part of the name), or, with ``null``, separated by NUL bytes as ``find -print0``
+    writes them, so that any name, newlines included, comes through. Bytes that are not UTF-8
+    are kept as the file system's own names (``os.fsdecode``); empty names are skipped."""
+    separator = b"\0" if null else b"\n"
+    rest = b""
+    while chunk := stream.read(1 << 16):
+        *names, rest = (rest + chunk).split(separator)
+        yield from (os.fsdecode(name) for name in names if name)
+    if rest:
+        yield os.fsdecode(rest)
 
 
 def _same_file(a: str | Path | Readable, b: str | Path | Readable) -> bool:
@@ -356,22 +378,47 @@ def _allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """An image as the network gets it, and what was done to get there."""
+
+    rgb: np.ndarray  # (H', W', 3) uint8, resized
+    size: tuple[int, int]  # (H, W) as decoded, EXIF orientation applied
+    orientation: int  # the EXIF orientation applied: 1 (none) to 8, as the tag's values
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an image's header says: its size after EXIF orientation, and that orientation."""
+
+    size: tuple[int, int]  # (H, W), upright
+    orientation: int  # 1 (none) to 8
+
+
 def decode(
     path: str | Path | Readable, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reads ``path`` (a local file, or a :class:`Readable`) -> ((H', W', 3) uint8 RGB after
-    resizing, (H, W) as decoded). Raises :class:`ImageError` with a one-line reason for anything
-    that is not a readable image."""
+    """Reads ``path`` -> ((H', W', 3) uint8 RGB after resizing, (H, W) as decoded): the
+    :func:`decode_image` fields most callers need."""
+    decoded = decode_image(path, resize, max_pixels)
+    return decoded.rgb, decoded.size
+
+
+def decode_image(
+    path: str | Path | Readable, resize: Resize, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Decoded:
+    """Reads ``path`` (a local file, or a :class:`Readable`) -> :class:`Decoded`. Raises
+    :class:`ImageError` with a one-line reason for anything that is not a readable image."""
     _context.path = str(path)
     try:
         return _decode(path, resize, max_pixels)
+    except MemoryError:  # the resize's allocation too, not only the decoder's
+        raise ImageError("not enough memory to decode and resize it") from None
     finally:
         _context.path = None
 
 
-def _decode(
-    path: str | Path | Readable, resize: Resize, max_pixels: int
-) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode(path: str | Path | Readable, resize: Resize, max_pixels: int) -> Decoded:
     _allow_pixels(max_pixels)
     try:
         with open_input(path) as f:
@@ -379,10 +426,11 @@ def _decode(
                 raise ImageError("empty file")
             with Image.open(f, formats=_formats()) as image:
                 sixteen_bit = _is_16bit_rgb_png(image)  # before getexif(), which loads a PNG
+                orientation = _orientation(image)
                 w, h = image.size
                 if w * h > max_pixels:
                     raise ImageError(f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds {max_pixels:,}")
-                target = resize.target(*((w, h) if _orientation(image) in _SWAPS_AXES else (h, w)))
+                target = resize.target(*((w, h) if orientation in _SWAPS_AXES else (h, w)))
                 if target[0] * target[1] > max_pixels:
                     raise ImageError(
                         f"resizing to {target[0]}x{target[1]} would exceed --max-pixels {max_pixels:,}"
@@ -390,7 +438,7 @@ def _decode(
                 image.seek(0)  # the first frame of an animation
                 if sixteen_bit:
                     f.seek(0)
-                    rgb = _upright(_png16_to_rgb8(f.read()), _orientation(image))
+                    rgb = _upright(_png16_to_rgb8(f.read()), orientation)
                 else:
                     image.load()
                     rgb = to_rgb8(ImageOps.exif_transpose(image))
@@ -410,14 +458,18 @@ def _decode(
     if target != size:
         resized = Image.fromarray(rgb).resize((target[1], target[0]), Image.Resampling.BILINEAR)
         rgb = np.asarray(resized)
-    return rgb, size
+    return Decoded(rgb, size, orientation)
 
 
 def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation that decoding applies: 2 to 8 as the tag says; 1 for none, for values
+    outside the standard's (which ``ImageOps.exif_transpose`` ignores too) and for a corrupt EXIF
+    block (the picture as stored)."""
     try:
-        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a corrupt EXIF block: the picture as stored
+        value = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:
         return 1
+    return value if value in _TRANSPOSES else 1
 
 
 def _upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -443,13 +495,39 @@ def _png16_to_rgb8(data: bytes) -> np.ndarray:
     return np.rint(values / 257.0).astype(np.uint8)
 
 
-def probe_size(path: str | Path | Readable) -> tuple[int, int] | None:
-    """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read
-    (never blocks: a FIFO or device is None at once)."""
+def read_header(path: str | Path | Readable) -> Probe:
+    """:class:`Probe` of ``path`` (a local file, or a :class:`Readable`) from the header alone; an
+    :class:`ImageError` with the reason if the file cannot be read (never blocks: a FIFO or
+    device is refused at once)."""
     try:
         with open_input(path) as f, Image.open(f, formats=_formats()) as image:
             w, h = image.size
             orientation = _orientation(image)
-    except Exception:
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image file of the formats read ({', '.join(IMAGE_FORMATS)})") from None
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"truncated or corrupt image: {reason}") from None
+    return Probe((w, h) if orientation in _SWAPS_AXES else (h, w), orientation)
+
+
+def image_size(path: str | Path | Readable) -> tuple[int, int]:
+    """(H, W) after EXIF orientation, from the header alone (:func:`read_header`'s size); an
+    :class:`ImageError` if the file cannot be read."""
+    return read_header(path).size
+
+
+def probe(path: str | Path | Readable) -> Probe | None:
+    """:func:`read_header`, or None if the file cannot be read."""
+    try:
+        return read_header(path)
+    except ImageError:
         return None
-    return (w, h) if orientation in _SWAPS_AXES else (h, w)
+
+
+def probe_size(path: str | Path | Readable) -> tuple[int, int] | None:
+    """(H, W) after EXIF orientation, from the header alone; None if the file cannot be read."""
+    found = probe(path)
+    return found.size if found else None

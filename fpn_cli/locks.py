@@ -28,6 +28,10 @@ from .store import (
     create_folder,
 )
 
+# Sections of the settings that only some runs use (``roi``: how rois.npy is pooled, recorded by
+# runs with --boxes). A run without one neither checks nor drops it; a run with one must match it.
+OPTIONAL_SETTINGS = ("roi",)
+
 
 @contextlib.contextmanager
 def lock_folder(root: Path, shard: tuple[int, int] | None) -> Iterator[None]:
@@ -81,11 +85,12 @@ def record_settings(
     marker until :func:`finish_overwrite`: until then the folder may mix old and new features, so
     a run without ``overwrite`` is refused."""
     pending = sorted(p.name for p in root.glob(OVERWRITE_MARKER + "*"))
-    check_settings(root, _recorded_settings(root), settings, pending, overwrite)
+    recorded = read_settings(root)
+    check_settings(root, recorded, settings, pending, overwrite)
     try:
         if overwrite:
             _overwrite_marker(root, shard).touch()
-        atomic_write_json(root / SETTINGS_FILE, dict(settings))
+        atomic_write_json(root / SETTINGS_FILE, settings_to_record(recorded, settings))
     except OSError as e:
         raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
 
@@ -104,16 +109,20 @@ def check_settings(
             f"{root} holds an unfinished --overwrite run ({', '.join(pending)}), so old and new "
             "features may be mixed: run it again with --overwrite to finish it"
         )
-    if recorded is not None and recorded != dict(settings) and not overwrite:
-        diff = ", ".join(
-            f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}"
-            for k in sorted(set(recorded) | set(settings))
-            if recorded.get(k) != settings.get(k)
-        )
+    differing = _differing(recorded or {}, settings)
+    if recorded is not None and differing and not overwrite:
+        diff = ", ".join(f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differing)
         raise UsageError(
             f"{root} holds features made with other settings ({diff}); "
             "pass --overwrite to recompute them, or choose another --out"
         )
+
+
+def settings_to_record(recorded: Mapping[str, object] | None, settings: Mapping[str, object]) -> dict:
+    """What the folder's settings file holds after a run with ``settings``: they, and the
+    optional sections recorded before that this run does not use (their files are still there)."""
+    kept = {k: v for k, v in (recorded or {}).items() if k in OPTIONAL_SETTINGS and k not in settings}
+    return {**dict(settings), **kept}
 
 
 def finish_overwrite(root: Path, shard: tuple[int, int] | None) -> None:
@@ -130,7 +139,18 @@ def overwrite_marker_name(shard: tuple[int, int] | None) -> str:
     return f"{OVERWRITE_MARKER}{suffix}"
 
 
-def _recorded_settings(root: Path) -> dict | None:
+def _differing(recorded: Mapping[str, object], settings: Mapping[str, object]) -> list[str]:
+    """Settings that differ; an optional section counts only where both record it."""
+    return [
+        k
+        for k in sorted(set(recorded) | set(settings))
+        if recorded.get(k) != settings.get(k)
+        and not (k in OPTIONAL_SETTINGS and (k not in recorded or k not in settings))
+    ]
+
+
+def read_settings(root: Path) -> dict | None:
+    """The settings recorded in ``root``; None where there are none (or they cannot be read)."""
     try:
         return json.loads((root / SETTINGS_FILE).read_text())
     except (OSError, ValueError):

@@ -166,8 +166,35 @@ def seeded_init(model: FPN, seed: int) -> None:
 
 
 def output_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple[int, int, int]]:
-    """(C, h, w) per requested level for one H x W image, by a forward pass on the meta device:
-    the real layer arithmetic, no feature memory."""
+    """(C, h, w) per requested level for one H x W image: (C, ⌈H/stride⌉, ⌈W/stride⌉) where the
+    model's layer arithmetic gives that (checked once per configuration, by forward passes on the
+    meta device), else such a forward pass for this size. A resume checks every stored image's
+    shapes, and a meta forward takes 50 ms: photos come in thousands of sizes."""
+    rule = _ceil_rule(config)
+    if rule is None:
+        return _meta_shapes(config, height, width)
+    return {name: (c, -(-height // s), -(-width // s)) for name, (c, s) in rule.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _ceil_rule(config: FPNConfig) -> dict[str, tuple[int, int]] | None:
+    """level -> (channels, stride) if every level is ⌈H/stride⌉ x ⌈W/stride⌉, else None."""
+    model = _meta_model(config)
+    rule = {name: (model.level_info[name].channels, model.level_info[name].stride) for name in model.levels}
+    # sizes that are not multiples of 4 in both residues mod 4 that ceil, floor and round tell apart
+    for h, w in ((129, 67), (254, 383)):
+        try:
+            if _meta_shapes(config, h, w) != {n: (c, -(-h // s), -(-w // s)) for n, (c, s) in rule.items()}:
+                return None
+        except RuntimeError:  # a backbone that needs other sizes: no rule
+            return None
+    return rule
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+    """(C, h, w) per requested level by a forward pass on the meta device: the real layer
+    arithmetic, no feature memory."""
     with torch.no_grad():
         out = _meta_model(config)(torch.empty(1, 3, height, width, device="meta"))
     return {k: tuple(v.shape[1:]) for k, v in out.items()}

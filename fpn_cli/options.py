@@ -14,7 +14,32 @@ from .formats import DEFAULT_SHARD_SIZE, FORMATS
 from .images import DEFAULT_MAX_PIXELS, Resize
 from .levels import parse_levels
 from .model import level_info, resolved_levels
+from .roi import RoiSpec, parse_pool
 from .version import __version__
+
+DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
+
+
+def check_resize(resize: Resize, max_pixels: int) -> None:
+    """A resize that makes every image larger than ``max_pixels`` is refused before any work:
+    ``--size HxW`` over it, or ``--short-side N`` (capped by ``--max-side M``) whose square
+    target, N x N (or M x M), is. Other targets over the limit (a panorama given
+    ``--short-side``) fail as single inputs when decoded."""
+    if resize.size is not None:
+        h, w = resize.size
+        what = f"--size {h}x{w}"
+    elif resize.short_side is not None:
+        h = w = min(resize.short_side, resize.max_side or resize.short_side)
+        what = f"--short-side {resize.short_side}" + (
+            f" --max-side {resize.max_side}" if resize.max_side else ""
+        )
+    else:
+        return
+    if h * w > max_pixels:
+        raise UsageError(
+            f"{what} makes {h * w:,}-pixel inputs, over --max-pixels {max_pixels:,}: choose a smaller size "
+            "(or raise --max-pixels if this machine has the memory)"
+        )
 
 
 @dataclass(frozen=True)
@@ -39,10 +64,28 @@ class Options:
     preview: bool = False  # also write OUT/<key>/preview.png
     format: str = "npy"  # npy: a file per level and image; shards: tar shards and an index (formats/)
     shard_size: int = DEFAULT_SHARD_SIZE  # with shards: a shard closes once it holds this many bytes
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds to read and decode one image; None: no limit
+    hash: bool = False  # record a sha256 of each input, and check it on resume
+    compile: bool = False  # torch.compile with freezing: faster forwards after a compile per input size
+    boxes: str | None = None  # --boxes FILE: RoI features for its boxes (roi.py)
+    roi_size: int | tuple[int, int] = 7  # each box's features are roi_size x roi_size (or (h, w))
+    roi_levels: tuple[str, ...] | None = None  # None: those of P2-P5 the run extracts
+    pool: tuple[str, ...] = ()  # "avg", "max": one vector per level
+    no_maps: bool = False  # store only the pooled vectors and RoI features, not the levels
 
     def __post_init__(self) -> None:
         if self.levels is not None:
             object.__setattr__(self, "levels", parse_levels(self.levels))
+        check_resize(self.resize, self.max_pixels)
+        if self.timeout is not None and not self.timeout > 0:
+            raise UsageError("--timeout must be a positive number of seconds")
+        if self.roi_levels is not None:
+            object.__setattr__(self, "roi_levels", parse_levels(self.roi_levels))
+        object.__setattr__(self, "pool", parse_pool(self.pool or ()))
+        if self.boxes is not None:
+            object.__setattr__(self, "boxes", str(self.boxes))
+        if self.no_maps and not (self.pool or self.boxes):
+            raise UsageError("--no-maps stores only pooled vectors and RoI features: add --pool or --boxes")
         object.__setattr__(self, "weights", str(self.weights))
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
@@ -69,14 +112,22 @@ def settings_record(opts: Options, spec: ModelSpec) -> dict:
         "save_dtype": opts.save_dtype,
         "resize": asdict(opts.resize),
         "pad_multiple": spec.config.pad_multiple,
-        # a shard's images cannot gain levels later, so their levels are settings; npy folders
-        # made before formats existed record neither, and stay resumable
+        # shards record their format and levels (a resume keeps an image's whole group or
+        # writes it anew: no image gains a level in place); npy folders made before formats
+        # existed record neither, and stay resumable
         **(
             {"format": opts.format, "levels": list(resolved_levels(spec.config))}
             if opts.format != "npy"
             else {}
         ),
+        # only with --boxes: a run without boxes leaves the recorded one alone (locks.OPTIONAL_SETTINGS)
+        **({"roi": roi_spec(opts, spec).record()} if opts.boxes else {}),
     }
+
+
+def roi_spec(opts: Options, spec: ModelSpec) -> RoiSpec:
+    """How this run pools RoI features (used with ``--boxes``)."""
+    return RoiSpec.resolve(opts.roi_size, opts.roi_levels, resolved_levels(spec.config))
 
 
 def report_header(

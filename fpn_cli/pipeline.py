@@ -3,16 +3,24 @@ jobs flow one way through them, and :func:`run` strings them together:
 
     plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
 
-- :func:`plan`: which images need work and which levels of each; complete ones are reported skipped.
-- :func:`decode_ahead`: decoding on a thread pool, a bounded look-ahead in front of the network.
-- :func:`split_off_failures`: unreadable images to the report, preview-only jobs to the writer.
+- :func:`plan`: which images need work and which arrays of each (levels, pooled vectors, RoI
+  features); complete ones are reported skipped (what a resume may keep of the levels is
+  resume.py's decision, of the arrays derived from them roi.py's).
+- :func:`decode_ahead`: fingerprinting and decoding on a few threads, a bounded look-ahead in
+  front of the network, a deadline per image (deadline.py).
+- :func:`split_off_failures`: unreadable images to the report, jobs whose levels are on disk to
+  the writer.
 - :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
 - :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
-- :class:`Writer`: a background thread, behind a bounded queue, writes levels and previews.
-- :func:`publish_report`: report.json, or a shard's part, merged once the set is complete.
+- :class:`Writer`: a background thread, behind a bounded queue, derives pooled vectors and RoI
+  features from the levels (roi.py) and writes them, the levels and previews, then the input's
+  record (resume.py) last.
+- :func:`publish_report`: report.json, or a shard's part, merged once the set is complete, and
+  the storage's index.
 
 Where and how features are stored is the :class:`~fpn_cli.formats.base.Storage` that
-:func:`extract` opens (formats/): the npy layout or tar shards, on disk or behind a URL.
+:func:`extract` opens (formats/): the npy layout or tar shards, on disk or behind a URL. The steps
+ask it, never a path, what is stored and where.
 
 :func:`extract` is the whole job around the run: inputs, shard, model, output folder and its lock.
 """
@@ -25,29 +33,39 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import preview
+from . import preview, resume
+from .boxes import read_boxes
 from .builder import ModelSpec, build, resolve
+from .deadline import ordered_map
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from .engine import Engine, default_workers, is_out_of_memory, resolve_device
-from .errors import FPNError, ImageError
-from .formats import DEFAULT_SHARD_SIZE, Storage, check_destination, format_totals, open_store
-from .images import InputImage, Resize, decode, probe_size
+from .errors import FPNError, ImageError, UsageError
+from .formats import (
+    DEFAULT_SHARD_SIZE,
+    Storage,
+    check_destination,
+    check_layout,
+    format_totals,
+    open_store,
+)
+from .images import InputImage, Resize, decode_image, read_header, warnings_to
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
-from .options import Options, report_header, settings_record
+from .options import Options, report_header, roi_spec, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
+from .roi import Geometry, Outputs, tell_boxes
 from .sources import find_inputs
-from .store import Store
 from .urls import is_url
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
+_UNKNOWN_SHOWN = 10  # images a boxes file names, not among the inputs, listed on stderr
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
 Log = Callable[[str], None]
 
@@ -57,15 +75,27 @@ class Job:
     """One image's work, filled in as it moves through the run."""
 
     image: InputImage
-    missing: tuple[str, ...]  # the levels to compute and write; () when only the preview is missing
-    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead
-    size: tuple[int, int] | None = None  # (H, W) as decoded
-    error: str | None = None  # why it could not be decoded
+    missing: tuple[str, ...]  # the arrays to write (levels, pooled vectors, rois and boxes), in order
+    have: dict[str, tuple[int, ...]] = field(default_factory=dict)  # arrays kept on disk: shapes
+    from_disk: bool = False  # every level is on disk: the rest is derived from the files, no forward pass
+    preview: bool = False  # draw preview.png
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8, resized: set by decode_ahead, if pixels are needed
+    geometry: Geometry | None = None  # sizes and orientation: from the record, else set by decode_ahead
+    error: str | None = None  # why it could not be listed, checked or decoded
+    # the input's, for its record: as recorded where the resume check found it unchanged (what is
+    # kept was made from that input), else taken just before decoding
+    fingerprint: resume.Fingerprint | None = None
+    recomputed: str | None = None  # why the features it had were not kept
 
     @property
-    def preview_only(self) -> bool:
-        """Every level is on disk; the preview is drawn from the files, with no forward pass."""
-        return not self.missing
+    def needs_network(self) -> bool:
+        """Its levels are computed: some are missing, or nothing is stored to derive the rest from."""
+        return not self.from_disk and bool(self.missing or self.preview)
+
+    @property
+    def needs_pixels(self) -> bool:
+        """For the network or a preview; otherwise its record or header is enough."""
+        return self.needs_network or self.preview
 
 
 def extract(
@@ -101,55 +131,97 @@ def extract(
     opts = Options(**kwargs) if options is None else replace(options, **kwargs)
     log = log or (lambda message: None)
     on_failure = on_failure or (lambda path, reason: None)
+    if not os.fspath(out):
+        raise UsageError("--out is empty: name an output folder")
     out = str(out) if is_url(str(out)) else Path(out)
     check_destination(out, opts.format)
     launch = torchrun_launch()
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
-    images = _own_images(inputs, stdin_lines, lists, list_column, out, shard)
+    found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format)
     spec = _resolve_model(opts)
+    # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
+    boxes, roi = (read_boxes(opts.boxes), roi_spec(opts, spec)) if opts.boxes else (None, None)
+    unknown = boxes.unknown(image.rel for image in found) if boxes else {}
+    images = _own_images(found, shard)
     model = _build_model(spec)
-    levels = resolved_levels(spec.config)
-    store = open_store(out, opts.format, levels, opts.save_dtype, opts.shard_size, shard)
-    with store.lock():
-        store.record_settings(settings_record(opts, spec), opts.overwrite)
-        store.sweep_dead_runs()
-        _notes(opts, spec, device, log)
-        report = Report(report_header(opts, spec, device, shard), total=len(images), on_add=progress)
-        engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess)
-        with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
-            if group is not None:
-                log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
-            try:
-                run(images, store, engine, opts, report, on_failure, log)
-            except KeyboardInterrupt as e:
-                report.interrupt(e)
-            except FPNError:
-                with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
-                    publish_report(store, report, shard, group, failed=True)
-                raise
-            if not report.interrupted:
-                store.finish_overwrite()  # every level this run owed is written
-            publish_report(store, report, shard, group)
+    store = open_store(
+        out, opts.format, resolved_levels(spec.config), opts.save_dtype, opts.shard_size, shard
+    )
+    outputs = Outputs(
+        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, spec.config.pad_multiple
+    )
+    report: Report | None = None
+    began = False  # an interrupt that escapes before the run began found nothing processed
+    try:
+        with store.lock(), warnings_to(log):
+            store.record_settings(settings_record(opts, spec), opts.overwrite)
+            store.sweep_dead_runs()
+            _notes(opts, spec, device, log)
+            _unknown_images(unknown, opts.boxes, log)
+            header = report_header(opts, spec, device, shard)
+            if opts.pool or opts.boxes or opts.no_maps:
+                header["regions"] = outputs.header(unknown)
+            report = Report(header, total=len(images), on_add=progress)
+            engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile)
+            with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
+                if group is not None:
+                    log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
+                began = True
+                try:
+                    run(images, store, engine, opts, report, on_failure, log, outputs)
+                except KeyboardInterrupt as e:
+                    report.interrupt(e)
+                except FPNError:
+                    with contextlib.suppress(OSError):  # a report of what was done, if the disk takes one
+                        publish_report(store, report, shard, group, failed=True)
+                    raise
+                try:
+                    if not report.interrupted:
+                        store.finish_overwrite()  # every level this run owed is written
+                    publish_report(store, report, shard, group)
+                except KeyboardInterrupt as e:  # the first: later ones are ignored (signals.py)
+                    report.interrupt(e)
+                    publish_report(store, report, shard, group)
+    except KeyboardInterrupt as e:
+        if not began:
+            raise
+        report.interrupt(e)  # as the run let go of the folder: report.json is written already
     return report
 
 
-def _own_images(
+def _find_images(
     inputs: Sequence[str | os.PathLike[str]],
     stdin_lines: Iterable[str],
     lists: Sequence[str | os.PathLike[str]],
     list_column: str | None,
     out: Path | str,
-    shard: tuple[int, int] | None,
+    format: str,
 ) -> list[InputImage]:
-    """The images this process is responsible for: all of the inputs, or its shard's."""
+    """Every image of ``inputs`` and the list files (sources.py); inputs whose outputs would land
+    on each other's in ``format`` are a :class:`UsageError` before any work (formats.check_layout)."""
     exclude = out if isinstance(out, Path) else None
     images = find_inputs(inputs, stdin_lines, exclude, lists, list_column)
-    for image in images:
-        Store.check_key(image.key, image.path)
+    check_layout(format, ((image.key, str(image.path)) for image in images if image.error is None))
+    return images
+
+
+def _own_images(images: list[InputImage], shard: tuple[int, int] | None) -> list[InputImage]:
+    """The images this process is responsible for: all of them, or its shard's."""
     if shard is not None:
         images = [image for image in images if shard_of(image.key, shard[1]) == shard[0]]
     return images
+
+
+def _unknown_images(unknown: dict[str, int], boxes: str | None, log: Log) -> None:
+    """A boxes file may name images this run was not given (a subset of a dataset): a warning
+    each, up to a few, not a failure; report.json lists them all."""
+    for rel, count in list(unknown.items())[:_UNKNOWN_SHOWN]:
+        log(f"warning: {boxes} has {count} box(es) for {rel}, which is not among the inputs")
+    if len(unknown) > _UNKNOWN_SHOWN:
+        log(
+            f"warning: ... and {len(unknown) - _UNKNOWN_SHOWN} more images not among the inputs (report.json)"
+        )
 
 
 def _resolve_model(opts: Options) -> ModelSpec:
@@ -177,95 +249,212 @@ def run(
     report: Report,
     on_failure: OnFailure,
     log: Log,
+    outputs: Outputs | None = None,
 ) -> None:
     """Every image of ``images`` through the steps, each ending as one entry of ``report``:
-    planned, decoded, split from the failures, batched, forwarded, written."""
+    planned, decoded, split from the failures, batched, forwarded, written. ``outputs``: the
+    arrays each image gets (default: its levels)."""
     device = engine.device
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
-    jobs = plan(images, store, opts, report)
+    outputs = outputs or Outputs(store.levels, opts.save_dtype)
+    results = Results(store, outputs, report, on_failure, log)
+    shapes = partial(_shapes, engine.model.config, opts.resize)
+    jobs = plan(images, store, opts, outputs, results, shapes, workers, log)
     forward = Forward(engine, report, on_failure, log)
-    with Writer(store, report, depth=max(2, 2 * batch_size), preview=opts.preview) as writer:
-        decoded = decode_ahead(jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size)
+    with Writer(store, report, depth=max(2, 2 * batch_size), outputs=outputs, results=results) as writer:
+        decoded = decode_ahead(
+            jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
+        )
         readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer)
         for batch in batches(readable, batch_size, max_pending=4 * batch_size):
             for job, levels, ready in forward(batch):
                 writer.put(job, levels, ready)
 
 
-def plan(images: Sequence[InputImage], store: Storage, opts: Options, report: Report) -> list[Job]:
-    """Step 1. Images with every requested level in place (and their preview, if asked) are
-    reported as skipped; the rest are jobs for their missing levels (all with ``overwrite``), or
-    preview-only jobs."""
+def plan(
+    images: Sequence[InputImage],
+    store: Storage,
+    opts: Options,
+    outputs: Outputs,
+    results: Results,
+    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
+    workers: int,
+    log: Log,
+) -> list[Job]:
+    """Step 1. Images with every requested array in place and trusted (and their preview, if
+    asked) are reported as skipped; the rest are jobs for their missing arrays (all with
+    ``overwrite``). A job whose levels are all on disk and trusted derives the rest from the
+    files, with no forward pass. Inputs that listing or the resume check found unusable are jobs
+    with their ``error`` set, to be reported failed in order.
+
+    What is trusted: resume.py checks the record and the levels (:func:`_kept` the rest). A stale
+    image's files are deleted here, before anything new is written. A store that writes an image
+    whole (shards) gets the whole image again when anything is missing (:func:`_resume_job`)."""
+    present = [image for image in images if image.error is None and store.present(image.key)]
+    for image in present:
+        store.remove_strays(image.key)
+    checked = [] if opts.overwrite else [image for image in present if _stores(image, outputs, opts)]
+    verdicts = dict(
+        zip(
+            (image.key for image in checked),
+            resume.examine_all(checked, store, shapes, opts.hash, workers, opts.timeout),
+            strict=True,
+        )
+    )
+    unrecorded = 0
     jobs = []
     for image in images:
-        have = store.resume(image.key, opts.overwrite)
-        missing = tuple(level for level in store.levels if level not in have)
-        if missing or (opts.preview and store.preview_file(image.key) is None):
-            jobs.append(Job(image, missing))
-            continue
-        recorded = store.recorded_sizes(image.key)
-        if recorded is not None:  # no need to read the image again (it may be far away)
-            size, target = recorded
+        names = outputs.names(image.rel)
+        verdict = verdicts.get(image.key) if image.error is None else None
+        if image.error is not None or (verdict is not None and verdict.error is not None):
+            jobs.append(Job(image, names, error=image.error or verdict.error))
+        elif not _stores(image, outputs, opts):
+            jobs.append(Job(image, ()))  # nothing to store: its header, for the report's geometry
+        elif verdict is None:  # a new image, or --overwrite
+            jobs.append(Job(image, names, preview=opts.preview))
         else:
-            size = probe_size(image.path)
-            target = opts.resize.target(*size) if size else None
-        report.add(_done_result(image, store, "skipped", size, target, have))
+            if verdict.recomputed == resume.NO_RECORD:
+                unrecorded += 1
+            elif verdict.recomputed:
+                log(f"recomputing {image.path}: {verdict.recomputed}")
+            job = _resume_job(image, names, verdict, store, outputs, shapes, opts)
+            if job.missing or job.preview:
+                jobs.append(job)
+            else:
+                results.done(image, "skipped", job.geometry, job.have)
+    if unrecorded:
+        log(f"note: recomputing {unrecorded} images whose features carry no fingerprint of their input")
     return jobs
 
 
+def _stores(image: InputImage, outputs: Outputs, opts: Options) -> bool:
+    """Whether the run stores anything for ``image`` (not so with --no-maps, for an image with
+    no boxes in the file and no --pool)."""
+    return bool(outputs.names(image.rel)) or opts.preview
+
+
+def _resume_job(
+    image: InputImage,
+    names: tuple[str, ...],
+    verdict: resume.Verdict,
+    store: Storage,
+    outputs: Outputs,
+    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
+    opts: Options,
+) -> Job:
+    """The job for an image with stored features, after :func:`_kept` has deleted what may not
+    stay; one with nothing missing and no preview to draw is complete. Where the store writes an
+    image whole, one with anything missing writes all its arrays, those it keeps read back."""
+    have = _kept(image, verdict, store, outputs, shapes)
+    missing = tuple(name for name in names if name not in have)
+    preview = opts.preview and store.preview_file(image.key) is None
+    from_disk = all(level in have for level in store.levels)
+    if missing and not store.in_place:
+        missing, have = names, {}
+    geometry = _recorded_geometry(verdict, opts.resize) if verdict.trusted else None
+    return Job(
+        image,
+        missing,
+        have,
+        from_disk,
+        preview,
+        geometry=geometry,
+        fingerprint=verdict.fingerprint,
+        recomputed=verdict.recomputed,
+    )
+
+
+def _kept(
+    image: InputImage,
+    verdict: resume.Verdict,
+    store: Storage,
+    outputs: Outputs,
+    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the image's arrays this run keeps: the levels resume.py trusts, and the arrays
+    derived from them that are complete at exactly their shape (roi.Outputs: rois only with
+    boxes.npy equal to the file's boxes). What may not stay is deleted: every file of the image
+    when its input changed or its record is missing (the record this run writes must not vouch
+    for them), every derived file when a stored level was wrong (they were made from it)."""
+    if not verdict.trusted:
+        store.forget(image.key)
+        return {}
+    if verdict.wrong:
+        store.forget_derived(image.key)
+        return dict(verdict.kept)
+    level_shapes = shapes(*verdict.input_size)
+    derived = outputs.complete(store, image.key, image.rel, level_shapes)
+    return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}
+
+
+def _recorded_geometry(verdict: resume.Verdict, resize: Resize) -> Geometry:
+    """An image's geometry from its record: the input is the one recorded, so nothing is read."""
+    return Geometry(verdict.input_size, resize.target(*verdict.input_size), verdict.orientation)
+
+
+def _shapes(config, resize: Resize, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+    """Each level's (C, h, w) for an input of ``height`` x ``width`` as decoded."""
+    return output_shapes(config, *resize.target(height, width))
+
+
 def decode_ahead(
-    jobs: Sequence[Job], resize: Resize, max_pixels: int, workers: int, lookahead: int
+    jobs: Sequence[Job],
+    resize: Resize,
+    max_pixels: int,
+    workers: int,
+    lookahead: int,
+    timeout: float | None = None,
+    content_hash: bool = False,
 ) -> Iterator[Job]:
-    """Step 2. ``jobs`` in order, each decoded (``rgb``, ``size``) or with its ``error``, on a pool
-    of ``workers`` threads that runs at most ``lookahead`` jobs ahead of the consumer."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="fpn-decode")
-    try:
-        yield from _prefetch(
-            pool, jobs, partial(_decode_job, resize=resize, max_pixels=max_pixels), lookahead
-        )
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Step 2. ``jobs`` in order, each fingerprinted and decoded (``fingerprint``, ``rgb``,
+    ``geometry``), or its header read where no pixels are needed and its geometry is not known,
+    or with its ``error``, on ``workers`` threads that run at most ``lookahead`` jobs ahead of
+    the consumer. A job still reading after ``timeout`` seconds is failed and left behind
+    (deadline.py)."""
+
+    def late(job: Job) -> Job:
+        return replace(job, error=f"timed out after {timeout:g} s reading or decoding it (--timeout)")
+
+    read = partial(_decode_job, resize=resize, max_pixels=max_pixels, content_hash=content_hash)
+    yield from ordered_map(
+        read, jobs, workers=workers, lookahead=lookahead, timeout=timeout, late=late, name="fpn-decode"
+    )
 
 
-def _decode_job(job: Job, resize: Resize, max_pixels: int) -> Job:
+def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -> Job:
+    if job.error is not None:  # listing or the resume check found it unusable
+        return job
     try:
-        job.rgb, job.size = decode(job.image.path, resize, max_pixels)
+        if job.needs_pixels:
+            if job.fingerprint is None:  # before the pixels: a change meanwhile shows next time
+                job.fingerprint = resume.fingerprint(job.image.path, content_hash)
+            decoded = decode_image(job.image.path, resize, max_pixels)
+            job.rgb = decoded.rgb
+            job.geometry = Geometry(decoded.size, decoded.rgb.shape[:2], decoded.orientation)
+        elif job.geometry is None:
+            found = read_header(job.image.path)
+            job.geometry = Geometry(found.size, resize.target(*found.size), found.orientation)
     except ImageError as e:
         job.error = str(e)
+    except MemoryError:
+        job.error = "not enough memory to read it"
     return job
-
-
-def _prefetch(
-    pool: ThreadPoolExecutor, jobs: Sequence[Job], fn: Callable[[Job], Job], lookahead: int
-) -> Iterator[Job]:
-    """``fn`` over ``jobs`` on the pool, at most ``lookahead`` in flight, results in input order."""
-    pending: list[Future] = []
-    it = iter(jobs)
-    for job in it:
-        pending.append(pool.submit(fn, job))
-        if len(pending) >= lookahead:
-            break
-    while pending:
-        done = pending.pop(0).result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield done
 
 
 def split_off_failures(
     decoded: Iterable[Job], report: Report, on_failure: OnFailure, fail_fast: bool, writer: Writer
 ) -> Iterator[Job]:
     """Step 3. Images that could not be read are failed inputs (with ``fail_fast``, the first
-    stops the run); preview-only jobs go straight to ``writer``; the rest go on to the network."""
+    stops the run); jobs whose levels are on disk, or that store nothing, go straight to
+    ``writer``; the rest go on to the network."""
     for job in decoded:
         if job.error is not None:
             _fail(job, job.error, report, on_failure)
             if fail_fast:
                 raise FPNError(f"stopped at the first failure (--fail-fast): {job.image.path}: {job.error}")
-        elif job.preview_only:
-            writer.put_preview(job)
+        elif not job.needs_network:
+            writer.put_from_disk(job)
         else:
             yield job
 
@@ -315,6 +504,8 @@ class Forward:
         a GPU)."""
         try:
             return self.engine(np.stack([job.rgb for job in batch]))
+        except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
+            pass
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
@@ -336,13 +527,17 @@ class Forward:
 
 
 class Writer:
-    """Step 6. Writes finished images on a background thread and reports each. The queue is
-    bounded, so a slow disk slows the producer instead of filling memory. The first error (disk
-    full, say) stops all writing: later jobs are drained unwritten, and :meth:`put` and
-    :meth:`close` raise it. Used as a context manager, it closes on exit."""
+    """Step 6. Writes finished images on a background thread and reports each: the missing
+    levels, the arrays derived from the levels (``outputs``: pooled vectors, RoI features), the
+    preview, and last the input's record, which marks the image complete. The queue is bounded,
+    so a slow disk slows the producer instead of filling memory. The first error (disk full, say)
+    stops all writing: later jobs are drained unwritten, and :meth:`put` and :meth:`close` raise
+    it. Used as a context manager, it closes on exit."""
 
-    def __init__(self, store: Storage, report: Report, depth: int, preview: bool) -> None:
-        self.store, self.report, self.preview = store, report, preview
+    def __init__(
+        self, store: Storage, report: Report, depth: int, outputs: Outputs, results: Results
+    ) -> None:
+        self.store, self.report, self.outputs, self.results = store, report, outputs, results
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: FPNError | None = None
         self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
@@ -351,11 +546,12 @@ class Writer:
     def put(self, job: Job, levels: Levels, ready: torch.cuda.Event | None = None) -> None:
         """Queues ``job``'s computed levels; ``ready``, if given, fires when the device's copies
         into them are done (the writer waits for it before it reads them)."""
-        self._enqueue(job, partial(self._write_levels, job, levels, ready))
+        self._enqueue(job, partial(self._write_computed, job, levels, ready))
 
-    def put_preview(self, job: Job) -> None:
-        """Queues a preview-only job: its levels are read back from disk to draw the preview."""
-        self._enqueue(job, partial(self._write_preview_only, job))
+    def put_from_disk(self, job: Job) -> None:
+        """Queues a job whose levels are all on disk: they are read back (memory-mapped) for the
+        derived arrays and the preview."""
+        self._enqueue(job, partial(self._write_from_disk, job))
 
     def close(self) -> None:
         """Waits for the queued jobs to be written and puts them in place (``store.flush``: a
@@ -378,7 +574,7 @@ class Writer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _enqueue(self, job: Job, write: Callable[[], ImageResult]) -> None:
+    def _enqueue(self, job: Job, write: Callable[[], None]) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((job, write))
@@ -389,39 +585,43 @@ class Writer:
             if self.error is not None:
                 continue  # after a fatal write error, drain without writing
             try:
-                result = write()
+                write()
             except Exception as e:  # the thread must live on: a dead writer would hang the producer
                 where = self.store.where(job.image.key)
                 if isinstance(e, OSError):
                     reason, where = e.strerror or str(e), e.filename or where
+                elif isinstance(e, MemoryError):
+                    reason = "out of memory"
                 else:
                     reason = f"{type(e).__name__}: {e}"
                 self.error = FPNError(f"cannot write {where}: {reason}")
                 self.report.add(ImageResult(job.image.rel, "failed", f"not written: {reason}"))
-                continue
-            self.report.add(result)
 
-    def _write_levels(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> ImageResult:
+    def _write_computed(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()  # the device-to-host copies of this batch are done
-        arrays = {k: np.asarray(v) for k, v in levels.items()}
-        self.store.write_levels(job.image.key, {k: arrays[k] for k in job.missing})
-        if self.preview:
-            self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        result = self._result(job, "ok", arrays)
-        self.store.finish_image(job.image.key, result.to_json())
-        return result
+        self._finish(job, {k: np.asarray(v) for k, v in levels.items()}, "ok")
 
-    def _write_preview_only(self, job: Job) -> ImageResult:
-        arrays = self.store.read_levels(job.image.key)
-        self.store.write_preview(job.image.key, preview.render(job.rgb, arrays))
-        result = self._result(job, "skipped", arrays)
-        self.store.finish_image(job.image.key, result.to_json())
-        return result
+    def _write_from_disk(self, job: Job) -> None:
+        levels = self.store.read_levels(job.image.key) if job.from_disk else {}  # else: nothing to store
+        self._finish(job, levels, "ok" if job.missing else "skipped")  # a preview alone: skipped
 
-    def _result(self, job: Job, status: str, arrays: dict[str, np.ndarray]) -> ImageResult:
-        shapes = {k: v.shape for k, v in arrays.items()}
-        return _done_result(job.image, self.store, status, job.size, job.rgb.shape[:2], shapes)
+    def _finish(self, job: Job, levels: dict[str, np.ndarray], status: str) -> None:
+        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry)
+        every = {**levels, **derived}
+        written = {name: every[name] for name in job.missing}
+        key = job.image.key
+        self.store.write_levels(key, written)  # levels, pooled vectors, rois, then boxes (roi.Outputs)
+        if job.preview:
+            self.store.write_preview(key, preview.render(job.rgb, levels))
+        shapes = {**job.have, **{name: array.shape for name, array in written.items()}}
+        result = self.results.entry(job.image, status, job.geometry, shapes, job.recomputed)
+        if written or job.preview:  # the record last: everything above is in place
+            geometry = job.geometry
+            record = resume.record(job.image, job.fingerprint, geometry.input_size, geometry.orientation)
+            self.store.write_record(key, record)
+            self.store.finish_image(key, result.to_json())
+        self.results.add(result, job.image, job.geometry)
 
 
 def publish_report(
@@ -455,32 +655,61 @@ def publish_report(
 
 def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
     """An image that could not be processed: ``on_failure`` is told, the report lists it failed."""
-    on_failure(job.image.path, reason)
-    report.add(ImageResult(job.image.rel, "failed", reason, input_size=job.size))
+    on_failure(str(job.image.path), reason)
+    size = job.geometry.input_size if job.geometry else None
+    report.add(ImageResult(job.image.rel, "failed", reason, input_size=size))
 
 
-def _done_result(
-    image: InputImage,
-    store: Storage,
-    status: str,
-    input_size: tuple[int, int] | None,
-    model_input_size: tuple[int, int] | None,
-    shapes: dict[str, tuple[int, ...]],
-) -> ImageResult:
-    """The report entry of an image whose levels are on disk, written now ("ok") or before."""
-    key = image.key
-    return ImageResult(
-        image.rel,
-        status,
-        input_size=input_size,
-        model_input_size=tuple(model_input_size) if model_input_size else None,
-        levels={
-            level: {"shape": list(shapes[level]), **store.location(key, level)}
-            for level in store.levels
-            if level in shapes
-        },
-        preview=store.preview_file(key),
-    )
+class Results:
+    """Reports images whose arrays are stored, written now ("ok") or before ("skipped"): their
+    report.json entries, and a message per box that was refused (a failure) or clipped (a note)."""
+
+    def __init__(
+        self, store: Storage, outputs: Outputs, report: Report, on_failure: OnFailure, log: Log
+    ) -> None:
+        self.store, self.outputs, self.report = store, outputs, report
+        self.on_failure, self.log = on_failure, log
+
+    def done(
+        self,
+        image: InputImage,
+        status: str,
+        geometry: Geometry | None,
+        shapes: dict[str, tuple[int, ...]],
+        recomputed: str | None = None,
+    ) -> None:
+        self.add(self.entry(image, status, geometry, shapes, recomputed), image, geometry)
+
+    def entry(
+        self,
+        image: InputImage,
+        status: str,
+        geometry: Geometry | None,
+        shapes: dict[str, tuple[int, ...]],
+        recomputed: str | None = None,
+    ) -> ImageResult:
+        """The image's report.json entry, its arrays where the store says they are."""
+        key, location = image.key, self.store.location
+        return ImageResult(
+            image.rel,
+            status,
+            recomputed=recomputed,
+            input_size=geometry.input_size if geometry else None,
+            model_input_size=tuple(geometry.model_input_size) if geometry else None,
+            levels={
+                level: {"shape": list(shapes[level]), **location(key, level)}
+                for level in self.store.levels
+                if level in shapes
+            },
+            preview=self.store.preview_file(key),
+            **self.outputs.entries(key, image.rel, shapes, geometry, location),
+        )
+
+    def add(self, result: ImageResult, image: InputImage, geometry: Geometry | None) -> None:
+        """``result`` into the report, and a message per refused or clipped box of the image."""
+        self.report.add(result)
+        if result.rois is not None:
+            tell_boxes(image.rel, str(image.path), self.outputs, geometry, self.log, self.on_failure)
 
 
 def summarize(
@@ -489,21 +718,25 @@ def summarize(
     resize: Resize,
     input_size: tuple[int, int],
     stdin_lines: Iterable[str] = (),
+    on_failure: OnFailure | None = None,
     lists: Sequence[str | os.PathLike[str]] = (),
     list_column: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> str:
-    """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs,
-    then the dataset's totals in each format and save dtype."""
+    """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
+    (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
+    dtype; ``on_failure`` (path, reason) for each input whose size cannot be read."""
     config = spec.config
     if not inputs and not lists:
         shapes = [(input_size, output_shapes(config, *input_size))]
         return format_summary(spec, parameter_count(config), level_info(config), shapes)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
-    for size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column)):
-        if size is None:
+    for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column)):
+        if isinstance(size, str):
             unreadable += 1
+            if on_failure is not None:
+                on_failure(str(image.path), size)
         else:
             per_size[resize.target(*size)] += 1
     shapes = [(s, output_shapes(config, *s)) for s in sorted(per_size)]
@@ -514,11 +747,20 @@ def summarize(
 
 def _probe_all(
     images: Sequence[InputImage], workers: int = 8, chunk: int = 1024
-) -> Iterator[tuple[int, int] | None]:
-    """Each image's size from its header, None where it cannot be read; on a few threads, since
-    an image behind a URL is a round trip, and a chunk at a time, so a million images are not a
-    million pending futures."""
+) -> Iterator[tuple[InputImage, tuple[int, int] | str]]:
+    """Each image with its size from its header, or the reason it cannot be read; on a few
+    threads, since an image behind a URL is a round trip, and a chunk at a time, so a million
+    images are not a million pending futures."""
+
+    def size(image: InputImage) -> tuple[int, int] | str:
+        if image.error is not None:
+            return image.error
+        try:
+            return read_header(image.path).size
+        except ImageError as e:
+            return str(e)
+
     with ThreadPoolExecutor(workers, thread_name_prefix="fpn-probe") as pool:
         for start in range(0, len(images), chunk):
             part = images[start : start + chunk]
-            yield from pool.map(lambda im: None if im.error else probe_size(im.path), part)
+            yield from zip(part, pool.map(size, part), strict=True)

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import bisect
 import json
-import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from .backbones import LevelInfo
+from .signals import interrupted_status
 
 Shapes = dict[str, tuple[int, int, int]]
 _NAMES_SHOWN = 3  # images named per group in the shape report
-
-
-def interrupted_status(interrupt: KeyboardInterrupt) -> int:
-    """The exit status of a run that ``interrupt`` stopped: 128 + the signal's number, as a shell
-    reports a process stopped by it: 130 for Ctrl-C (SIGINT), 143 for SIGTERM. The one place that
-    decides it, for a run and for a start-up that was interrupted before any run began.
-
-    >>> from fpn_cli.errors import Interrupted
-    >>> interrupted_status(KeyboardInterrupt()), interrupted_status(Interrupted(signal.SIGTERM))
-    (130, 143)
-    """
-    return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
 def format_summary(
@@ -58,16 +46,32 @@ class ImageResult:
     model_input_size: tuple[int, int] | None = None  # (H, W) after --size / --short-side
     levels: dict[str, dict] = field(default_factory=dict)  # level -> {"shape": [...], "file": ...}
     preview: str | None = None  # "x/cat/preview.png" when one exists
+    recomputed: str | None = None  # why stored features were not kept (the input changed, say)
+    geometry: dict | None = None  # orientation, scale, each level's stride and size (roi.Geometry)
+    pooled: dict[str, dict] = field(default_factory=dict)  # "p3_avg" -> {"shape": [C], "file": ...}
+    rois: dict | None = None  # shape, files, refused and clipped boxes: with --boxes
+
+    @property
+    def refused_boxes(self) -> int:
+        return len(self.rois.get("refused", ())) if self.rois else 0
 
     def to_json(self) -> dict:
         entry: dict = {"path": self.path, "status": self.status}
         if self.error is not None:
             entry["error"] = self.error
+        if self.recomputed is not None:
+            entry["recomputed"] = self.recomputed
         entry["input_size"] = list(self.input_size) if self.input_size else None
         entry["model_input_size"] = list(self.model_input_size) if self.model_input_size else None
         entry["levels"] = self.levels
         if self.preview is not None:
             entry["preview"] = self.preview
+        if self.pooled:
+            entry["pooled"] = self.pooled
+        if self.rois is not None:
+            entry["rois"] = self.rois
+        if self.geometry is not None:
+            entry["geometry"] = self.geometry
         return entry
 
 
@@ -87,6 +91,7 @@ class Report:
         self._interrupted_status: int | None = None  # set by interrupt()
         self._entries: list[tuple[str, str, str]] = []  # (path, status, JSON line)
         self._counts = {"ok": 0, "skipped": 0, "failed": 0}
+        self._refused_boxes = 0  # boxes whose RoI features could not be pooled (a failure, too)
         self._groups: dict[tuple, list] = {}  # (input size, shapes) -> [count, first paths]
         self._failures: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -96,6 +101,7 @@ class Report:
         with self._lock:
             self._entries.append((result.path, result.status, line))
             self._counts[result.status] += 1
+            self._refused_boxes += result.refused_boxes
             if result.status == "failed":
                 self._failures.append((result.path, result.error or ""))
             else:
@@ -129,12 +135,18 @@ class Report:
             return dict(self._counts)
 
     @property
+    def refused_boxes(self) -> int:
+        with self._lock:
+            return self._refused_boxes
+
+    @property
     def exit_status(self) -> int:
-        """0: every input written or already complete; 1: some failed; when interrupted, the
-        signal's status (:func:`interrupted_status`: 130 for Ctrl-C, 143 for SIGTERM)."""
+        """0: every input written or already complete; 1: some failed, or some boxes were refused;
+        when interrupted, the signal's status (:func:`interrupted_status`: 130 for Ctrl-C, 143 for
+        SIGTERM)."""
         if self._interrupted_status is not None:
             return self._interrupted_status
-        return 1 if self.counts["failed"] else 0
+        return 1 if self.counts["failed"] or self.refused_boxes else 0
 
     def write_json(self, f: BinaryIO) -> None:
         """Writes report.json to ``f``: the header, one line per image (sorted by path), counts."""
@@ -163,6 +175,10 @@ class Report:
             lines.append("    " + "  ".join(f"{k.upper()} {'x'.join(map(str, s))}" for k, s in shapes))
         for path, error in failures:
             lines.append(f"failed: {path}: {error}")
+        if self.refused_boxes:
+            lines.append(
+                f"{self.refused_boxes} boxes refused (their rows of rois.npy are NaN; report.json says why)"
+            )
         return "\n".join(lines)
 
 

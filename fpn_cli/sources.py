@@ -10,11 +10,17 @@ an image that is not a local file has a :class:`TarMember` or :class:`RemoteFile
                          input whose path relative to its root is the member's name (key + ext)
     s3://b/imgs/, gs://..., https://host/x.jpg, memory://...
                          a URL is a file, a tar, a folder (searched recursively) or a glob
+
+Each tells its fingerprint for resume.py (``stat()``): a tar member its size and the modification
+time its tar header gives, as the tar was listed by this run; an object what its store reports
+(size, modification time, ETag or generation), asked again each time.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
+import email.utils
 import io
 import os
 import posixpath
@@ -144,15 +150,23 @@ def _parquet_column(listing: str, column: str) -> list[str]:
 @dataclass(frozen=True)
 class TarMember:
     """An image inside a tar shard: ``tar`` (a local path or a URL), the member's ``name``, and
-    where its data is (``offset``, ``size``), found when the tar was listed."""
+    where its data is (``offset``, ``size``) and its header's modification time, found when the
+    tar was listed."""
 
     tar: str
     name: str
     offset: int
     size: int
+    mtime_ns: int = 0
 
     def __str__(self) -> str:
         return f"{self.tar}#{self.name}"
+
+    def stat(self) -> tuple[int, int, str | None]:
+        return self.size, self.mtime_ns, None
+
+    def locator(self) -> dict[str, str]:
+        return {"input": self.tar if is_url(self.tar) else os.path.abspath(self.tar), "member": self.name}
 
     def open(self) -> BinaryIO:
         try:
@@ -189,6 +203,12 @@ class Refused:
     def open(self) -> BinaryIO:
         raise ImageError(self.reason)
 
+    def stat(self) -> tuple[int, int, str | None]:
+        raise ImageError(self.reason)
+
+    def locator(self) -> dict[str, str]:
+        return self.source.locator()
+
 
 def _checked(source: TarMember | RemoteFile, rel: str) -> InputImage:
     """``source`` as an input at ``rel``, or refused if ``rel`` would leave the output folder
@@ -218,6 +238,44 @@ class RemoteFile:
         except Exception as e:  # a backend's own error (access denied, network)
             raise ImageError(f"cannot read: {_reason(e)}") from None
 
+    def stat(self) -> tuple[int, int, str | None]:
+        fs, inner = filesystem(self.url)
+        try:
+            info = fs.info(inner)
+        except FileNotFoundError:
+            raise ImageError("does not exist") from None
+        except Exception as e:
+            raise ImageError(f"cannot read: {_reason(e)}") from None
+        modified = next((info[k] for k in _MODIFIED if info.get(k) is not None), None)
+        version = next((str(info[k]) for k in _VERSIONS if info.get(k)), None)
+        return int(info.get("size") or 0), _nanoseconds(modified), version
+
+    def locator(self) -> dict[str, str]:
+        return {"input": self.url}
+
+
+# what fsspec backends call an object's modification time (s3, gcs, http, local, memory) and version
+_MODIFIED = ("mtime", "LastModified", "last_modified", "updated", "Last-Modified", "created")
+_VERSIONS = ("ETag", "etag", "generation", "VersionId", "version_id", "md5Hash", "Content-MD5", "Digest")
+
+
+def _nanoseconds(value: object) -> int:
+    """A backend's modification time (a datetime, seconds, ISO or HTTP date text) in ns; 0 if
+    none can be read from it."""
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                value = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return 0
+    if isinstance(value, datetime.datetime):
+        value = value.timestamp()
+    if isinstance(value, (int, float)):
+        return int(round(value * 1e9))
+    return 0
+
 
 def tar_members(tar: str, f: BinaryIO, shown: str) -> list[InputImage]:
     """The image members of the tar ``f`` (from ``tar``), each an input whose path relative to
@@ -231,7 +289,8 @@ def tar_members(tar: str, f: BinaryIO, shown: str) -> list[InputImage]:
             for info in archive:
                 if not info.isreg() or not is_image_name(info.name):
                     continue
-                found.append(_checked(TarMember(tar, info.name, info.offset_data, info.size), info.name))
+                member = TarMember(tar, info.name, info.offset_data, info.size, int(info.mtime * 1e9))
+                found.append(_checked(member, info.name))
     except tarfile.ReadError as e:
         if not found:
             reason = f"not a readable tar file ({_reason(e)}); only uncompressed tars are read"

@@ -204,6 +204,18 @@ def read_file(path: str | os.PathLike[str], source: str | None = None) -> Checkp
 
 def _read_torch(path: Path) -> object:
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise WeightsError(f"cannot read weights file {path}: {e.strerror or e}") from None
+    # torch.save writes a zip archive, or (before torch 1.6) a pickle; torch.load meets anything
+    # else with errors such as IndexError that say nothing of the file
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise WeightsError(
+            f"cannot read weights file {path}: not a checkpoint (a PyTorch .pth/.pt file is a zip "
+            "archive or a pickle; .pkl and .safetensors files are read by their suffix)"
+        )
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)

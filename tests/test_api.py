@@ -20,7 +20,7 @@ def test_keywords_replace_the_fields_of_the_options_given(tmp_path):
     base = Options(arch="seed", device="cpu", levels=("p2", "p3"))
     report = extract([tmp_path / "a.png"], tmp_path / "out", base, levels="p5", save_dtype="float16")
     assert report.exit_status == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["p5.npy"]
+    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["input.json", "p5.npy"]
     assert np.load(tmp_path / "out" / "a" / "p5.npy").dtype == np.float16
     model = json.loads((tmp_path / "out" / "report.json").read_text())["model"]
     assert model["arch"] == "seed" and model["levels"] == ["p5"] and model["save_dtype"] == "float16"

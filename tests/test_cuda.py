@@ -187,3 +187,19 @@ def test_torchrun_with_nccl_on_one_process(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["counts"] == {"ok": 5, "skipped": 0, "failed": 0}
     assert report["device"] == "cuda:0"
+
+
+def test_a_padded_bgr_zoo_model_on_cuda_equals_the_cpu(tmp_path, monkeypatch):
+    """detectron2's preprocessing (BGR 0-255, padding to 32) and MSRA ResNet on the device."""
+    from fpn_cli import zoo
+
+    from frameworks import d2_state, write_d2_pkl
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FPN_EXTRACT_OFFLINE", "1")
+    name = "detectron2:COCO-Detection/retinanet_R_50_FPN_1x"
+    write_d2_pkl(d2_state((3, 4, 6, 3), retinanet=True), zoo.entry(name).path())
+    save_rgb(tmp_path / "in" / "odd.png", 45, 71)
+    for device in ("cpu", "cuda"):
+        assert extract([tmp_path / "in"], tmp_path / device, weights=name, device=device).exit_status == 0
+    assert worst(levels_of(tmp_path / "cuda"), levels_of(tmp_path / "cpu")) <= FP32_TOL

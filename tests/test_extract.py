@@ -329,7 +329,7 @@ def test_save_dtype_and_compute_dtype(tmp_path):
 def test_levels_option_writes_only_those_levels(tmp_path):
     save_rgb(tmp_path / "a.png", 32, 32)
     assert run(tmp_path / "a.png", "-o", tmp_path / "out", "--levels", "c3,p6", *SEED).exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["c3.npy", "p6.npy"]
+    assert sorted(p.name for p in (tmp_path / "out" / "a").iterdir()) == ["c3.npy", "input.json", "p6.npy"]
     assert np.load(tmp_path / "out" / "a" / "c3.npy").shape == (512, 4, 4)
 
 
@@ -391,3 +391,15 @@ def test_float16_compute_on_the_cpu_gets_a_note(tmp_path):
     )
     assert result.exit_code == 0
     assert "--dtype float16 is slow on CPUs" in result.stderr
+
+
+def test_compile_gives_the_eager_features(tmp_path):
+    """--compile (torch.compile with frozen weights) changes speed, not the numbers beyond rounding."""
+    save_rgb(tmp_path / "in" / "a.png", 64, 80)
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = run(tmp_path / "in", "-o", tmp_path / name, *SEED, "--levels", "p2,p5", *extra)
+        assert result.exit_code == 0, result.output
+    for level in ("p2", "p5"):
+        eager = np.load(tmp_path / "eager" / "a" / f"{level}.npy")
+        compiled = np.load(tmp_path / "compiled" / "a" / f"{level}.npy")
+        assert np.abs(compiled - eager).max() <= 1e-4 * np.abs(eager).max(), level

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fpn_cli import ImageError, UsageError
-from fpn_cli.images import Resize, decode, find_images, probe_size, warnings_to
+from fpn_cli.images import Resize, decode, find_images, probe_size, read_names, warnings_to
 
 from imagefactory import (
     eps_named_jpg,
@@ -240,8 +241,18 @@ def test_listing_reports_special_files_broken_links_and_unreadable_folders(tmp_p
 
 def test_listed_names_are_verbatim_and_a_missing_one_is_a_failed_input(tmp_path):
     save_rgb(tmp_path / " lead.png", 8, 8)
-    found = find_images(["-"], [f"{tmp_path}/ lead.png\n", f"{tmp_path}/missing.png\n"])
+    listed = io.BytesIO(f"{tmp_path}/ lead.png\n{tmp_path}/missing.png\n".encode())
+    found = find_images(["-"], read_names(listed))
     assert {im.rel: im.error for im in found} == {" lead.png": None, "missing.png": "does not exist"}
+
+
+def test_names_are_read_by_lines_or_nul_separated_whatever_bytes_they_hold():
+    text = b"a b.png\r\n\n\xff.jpg\nlast.png"
+    assert list(read_names(io.BytesIO(text))) == ["a b.png\r", os.fsdecode(b"\xff.jpg"), "last.png"]
+    assert list(read_names(io.BytesIO(b"new\nline.png\0\0 x.png\0"), null=True)) == [
+        "new\nline.png",
+        " x.png",
+    ]
 
 
 def test_out_equal_to_an_input_folder_is_a_usage_error(tmp_path):

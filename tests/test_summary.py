@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import run
 
@@ -63,3 +64,17 @@ def test_bad_options_are_usage_errors(args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_summary_describes_the_model_the_run_uses():
+    """One owner for the model: --summary --weights coco is the torchvision-style FPN the run builds
+    (it once printed the reference FPN's 26,262,336 parameters)."""
+    from fpn_cli.builder import resolve
+    from fpn_cli.model import FPN
+
+    result = run("--summary", "--weights", "coco")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("resnet50, torchvision FPN, 26,852,416 parameters")
+    with torch.device("meta"):
+        run_model = FPN(resolve(weights="coco").config)  # what extract() builds, without the download
+    assert sum(p.numel() for p in run_model.parameters()) == 26_852_416

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import store
 from ..errors import FPNError, UsageError
 from ..store import SETTINGS_FILE
 from ..urls import Folder, is_url, local_path
@@ -33,6 +34,7 @@ __all__ = [
     "FORMATS",
     "Features",
     "Storage",
+    "check_layout",
     "format_totals",
     "open_features",
     "open_store",
@@ -61,6 +63,16 @@ def check_destination(out: str | os.PathLike[str], format: str) -> None:
         raise UsageError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
     if format == "npy" and is_url(str(out)):
         raise UsageError(f"--out {out}: a URL needs --format shards (npy writes a file per level and image)")
+
+
+def check_layout(format: str, keyed: Iterable[tuple[str, str]]) -> None:
+    """(key, input path) pairs whose outputs would clash in ``format``, refused before any work:
+    in the npy layout a key against another key's files or the tool's own (store.check_layout);
+    in shards, whose members share no folder, only keys that are no path inside the output."""
+    if format == "npy":
+        store.check_layout(keyed)
+    else:
+        shards.check_keys(keyed)
 
 
 def open_features(out: str | os.PathLike[str]) -> Features:

@@ -35,13 +35,22 @@ def read_npy_header(f: BinaryIO) -> tuple[Shape, np.dtype]:
 
 class Storage(Protocol):
     """An output folder in one format, as the pipeline uses it: who may write (:meth:`lock`,
-    :meth:`record_settings`), what a resumed run keeps (:meth:`resume`), writing an image
-    (:meth:`write_levels` ... :meth:`finish_image`), and the files of the whole run (reports,
-    :meth:`publish_index`). Array names are the levels (``p2``) and any other per-image array
-    (``rois``): each is stored as ``<name>.npy``."""
+    :meth:`record_settings`), what is stored for an image and what a resume may keep of it
+    (:meth:`present` ... :meth:`forget`; resume.py and roi.Outputs decide, asking these), writing
+    an image (:meth:`write_levels`, :meth:`write_record`, :meth:`finish_image`), and the files of
+    the whole run (reports, :meth:`publish_index`).
+
+    Array names are the levels (``p2``) and every array derived from them (``p3_avg``, ``rois``,
+    ``boxes``: roi.Outputs); each is stored as ``<name>.npy`` in its own dtype (boxes are float64
+    whatever the save dtype). An image's record (resume.py) is stored with its arrays, after them.
+    ``in_place``: whether an image's arrays can be added to or replaced one by one (npy), or an
+    image is written whole each time (shards: a resume that lacks anything writes a new group,
+    reading what it keeps back from the old one)."""
 
     format: str
     levels: tuple[str, ...]
+    dtype: np.dtype
+    in_place: bool
 
     def lock(self) -> AbstractContextManager[None]:
         """Holds the folder against other runs (and makes it) for the length of the run."""
@@ -56,13 +65,42 @@ class Storage(Protocol):
     def finish_overwrite(self) -> None:
         """Marks an ``overwrite`` run finished: the folder no longer mixes old and new."""
 
-    def resume(self, key: str, overwrite: bool) -> dict[str, Shape]:
-        """Shapes of the levels of ``key`` that are complete and kept (none with ``overwrite``),
-        after clearing whatever a killed run left of ``key``."""
+    def present(self, key: str) -> bool:
+        """Whether anything is stored for ``key`` (a new image costs no more than this)."""
 
-    def recorded_sizes(self, key: str) -> tuple[Size | None, Size | None] | None:
-        """(input size, network input size) of a complete ``key`` if the format records them;
-        None: the caller probes the image."""
+    def remove_strays(self, key: str) -> None:
+        """Deletes whatever a killed run left half-written of ``key``."""
+
+    def read_record(self, key: str) -> dict | None:
+        """``key``'s record (resume.py's), or None if there is none."""
+
+    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
+        """Records that ``key``'s unchanged input is now found where ``record`` says, where the
+        format can (a complete shard is never rewritten: its record keeps the old place)."""
+
+    def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
+        """The shape of array ``name`` of ``key`` if it is stored complete, in ``dtype``."""
+
+    def is_stored(self, key: str, name: str) -> bool:
+        """Whether anything named ``name`` is stored for ``key``, complete or not."""
+
+    def shapes(
+        self, key: str, names: Iterable[str], dtypes: Mapping[str, np.dtype] | None = None
+    ) -> dict[str, Shape]:
+        """Shapes of the arrays among ``names`` stored complete for ``key``, in the save dtype
+        or the one ``dtypes`` gives for the name."""
+
+    def forget(self, key: str) -> None:
+        """Drops every stored array of ``key`` and its record: its input changed."""
+
+    def forget_derived(self, key: str) -> None:
+        """Drops what was derived from ``key``'s levels: a level they came from was wrong."""
+
+    def read_array(self, key: str, name: str) -> np.ndarray:
+        """Stored array ``name`` of ``key``, memory-mapped where possible."""
+
+    def read_levels(self, key: str) -> dict[str, np.ndarray]:
+        """The levels of a complete ``key``, memory-mapped where possible."""
 
     def preview_file(self, key: str) -> str | None:
         """The preview of ``key``, relative to the folder, if there is one."""
@@ -73,11 +111,13 @@ class Storage(Protocol):
     def where(self, key: str) -> str:
         """The file or folder that ``key`` is written to, for messages."""
 
-    def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None: ...
+    def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Writes ``key``'s arrays (levels and derived ones), in ``arrays``' order."""
 
     def write_preview(self, key: str, picture) -> None: ...
 
-    def read_levels(self, key: str) -> dict[str, np.ndarray]: ...
+    def write_record(self, key: str, record: Mapping[str, object]) -> None:
+        """Stores ``key``'s record after its arrays: with it, they are complete."""
 
     def finish_image(self, key: str, entry: dict) -> None:
         """``key`` is written whole; ``entry`` is its report.json entry."""

@@ -16,14 +16,17 @@ import numpy as np
 
 from ..errors import FPNError
 from ..locks import finish_overwrite, lock_folder, record_settings
+from ..npyio import npy_shape
 from ..store import PREVIEW_FILE, REPORT_FILE, Store
-from .base import Features, Shape, Size, npy_size
+from .base import Features, Shape, npy_size
 
 
 class NpyStore(Store):
-    """The npy layout as a run writes it: store.Store with the folder's lock and settings."""
+    """The npy layout as a run writes it: store.Store with the folder's lock and settings. Each
+    array is its own file, so a resume adds or replaces arrays one by one (``in_place``)."""
 
     format = "npy"
+    in_place = True
 
     def __init__(
         self, root: Path, levels: Iterable[str], save_dtype: str, shard: tuple[int, int] | None = None
@@ -40,14 +43,17 @@ class NpyStore(Store):
     def finish_overwrite(self) -> None:
         finish_overwrite(self.root, self.shard)
 
-    def resume(self, key: str, overwrite: bool) -> dict[str, Shape]:
-        if not (self.root / key).is_dir():  # a new image: one stat, no more
-            return {}
-        self.remove_strays(key)
-        return {} if overwrite else self.existing(key)
+    def present(self, key: str) -> bool:
+        return (self.root / key).is_dir()  # a new image: one stat, no more
 
-    def recorded_sizes(self, key: str) -> tuple[Size | None, Size | None] | None:
-        return None  # the layout keeps no sizes: they come from the image
+    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
+        self.write_record(key, record)
+
+    def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
+        return npy_shape(self.level_path(key, name), dtype)
+
+    def is_stored(self, key: str, name: str) -> bool:
+        return self.level_path(key, name).exists()
 
     def preview_file(self, key: str) -> str | None:
         return f"{key}/{PREVIEW_FILE}" if self.preview_path(key).is_file() else None

@@ -1,7 +1,9 @@
 """``--format shards``: WebDataset-compatible tar shards, an index, exact resume.
 
     OUT/shards/000000.tar, 000001.tar ...     (I-of-N-000000.tar ... for --shard I/N or a torchrun rank)
-        <stem>.p2.npy ... <stem>.json           one image: its arrays, then its report.json entry
+        <stem>.p2.npy ... <stem>.json           one image: its arrays (levels, then p3_avg, rois,
+                                                boxes ...: roi.Outputs), then its report.json entry
+                                                with its input's record (resume.py) in ``record``
     OUT/shards/.index/000000.jsonl ...        one index part per shard: a line per image
     OUT/shards/index.jsonl                    every part merged, sorted by key (publish_report)
     OUT/report.json, OUT/.fpn-extract.json     as in the npy layout
@@ -12,10 +14,13 @@ its key with ``%`` and, in the base name, ``.`` percent-escaped, and a leading `
 ``%5F_``: every key survives those rules, and ``urllib.parse.unquote(stem)`` gives it back (the
 json member holds the real path too).
 
-**Index lines.** ``{"key", "path", "shard", "input_size", "model_input_size", "members"}``, where
-``members`` maps each member's suffix (``p2.npy``, ``json``) to the ``offset`` of its data in the
-tar and its ``size``; an ``.npy`` member adds ``shape``, ``dtype`` and ``data``, the offset of the
-array's first byte, so a level is memory-mapped with no other read. Tar data starts on 512-byte
+**Index lines.** ``{"key", "path", "shard", "input_size", "model_input_size", "members", "record"}``
+(and ``replaces``, below), where ``members`` maps each member's suffix (``p2.npy``, ``json``) to
+the ``offset`` of its data in the tar and its ``size``; an ``.npy`` member adds ``shape``,
+``dtype`` (each its own: ``boxes.npy`` is float64 whatever the save dtype) and ``data``, the
+offset of the array's first byte, so a level is memory-mapped with no other read. ``record`` is
+the input's fingerprint the image was made from, as ``OUT/<key>/input.json`` holds it in the npy
+layout; it is in the json member too, which is the group's last. Tar data starts on 512-byte
 boundaries, and the ``.npy`` header is a multiple of 64 bytes, so arrays are 64-byte aligned.
 index.jsonl's first line is a header; the rest are sorted by key, so a reader finds a key by
 bisection over line offsets without parsing the file: millions of images cost a reader 8 bytes
@@ -28,6 +33,16 @@ rewritten. A killed run leaves a temporary tar (swept) and perhaps a part withou
 (deleted): its images are in no complete shard, so the next run computes them again, and every
 image is in exactly one shard. Images never straddle shards (WebDataset groups a sample's members
 within one tar); a shard closes once it holds ``--shard-size`` bytes.
+
+**What a resume keeps.** An image in a complete shard is skipped when resume.py trusts its record
+(the input is unchanged) and its group holds every array this run asks for, at exactly the
+expected shapes (rois only for the same boxes). A complete shard is never rewritten, so any other
+image is written whole into a new shard: recomputed, or, where the levels it keeps are trusted,
+read back from the old group to derive what is missing (a run adding ``--pool`` or ``--boxes``
+needs no network). Its new line (and json member) names the shard it ``replaces``; the index and
+every reader take, for a key, the line no other line replaces, so each image is listed once. The
+old group stays in its tar, unlisted: WebDataset reading the tars directly sees it too (one
+``--overwrite`` run rewrites the shards without them).
 """
 
 from __future__ import annotations
@@ -53,7 +68,14 @@ import numpy as np
 
 from ..distributed import shard_of
 from ..errors import FPNError, UsageError
-from ..locks import check_settings, finish_overwrite, lock_folder, overwrite_marker_name, record_settings
+from ..locks import (
+    check_settings,
+    finish_overwrite,
+    lock_folder,
+    overwrite_marker_name,
+    record_settings,
+    settings_to_record,
+)
 from ..store import (
     HOST,
     OVERWRITE_MARKER,
@@ -66,7 +88,7 @@ from ..store import (
 from ..store import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
 from ..urls import Folder
 from . import tario
-from .base import Features, Shape, Size, npy_size, read_npy_header
+from .base import Features, Shape, npy_size, read_npy_header
 
 SHARDS = "shards"  # under OUT
 PARTS = f"{SHARDS}/.index"  # one index part per shard
@@ -88,6 +110,14 @@ def member_stem(key: str) -> str:
     folder, slash, base = key.rpartition("/")
     stem = folder.replace("%", "%25") + slash + base.replace("%", "%25").replace(".", "%2E")
     return "%5F" + stem[1:] if stem.startswith("__") else stem
+
+
+def check_keys(keyed: Iterable[tuple[str, str]]) -> None:
+    """(key, input path) pairs whose key is no path inside the output folder (an empty part,
+    ``.`` or ``..``) are a :class:`UsageError`: a tar with such member names is unsafe to unpack."""
+    for key, source in keyed:
+        if any(part in ("", ".", "..") for part in key.split("/")):
+            raise UsageError(f"{source} would write {key}, which is not a path inside the output folder")
 
 
 def key_of(stem: str) -> str:
@@ -123,11 +153,13 @@ def _part_name(shard_name: str) -> str:
 
 @dataclass
 class _Group:
-    """The image being written: where it began (to cut it off if it fails) and its members."""
+    """The image being written: where it began (to cut it off if it fails), its members and the
+    record of its input (written with the json member, last)."""
 
     key: str
     start: int
     members: dict[str, dict] = field(default_factory=dict)
+    record: dict | None = None
 
 
 @dataclass
@@ -141,9 +173,11 @@ class _OpenShard:
 class ShardStore:
     """The shard format's writer side (a :class:`~fpn_cli.formats.base.Storage`): ``root`` is a
     local folder or an fsspec URL; ``shard`` the job array's part (or torchrun rank) whose shards
-    this run writes. Only the run's writer thread writes images; the rest runs before or after it."""
+    this run writes. Only the run's writer thread writes images; the rest runs before or after it.
+    An image is written whole or kept whole (module docstring): not ``in_place``."""
 
     format = "shards"
+    in_place = False
 
     def __init__(
         self,
@@ -163,6 +197,7 @@ class ShardStore:
         self._open: _OpenShard | None = None
         self._next: int | None = None  # the sequence number of the next shard
         self._uploads: _Uploads | None = None
+        self._arrays = _Arrays(self.folder)
 
     # -- who may write, with which settings --------------------------------------------------
 
@@ -178,10 +213,12 @@ class ShardStore:
         if self.folder.remote:
             raw = self.folder.read_bytes(SETTINGS_FILE)
             pending = [n for n in self.folder.names() if n.startswith(OVERWRITE_MARKER)]
-            check_settings(self.folder, json.loads(raw) if raw else None, settings, pending, overwrite)
+            recorded = json.loads(raw) if raw else None
+            check_settings(self.folder, recorded, settings, pending, overwrite)
             if overwrite:
                 self.folder.write(overwrite_marker_name(self.shard), lambda f: None)
-            self.folder.write(SETTINGS_FILE, lambda f: f.write(json.dumps(dict(settings), indent=2).encode()))
+            text = json.dumps(settings_to_record(recorded, settings), indent=2).encode()
+            self.folder.write(SETTINGS_FILE, lambda f: f.write(text))
         else:
             record_settings(self.folder.path(""), settings, overwrite, self.shard)
             self.folder.makedirs(PARTS)
@@ -218,31 +255,67 @@ class ShardStore:
         """Whether shards of job-array part ``part`` are this run's to replace."""
         return self.shard is None or part == self.shard
 
-    # -- resume ---------------------------------------------------------------------------
+    # -- what is stored, for a resume ---------------------------------------------------------
 
-    def resume(self, key: str, overwrite: bool) -> dict[str, Shape]:
-        line = None if overwrite else self._completed().get(key)
-        if line is None:
-            return {}
-        members = line["members"]
-        return {
-            name[: -len(".npy")]: tuple(m["shape"]) for name, m in members.items() if name.endswith(".npy")
-        }
+    def present(self, key: str) -> bool:
+        return key in self._completed()
 
-    def recorded_sizes(self, key: str) -> tuple[Size | None, Size | None] | None:
+    def remove_strays(self, key: str) -> None:
+        pass  # an unfinished shard is swept whole (sweep_dead_runs); a complete one holds no strays
+
+    def read_record(self, key: str) -> dict | None:
         line = self._completed().get(key)
-        if line is None:
+        record = line.get("record") if line is not None else None
+        return record if isinstance(record, dict) else None
+
+    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
+        pass  # a complete shard is never rewritten: the record keeps the place it was made from
+
+    def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
+        member = self._member(key, name)
+        if member is None or np.dtype(member["dtype"]) != dtype:
             return None
-        sizes = (line.get("input_size"), line.get("model_input_size"))
-        return tuple(tuple(s) if s else None for s in sizes)  # type: ignore[return-value]
+        return tuple(member["shape"])
+
+    def is_stored(self, key: str, name: str) -> bool:
+        return self._member(key, name) is not None
+
+    def shapes(
+        self, key: str, names: Iterable[str], dtypes: Mapping[str, np.dtype] | None = None
+    ) -> dict[str, Shape]:
+        found = {}
+        for name in names:
+            shape = self.stored_shape(key, name, (dtypes or {}).get(name, self.dtype))
+            if shape is not None:
+                found[name] = shape
+        return found
+
+    def forget(self, key: str) -> None:
+        pass  # the image's new group replaces the old one, which stays in its tar, unlisted
+
+    def forget_derived(self, key: str) -> None:
+        pass  # as forget: the new group holds only what this run trusts or makes
+
+    def read_array(self, key: str, name: str) -> np.ndarray:
+        line = self._completed()[key]
+        return self._arrays.array(line["shard"], line["members"][f"{name}.npy"])
+
+    def read_levels(self, key: str) -> dict[str, np.ndarray]:
+        return {level: self.read_array(key, level) for level in self.levels}
+
+    def _member(self, key: str, name: str) -> dict | None:
+        line = self._completed().get(key)
+        return line["members"].get(f"{name}.npy") if line is not None else None
 
     def _completed(self) -> dict[str, dict]:
-        """Index lines of the images this run owns that are in complete shards, read once."""
+        """Index lines of the images this run owns that are in complete shards (the newest line
+        of each key), read once."""
         if self._complete is None:
             self._complete = {}
-            for line in complete_lines(self.folder, repair=True, clean=self._owns):
-                if self.shard is None or shard_of(line["key"], self.shard[1]) == self.shard[0]:
-                    self._complete[line["key"]] = line
+            found = complete_lines(self.folder, repair=True, clean=self._owns)
+            for key, line in newest(found, self.folder.url(SHARDS)).items():
+                if self.shard is None or shard_of(key, self.shard[1]) == self.shard[0]:
+                    self._complete[key] = line
         return self._complete
 
     # -- writing images -------------------------------------------------------------------
@@ -262,26 +335,22 @@ class ShardStore:
             }
 
     def write_preview(self, key: str, picture) -> None:
-        raise UsageError("--preview is for the npy layout")  # open_store refuses it first
+        raise UsageError("--preview is for the npy layout")  # Options refuses it first
 
-    def read_levels(self, key: str) -> dict[str, np.ndarray]:
-        raise UsageError("a shard's images are complete once written; nothing is read back")
+    def write_record(self, key: str, record: Mapping[str, object]) -> None:
+        _, group = self._group(key)
+        group.record = dict(record)
 
     def finish_image(self, key: str, entry: dict) -> None:
         shard, group = self._group(key)
-        member = shard.writer.add_bytes(f"{member_stem(key)}.json", json.dumps(entry).encode())
+        old = self._completed().get(key)
+        extra = {"record": group.record} if group.record is not None else {}
+        if old is not None:
+            extra["replaces"] = old["shard"]
+        member = shard.writer.add_bytes(f"{member_stem(key)}.json", json.dumps({**entry, **extra}).encode())
         group.members["json"] = {"offset": member.offset, "size": member.size}
         shard.writer.flush()  # a write error fails this image, before it is indexed
-        shard.lines.append(
-            {
-                "key": key,
-                "path": entry["path"],
-                "shard": shard.name,
-                "input_size": entry.get("input_size"),
-                "model_input_size": entry.get("model_input_size"),
-                "members": group.members,
-            }
-        )
+        shard.lines.append(_line(key, entry, shard.name, group.members, extra))
         shard.group = None
         if shard.writer.position >= self.shard_size:
             self._close_shard()
@@ -387,10 +456,8 @@ class ShardStore:
     def publish_index(self) -> None:
         """index.jsonl from every complete shard's part: a header line, then one line per image,
         sorted by key."""
-        lines = sorted((line["key"], json.dumps(line)) for line in complete_lines(self.folder, repair=True))
-        for (a, _), (b, _) in zip(lines, lines[1:], strict=False):
-            if a == b:
-                raise FPNError(f"image {a!r} is in two shards of {self.folder.url(SHARDS)}")
+        chosen = newest(complete_lines(self.folder, repair=True), self.folder.url(SHARDS))
+        lines = sorted((key, json.dumps(line)) for key, line in chosen.items())
         shards = len({json.loads(text)["shard"] for _, text in lines}) if lines else 0
         header = {
             "format": INDEX_FORMAT,
@@ -505,17 +572,41 @@ def scan_shard(folder: Folder, name: str) -> list[dict]:
                         "dtype": dtype.str,
                         "data": f.tell(),
                     }
-            lines.append(
-                {
-                    "key": key_of(stem),
-                    "path": entry.get("path"),
-                    "shard": name,
-                    "input_size": entry.get("input_size"),
-                    "model_input_size": entry.get("model_input_size"),
-                    "members": described,
-                }
-            )
+            extra = {k: entry[k] for k in ("record", "replaces") if k in entry}
+            lines.append(_line(key_of(stem), entry, name, described, extra))
     return lines
+
+
+def _line(key: str, entry: dict, shard: str, members: dict[str, dict], extra: dict) -> dict:
+    """An image's index line: its key, path and sizes from its report ``entry``, where its
+    ``members`` are in ``shard``, and ``extra`` (its ``record``, the shard it ``replaces``)."""
+    return {
+        "key": key,
+        "path": entry.get("path"),
+        "shard": shard,
+        "input_size": entry.get("input_size"),
+        "model_input_size": entry.get("model_input_size"),
+        "members": members,
+        **extra,
+    }
+
+
+def newest(lines: Iterable[dict], where: str) -> dict[str, dict]:
+    """key -> the line of its newest group among ``lines``: the one no other line of the key
+    ``replaces`` (a resume writes an image anew into a new shard and names the old one). Two lines
+    of a key where neither replaces the other are an :class:`FPNError`: no run writes that."""
+    by_key: dict[str, list[dict]] = {}
+    for line in lines:
+        by_key.setdefault(line["key"], []).append(line)
+    chosen = {}
+    for key, found in by_key.items():
+        if len(found) > 1:
+            replaced = {line.get("replaces") for line in found}
+            found = [line for line in found if line["shard"] not in replaced]
+            if len(found) != 1:
+                raise FPNError(f"image {key!r} is in two shards of {where}")
+        chosen[key] = found[0]
+    return chosen
 
 
 class ShardFeatures(Features):
@@ -534,7 +625,8 @@ class ShardFeatures(Features):
         else:
             raw = folder.read_bytes(INDEX)
         if raw is None:  # no run has published one yet: what the complete shards hold
-            lines = sorted((line["key"], json.dumps(line)) for line in complete_lines(folder))
+            chosen = newest(complete_lines(folder), folder.url(SHARDS))
+            lines = sorted((key, json.dumps(line)) for key, line in chosen.items())
             header = json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION})
             raw = "".join(text + "\n" for text in [header, *(text for _, text in lines)]).encode()
         self._data = raw
@@ -542,7 +634,7 @@ class ShardFeatures(Features):
         header = json.loads(bytes(raw[: self._starts[1]]))
         if header.get("format") != INDEX_FORMAT:
             raise FPNError(f"{folder.url(INDEX)} is not an fpn-extract shard index")
-        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._arrays = _Arrays(folder)
 
     def __len__(self) -> int:
         return len(self._starts) - 2
@@ -563,6 +655,10 @@ class ShardFeatures(Features):
             if line["key"] == key:
                 return line
         return None
+
+    def line_for(self, key: str) -> dict | None:
+        """``key``'s index line, or None if the index has no such image."""
+        return self._find(key)
 
     def _line_of(self, key: str) -> dict:
         line = self._find(key)
@@ -588,6 +684,20 @@ class ShardFeatures(Features):
         )
 
     def _array(self, shard: str, member: dict) -> np.ndarray:
+        return self._arrays.array(shard, member)
+
+
+class _Arrays:
+    """Arrays out of complete shards: memory-mapped out of local tars, read by range out of
+    remote ones."""
+
+    def __init__(self, folder: Folder) -> None:
+        self.folder = folder
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._lock = threading.Lock()  # a reader may be shared by threads
+
+    def array(self, shard: str, member: dict) -> np.ndarray:
+        """The ``.npy`` member (an index line's entry) of ``shard``."""
         shape, dtype = tuple(member["shape"]), np.dtype(member["dtype"])
         if self.folder.remote:
             data = self.folder.read_range(f"{SHARDS}/{shard}", member["offset"], member["size"])
@@ -597,16 +707,17 @@ class ShardFeatures(Features):
 
     def _map(self, shard: str) -> mmap.mmap:
         """The shard mapped, from a bounded set (arrays keep their own map alive when it leaves)."""
-        mapped = self._maps.get(shard)
-        if mapped is None:
-            with open(self.folder.path(f"{SHARDS}/{shard}"), "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[shard] = mapped
-            if len(self._maps) > _MAPS_KEPT:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(shard)
-        return mapped
+        with self._lock:
+            mapped = self._maps.get(shard)
+            if mapped is None:
+                with open(self.folder.path(f"{SHARDS}/{shard}"), "rb") as f:
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[shard] = mapped
+                if len(self._maps) > _MAPS_KEPT:
+                    self._maps.popitem(last=False)
+            else:
+                self._maps.move_to_end(shard)
+            return mapped
 
 
 def _line_starts(data: bytes | mmap.mmap) -> np.ndarray:

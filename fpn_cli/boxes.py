@@ -1,0 +1,212 @@
+"""Boxes to pool RoI features for, read from a file, and checked against their image.
+
+Two formats, told apart by their first character (``{`` is JSON):
+
+- CSV, ``path,x1,y1,x2,y2``, one box a row, an optional header row naming those columns (with a
+  header, other columns may sit beside them and are ignored);
+- COCO JSON: ``images[]`` (``id``, ``file_name``) and ``annotations[]`` (``image_id``, ``bbox``
+  as ``[x, y, width, height]``).
+
+``path`` / ``file_name`` is the image's path as report.json writes it: relative to its input root.
+Coordinates are the image's own pixels after EXIF orientation (the frame of report.json's
+``input_size``), x to the right and y down, corners at ``(x1, y1)`` and ``(x2, y2)``. An image's
+boxes keep the file's order: row ``i`` of its ``rois.npy`` is its ``i``-th box.
+
+A file that cannot be read as either format is a :class:`UsageError` naming the line or
+annotation; a box that is empty, not finite, or outside its image is refused by :func:`check`
+alone, and the image's other boxes are pooled.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+COLUMNS = ("path", "x1", "y1", "x2", "y2")
+
+
+@dataclass
+class ImageBoxes:
+    """One image's boxes, in the file's order."""
+
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # x1, y1, x2, y2
+    sources: list[str] = field(default_factory=list)  # where each is in the file: "line 12", "annotation 7"
+
+    def array(self) -> np.ndarray:
+        """(N, 4) float64: x1, y1, x2, y2 as given."""
+        return np.array(self.boxes, dtype=np.float64).reshape(-1, 4)
+
+
+@dataclass(frozen=True)
+class BoxFile:
+    """A boxes file, read: image path (relative to its input root) -> its boxes."""
+
+    path: str
+    images: dict[str, ImageBoxes]
+
+    def of(self, rel: str) -> ImageBoxes | None:
+        return self.images.get(rel)
+
+    def unknown(self, known: Iterable[str]) -> dict[str, int]:
+        """Images the file names that are not among ``known`` -> how many boxes each has."""
+        known = set(known)
+        return {rel: len(b.boxes) for rel, b in sorted(self.images.items()) if rel not in known}
+
+    @property
+    def count(self) -> int:
+        return sum(len(b.boxes) for b in self.images.values())
+
+
+def read_boxes(path: str | Path) -> BoxFile:
+    """Reads a CSV or COCO JSON boxes file; a :class:`UsageError` names what is wrong where."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise UsageError(f"cannot read --boxes {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--boxes {path} is not UTF-8 text (CSV or COCO JSON)") from None
+    images = _read_coco(text, path) if text.lstrip().startswith("{") else _read_csv(text, path)
+    return BoxFile(str(path), images)
+
+
+def _normal(rel: str) -> str:
+    """``./x/cat.jpg`` and ``x//cat.jpg`` -> ``x/cat.jpg``, as report.json writes paths."""
+    return posixpath.normpath(rel.strip().replace("\\", "/")).lstrip("/")
+
+
+def _read_csv(text: str, path: str | Path) -> dict[str, ImageBoxes]:
+    rows = csv.reader(io.StringIO(text))
+    images: dict[str, ImageBoxes] = {}
+    columns: list[int] | None = None
+    for row in rows:
+        line = rows.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if columns is None:
+            names = [cell.strip().lower() for cell in row]
+            if all(name in names for name in COLUMNS):  # a header row
+                columns = [names.index(name) for name in COLUMNS]
+                continue
+            columns = list(range(len(COLUMNS)))
+            if len(row) != len(COLUMNS):
+                raise UsageError(
+                    f"--boxes {path}, line {line}: expected {','.join(COLUMNS)} "
+                    f"(or a header row naming those columns), got {len(row)} columns"
+                )
+        try:
+            cells = [row[i] for i in columns]
+        except IndexError:
+            raise UsageError(f"--boxes {path}, line {line}: too few columns") from None
+        rel = _normal(cells[0])
+        if not rel or rel == ".":
+            raise UsageError(f"--boxes {path}, line {line}: no image path")
+        try:
+            x1, y1, x2, y2 = (float(c) for c in cells[1:])
+        except ValueError:
+            raise UsageError(
+                f"--boxes {path}, line {line}: coordinates must be numbers: {cells[1:]}"
+            ) from None
+        entry = images.setdefault(rel, ImageBoxes())
+        entry.boxes.append((x1, y1, x2, y2))
+        entry.sources.append(f"line {line}")
+    return images
+
+
+def _read_coco(text: str, path: str | Path) -> dict[str, ImageBoxes]:
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--boxes {path} is not valid JSON: {e}") from None
+    if not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise UsageError(f"--boxes {path}: a COCO file needs 'images' and 'annotations' lists")
+    names: dict[object, str] = {}
+    images: dict[str, ImageBoxes] = {}
+    for i, image in enumerate(data["images"]):
+        try:
+            ident, rel = image["id"], _normal(str(image["file_name"]))
+        except (KeyError, TypeError):
+            raise UsageError(f"--boxes {path}: images[{i}] needs 'id' and 'file_name'") from None
+        if rel in images:
+            raise UsageError(f"--boxes {path}: two images are named {rel}")
+        names[ident] = rel
+        images[rel] = ImageBoxes()
+    for i, annotation in enumerate(data["annotations"]):
+        where = f"annotations[{i}]" + (f" (id {annotation['id']})" if "id" in annotation else "")
+        try:
+            x, y, w, h = (float(v) for v in annotation["bbox"])
+            ident = annotation["image_id"]
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(
+                f"--boxes {path}: {where} needs 'image_id' and 'bbox' as [x, y, width, height]"
+            ) from None
+        if ident not in names:
+            raise UsageError(f"--boxes {path}: {where} names image_id {ident!r}, which 'images' lacks")
+        entry = images[names[ident]]
+        entry.boxes.append((x, y, x + w, y + h))
+        entry.sources.append(where)
+    return {rel: entry for rel, entry in images.items() if entry.boxes}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An image's boxes checked against its size: what is pooled, and why some are not."""
+
+    boxes: np.ndarray  # (N, 4) float64 in the image's pixels, clipped to it; refused rows as given
+    pooled: np.ndarray  # (N,) bool: False for the refused
+    refused: list[dict]  # [{"box": i, "error": why}]
+    clipped: list[dict]  # [{"box": i, "to": [x1, y1, x2, y2]}]
+
+
+def check(boxes: ImageBoxes, size: tuple[int, int]) -> Checked:
+    """Checks each box against an image of ``size`` (H, W). A box reaching past the image is
+    clipped to it, as torchvision's detectors clip proposals before pooling (COCO boxes often end
+    a fraction of a pixel past the edge); one that is empty, not finite, or wholly outside is
+    refused."""
+    height, width = size
+    given = boxes.array()
+    clipped = given.copy()
+    clipped[:, 0::2] = np.clip(given[:, 0::2], 0, width)
+    clipped[:, 1::2] = np.clip(given[:, 1::2], 0, height)
+    pooled = np.ones(len(given), dtype=bool)
+    refused: list[dict] = []
+    moved: list[dict] = []
+    for i, (box, source) in enumerate(zip(given, boxes.sources, strict=True)):
+        x1, y1, x2, y2 = box
+        text = f"box {i} ({source}) {_show(box)}"
+        if not all(math.isfinite(v) for v in box):
+            error = f"{text}: coordinates are not finite"
+        elif x2 <= x1 or y2 <= y1:
+            error = f"{text}: empty ({'x2 <= x1' if x2 <= x1 else 'y2 <= y1'})"
+        elif clipped[i, 2] <= clipped[i, 0] or clipped[i, 3] <= clipped[i, 1]:
+            error = f"{text}: outside the {height}x{width} image"
+        else:
+            if not np.array_equal(clipped[i], box):
+                moved.append({"box": i, "to": clipped[i].tolist()})
+            continue
+        pooled[i] = False
+        clipped[i] = box
+        refused.append({"box": i, "error": error})
+    return Checked(clipped, pooled, refused, moved)
+
+
+def _show(box: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
+
+
+def clip_note(boxes: ImageBoxes, clip: dict, size: tuple[int, int]) -> str:
+    """The message for a box that :func:`check` clipped."""
+    i = clip["box"]
+    return (
+        f"box {i} ({boxes.sources[i]}) {_show(boxes.boxes[i])} reaches past the {size[0]}x{size[1]} "
+        f"image: clipped to {_show(clip['to'])}"
+    )

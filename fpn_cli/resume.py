@@ -1,0 +1,235 @@
+"""What a resume may keep. Each image's features are recorded with a fingerprint of the input they
+were made from, in ``OUT/<key>/input.json``, written after every other file of the image (levels,
+pooled vectors, rois and boxes, preview), so it also marks them complete::
+
+    {"input": "/abs/path/cat.jpg", "path": "cat.jpg", "size": 48213,
+     "mtime_ns": 1732590000123456789, "sha256": "9f86d0...", "input_size": [300, 451],
+     "orientation": 1}
+
+``sha256`` only with ``--hash``. An input that is no local file (images.Readable: a member of a
+tar shard, an object behind a URL) is fingerprinted by what it offers: a tar member by its size
+and the modification time in its tar header, recorded with ``"input"`` the tar and ``"member"``
+its name; an object by the size and modification time its store reports and its ``version``
+(ETag, generation) where there is one. The storage format keeps the record where its arrays are
+(formats/: ``input.json`` beside them, or in a shard's json member).
+
+For an image with stored features, :func:`examine` keeps a level
+only if the record is there, the input is the same file (the same name, size in bytes and
+modification time, and content hash where asked), and the level's file is a complete ``.npy`` of
+exactly the shape the recorded input size and this run's settings give. Anything else is
+recomputed, and the report says why. The arrays derived from the levels are the run's to judge
+(pipeline.plan, roi.Outputs): they are kept only where the verdict :attr:`Verdict.trusted` the
+record and found no level wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .deadline import ordered_map
+from .errors import ImageError
+from .images import InputImage, Readable, open_input, open_regular
+
+if TYPE_CHECKING:
+    from .formats.base import Storage
+
+Shape = tuple[int, ...]
+NO_RECORD = "no fingerprint recorded with its features (an earlier version's, or an unfinished image)"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies an input's content: its size and modification time, and a hash if asked."""
+
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+    version: str | None = None  # an object store's version of an input behind a URL (ETag)
+
+
+def fingerprint(path: str | Readable, content_hash: bool = False) -> Fingerprint:
+    """``path``'s fingerprint, taken before its pixels are read: a file changed meanwhile then
+    looks changed to the next run, never the other way round. Opened without blocking; a file
+    that is not regular is an :class:`ImageError`. A :class:`~fpn_cli.images.Readable` tells its
+    own (``stat()``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        size, mtime_ns, version = path.stat()
+        digest = None
+        if content_hash:
+            with open_input(path) as f:
+                digest = _sha256(f)
+        return Fingerprint(size, mtime_ns, digest, version)
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        digest = _sha256(f) if content_hash else None
+    return Fingerprint(st.st_size, st.st_mtime_ns, digest)
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    while block := f.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+
+def source(path: str | Readable) -> dict[str, str]:
+    """Where a record says its input is: ``{"input": absolute path}`` for a local file, what a
+    Readable says (``{"input": tar, "member": name}``, ``{"input": url}``) for others."""
+    if isinstance(path, (str, os.PathLike)):
+        return {"input": os.path.abspath(path)}
+    return path.locator()
+
+
+def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int], orientation: int) -> dict:
+    """The record written with ``image``'s features: ``taken`` before its pixels were read,
+    ``input_size`` (H, W) as decoded and the EXIF ``orientation`` applied (roi.Geometry's), so
+    that a resume knows the image's geometry without reading the input again."""
+    entry: dict = {
+        **source(image.path),
+        "path": image.rel,
+        "size": taken.size,
+        "mtime_ns": taken.mtime_ns,
+    }
+    if taken.version is not None:
+        entry["version"] = taken.version
+    if taken.sha256 is not None:
+        entry["sha256"] = taken.sha256
+    entry["input_size"] = list(input_size)
+    entry["orientation"] = orientation
+    return entry
+
+
+def recorded_fingerprint(entry: dict) -> Fingerprint | None:
+    try:
+        return Fingerprint(
+            int(entry["size"]), int(entry["mtime_ns"]), entry.get("sha256"), entry.get("version")
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def change(recorded: Fingerprint, path: str | Readable, content_hash: bool) -> str | None:
+    """How the file at ``path`` differs from ``recorded``; None when it is the same. Compares the
+    content hash when ``content_hash`` (a record without one then counts as changed: it cannot be
+    shown to be the same). Raises :class:`ImageError` if the file cannot be read now."""
+    now = fingerprint(path)
+    if now.size != recorded.size:
+        return f"input changed: {recorded.size:,} bytes then, {now.size:,} now"
+    if now.mtime_ns != recorded.mtime_ns:
+        return "input changed: modified since its features were written"
+    if now.version != recorded.version:
+        return f"input changed: version {recorded.version} then, {now.version} now"
+    if content_hash:
+        if recorded.sha256 is None:
+            return "no content hash recorded (--hash): it cannot be shown to be the same input"
+        if fingerprint(path, content_hash=True).sha256 != recorded.sha256:
+            return "input changed: different content (sha256)"
+    return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a resume may keep of an image whose folder exists."""
+
+    kept: dict[str, Shape] = field(default_factory=dict)  # levels exactly as the input and settings give
+    input_size: tuple[int, int] | None = None  # (H, W) as recorded
+    recomputed: str | None = None  # why stored features were not trusted
+    stale: bool = False  # the input changed: every stored file of the image is stale
+    error: str | None = None  # the input cannot be read now: a failed input
+    orientation: int = 1  # the EXIF orientation recorded
+    fingerprint: Fingerprint | None = None  # as recorded, and found to be the input's now
+    wrong: tuple[str, ...] = ()  # levels whose files are there but not as the input and settings give
+
+    @property
+    def trusted(self) -> bool:
+        """The record is there and the input is the one it names: the image's files were made
+        from this input (each still to be checked for its shape)."""
+        return self.fingerprint is not None
+
+
+def examine(
+    image: InputImage, store: Storage, shapes: Callable[[int, int], dict[str, Shape]], content_hash: bool
+) -> Verdict:
+    """What of ``image``'s stored features a resume may keep; ``shapes(H, W)`` gives each level's
+    (C, h, w) for an input of H x W as decoded, under this run's settings. A record that names
+    the same input at another place (the input folder was moved) is updated to name it here."""
+    entry = store.read_record(image.key)
+    recorded = recorded_fingerprint(entry) if entry is not None else None
+    size = _input_size(entry) if entry is not None else None
+    orientation = _orientation(entry) if entry is not None else None
+    if recorded is None or size is None or orientation is None:
+        return Verdict(recomputed=NO_RECORD)
+    try:
+        if entry.get("path") != image.rel:
+            changed = f"input changed: was {entry.get('path')}"
+        else:
+            changed = change(recorded, image.path, content_hash)
+    except ImageError as e:
+        return Verdict(error=str(e))
+    if changed:
+        return Verdict(recomputed=changed, stale=True)
+    where = source(image.path)
+    if any(entry.get(k) != v for k, v in where.items()):
+        store.relocate_record(image.key, {**entry, **where})
+    expected = shapes(*size)
+    kept, wrong, reasons = {}, [], []
+    for level in store.levels:
+        shape = store.stored_shape(image.key, level, store.dtype)
+        if shape == expected[level]:
+            kept[level] = shape
+            continue
+        if shape is not None:
+            reasons.append(f"{level}.npy is {_shape_text(shape)}, not {_shape_text(expected[level])}")
+        elif store.is_stored(image.key, level):
+            reasons.append(f"{level}.npy is not a complete {store.dtype} .npy file")
+        else:
+            continue  # not stored (yet, or --no-maps): what came from it came from this same input
+        wrong.append(level)
+    reason = "; ".join(reasons) or None
+    return Verdict(kept, size, reason, orientation=orientation, fingerprint=recorded, wrong=tuple(wrong))
+
+
+def _input_size(entry: dict) -> tuple[int, int] | None:
+    try:
+        h, w = (int(n) for n in entry["input_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return h, w
+
+
+def _orientation(entry: dict) -> int | None:
+    value = entry.get("orientation")
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def examine_all(
+    images: Sequence[InputImage],
+    store: Storage,
+    shapes: Callable[[int, int], dict[str, Shape]],
+    content_hash: bool,
+    workers: int,
+    timeout: float | None,
+) -> Iterator[Verdict]:
+    """:func:`examine` for each of ``images``, in order, on ``workers`` threads; an input whose
+    check runs past ``timeout`` seconds (a hung mount) is a failed input."""
+
+    def late(image: InputImage) -> Verdict:
+        return Verdict(error=f"timed out after {timeout:g} s reading it (--timeout)")
+
+    return ordered_map(
+        lambda image: examine(image, store, shapes, content_hash),
+        images,
+        workers=workers,
+        lookahead=4 * workers,
+        timeout=timeout,
+        late=late,
+        name="fpn-resume",
+    )
+
+
+def _shape_text(shape: Shape) -> str:
+    return "x".join(map(str, shape))

@@ -1,0 +1,351 @@
+"""``fpn-extract verify OUT``: does an output folder hold what its report.json says, made from the
+inputs as they are now?
+
+For every image report.json lists as ok or skipped:
+
+- each listed level's file is present, a complete ``.npy`` (valid header, full length) of the
+  report's save dtype, and of the shape listed, which is the shape the report's model gives for
+  the image's network input size; every level of the model is listed, unless the run stored
+  none (``--no-maps``);
+- each listed pooled vector (``--pool``) likewise, of the shape listed, (C,) for its level's C;
+- its RoI features (``--boxes``), if listed: ``rois.npy`` likewise, of the shape listed, and
+  ``boxes.npy`` a complete float64 ``.npy`` of one row of 4 per RoI;
+- its preview, if one is listed, is present;
+- its record (``input.json``, resume.py) is present and names the same image, and the input it
+  names is still there, a regular file of the recorded size and modification time, and of the
+  recorded SHA-256 where one was recorded (``--hash``).
+
+The counts must match the entries. Every problem is one line, ``PATH: what is wrong``.
+
+A ``--format shards`` folder is checked the same way through its index (formats/shards.py): each
+listed array is a member of the shard the index has for the image, where report.json says, its
+``.npy`` header in the tar of the dtype and shape the index and the report list, within the tar;
+the record is the one in the image's index line (from its json member). An input that was a tar
+member is found again by listing its tar, one behind a URL by asking its store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from .errors import FPNError, ImageError, UsageError
+from .formats.base import Shape, read_npy_header
+from .formats.shards import INDEX, SHARDS, ShardFeatures, member_stem
+from .images import InputImage, Readable
+from .locks import read_settings
+from .model import FPNConfig, output_shapes
+from .npyio import npy_shape
+from .resume import change, recorded_fingerprint
+from .roi import BOX_DTYPE
+from .sources import RemoteFile, tar_members
+from .store import REPORT_FILE, SHARDS_DIR, Store
+from .urls import Folder, filesystem, is_url
+
+STATUSES = ("ok", "skipped", "failed")
+
+
+@dataclass
+class Verification:
+    """What :func:`verify_folder` found."""
+
+    images: int = 0  # entries checked (ok and skipped)
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        found = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        return (
+            f"verified {self.images} images: {found}"
+            if self.problems
+            else f"verified {self.images} images: all as reported"
+        )
+
+
+def verify_folder(out: str | os.PathLike[str]) -> Verification:
+    """Checks the folder ``out`` (either format) as the module says; a folder without a readable
+    report.json is a :class:`UsageError`."""
+    if is_url(str(out)):
+        raise UsageError(f"{out}: verify reads local folders; copy the folder here to verify it")
+    root = Path(out)
+    report = _read_report(root)
+    folder = _folder(root)
+    result = Verification()
+    model = report.get("model") if isinstance(report.get("model"), dict) else {}
+    entries = report.get("images")
+    if not isinstance(entries, list):
+        result.problems.append(f"{REPORT_FILE}: lists no images")
+        return result
+    try:
+        dtype = np.dtype(model.get("save_dtype", "float32"))
+    except TypeError:
+        dtype = np.dtype("float32")
+    config = _config(report)
+    regions = report.get("regions") if isinstance(report.get("regions"), dict) else {}
+    maps = regions.get("maps", True) is not False
+    counts = dict.fromkeys(STATUSES, 0)
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("status") not in STATUSES:
+            result.problems.append(f"{REPORT_FILE}: an entry that is not an image's: {str(entry)[:80]}")
+            continue
+        counts[entry["status"]] += 1
+        if entry["status"] == "failed":
+            continue
+        result.images += 1
+        path = str(entry.get("path"))
+        problems = _check_image(folder, entry, dtype, model, config, maps)
+        result.problems += [f"{path}: {p}" for p in problems]
+    if isinstance(report.get("counts"), dict) and report["counts"] != counts:
+        result.problems.append(f"{REPORT_FILE}: counts {report['counts']} but its entries give {counts}")
+    return result
+
+
+def _read_report(root: Path) -> dict:
+    try:
+        text = (root / REPORT_FILE).read_bytes()
+    except FileNotFoundError:
+        shards = " (its shards have not all finished)" if (root / SHARDS_DIR).is_dir() else ""
+        raise UsageError(
+            f"{root} has no {REPORT_FILE}{shards}: not a finished fpn-extract output folder"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"cannot read {root / REPORT_FILE}: {e.strerror or e}") from None
+    try:
+        report = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{root / REPORT_FILE} is not valid JSON: {e}") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"{root / REPORT_FILE} is not an fpn-extract report")
+    return report
+
+
+def _config(report: dict) -> FPNConfig | None:
+    """The network report.json describes, for its shapes; None where it cannot be built here (a
+    timm backbone without timm installed): shapes are then checked against the report alone."""
+    model, pre = report.get("model") or {}, report.get("preprocess") or {}
+    try:
+        return FPNConfig(
+            model["arch"],
+            model["fpn_style"],
+            tuple(model["levels"]),
+            pad_multiple=int(pre.get("pad_multiple") or 1),
+        )
+    except (FPNError, KeyError, TypeError, ValueError, ImportError):
+        return None
+
+
+class _NpyFolder:
+    """The npy layout as verify reads it: an array is its file, the record ``<key>/input.json``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tars: dict[str, dict[str, Readable]] = {}  # tar -> its image members, listed once
+
+    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
+        """(how to name it, why it is not there at all or None, its shape if complete in ``dtype``)."""
+        shown = str(info["file"])
+        path = self.root / shown
+        if not path.is_file():
+            return shown, f"{shown} is missing", None
+        return shown, None, npy_shape(path, dtype)
+
+    def boxes(self, rois: dict) -> dict:
+        return {"file": rois["boxes"]}
+
+    def record(self, key: str) -> tuple[dict | None, str]:
+        return Store(self.root, (), "float32").read_record(key), f"{key}/input.json"
+
+
+class _ShardFolder:
+    """A shards folder as verify reads it: an array is a member of the shard its index line names."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folder = Folder(root)
+        self.index = ShardFeatures(self.folder)
+        self.tars: dict[str, dict[str, Readable]] = {}  # tar -> its image members, listed once
+        self._sizes: dict[str, int | None] = {}
+
+    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
+        shown = f"{info['file']}:{info.get('member')}"
+        line = self.index.line_for(key)
+        if line is None:
+            return shown, f"{shown}: the image is not in {INDEX}", None
+        name = str(info.get("member", "")).removeprefix(f"{member_stem(key)}.")
+        member = line["members"].get(name)
+        where = f"{SHARDS}/{line['shard']}"
+        if member is None or info["file"] != where or not name.endswith(".npy"):
+            return shown, f"{shown} is missing (the index has the image in {where})", None
+        return shown, None, self._shape(line["shard"], member, dtype)
+
+    def _shape(self, shard: str, member: dict, dtype: np.dtype) -> Shape | None:
+        """The member's shape if its header in the tar is what the index lists, in ``dtype``, and
+        its data lies within the tar."""
+        rel = f"{SHARDS}/{shard}"
+        if rel not in self._sizes:
+            path = self.folder.path(rel)
+            self._sizes[rel] = path.stat().st_size if path.is_file() else None
+        size = self._sizes[rel]
+        end = member["offset"] + member["size"]
+        if size is None or end > size or np.dtype(member["dtype"]) != dtype:
+            return None
+        try:
+            head = self.folder.read_range(rel, member["offset"], min(member["size"], 4096))
+            shape, found = read_npy_header(io.BytesIO(head))
+        except (OSError, ValueError):
+            return None
+        listed = tuple(member["shape"])
+        data = member["offset"] + member["size"] - int(np.prod(listed)) * dtype.itemsize
+        if shape != listed or found != dtype or data != member["data"]:
+            return None
+        return shape
+
+    def boxes(self, rois: dict) -> dict:
+        return {"file": rois.get("file"), "member": rois["boxes"]}
+
+    def record(self, key: str) -> tuple[dict | None, str]:
+        line = self.index.line_for(key)
+        record = line.get("record") if line is not None else None
+        return (record if isinstance(record, dict) else None), f"{member_stem(key)}.json"
+
+
+def _folder(root: Path) -> _NpyFolder | _ShardFolder:
+    """The reader for the folder's format (its settings say which)."""
+    if (read_settings(root) or {}).get("format", "npy") != "shards":
+        return _NpyFolder(root)
+    try:
+        return _ShardFolder(root)
+    except (FPNError, OSError, ValueError) as e:
+        raise UsageError(f"cannot read the shard index of {root}: {e}") from None
+
+
+def _check_image(
+    folder: _NpyFolder | _ShardFolder,
+    entry: dict,
+    dtype: np.dtype,
+    model: dict,
+    config: FPNConfig | None,
+    maps: bool = True,
+) -> list[str]:
+    problems = []
+    key = InputImage("", str(entry.get("path"))).key
+    levels = entry.get("levels") if isinstance(entry.get("levels"), dict) else {}
+    required = (model.get("levels") or ()) if maps else ()  # --no-maps stores no levels
+    for level in required:
+        if level not in levels:
+            problems.append(f"lists no {level}")
+    expected = _expected(config, entry.get("model_input_size"))
+    for level, info in levels.items():
+        problems += _check_level(folder, key, level, info, dtype, expected.get(level))
+    pooled = entry.get("pooled") if isinstance(entry.get("pooled"), dict) else {}
+    for name, info in pooled.items():
+        channels = expected.get(name.rsplit("_", 1)[0])
+        problems += _check_level(folder, key, name, info, dtype, channels[:1] if channels else None)
+    if entry.get("rois") is not None:
+        problems += _check_rois(folder, key, entry["rois"], dtype)
+    if entry.get("preview") and not (folder.root / entry["preview"]).is_file():
+        problems.append(f"its preview {entry['preview']} is missing")
+    return problems + _check_input(folder, key, entry)
+
+
+def _expected(config: FPNConfig | None, size: object) -> dict[str, tuple[int, ...]]:
+    if config is None or not (isinstance(size, list) and len(size) == 2):
+        return {}
+    try:
+        return output_shapes(config, int(size[0]), int(size[1]))
+    except (FPNError, RuntimeError, TypeError, ValueError):
+        return {}
+
+
+def _check_level(
+    folder: _NpyFolder | _ShardFolder,
+    key: str,
+    level: str,
+    info: object,
+    dtype: np.dtype,
+    expected: tuple[int, ...] | None,
+) -> list[str]:
+    if not isinstance(info, dict) or "file" not in info:
+        return [f"{level}: no file listed"]
+    listed = tuple(info.get("shape") or ())
+    shown, absent, shape = folder.array(key, info, dtype)
+    if absent is not None:
+        return [absent]
+    if shape is None:
+        return [f"{shown} is not a complete {dtype} .npy file (header, dtype or length)"]
+    problems = []
+    if shape != listed:
+        problems.append(f"{shown} has shape {_text(shape)}, the report lists {_text(listed)}")
+    if expected is not None and listed != expected:
+        problems.append(f"{level} is listed as {_text(listed)}, but the model gives {_text(expected)}")
+    return problems
+
+
+def _check_rois(folder: _NpyFolder | _ShardFolder, key: str, rois: object, dtype: np.dtype) -> list[str]:
+    """rois.npy as listed, and boxes.npy beside it: (N, 4) float64 for its N rows."""
+    if not isinstance(rois, dict) or "boxes" not in rois:
+        return ["rois: no boxes file listed"]
+    problems = _check_level(folder, key, "rois", rois, dtype, None)
+    count = (rois.get("shape") or [None])[0]
+    shown, absent, shape = folder.array(key, folder.boxes(rois), BOX_DTYPE)
+    if absent is not None:
+        return [*problems, absent]
+    if shape is None:
+        problems.append(f"{shown} is not a complete {BOX_DTYPE} .npy file (header, dtype or length)")
+    elif shape != (count, 4):
+        problems.append(f"{shown} has shape {_text(shape)}, not {count}x4 for the RoIs listed")
+    return problems
+
+
+def _check_input(folder: _NpyFolder | _ShardFolder, key: str, entry: dict) -> list[str]:
+    record, where = folder.record(key)
+    if record is None:
+        return [f"no record of its input ({where})"]
+    recorded = recorded_fingerprint(record)
+    source = record.get("input")
+    if recorded is None or not isinstance(source, str):
+        return [f"{where} is not a valid record"]
+    if record.get("path") != entry.get("path"):
+        return [f"{where} is the record of {record.get('path')}"]
+    shown = source if "member" not in record else f"{source}#{record['member']}"
+    try:
+        found = _input(source, record.get("member"), folder.tars)
+        if found is None:
+            return [f"its input {shown} no longer exists"]
+        changed = change(recorded, found, content_hash=recorded.sha256 is not None)
+    except ImageError as e:
+        return [f"its input {shown}: {e}"]
+    except FPNError as e:  # a tar that cannot be listed, a URL without its backend
+        return [f"its input {shown}: {e}"]
+    return [f"its input {shown}: {changed}"] if changed else []
+
+
+def _input(source: str, member: object, tars: dict[str, dict[str, Readable]]) -> str | Readable | None:
+    """The input a record names, as it is now: a local path, a member of a tar (its tar listed
+    again, once: ``tars``), an object behind a URL; None where it no longer exists."""
+    if member is not None:
+        if source not in tars:
+            if not is_url(source) and not os.path.isfile(source):
+                return None
+            found = tar_members(source, _open(source), source)
+            tars[source] = {image.path.name: image.path for image in found if image.error is None}
+        return tars[source].get(str(member))
+    if is_url(source):
+        return RemoteFile(source)
+    return source if os.path.lexists(source) else None
+
+
+def _open(path: str) -> BinaryIO:
+    if not is_url(path):
+        return open(path, "rb")
+    fs, inner = filesystem(path)
+    return fs.open(inner, "rb")
+
+
+def _text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "nothing"

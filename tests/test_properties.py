@@ -1,0 +1,204 @@
+"""Property: whatever the options, file names and inputs, fpn-extract ends with exit status 0, 1
+or 2, never prints a traceback, and writes nothing outside its output folder."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from fpn_cli import engine, pipeline
+
+from conftest import run
+from imagefactory import save_rgb, truncated_jpeg
+
+# names as users make them: odd characters, dots, spaces, leading dashes, bytes that are not UTF-8
+NAMES = st.one_of(
+    st.sampled_from(["-x", "--out", "-", ".hidden", "a.b.c", " sp ace ", "report.json", "p2.npy", "k"]),
+    st.text(
+        st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/"), min_size=1, max_size=8
+    ),
+    st.lists(st.integers(1, 255).filter(lambda b: b != ord("/")), min_size=1, max_size=6)
+    .map(bytes)
+    .map(os.fsdecode),
+).filter(lambda name: name not in (".", "..") and len(os.fsencode(name)) < 200)
+EXTENSIONS = st.sampled_from([".png", ".jpg", ".JPEG", ".bmp", ".png", ".jpg", ".txt", ""])
+KINDS = st.sampled_from(["png", "png", "jpeg", "corrupt", "empty", "folder", "fifo"])
+FILES = st.lists(
+    st.tuples(st.sampled_from(["", "sub/", "sub/deeper/"]), NAMES, EXTENSIONS, KINDS), max_size=4
+)
+
+
+SIDES = st.sampled_from([1, 7, 16, 33])  # few network input sizes: each new one costs the backend setup
+# valid values, so that most examples get to run; few models: each costs a second to build
+OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "--levels": st.sampled_from(["c2", "p3,p6", "p5,c5,p2"]),
+        "--seed": st.sampled_from(["1", str(2**64 - 1)]),
+        "--batch-size": st.integers(1, 3).map(str),
+        "--save-dtype": st.sampled_from(["float32", "float16"]),
+        "--max-pixels": st.sampled_from(["100", "1000000"]),
+        "--timeout": st.sampled_from(["0.001", "30"]),
+        "--pad-multiple": st.sampled_from(["1", "32"]),
+        "--shard": st.sampled_from(["0/1", "1/2"]),
+        "--fpn-style": st.sampled_from(["reference", "torchvision"]),
+        "--pool": st.sampled_from(["avg", "max,avg"]),
+        "--roi-size": st.sampled_from(["1", "3"]),
+    },
+)
+RESIZE = st.one_of(
+    st.just(()),
+    st.tuples(SIDES, SIDES).map(lambda hw: ("--size", f"{hw[0]}x{hw[1]}")),
+    SIDES.map(lambda n: ("--short-side", str(n))),
+    SIDES.map(lambda n: ("--max-side", str(n))),
+    st.tuples(SIDES, SIDES).map(lambda nm: ("--short-side", str(nm[0]), "--max-side", str(nm[1]))),
+)
+# and now and then one value that is not
+BAD = [
+    ("--levels", ""), ("--levels", "p9"), ("--levels", "p2,p2"), ("--levels", "p7"), ("--size", "x"),
+    ("--size", "0x3"), ("--size", "100000x100000"), ("--short-side", "-2"), ("--short-side", "100000"),
+    ("--seed", str(2**64)), ("--seed", "-1"), ("--seed", str(-(2**70))), ("--batch-size", "0"),
+    ("--save-dtype", "float8"), ("--max-pixels", "0"), ("--timeout", "0"), ("--timeout", "nan"),
+    ("--pad-multiple", "0"), ("--shard", "2/2"), ("--shard", "a/b"), ("--fpn-style", "nope"),
+    ("--pool", "median"), ("--pool", "avg,avg"), ("--roi-size", "0"), ("--roi-levels", "p2,p4"),
+]  # fmt: skip
+ONE_BAD = st.sampled_from([None] * 2 * len(BAD) + BAD)
+
+FLAGS = st.lists(
+    st.sampled_from(["--overwrite", "--hash", "--preview", "--fail-fast", "-v", "--summary", "--no-maps"]),
+    unique=True,
+)
+BOXES = st.booleans()  # a boxes file naming the inputs: a good box, one past the edge, an empty one
+HOW = st.sampled_from(["folder", "file", "glob", "stdin", "stdin0", "out-in-input", "empty-out"])
+
+
+def make(folder: Path, files) -> list[Path]:
+    made = []
+    for sub, name, ext, kind in files:
+        path = folder / sub / (name + ext)
+        with contextlib.suppress(OSError):  # a name this file system refuses is not ours to test
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() or path.is_symlink():
+                continue
+            if kind == "png":
+                save_rgb(path, 12, 10, format="PNG")
+            elif kind == "jpeg":
+                save_rgb(path, 9, 14, format="JPEG")
+            elif kind == "corrupt":
+                truncated_jpeg(path, 8, 8)
+            elif kind == "empty":
+                path.write_bytes(b"")
+            elif kind == "folder":
+                save_rgb(path / "inner.png", 8, 8)
+            else:
+                os.mkfifo(path)
+            made.append(path)
+    return made
+
+
+def write_boxes(path: Path, folder: Path, made: list[Path]) -> Path:
+    """A CSV of boxes for ``made``, by their paths below ``folder`` (csv quotes any name; one
+    that is not UTF-8 cannot be in the file, which is UTF-8)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "x1", "y1", "x2", "y2"])
+        for image in made:
+            rel = str(image.relative_to(folder))
+            with contextlib.suppress(UnicodeEncodeError):
+                rows.writerows([[rel, 1, 1, 6, 6], [rel, -2, 0, 40, 5], [rel, 3, 3, 3, 9]])
+    return path
+
+
+def snapshot(root: Path, out: Path) -> dict[str, tuple[int, int] | None]:
+    """Every path under ``root`` but ``out``, its contents and the folders above it (making those
+    is ``mkdir -p``), with a file's size and modification time."""
+    skip = {out, *out.parents}
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != out]
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            if path not in skip:
+                st_ = os.lstat(path)
+                found[str(path)] = None if path.is_dir() else (st_.st_size, st_.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="module")
+def fast_models():
+    """One model and one prepared engine per configuration for the whole test, BatchNorm left
+    unfolded (the same features to rounding): building and folding take a second or two per
+    run, and what is under test is the command line around them."""
+    built, engines = {}, {}
+    real_build, real_engine = pipeline._build_model, engine.Engine
+
+    def build(spec):
+        key = (spec.config, spec.seed)
+        if key not in built:
+            built[key] = real_build(spec)
+        return built[key]
+
+    def prepared(model, *args):
+        key = (id(model), *args)
+        if key not in engines:
+            engines[key] = real_engine(model, *args)
+        return engines[key]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "_build_model", build)
+    mp.setattr(pipeline, "Engine", prepared)
+    mp.setattr(engine, "fold_batchnorm", lambda model: model)
+    yield
+    mp.undo()
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(files=FILES, options=OPTIONS, resize=RESIZE, bad=ONE_BAD, flags=FLAGS, how=HOW, boxes=BOXES)
+def test_any_options_names_and_inputs_end_in_0_1_or_2_without_traceback_or_stray_files(
+    fast_models, files, options, resize, bad, flags, how, boxes
+):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder, out = root / "in", root / "out"
+        folder.mkdir()
+        made = make(folder, files)
+        if how == "out-in-input":
+            out = folder / "sub" / "out"
+        stdin = None
+        if how == "folder":
+            inputs = [str(folder)]
+        elif how == "file":
+            inputs = [str(made[0] if made else folder / "missing.png")]
+        elif how == "glob":
+            inputs = [str(folder / "**" / "*.*")]
+        elif how in ("stdin", "stdin0"):
+            sep = b"\0" if how == "stdin0" else b"\n"
+            stdin = sep.join(os.fsencode(p) for p in [*made, folder / "missing.jpg"])
+            inputs = ["-0", "-"] if how == "stdin0" else ["-"]
+        else:
+            inputs = [str(folder)]
+        args = [*inputs, "-o", "" if how == "empty-out" else str(out), "--arch", "seed", "--device", "cpu"]
+        args += [a for item in (*options.items(), resize, *([bad] if bad else [])) for a in item] + flags
+        if boxes:
+            args += ["--boxes", str(write_boxes(root / "boxes.csv", folder, made))]
+        before = snapshot(root, out)
+        cwd = os.getcwd()
+        os.chdir(root)  # a write to the working folder would show in the snapshot
+        try:
+            result = run(*args, input=stdin)
+        finally:
+            os.chdir(cwd)
+        last = result.output.strip().splitlines()[-1][:50] if result.output.strip() else ""
+        event(f"exit {result.exit_code}: {last}")  # --hypothesis-show-statistics shows the mix
+        assert result.exit_code in (0, 1, 2), (args, result.output, result.exception)
+        assert "Traceback" not in result.output, (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        after = snapshot(root, out)
+        assert after == before, (args, set(after) ^ set(before))
