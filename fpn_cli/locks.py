@@ -109,6 +109,7 @@ def check_settings(
             f"{root} holds an unfinished --overwrite run ({', '.join(pending)}), so old and new "
             "features may be mixed: run it again with --overwrite to finish it"
         )
+    settings = json.loads(json.dumps(dict(settings)))  # as recorded: a tuple reads back as a list
     differing = _differing(recorded or {}, settings)
     if recorded is not None and differing and not overwrite:
         diff = ", ".join(f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differing)

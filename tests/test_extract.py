@@ -279,6 +279,16 @@ def test_features_made_with_other_settings_are_not_mixed_in(tmp_path):
     assert run(tmp_path / "in", "-o", out, *SEED, "--seed", "3", "--overwrite").exit_code == 0
 
 
+def test_a_rerun_with_size_resumes_rather_than_seeing_other_settings(tmp_path):
+    """--size is a tuple in the run and a list once recorded as JSON: the same settings."""
+    save_rgb(tmp_path / "in" / "a.png", 16, 24)
+    out = tmp_path / "out"
+    assert run(tmp_path / "in", "-o", out, "--size", "8x8", *SEED).exit_code == 0
+    again = run(tmp_path / "in", "-o", out, "--size", "8x8", *SEED)
+    assert again.exit_code == 0, again.output
+    assert report_of(out)["counts"] == {"ok": 0, "skipped": 1, "failed": 0}
+
+
 def test_batch_size_does_not_change_features(tmp_path):
     for i in range(5):
         save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
