@@ -543,10 +543,10 @@ def models(pattern: str) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(file_okay=False))
 def verify(out: str) -> None:
-    """Check an output folder against its report.json and the inputs: every listed image's files
-    (present, complete, dtype and shape as listed) and its input's fingerprint (still there, same
-    size and modification time, same SHA-256 if recorded). Prints one line per problem; exit
-    status 1 if there is any, 0 if none.
+    """Check an output folder (either --format) against its report.json and the inputs: every
+    listed image's arrays (present, complete, dtype and shape as listed; in shards, through the
+    index) and its input's fingerprint (still there, same size and modification time, same
+    SHA-256 if recorded). Prints one line per problem; exit status 1 if there is any, 0 if none.
     """
     _tolerant_streams()
     try:
@@ -575,7 +575,8 @@ def verify(out: str) -> None:
 @signals.stop_on_first_signal()
 def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
     """RoI features for the boxes in FILE from the levels stored in OUT, with no network:
-    OUT/<image>/rois.npy, the same bytes that extracting with --boxes writes.
+    OUT/<image>/rois.npy, the same bytes that extracting with --boxes writes. For the npy layout;
+    a --format shards folder gets them by extracting again with --boxes (no network either).
     """
     _tolerant_streams()
     try:
