@@ -194,6 +194,7 @@ class ShardStore:
         self.shard = shard
         self._prefix = _prefix(shard)
         self._complete: dict[str, dict] | None = None  # key -> index line: this run's complete images
+        self._reading = threading.Lock()  # the resume check asks from several threads
         self._open: _OpenShard | None = None
         self._next: int | None = None  # the sequence number of the next shard
         self._uploads: _Uploads | None = None
@@ -310,13 +311,15 @@ class ShardStore:
     def _completed(self) -> dict[str, dict]:
         """Index lines of the images this run owns that are in complete shards (the newest line
         of each key), read once."""
-        if self._complete is None:
-            self._complete = {}
-            found = complete_lines(self.folder, repair=True, clean=self._owns)
-            for key, line in newest(found, self.folder.url(SHARDS)).items():
-                if self.shard is None or shard_of(key, self.shard[1]) == self.shard[0]:
-                    self._complete[key] = line
-        return self._complete
+        with self._reading:
+            if self._complete is None:
+                found = complete_lines(self.folder, repair=True, clean=self._owns)
+                self._complete = {
+                    key: line
+                    for key, line in newest(found, self.folder.url(SHARDS)).items()
+                    if self.shard is None or shard_of(key, self.shard[1]) == self.shard[0]
+                }
+            return self._complete
 
     # -- writing images -------------------------------------------------------------------
 
