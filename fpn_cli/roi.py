@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import LevelMapper
 
 from .boxes import BoxFile, Checked, check, clip_note, read_boxes
 from .errors import UsageError
@@ -155,6 +153,11 @@ class RoiSpec:
 def roi_features(levels: Mapping[str, np.ndarray], boxes: np.ndarray, spec: RoiSpec) -> np.ndarray:
     """One image's levels {name: (C, h, w)} and (N, 4) boxes in model-input pixels (x1, y1, x2, y2)
     -> (N, C, *spec.output_size) float32, by torchvision's ``MultiScaleRoIAlign``."""
+    # imported here: torchvision.ops pulls in torch._dynamo, a second of every command's start-up
+    # that only runs with boxes need
+    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops.poolers import LevelMapper
+
     pooler = MultiScaleRoIAlign(list(spec.levels), list(spec.output_size), spec.sampling_ratio)
     # The pooler would infer each level's scale as its height over the image's, rounded to a power
     # of two: for small images that is wrong (P5 of a 37-row image: 2/37 rounds to 1/16, not 1/32).
