@@ -211,7 +211,18 @@ SECTIONS = {
     "Preprocessing": ("size", "short_side", "max_side"),
     "Output": ("out", "format", "shard_size", "save_dtype", "overwrite", "hash", "preview"),
     "Regions and pooling": ("boxes", "roi_size", "roi_levels", "pool", "no_maps"),
-    "Run": ("device", "dtype", "batch_size", "compile", "workers", "shard", "fail_fast", "quiet", "verbose"),
+    "Run": (
+        "device",
+        "dtype",
+        "batch_size",
+        "compile",
+        "workers",
+        "writers",
+        "shard",
+        "fail_fast",
+        "quiet",
+        "verbose",
+    ),
 }
 
 
@@ -330,6 +341,12 @@ SECTIONS = {
     type=click.IntRange(min=1),
     default=None,
     help="Decode threads [default: by device and core count].",
+)
+@click.option(
+    "--writers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads writing images, npy format [default: 4 on a GPU, 1 on the CPU].",
 )
 @click.option(
     "--compile",

@@ -54,6 +54,12 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
+def default_writers(device: torch.device) -> int:
+    """Writer threads: on a GPU host one thread's writes (1.6 GB/s measured, O_DIRECT) leave the
+    disk and the idle cores unused; on the CPU the cores are the network's."""
+    return 4 if device.type != "cpu" else 1
+
+
 def default_workers(device: torch.device) -> int:
     """Decode threads: an accelerator wants them all; on the CPU they take cores from the network."""
     cores = os.cpu_count() or 1

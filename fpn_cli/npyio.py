@@ -80,8 +80,7 @@ class DirectWriter:
 
     def __init__(self) -> None:
         self.enabled = hasattr(os, "O_DIRECT")
-        self._buffer: mmap.mmap | None = None
-        self._lock = threading.Lock()
+        self._local = threading.local()  # one buffer per writer thread, so writers never wait on each other
 
     def write(self, path: Path, array: np.ndarray) -> bool:
         if not self.enabled:
@@ -89,38 +88,37 @@ class DirectWriter:
         header = npy_header(array)
         length = len(header) + array.nbytes
         padded = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
-        with self._lock:
-            if self._buffer is None or len(self._buffer) < padded:
-                if self._buffer is not None:
-                    self._buffer.close()
-                self._buffer = mmap.mmap(-1, padded)  # page-aligned, as O_DIRECT needs
-            buffer = self._buffer
-            buffer[: len(header)] = header
-            copy_c_order(np.ndarray(array.shape, array.dtype, buffer=buffer, offset=len(header)), array)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.enabled = False  # this filesystem refuses O_DIRECT
-                return False
-            try:
-                with memoryview(buffer)[:padded] as view:
-                    try:
-                        written = os.write(fd, view)
-                    except OSError as e:
-                        if e.errno != errno.EINVAL:
-                            raise
-                        written = 0  # cut to an unaligned length (a file size limit): go buffered
-                    if written < padded:
-                        # a short write ends at no particular boundary: the rest goes buffered,
-                        # which writes it or raises the reason (ENOSPC, EFBIG)
-                        _clear_o_direct(fd)
-                        while written < padded:
-                            written += os.write(fd, view[written:]) or _no_progress()
-                os.ftruncate(fd, length)  # the padding goes; the file is exactly the .npy
-            finally:
-                os.close(fd)
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < padded:
+            if buffer is not None:
+                buffer.close()
+            buffer = self._local.buffer = mmap.mmap(-1, padded)  # page-aligned, as O_DIRECT needs
+        buffer[: len(header)] = header
+        copy_c_order(np.ndarray(array.shape, array.dtype, buffer=buffer, offset=len(header)), array)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.enabled = False  # this filesystem refuses O_DIRECT
+            return False
+        try:
+            with memoryview(buffer)[:padded] as view:
+                try:
+                    written = os.write(fd, view)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    written = 0  # cut to an unaligned length (a file size limit): go buffered
+                if written < padded:
+                    # a short write ends at no particular boundary: the rest goes buffered,
+                    # which writes it or raises the reason (ENOSPC, EFBIG)
+                    _clear_o_direct(fd)
+                    while written < padded:
+                        written += os.write(fd, view[written:]) or _no_progress()
+            os.ftruncate(fd, length)  # the padding goes; the file is exactly the .npy
+        finally:
+            os.close(fd)
         return True
 
 

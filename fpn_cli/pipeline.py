@@ -46,7 +46,7 @@ from .boxes import read_boxes
 from .builder import ModelSpec, build, resolve
 from .deadline import ordered_map
 from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
-from .engine import Engine, default_workers, is_out_of_memory, resolve_device
+from .engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
 from .errors import FPNError, ImageError, UsageError
 from .formats import (
     DEFAULT_SHARD_SIZE,
@@ -257,12 +257,14 @@ def run(
     device = engine.device
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
+    writers = (opts.writers or default_writers(device)) if store.concurrent_writes else 1
     outputs = outputs or Outputs(store.levels, opts.save_dtype)
     results = Results(store, outputs, report, on_failure, log)
     shapes = partial(_shapes, engine.model.config, opts.resize)
     jobs = plan(images, store, opts, outputs, results, shapes, workers, log)
     forward = Forward(engine, report, on_failure, log)
-    with Writer(store, report, depth=max(2, 2 * batch_size), outputs=outputs, results=results) as writer:
+    depth = max(2, 2 * batch_size, writers)
+    with Writer(store, report, depth, outputs=outputs, results=results, threads=writers) as writer:
         decoded = decode_ahead(
             jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
         )
@@ -527,7 +529,7 @@ class Forward:
 
 
 class Writer:
-    """Step 6. Writes finished images on a background thread and reports each: the missing
+    """Step 6. Writes finished images on background threads and reports each: the missing
     levels, the arrays derived from the levels (``outputs``: pooled vectors, RoI features), the
     preview, and last the input's record, which marks the image complete. The queue is bounded,
     so a slow disk slows the producer instead of filling memory. The first error (disk full, say)
@@ -535,13 +537,19 @@ class Writer:
     it. Used as a context manager, it closes on exit."""
 
     def __init__(
-        self, store: Storage, report: Report, depth: int, outputs: Outputs, results: Results
+        self, store: Storage, report: Report, depth: int, outputs: Outputs, results: Results, threads: int = 1
     ) -> None:
         self.store, self.report, self.outputs, self.results = store, report, outputs, results
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: FPNError | None = None
-        self.thread = threading.Thread(target=self._loop, name="fpn-writer", daemon=True)
-        self.thread.start()
+        self._first_error = threading.Lock()
+        # several threads only for a store whose images are independent files (npy): one image is
+        # always one thread's, in order, so its record is still the last file it writes
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"fpn-writer-{i}", daemon=True) for i in range(threads)
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def put(self, job: Job, levels: Levels, ready: torch.cuda.Event | None = None) -> None:
         """Queues ``job``'s computed levels; ``ready``, if given, fires when the device's copies
@@ -556,8 +564,10 @@ class Writer:
     def close(self) -> None:
         """Waits for the queued jobs to be written and puts them in place (``store.flush``: a
         format that packs images closes its pack); raises the first write error, if any."""
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
         try:
             self.store.flush()
         except OSError as e:
@@ -594,7 +604,8 @@ class Writer:
                     reason = "out of memory"
                 else:
                     reason = f"{type(e).__name__}: {e}"
-                self.error = FPNError(f"cannot write {where}: {reason}")
+                with self._first_error:  # the first error is the one reported, whichever thread
+                    self.error = self.error or FPNError(f"cannot write {where}: {reason}")
                 self.report.add(ImageResult(job.image.rel, "failed", f"not written: {reason}"))
 
     def _write_computed(self, job: Job, levels: Levels, ready: torch.cuda.Event | None) -> None:

@@ -413,3 +413,15 @@ def test_compile_gives_the_eager_features(tmp_path):
         eager = np.load(tmp_path / "eager" / "a" / f"{level}.npy")
         compiled = np.load(tmp_path / "compiled" / "a" / f"{level}.npy")
         assert np.abs(compiled - eager).max() <= 1e-4 * np.abs(eager).max(), level
+
+
+def test_several_writer_threads_write_the_same_files(tmp_path):
+    """--writers 3 (a GPU host's default is 4): the same bytes as one writer, every image complete."""
+    for i in range(9):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24 + 8 * (i % 3), 32, seed=i)
+    for writers in ("1", "3"):
+        result = run(tmp_path / "in", "-o", tmp_path / f"w{writers}", *SEED, "--writers", writers)
+        assert result.exit_code == 0, result.output
+    one, three = npy_files(tmp_path / "w1"), npy_files(tmp_path / "w3")
+    assert len(one) == 36 and one == three
+    assert all((tmp_path / "w3" / f"im{i}" / "input.json").is_file() for i in range(9))

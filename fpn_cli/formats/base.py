@@ -51,6 +51,7 @@ class Storage(Protocol):
     levels: tuple[str, ...]
     dtype: np.dtype
     in_place: bool
+    concurrent_writes: bool  # images may be written by several threads at once (npy: one folder each)
 
     def lock(self) -> AbstractContextManager[None]:
         """Holds the folder against other runs (and makes it) for the length of the run."""

@@ -178,6 +178,7 @@ class ShardStore:
 
     format = "shards"
     in_place = False
+    concurrent_writes = False  # an image's members are one group, appended in order to one tar
 
     def __init__(
         self,
