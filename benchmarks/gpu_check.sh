@@ -33,11 +33,11 @@ f'{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB')"
 step cuda-tests "$PY" -m pytest -q -m cuda -p no:cacheprovider -s tests/test_cuda.py
 step decode "$PY" benchmarks/decode.py --count 64
 step throughput "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --save-dtype float16 \
-    --size 800x1333 --small 16 --large 112 --out-dir "${BENCH_DIR:-/tmp}"
+    --size 800x1333 --small 48 --large 160 --writers 1,4 --out-dir "${BENCH_DIR:-/tmp}"
 
 echo
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
 grep -h -E "passed|failed|error" "$LOGS/cuda-tests.log" | tail -1
-grep -h -E "img/s|/ |error|where the time|bytes written|nvJPEG|Pillow|gpu " "$LOGS/throughput.log" "$LOGS/decode.log"
+grep -h -E "img/s|/ |writers|RSS|error|where the time|bytes written|nvJPEG|Pillow|gpu " "$LOGS/throughput.log" "$LOGS/decode.log"
 exit $status

@@ -5,12 +5,14 @@
     python benchmarks/throughput.py --save-dtype float16 --out-dir /dev/shm   # where the time goes
     python benchmarks/throughput.py --dtype bfloat16 --size 800x1333          # the detection setting
     python benchmarks/throughput.py --format both --arch seed                 # shards against npy
+    python benchmarks/throughput.py --device cuda --writers 1,4               # writer threads, side by side
 
 On identical inputs (the example photos, repeated), one run prints images/s and ms/image for:
 
 - cli:        the `fpn-extract` console script, steady state: the slope between a small and a large
               run, so start-up cancels; with each run's peak RSS. ``--format both`` runs it for
-              npy and for shards, alternating on the same inputs, and prints shards / npy
+              npy and for shards, alternating on the same inputs, and prints shards / npy;
+              ``--writers 1,4`` likewise runs it with each count of writer threads
 - forward:    the same model's bare forward (folded, channels-last, inference mode) on tensors
               already decoded and on the device; nothing else
 - naive:      torchvision's resnet_fpn_backbone("resnet50"), batch 1, PIL decode, np.save per
@@ -244,6 +246,9 @@ def main() -> None:
         help="the CLI's --format; both: side by side",
     )
     parser.add_argument(
+        "--writers", default=None, help="the CLI's --writers; a comma list runs each, side by side"
+    )
+    parser.add_argument(
         "--repeats", type=int, default=1, help="CLI runs per format and size (the fastest counts)"
     )
     args = parser.parse_args()
@@ -263,29 +268,37 @@ def main() -> None:
         paths = make_inputs(large, args.large)
         outs = Path(tempfile.mkdtemp(dir=args.out_dir)) if args.out_dir else tmp
         formats = ("npy", "shards") if args.format == "both" else (args.format,)
-        runs = {(f, n): [] for f in formats for n in ("small", "large")}
+        writers = args.writers.split(",") if args.writers else [None]
+        # one CLI variant per format and writer count: its label and its extra arguments
+        variants = {
+            f + (f", --writers {w}" if w and len(writers) > 1 else ""): ["--format", f]
+            + (["--writers", w] if w else [])
+            for f in formats
+            for w in writers
+        }
+        runs = {(v, n): [] for v in variants for n in ("small", "large")}
         for repeat in range(args.repeats):
             for n, folder in (("small", small), ("large", large)):
-                for f in formats:  # alternating, so drift in the machine's speed hits both alike
-                    out = outs / f"out_{f}_{n}_{repeat}"
-                    runs[f, n].append(run_cli(folder, out, [*common, "--format", f]))
+                for i, (v, extra) in enumerate(variants.items()):  # alternating: drift hits all alike
+                    out = outs / f"out_{i}_{n}_{repeat}"
+                    runs[v, n].append(run_cli(folder, out, [*common, *extra]))
                     shutil.rmtree(out)
         if args.out_dir:
             shutil.rmtree(outs)
         steady, cpu = {}, {}
-        for f in formats:
-            t_small, rss_small, _ = min(runs[f, "small"])
-            t_large, rss_large, _ = min(runs[f, "large"])
-            steady[f] = (t_large - t_small) / (args.large - args.small), rss_small, rss_large
+        for v in variants:
+            t_small, rss_small, _ = min(runs[v, "small"])
+            t_large, rss_large, _ = min(runs[v, "large"])
+            steady[v] = (t_large - t_small) / (args.large - args.small), rss_small, rss_large
             # CPU seconds an image: what other processes on a shared machine barely move
-            cpu[f] = (min(r[2] for r in runs[f, "large"]) - min(r[2] for r in runs[f, "small"])) / (
+            cpu[v] = (min(r[2] for r in runs[v, "large"]) - min(r[2] for r in runs[v, "small"])) / (
                 args.large - args.small
             )
-            if steady[f][0] <= 0:
+            if steady[v][0] <= 0:
                 raise SystemExit(
                     "the large run was not slower than the small one: start-up noise; raise --large"
                 )
-        cli, rss_small, rss_large = steady[formats[0]]
+        cli, rss_small, rss_large = next(iter(steady.values()))
 
         engine = Engine(build_fpn(arch=args.arch), device, args.dtype, "float32")
         batches = [np.stack([decode(p, resize)[0]]) for p in paths]
@@ -313,9 +326,14 @@ def main() -> None:
 
     for f, (seconds, _, _) in steady.items():
         print(row(f"cli pipeline, --format {f}", seconds) + f"  ({cpu[f] * 1000:.1f} ms of CPU)")
-    if len(steady) == 2:
+    if "npy" in steady and "shards" in steady:
         print(f"{'shards / npy throughput':<34}{steady['npy'][0] / steady['shards'][0]:8.3f}   (goal >= 1.0)")
         print(f"{'shards / npy, by CPU time':<34}{cpu['npy'] / cpu['shards']:8.3f}   (steadier when shared)")
+    if len(writers) > 1:
+        base = steady[f"{formats[0]}, --writers {writers[0]}"][0]
+        for w in writers[1:]:
+            ratio = base / steady[f"{formats[0]}, --writers {w}"][0]
+            print(f"{f'--writers {w} / --writers {writers[0]}':<34}{ratio:8.3f}   (throughput)")
     print(row("bare forward (same model)", bare))
     print(row("naive loop (torchvision, np.save)", naive))
     if dtype_error is not None:
