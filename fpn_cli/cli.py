@@ -306,7 +306,7 @@ SECTIONS = {
     type=click.IntRange(min=1),
     default=None,
     help="Images of one size per forward pass [default: 8 on a GPU, 1 on the CPU, where larger "
-    "batches are slower per image: batch 4 took 1.12-1.17x as long, measured].",
+    "batches are slower per image: batch 4 took 1.12-1.20x as long, measured].",
 )
 @click.option("--size", type=SizeType(), default=None, help="Resize every image to HxW.")
 @click.option(
@@ -351,8 +351,8 @@ SECTIONS = {
 @click.option(
     "--compile",
     is_flag=True,
-    help="torch.compile the network (weights prepacked once): 1.1-2x faster forwards after a compile of "
-    "7-16 s per input size; for runs at one --size.",
+    help="torch.compile the network (weights prepacked once): 1.1-2x faster forwards on a CPU after a "
+    "compile of 5-16 s per input size; for runs at one --size.",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be read.")
 @click.option(

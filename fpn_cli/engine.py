@@ -144,8 +144,8 @@ class Engine:
 
 def _compiled(model: FPN) -> torch.nn.Module:
     """``torch.compile`` with freezing: weights constant-folded and prepacked once instead of being
-    reordered for oneDNN on every call (2.08x for bfloat16, 1.14x for float32 on a 2-core Xeon,
-    benchmarks/cpu_peak.py), paid for by a compile per input size (7-16 s): for fixed --size runs."""
+    reordered for oneDNN on every call (1.8-2.1x for bfloat16, 1.14-1.20x for float32 on a 2-core Xeon,
+    benchmarks/cpu_peak.py), paid for by a compile per input size (5-16 s): for fixed --size runs."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True
