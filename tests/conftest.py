@@ -4,6 +4,8 @@ wrote, and torchvision reference models with non-trivial BatchNorm statistics.""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +28,19 @@ def console_script() -> list[str]:
 
 
 FPN_EXTRACT = console_script()
+
+
+def start(*args) -> subprocess.Popen:
+    """``fpn-extract ARGS`` as a running subprocess, pipes for stdout and stderr, with Ctrl-C's
+    default action: a shell starts background jobs with SIGINT ignored, and Python then never
+    raises KeyboardInterrupt, however pytest itself was started."""
+    return subprocess.Popen(
+        [*FPN_EXTRACT, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def run(*args, input: str | None = None) -> Result:

@@ -15,25 +15,13 @@ import pytest
 
 from fpn_cli.errors import Interrupted
 
-from conftest import FPN_EXTRACT, SEED, files, report_of, run
+from conftest import FPN_EXTRACT, SEED, files, report_of, run, start
 from imagefactory import save_rgb, truncated_jpeg
 
 
 def fpn(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*FPN_EXTRACT, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs
-    )
-
-
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*FPN_EXTRACT, *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a shell starts background jobs with SIGINT ignored, and Python then never raises
-        # KeyboardInterrupt: the run gets Ctrl-C's default, however pytest itself was started
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from fpn_cli import images, pipeline
 from fpn_cli.store import check_layout, files_of_a_key
 
-from conftest import FPN_EXTRACT, SEED, report_of, run
+from conftest import FPN_EXTRACT, SEED, report_of, run, start
 from imagefactory import gradient, save_rgb
 
 SIZES = {
@@ -487,16 +487,6 @@ def test_names_that_are_not_utf8_print_on_a_strict_utf8_terminal(tmp_path):
     assert f"failed: {tmp_path / 'in'}/\\xfe bad.jpg: not an image file" in stderr
     assert "ok: \\xff good.png" in stderr and "(1 image: \\xff good.png)" in stdout
     assert (Path(os.fsdecode(os.fsencode(tmp_path / "out") + b"/\xff good")) / "p2.npy").is_file()
-
-
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*FPN_EXTRACT, *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as test_reliability's start
-    )
 
 
 def burst(proc: subprocess.Popen, count: int = 6) -> tuple[str, str]:
