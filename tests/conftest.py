@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from fpn_cli import open_features
 from fpn_cli.cli import main
 
 SEED = ["--arch", "seed", "--device", "cpu", "-q"]  # the small architecture, quietly
@@ -50,6 +52,24 @@ def run(*args, input: str | None = None) -> Result:
 
 def report_of(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
+
+
+def index_lines(out: Path) -> list[dict]:
+    """A shard folder's index entries (``shards/index.jsonl`` after its header line)."""
+    return [json.loads(line) for line in (out / "shards" / "index.jsonl").read_text().splitlines()[1:]]
+
+
+def assert_same_arrays(a: Path | str, b: Path | str) -> None:
+    """Two output folders (either format) hold the same keys, and for each the same arrays:
+    names, dtypes and values (NaN rows of refused boxes equal too)."""
+    first, second = open_features(a), open_features(b)
+    assert list(first) == list(second)
+    for key in first:
+        x, y = first[key], second[key]
+        assert x.keys() == y.keys(), key
+        for name in x:
+            assert x[name].dtype == y[name].dtype, (key, name)
+            assert np.array_equal(x[name], y[name], equal_nan=True), (key, name)
 
 
 def npy_files(out: Path) -> dict[Path, bytes]:

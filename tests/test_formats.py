@@ -27,7 +27,7 @@ from fpn_cli import FeatureDataset, open_features
 from fpn_cli.formats.shards import ShardStore, key_of, member_stem
 from fpn_cli.formats.tario import TarWriter
 
-from conftest import FPN_EXTRACT, SEED, report_of, run
+from conftest import FPN_EXTRACT, SEED, assert_same_arrays, index_lines, report_of, run
 from imagefactory import save_rgb
 
 SHARD_SIZE = 200_000  # bytes: about 85 kB of float32 P2-P5 per 32x32 image, so three to a shard
@@ -69,24 +69,10 @@ def tars(out: Path) -> list[Path]:
     return sorted((out / "shards").glob("*.tar"))
 
 
-def index_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "shards" / "index.jsonl").read_text().splitlines()[1:]]
-
-
-def assert_same_features(a: Path, b: Path) -> None:
-    first, second = open_features(a), open_features(b)
-    assert list(first) == list(second)
-    for key in first:
-        x, y = first[key], second[key]
-        assert x.keys() == y.keys(), key
-        for level in x:
-            assert x[level].dtype == y[level].dtype and np.array_equal(x[level], y[level]), (key, level)
-
-
 def test_shards_hold_exactly_the_npy_layouts_files(pair):
     """Each member is byte for byte the .npy file of the npy layout; the readers agree."""
     assert list(open_features(pair.npy)) == KEYS
-    assert_same_features(pair.npy, pair.shards)
+    assert_same_arrays(pair.npy, pair.shards)
     for line in index_lines(pair.shards):
         with open(pair.shards / "shards" / line["shard"], "rb") as f:
             for level in ("p2", "p3", "p4", "p5"):
@@ -170,7 +156,7 @@ def test_overwrite_replaces_the_shards_and_keeps_each_image_once(pair, tmp_path)
     assert run(*args, "--overwrite").exit_code == 0
     assert [t.name for t in tars(out)] == ["000000.tar"]
     assert [line["key"] for line in index_lines(out)] == KEYS
-    assert_same_features(pair.npy, out)
+    assert_same_arrays(pair.npy, out)
 
 
 def test_other_levels_in_a_shard_folder_are_other_settings(pair, tmp_path):
@@ -206,7 +192,7 @@ def test_job_array_parts_write_their_own_shards_and_one_merged_index(pair, tmp_p
             assert list(open_features(out)) == sorted(os.path.splitext(e["path"])[0] for e in done)
     assert {t.name.split("-0")[0] for t in tars(out)} == {"0-of-2", "1-of-2"}
     assert report_of(out)["counts"]["ok"] == 7
-    assert_same_features(pair.npy, out)
+    assert_same_arrays(pair.npy, out)
 
 
 def test_feature_dataset_in_dataloader_workers(pair):

@@ -15,7 +15,7 @@ import pytest
 
 from fpn_cli import open_features
 
-from conftest import SEED, report_of, run
+from conftest import SEED, assert_same_arrays, index_lines, report_of, run
 from imagefactory import save_rgb
 
 LOUD = ["--arch", "seed", "--device", "cpu"]  # SEED without -q: notes on stderr
@@ -32,21 +32,6 @@ def run_ok(*args):
     result = run(*args)
     assert result.exit_code == 0, result.output
     return result
-
-
-def index_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "shards" / "index.jsonl").read_text().splitlines()[1:]]
-
-
-def assert_same_arrays(a: Path | str, b: Path | str) -> None:
-    first, second = open_features(a), open_features(b)
-    assert list(first) == list(second)
-    for key in first:
-        x, y = first[key], second[key]
-        assert x.keys() == y.keys(), key
-        for name in x:
-            assert x[name].dtype == y[name].dtype, (key, name)
-            assert np.array_equal(x[name], y[name], equal_nan=True), (key, name)
 
 
 def without_location(entry: object) -> object:
