@@ -210,15 +210,22 @@ def stage_breakdown(
             sync(device)
             host = {k: v.numpy() for k, v in host.items()}
             t3 = time.perf_counter()
-            for i in range(len(batch)):
-                store.write_levels(f"im{n + i}", {k: v[i] for k, v in host.items()})
-            t4 = time.perf_counter()
-            for i in range(len(batch)):
-                shards.write_levels(f"im{n + i}", {k: v[i] for k, v in host.items()})
-                shards.finish_image(f"im{n + i}", {"path": f"im{n + i}.png", "status": "ok"})
+            written = {}
+            # the formats take turns going first, so neither always follows the other's writes
+            order = ("write shards", "write npy") if (n // batch_size) % 2 else ("write npy", "write shards")
+            for stage in order:
+                start = time.perf_counter()
+                for i in range(len(batch)):
+                    key, arrays = f"im{n + i}", {k: v[i] for k, v in host.items()}
+                    if stage == "write npy":
+                        store.write_levels(key, arrays)
+                    else:
+                        shards.write_levels(key, arrays)
+                        shards.finish_image(key, {"path": f"{key}.png", "status": "ok"})
+                written[stage] = time.perf_counter() - start
             n += len(batch)
-            t5 = time.perf_counter()
-            for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            timed = {"copy to device": t1 - t0, "forward": t2 - t1, "copy back": t3 - t2, **written}
+            for name, dt in timed.items():
                 stages[name] += dt
     t6 = time.perf_counter()
     shards.flush()  # the last shard's close, counted with its writes
