@@ -257,7 +257,7 @@ def run(
     device = engine.device
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
-    writers = (opts.writers or default_writers(device)) if store.concurrent_writes else 1
+    writers = opts.writers or default_writers(device)
     outputs = outputs or Outputs(store.levels, opts.save_dtype)
     results = Results(store, outputs, report, on_failure, log)
     shapes = partial(_shapes, engine.model.config, opts.resize)
@@ -543,8 +543,8 @@ class Writer:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: FPNError | None = None
         self._first_error = threading.Lock()
-        # several threads only for a store whose images are independent files (npy): one image is
-        # always one thread's, in order, so its record is still the last file it writes
+        # one image is always one thread's, written in order, so its record is still written last
+        # (npy: an image's folder; shards: its group, in the thread's own open shard)
         self.threads = [
             threading.Thread(target=self._loop, name=f"fpn-writer-{i}", daemon=True) for i in range(threads)
         ]

@@ -129,6 +129,32 @@ def test_an_image_never_straddles_shards_and_a_shard_closes_at_shard_size(pair):
     assert sorted(key_of(stem) for stem in seen) == KEYS
 
 
+def test_several_writer_threads_each_fill_shards_of_their_own(pair, tmp_path):
+    """--writers 3: the same arrays as one writer; each image once, whole, in one tar; every tar a
+    valid archive that WebDataset reads; then a rerun keeps them all."""
+    out = tmp_path / "out"
+    args = ["--format", "shards", "--shard-size", SHARD_SIZE, *SEED]
+    result = run(pair.inputs, "-o", out, *args, "--writers", "3")
+    assert result.exit_code == 0, result.output
+    assert_same_arrays(pair.shards, out)
+    lines = index_lines(out)
+    assert [line["key"] for line in lines] == KEYS
+    groups = {}
+    for tar in tars(out):
+        with tarfile.open(tar) as archive:
+            names = archive.getnames()
+        stems = [name.rsplit(".", 2)[0] if name.endswith(".npy") else name[: -len(".json")] for name in names]
+        runs = [stem for i, stem in enumerate(stems) if i == 0 or stems[i - 1] != stem]
+        assert len(runs) == len(set(runs)), tar  # each image's members together
+        groups.update(dict.fromkeys(runs, tar.name))
+    assert sorted(map(key_of, groups)) == KEYS
+    assert {line["key"]: line["shard"] for line in lines} == {key_of(s): t for s, t in groups.items()}
+    before = {t.name: t.read_bytes() for t in tars(out)}
+    again = run(pair.inputs, "-o", out, *args, "--writers", "3")
+    assert again.exit_code == 0 and report_of(out)["counts"]["skipped"] == 7
+    assert {t.name: t.read_bytes() for t in tars(out)} == before
+
+
 def test_a_rerun_keeps_every_complete_shard_and_rebuilds_a_lost_index_part(pair, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(pair.shards, out)

@@ -45,13 +45,15 @@ class Storage(Protocol):
     whatever the save dtype). An image's record (resume.py) is stored with its arrays, after them.
     ``in_place``: whether an image's arrays can be added to or replaced one by one (npy), or an
     image is written whole each time (shards: a resume that lacks anything writes a new group,
-    reading what it keeps back from the old one)."""
+    reading what it keeps back from the old one).
+
+    Several writer threads (``--writers``) write images at once, each image whole by one thread,
+    from :meth:`write_levels` to :meth:`finish_image`; :meth:`flush` comes after them all."""
 
     format: str
     levels: tuple[str, ...]
     dtype: np.dtype
     in_place: bool
-    concurrent_writes: bool  # images may be written by several threads at once (npy: one folder each)
 
     def lock(self) -> AbstractContextManager[None]:
         """Holds the folder against other runs (and makes it) for the length of the run."""

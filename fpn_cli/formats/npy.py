@@ -27,7 +27,6 @@ class NpyStore(Store):
 
     format = "npy"
     in_place = True
-    concurrent_writes = True  # each image is its own folder of files
 
     def __init__(
         self, root: Path, levels: Iterable[str], save_dtype: str, shard: tuple[int, int] | None = None

@@ -32,7 +32,10 @@ a URL). Complete = a tar with its index part; a tar whose part is missing is sca
 rewritten. A killed run leaves a temporary tar (swept) and perhaps a part without its tar
 (deleted): its images are in no complete shard, so the next run computes them again, and every
 image is in exactly one shard. Images never straddle shards (WebDataset groups a sample's members
-within one tar); a shard closes once it holds ``--shard-size`` bytes.
+within one tar); a shard closes once it holds ``--shard-size`` bytes. Each writer thread
+(``--writers``) appends to a shard of its own, so an image's group is one thread's, written in
+order; which shard an image lands in then depends on the threads' timing (with one writer, on
+nothing: a rerun writes the same bytes).
 
 **What a resume keeps.** An image in a complete shard is skipped when resume.py trusts its record
 (the input is unchanged) and its group holds every array this run asks for, at exactly the
@@ -168,17 +171,18 @@ class _OpenShard:
     writer: tario.TarWriter
     lines: list[dict] = field(default_factory=list)  # index lines of the finished images
     group: _Group | None = None
+    closed: bool = False  # flush() closed it: the thread that wrote it opens a new one
 
 
 class ShardStore:
     """The shard format's writer side (a :class:`~fpn_cli.formats.base.Storage`): ``root`` is a
     local folder or an fsspec URL; ``shard`` the job array's part (or torchrun rank) whose shards
-    this run writes. Only the run's writer thread writes images; the rest runs before or after it.
-    An image is written whole or kept whole (module docstring): not ``in_place``."""
+    this run writes. Each writer thread writes its images into an open shard of its own; the
+    rest runs before or after them. An image is written whole or kept whole (module docstring):
+    not ``in_place``."""
 
     format = "shards"
     in_place = False
-    concurrent_writes = False  # an image's members are one group, appended in order to one tar
 
     def __init__(
         self,
@@ -196,7 +200,9 @@ class ShardStore:
         self._prefix = _prefix(shard)
         self._complete: dict[str, dict] | None = None  # key -> index line: this run's complete images
         self._reading = threading.Lock()  # the resume check asks from several threads
-        self._open: _OpenShard | None = None
+        self._thread = threading.local()  # .shard: the writer thread's open shard
+        self._opened: list[_OpenShard] = []  # every thread's open shard, for flush()
+        self._opening = threading.Lock()  # guards _opened, _next and _uploads
         self._next: int | None = None  # the sequence number of the next shard
         self._uploads: _Uploads | None = None
         self._arrays = _Arrays(self.folder)
@@ -360,10 +366,17 @@ class ShardStore:
             self._close_shard()
 
     def flush(self) -> None:
-        """Closes the open shard with its whole images (an image cut short by an error is cut
-        off) and waits for the uploads."""
+        """Closes every open shard with its whole images (an image cut short by an error is cut
+        off) and waits for the uploads. Called once the writer threads are done."""
         try:
-            self._close_shard()
+            first: FPNError | None = None
+            for shard in list(self._opened):
+                try:
+                    self._close_shard(shard)
+                except FPNError as e:
+                    first = first or e
+            if first is not None:
+                raise first
         finally:
             uploads, self._uploads = self._uploads, None
             if uploads is not None:
@@ -384,11 +397,17 @@ class ShardStore:
         shard = self._open
         return self.folder.url(f"{SHARDS}/{shard.name}" if shard else SHARDS)
 
+    @property
+    def _open(self) -> _OpenShard | None:
+        """This writer thread's open shard."""
+        shard = getattr(self._thread, "shard", None)
+        return shard if shard is not None and not shard.closed else None
+
     def _group(self, key: str) -> tuple[_OpenShard, _Group]:
-        """The open shard (opened if need be) and ``key``'s group in it."""
-        if self._open is None:
-            self._open = self._new_shard()
+        """This thread's open shard (opened if need be) and ``key``'s group in it."""
         shard = self._open
+        if shard is None:
+            shard = self._thread.shard = self._new_shard()
         if shard.group is None or shard.group.key != key:
             if shard.group is not None:  # the last image never finished: cut it off
                 shard.writer.rollback(shard.group.start)
@@ -396,25 +415,32 @@ class ShardStore:
         return shard, shard.group
 
     def _new_shard(self) -> _OpenShard:
-        if self._next is None:
-            names = self.folder.names(SHARDS) + [
-                n[: -len(".jsonl")] + ".tar" for n in self.folder.names(PARTS)
-            ]
-            mine = [p[1] for p in map(_parse, names) if p is not None and p[0] == self.shard]
-            self._next = max(mine, default=-1) + 1
-        name = f"{self._prefix}{self._next:06d}.tar"
-        self._next += 1
-        if self.folder.remote:
-            tmp = _staging() / f".{name}~{HOST}~{os.getpid()}.tmp"
-        else:
-            tmp = temporary_name(self.folder.path(f"{SHARDS}/{name}"))
-        return _OpenShard(name, tario.TarWriter(tmp))
+        with self._opening:
+            if self._next is None:
+                names = self.folder.names(SHARDS) + [
+                    n[: -len(".jsonl")] + ".tar" for n in self.folder.names(PARTS)
+                ]
+                mine = [p[1] for p in map(_parse, names) if p is not None and p[0] == self.shard]
+                self._next = max(mine, default=-1) + 1
+            name = f"{self._prefix}{self._next:06d}.tar"
+            self._next += 1
+            if self.folder.remote:
+                tmp = _staging() / f".{name}~{HOST}~{os.getpid()}.tmp"
+            else:
+                tmp = temporary_name(self.folder.path(f"{SHARDS}/{name}"))
+            shard = _OpenShard(name, tario.TarWriter(tmp))
+            self._opened.append(shard)
+            return shard
 
-    def _close_shard(self) -> None:
-        """The open shard, with its finished images, becomes complete: index part, then tar."""
-        shard, self._open = self._open, None
+    def _close_shard(self, shard: _OpenShard | None = None) -> None:
+        """A shard (by default this thread's open one), with its finished images, becomes
+        complete: index part, then tar."""
+        shard = shard or self._open
         if shard is None:
             return
+        with self._opening:
+            self._opened.remove(shard)
+            shard.closed = True
         if shard.group is not None:
             shard.writer.rollback(shard.group.start)
         if not shard.lines:
@@ -434,9 +460,11 @@ class ShardStore:
                 "again by the next run"
             ) from None
         if self.folder.remote:
-            if self._uploads is None:
-                self._uploads = _Uploads(self.folder)
-            self._uploads.put(shard.writer.path, shard.name, part)
+            with self._opening:
+                if self._uploads is None:
+                    self._uploads = _Uploads(self.folder)
+                uploads = self._uploads
+            uploads.put(shard.writer.path, shard.name, part)
 
     # -- the run's files --------------------------------------------------------------------
 
