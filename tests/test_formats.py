@@ -352,6 +352,34 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical_to_a_clean_run(tmp_path)
     assert counts["ok"] + counts["skipped"] == 12 and counts["skipped"] >= 2
 
 
+def test_sigkill_with_several_shard_writers_then_rerun_lists_every_image_once(tmp_path):
+    """--writers 3, killed while shards of several threads are open: the rerun recomputes the
+    images of every unfinished shard, and the folder then holds the clean run's arrays, each
+    image once in the index, in shards that may group them differently."""
+    for i in range(12):
+        save_rgb(tmp_path / "in" / f"im{i:02d}.png", 64, 64, seed=i)
+    shards = ["--format", "shards", "--shard-size", 650_000, *SEED]
+    assert run(tmp_path / "in", "-o", tmp_path / "clean", *shards, "--writers", "1").exit_code == 0
+    args = [*shards, "--writers", "3"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*FPN_EXTRACT, *map(str, [tmp_path / "in", "-o", out, *args])])
+    deadline = time.monotonic() + 60
+    while not (tars(out) and list((out / "shards").glob(".*.tmp"))):  # a shard done, others begun
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = run(tmp_path / "in", "-o", out, *args)
+    assert rerun.exit_code == 0, rerun.output
+    assert_same_arrays(tmp_path / "clean", out)
+    keys = [line["key"] for line in index_lines(out)]
+    assert keys == [f"im{i:02d}" for i in range(12)]
+    assert [p.name for p in out.rglob("*.tmp")] == []
+    counts = report_of(out)["counts"]
+    assert counts["ok"] + counts["skipped"] == 12 and counts["failed"] == 0
+
+
 def test_a_write_error_mid_shard_keeps_the_whole_images_before_it(tmp_path):
     """RLIMIT_FSIZE refuses writes past 100 kB (EFBIG), as a full disk refuses them: the image that
     hit it fails, the shard closes with the image before it, and a rerun completes the job."""
