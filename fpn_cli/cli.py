@@ -346,7 +346,7 @@ SECTIONS = {
     "--writers",
     type=click.IntRange(min=1),
     default=None,
-    help="Threads writing images, npy format [default: 4 on a GPU, 1 on the CPU].",
+    help="Threads writing images, each image whole by one [default: 4 on a GPU, 1 on the CPU].",
 )
 @click.option(
     "--compile",

@@ -59,7 +59,7 @@ class Options:
     save_dtype: str = "float32"
     overwrite: bool = False
     workers: int | None = None  # decode threads; None: by device and core count
-    writers: int | None = None  # threads writing images (npy); None: 4 on an accelerator, 1 on the CPU
+    writers: int | None = None  # threads writing images; None: 4 on an accelerator, 1 on the CPU
     fail_fast: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     preview: bool = False  # also write OUT/<key>/preview.png
