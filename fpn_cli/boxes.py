@@ -88,6 +88,7 @@ def _read_csv(text: str, path: str | Path) -> dict[str, ImageBoxes]:
     rows = csv.reader(io.StringIO(text))
     images: dict[str, ImageBoxes] = {}
     columns: list[int] | None = None
+    header: list[str] | None = None
     for row in rows:
         line = rows.line_num
         if not any(cell.strip() for cell in row):
@@ -95,7 +96,7 @@ def _read_csv(text: str, path: str | Path) -> dict[str, ImageBoxes]:
         if columns is None:
             names = [cell.strip().lower() for cell in row]
             if all(name in names for name in COLUMNS):  # a header row
-                columns = [names.index(name) for name in COLUMNS]
+                columns, header = [names.index(name) for name in COLUMNS], names
                 continue
             columns = list(range(len(COLUMNS)))
             if len(row) != len(COLUMNS):
@@ -103,6 +104,11 @@ def _read_csv(text: str, path: str | Path) -> dict[str, ImageBoxes]:
                     f"--boxes {path}, line {line}: expected {','.join(COLUMNS)} "
                     f"(or a header row naming those columns), got {len(row)} columns"
                 )
+        if header is None and len(row) != len(COLUMNS):  # without a header, every row alike
+            raise UsageError(
+                f"--boxes {path}, line {line}: expected {len(COLUMNS)} columns ({','.join(COLUMNS)}), "
+                f"got {len(row)}"
+            )
         try:
             cells = [row[i] for i in columns]
         except IndexError:
@@ -129,32 +135,48 @@ def _read_coco(text: str, path: str | Path) -> dict[str, ImageBoxes]:
         raise UsageError(f"--boxes {path} is not valid JSON: {e}") from None
     if not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise UsageError(f"--boxes {path}: a COCO file needs 'images' and 'annotations' lists")
-    names: dict[object, str] = {}
+    names: dict[int | str, str] = {}
     images: dict[str, ImageBoxes] = {}
     for i, image in enumerate(data["images"]):
-        try:
-            ident, rel = image["id"], _normal(str(image["file_name"]))
-        except (KeyError, TypeError):
-            raise UsageError(f"--boxes {path}: images[{i}] needs 'id' and 'file_name'") from None
+        ident = image.get("id") if isinstance(image, dict) else None
+        rel = image.get("file_name") if isinstance(image, dict) else None
+        if not _is_id(ident) or not isinstance(rel, str) or not _normal(rel).strip("."):
+            raise UsageError(
+                f"--boxes {path}: images[{i}] needs an 'id' (a number or string) and a 'file_name'"
+            )
+        rel = _normal(rel)
         if rel in images:
             raise UsageError(f"--boxes {path}: two images are named {rel}")
+        if ident in names:
+            raise UsageError(f"--boxes {path}: two images have id {ident!r} ({names[ident]} and {rel})")
         names[ident] = rel
         images[rel] = ImageBoxes()
     for i, annotation in enumerate(data["annotations"]):
-        where = f"annotations[{i}]" + (f" (id {annotation['id']})" if "id" in annotation else "")
-        try:
-            x, y, w, h = (float(v) for v in annotation["bbox"])
-            ident = annotation["image_id"]
-        except (KeyError, TypeError, ValueError):
+        if not isinstance(annotation, dict):
+            raise UsageError(f"--boxes {path}: annotations[{i}] is not an object")
+        where = f"annotations[{i}]" + (f" (id {annotation['id']})" if _is_id(annotation.get("id")) else "")
+        bbox, ident = annotation.get("bbox"), annotation.get("image_id")
+        box_ok = isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))
+        if not _is_id(ident) or not box_ok:
             raise UsageError(
-                f"--boxes {path}: {where} needs 'image_id' and 'bbox' as [x, y, width, height]"
-            ) from None
+                f"--boxes {path}: {where} needs 'image_id' and 'bbox' as [x, y, width, height] numbers"
+            )
+        x, y, w, h = (float(v) for v in bbox)
         if ident not in names:
             raise UsageError(f"--boxes {path}: {where} names image_id {ident!r}, which 'images' lacks")
         entry = images[names[ident]]
         entry.boxes.append((x, y, x + w, y + h))
         entry.sources.append(where)
     return {rel: entry for rel, entry in images.items() if entry.boxes}
+
+
+def _is_id(value: object) -> bool:
+    """A COCO id: a number or a string (JSON's ``true`` is no id)."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
@@ -200,6 +202,13 @@ def test_boxes_file_formats_csv_with_or_without_header_and_coco(tmp_path):
     assert table.of("c.jpg") is None and table.unknown(["x/a.jpg"]) == {}
 
 
+def coco(images: list, annotations: list) -> str:
+    return json.dumps({"images": images, "annotations": annotations})
+
+
+A = {"id": 1, "file_name": "a.jpg"}
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -211,12 +220,47 @@ def test_boxes_file_formats_csv_with_or_without_header_and_coco(tmp_path):
             "needs 'image_id'",
         ),
         ('{"images": [', "not valid JSON"),
+        ("a.jpg,1,2,3,4\nb.jpg,1,2,3,4,5\n", "line 2: expected 5 columns"),
+        (coco([{"id": [1], "file_name": "a.jpg"}], []), r"images\[0\] needs an 'id'"),
+        (coco([A], [5]), r"annotations\[0\] is not an object"),
+        (coco([A, {"id": 1, "file_name": "b.jpg"}], []), "two images have id 1"),
+        (coco([A], [{"image_id": 1, "bbox": "1234"}]), r"bbox' as \[x, y, width, height\] numbers"),
+        (coco([A], [{"image_id": 1, "bbox": [1, 2, True, 4]}]), "numbers"),
+        ('{"images": [{"id": 1, "file_name": 7}], "annotations": []}', "a 'file_name'"),
     ],
 )
 def test_a_malformed_boxes_file_is_a_usage_error_naming_where(tmp_path, text, message):
     (tmp_path / "b.txt").write_text(text)
     with pytest.raises(UsageError, match=message):
         read_boxes(tmp_path / "b.txt")
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+COCO_KEYS = st.sampled_from(["id", "file_name", "image_id", "bbox", "images", "annotations"])
+COCO_LIKE = st.fixed_dictionaries(
+    {
+        "images": st.lists(st.dictionaries(COCO_KEYS, JSON, max_size=3), max_size=3),
+        "annotations": st.lists(st.dictionaries(COCO_KEYS, JSON, max_size=3) | JSON, max_size=3),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=COCO_LIKE | st.dictionaries(COCO_KEYS, JSON, max_size=3))
+def test_any_json_boxes_file_is_read_or_refused_as_a_usage_error(tmp_path_factory, data):
+    """Whatever a JSON boxes file holds, reading it gives boxes or a UsageError, nothing else."""
+    path = tmp_path_factory.mktemp("coco") / "boxes.json"
+    path.write_text(json.dumps(data))
+    try:
+        table = read_boxes(path)
+    except UsageError:
+        return
+    for rel in table.images:
+        assert all(len(box) == 4 and all(isinstance(v, float) for v in box) for box in table.of(rel).boxes)
 
 
 def test_check_refuses_non_finite_and_keeps_rows_in_order():
