@@ -320,7 +320,13 @@ def plan(
                 unrecorded += 1
             elif verdict.recomputed:
                 log(f"recomputing {image.path}: {verdict.recomputed}")
-            job = _resume_job(image, names, verdict, store, outputs, shapes, opts)
+            try:
+                job = _resume_job(image, names, verdict, store, outputs, shapes, opts)
+            except OSError as e:  # an old file it must delete is in the way (a folder by its name)
+                where = e.filename or store.where(image.key)
+                reason = f"cannot clear its old features: {where}: {e.strerror}"
+                jobs.append(Job(image, names, error=reason))
+                continue
             if job.missing or job.preview:
                 jobs.append(job)
             else:
@@ -598,6 +604,13 @@ class Writer:
                 write()
             except Exception as e:  # the thread must live on: a dead writer would hang the producer
                 where = self.store.where(job.image.key)
+                if isinstance(e, (IsADirectoryError, NotADirectoryError)):
+                    # a folder where one of the image's files goes: that image fails, not the disk
+                    where = getattr(e, "filename2", None) or e.filename or where
+                    reason = f"cannot write {where}: {e.strerror}"
+                    self.report.add(ImageResult(job.image.rel, "failed", reason))
+                    self.results.on_failure(str(job.image.path), reason)
+                    continue
                 if isinstance(e, OSError):
                     reason, where = e.strerror or str(e), e.filename or where
                 elif isinstance(e, MemoryError):

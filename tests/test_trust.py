@@ -571,3 +571,21 @@ def test_ordered_map_gives_up_a_late_item_keeps_order_and_joins_nothing():
     assert results == [0, 10, -2, 30, 40, 50]
     assert threading.active_count() <= before + 3  # two workers and the one left behind
     release.set()
+
+
+@pytest.mark.parametrize("name", ["input.json", "p2.npy"])
+def test_a_folder_where_an_image_file_goes_fails_that_image_alone(tmp_path, name):
+    """A folder by the name of one of an image's files (its record, a level): that image fails,
+    naming the folder, and the others are written; no traceback."""
+    for i in range(3):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    out = tmp_path / "out"
+    assert run(tmp_path / "in", "-o", out, *SEED).exit_code == 0
+    (out / "im1" / name).unlink()
+    (out / "im1" / name).mkdir()
+    (out / "im2" / "p3.npy").unlink()  # another image to redo beside it
+    result = run(tmp_path / "in", "-o", out, *SEED)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{out / 'im1' / name}: Is a directory" in result.output
+    statuses = {e["path"]: e["status"] for e in report_of(out)["images"]}
+    assert statuses == {"im0.png": "skipped", "im1.png": "failed", "im2.png": "ok"}
