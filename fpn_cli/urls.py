@@ -129,6 +129,16 @@ class Folder:
                 return os.pread(f.fileno(), size, offset)
         return self.fs.cat_file(self._remote(rel), start=offset, end=offset + size)
 
+    def size(self, rel: str) -> int | None:
+        """The length of the file ``rel`` in bytes, or None when there is none."""
+        try:
+            if not self.remote:
+                path = self.path(rel)
+                return path.stat().st_size if path.is_file() else None
+            return int(self.fs.size(self._remote(rel)))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
     def open(self, rel: str) -> BinaryIO:
         """``rel`` opened for reading (seekable; remote files read by ranges)."""
         if not self.remote:

@@ -26,7 +26,6 @@ member is found again by listing its tar, one behind a URL by asking its store.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import FPNError, ImageError, UsageError
-from .formats.base import Shape, read_npy_header
-from .formats.shards import INDEX, SHARDS, ShardFeatures, member_stem
+from .formats.base import Shape
+from .formats.shards import INDEX, SHARDS, ShardFeatures, member_shape, member_stem
 from .images import InputImage, Readable
 from .locks import read_settings
 from .model import FPNConfig, output_shapes
@@ -181,29 +180,7 @@ class _ShardFolder:
         where = f"{SHARDS}/{line['shard']}"
         if member is None or info["file"] != where or not name.endswith(".npy"):
             return shown, f"{shown} is missing (the index has the image in {where})", None
-        return shown, None, self._shape(line["shard"], member, dtype)
-
-    def _shape(self, shard: str, member: dict, dtype: np.dtype) -> Shape | None:
-        """The member's shape if its header in the tar is what the index lists, in ``dtype``, and
-        its data lies within the tar."""
-        rel = f"{SHARDS}/{shard}"
-        if rel not in self._sizes:
-            path = self.folder.path(rel)
-            self._sizes[rel] = path.stat().st_size if path.is_file() else None
-        size = self._sizes[rel]
-        end = member["offset"] + member["size"]
-        if size is None or end > size or np.dtype(member["dtype"]) != dtype:
-            return None
-        try:
-            head = self.folder.read_range(rel, member["offset"], min(member["size"], 4096))
-            shape, found = read_npy_header(io.BytesIO(head))
-        except (OSError, ValueError):
-            return None
-        listed = tuple(member["shape"])
-        data = member["offset"] + member["size"] - int(np.prod(listed)) * dtype.itemsize
-        if shape != listed or found != dtype or data != member["data"]:
-            return None
-        return shape
+        return shown, None, member_shape(self.folder, line["shard"], member, dtype, self._sizes)
 
     def boxes(self, rois: dict) -> dict:
         return {"file": rois.get("file"), "member": rois["boxes"]}

@@ -153,6 +153,34 @@ def test_verify_checks_a_shard_folder_through_its_index(images, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header", "shape"])
+def test_a_resume_of_a_shard_folder_checks_each_member_in_its_tar(images, tmp_path, damage):
+    """A member cut off by a short copy, or whose .npy header in the tar no longer says what the
+    index lists, is not kept: the image is recomputed into a new shard, and verify then passes."""
+    folder, _ = images
+    out = tmp_path / "out"
+    run_ok(folder, "-o", out, *SEED, *SHARDS)
+    line = {line["key"]: line for line in index_lines(out)}["b"]
+    p5 = line["members"]["p5.npy"]
+    with open(out / "shards" / line["shard"], "r+b") as tar:
+        if damage == "truncated":
+            tar.truncate(p5["offset"] + p5["size"] - 8)
+        else:
+            tar.seek(p5["offset"])
+            header = tar.read(p5["data"] - p5["offset"])
+            old = str(tuple(p5["shape"])).encode()
+            new = b"garbage!" if damage == "header" else str(tuple(reversed(p5["shape"]))).encode()
+            tar.seek(p5["offset"])
+            tar.write(header.replace(old, new.ljust(len(old))) if damage == "shape" else new)
+    assert run("verify", out).exit_code == 1
+    result = run_ok(folder, "-o", out, *LOUD, *SHARDS)
+    assert f"recomputing {folder / 'b.png'}: p5.npy is not a complete float32 .npy file" in result.output
+    counts = report_of(out)["counts"]
+    assert counts == {"ok": 1, "skipped": 2, "failed": 0}
+    assert run("verify", out).exit_code == 0
+    assert [line["key"] for line in index_lines(out)] == ["a", "b", "c"]
+
+
 def test_roi_subcommand_refuses_a_shard_folder(images, tmp_path):
     folder, csv = images
     run_ok(folder, "-o", tmp_path / "out", *SEED, *SHARDS)

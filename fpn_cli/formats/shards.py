@@ -206,6 +206,7 @@ class ShardStore:
         self._next: int | None = None  # the sequence number of the next shard
         self._uploads: _Uploads | None = None
         self._arrays = _Arrays(self.folder)
+        self._sizes: dict[str, int | None] = {}  # shard -> its length, for member_shape
 
     # -- who may write, with which settings --------------------------------------------------
 
@@ -281,9 +282,9 @@ class ShardStore:
 
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
         member = self._member(key, name)
-        if member is None or np.dtype(member["dtype"]) != dtype:
+        if member is None:
             return None
-        return tuple(member["shape"])
+        return member_shape(self.folder, self._completed()[key]["shard"], member, dtype, self._sizes)
 
     def is_stored(self, key: str, name: str) -> bool:
         return self._member(key, name) is not None
@@ -506,6 +507,30 @@ class ShardStore:
                 f.write((text + "\n").encode())
 
         self.folder.write(INDEX, write)
+
+
+def member_shape(
+    folder: Folder, shard: str, member: Mapping, dtype: np.dtype, sizes: dict[str, int | None]
+) -> Shape | None:
+    """The shape of an index line's ``.npy`` member if it is whole in its tar: its data lies
+    within the tar (a cut copy ends short), its header in the tar gives the dtype and shape the
+    index lists, and its data starts where the index says; else None. ``sizes`` caches each
+    tar's length. The one check of a member, for a resume and for verify."""
+    rel = f"{SHARDS}/{shard}"
+    if rel not in sizes:
+        sizes[rel] = folder.size(rel)
+    size = sizes[rel]
+    try:
+        offset, length, listed = int(member["offset"]), int(member["size"]), tuple(member["shape"])
+        if size is None or offset + length > size or np.dtype(member["dtype"]) != dtype:
+            return None
+        shape, found = read_npy_header(io.BytesIO(folder.read_range(rel, offset, min(length, 4096))))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    data = offset + length - int(np.prod(listed)) * dtype.itemsize
+    if shape != listed or found != dtype or data != member.get("data"):
+        return None
+    return shape
 
 
 def _staging() -> Path:
