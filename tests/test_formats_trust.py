@@ -181,6 +181,35 @@ def test_a_resume_of_a_shard_folder_checks_each_member_in_its_tar(images, tmp_pa
     assert [line["key"] for line in index_lines(out)] == ["a", "b", "c"]
 
 
+def test_an_unreadable_shard_without_its_index_part_is_set_aside_and_its_images_redone(images, tmp_path):
+    folder, _ = images
+    out = tmp_path / "out"
+    run_ok(folder, "-o", out, *SEED, *SHARDS)
+    clean = {line["key"]: line["shard"] for line in index_lines(out)}
+    lost = clean["b"]
+    with open(out / "shards" / lost, "r+b") as tar:
+        tar.truncate(700)  # inside the first member's data: scanning it fails
+    (out / "shards" / ".index" / lost.replace(".tar", ".jsonl")).unlink()
+    result = run_ok(folder, "-o", out, *SEED, *SHARDS)
+    assert "Traceback" not in result.output
+    assert (out / "shards" / f"{lost}.unreadable").is_file() and not (out / "shards" / lost).exists()
+    assert report_of(out)["counts"] == {"ok": 1, "skipped": 2, "failed": 0}
+    assert [line["key"] for line in index_lines(out)] == ["a", "b", "c"]
+    assert run("verify", out).exit_code == 0
+
+
+def test_a_damaged_index_line_is_one_line_naming_the_index(images, tmp_path):
+    folder, _ = images
+    out = tmp_path / "out"
+    run_ok(folder, "-o", out, *SEED, *SHARDS)
+    index = out / "shards" / "index.jsonl"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join([lines[0], '{"key": 1}', *lines[1:]]) + "\n")
+    result = run("verify", out)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{index}, line 2, is damaged" in result.output
+
+
 def test_roi_subcommand_refuses_a_shard_folder(images, tmp_path):
     folder, csv = images
     run_ok(folder, "-o", tmp_path / "out", *SEED, *SHARDS)

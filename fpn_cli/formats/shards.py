@@ -58,6 +58,7 @@ import mmap
 import os
 import queue
 import re
+import tarfile
 import tempfile
 import threading
 from collections import OrderedDict
@@ -590,15 +591,34 @@ def complete_lines(
         if clean is not None and parsed is not None and clean(parsed[0]):
             folder.remove(f"{PARTS}/{stray}")
     for name in tars:
-        raw = folder.read_bytes(_part_name(name))
-        if raw is None:
-            lines = scan_shard(folder, name)
+        lines = _read_part(folder.read_bytes(_part_name(name)))
+        if lines is None:  # no index part, or one that is not ours: the tar is scanned
+            try:
+                lines = scan_shard(folder, name)
+            except (tarfile.TarError, OSError, ValueError, EOFError):
+                # unreadable, and nothing says which images it held: none of them is complete
+                # (they are computed again); set aside, so that no reader takes it for a shard
+                if repair and not folder.remote:
+                    os.replace(folder.path(f"{SHARDS}/{name}"), folder.path(f"{SHARDS}/{name}.unreadable"))
+                continue
             if repair:
                 text = "".join(json.dumps(line) + "\n" for line in lines).encode()
                 folder.write(_part_name(name), lambda f, text=text: f.write(text))
-        else:
-            lines = [json.loads(text) for text in raw.decode().splitlines() if text]
         yield from lines
+
+
+def _read_part(raw: bytes | None) -> list[dict] | None:
+    """An index part's lines; None if there is none or it is damaged (not JSON lines of objects
+    with a string key)."""
+    if raw is None:
+        return None
+    try:
+        lines = [json.loads(text) for text in raw.decode().splitlines() if text]
+    except ValueError:
+        return None
+    if not all(isinstance(line, dict) and isinstance(line.get("key"), str) for line in lines):
+        return None
+    return lines
 
 
 def scan_shard(folder: Folder, name: str) -> list[dict]:
@@ -700,7 +720,22 @@ class ShardFeatures(Features):
         """Image ``index``'s index line (module docstring)."""
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return json.loads(bytes(self._data[self._starts[index + 1] : self._starts[index + 2]]))
+        raw = bytes(self._data[self._starts[index + 1] : self._starts[index + 2]])
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = None
+        if not (
+            isinstance(line, dict)
+            and isinstance(line.get("key"), str)
+            and isinstance(line.get("shard"), str)
+            and isinstance(line.get("members"), dict)
+        ):
+            raise FPNError(
+                f"{self.folder.url(INDEX)}, line {index + 2}, is damaged: delete the index and run the "
+                "extraction again (it rebuilds the index from the shards)"
+            )
+        return line
 
     def key_at(self, index: int) -> str:
         return self.line(index)["key"]
