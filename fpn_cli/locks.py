@@ -22,6 +22,8 @@ from .store import (
     HOST,
     LOCK_FILE,
     OVERWRITE_MARKER,
+    RECORD_FILE,
+    REPORT_FILE,
     SETTINGS_FILE,
     SHARDS_DIR,
     atomic_write_json,
@@ -86,7 +88,7 @@ def record_settings(
     a run without ``overwrite`` is refused."""
     pending = sorted(p.name for p in root.glob(OVERWRITE_MARKER + "*"))
     recorded = read_settings(root)
-    check_settings(root, recorded, settings, pending, overwrite)
+    check_settings(root, recorded, settings, pending, overwrite, recorded is None and _holds_features(root))
     try:
         if overwrite:
             _overwrite_marker(root, shard).touch()
@@ -101,9 +103,18 @@ def check_settings(
     settings: Mapping[str, object],
     pending: list[str],
     overwrite: bool,
+    unknown: bool = False,
 ) -> None:
     """The rule of :func:`record_settings`, for any folder (a URL too): ``pending`` are the
-    unfinished-overwrite markers found, ``recorded`` the settings found (None if none)."""
+    unfinished-overwrite markers found, ``recorded`` the settings found (None if none);
+    ``unknown``: the folder holds features but no readable settings, so nothing says what they
+    were made with (a lost or damaged settings file), and none may be kept."""
+    if unknown and not overwrite:
+        raise UsageError(
+            f"{root} holds features but no readable record of their settings ({SETTINGS_FILE}), so "
+            "they cannot be checked against this run's: pass --overwrite to recompute them, or "
+            "choose another --out"
+        )
     if pending and not overwrite:
         raise UsageError(
             f"{root} holds an unfinished --overwrite run ({', '.join(pending)}), so old and new "
@@ -117,6 +128,17 @@ def check_settings(
             f"{root} holds features made with other settings ({diff}); "
             "pass --overwrite to recompute them, or choose another --out"
         )
+
+
+def _holds_features(root: Path) -> bool:
+    """Whether ``root`` holds anything a run wrote: a report, shards, or an image's record."""
+    if (root / REPORT_FILE).exists() or (root / "shards").is_dir():
+        return True
+    try:
+        with os.scandir(root) as entries:
+            return any(e.is_dir() and os.path.exists(os.path.join(e.path, RECORD_FILE)) for e in entries)
+    except OSError:
+        return False
 
 
 def settings_to_record(recorded: Mapping[str, object] | None, settings: Mapping[str, object]) -> dict:
@@ -153,6 +175,7 @@ def _differing(recorded: Mapping[str, object], settings: Mapping[str, object]) -
 def read_settings(root: Path) -> dict | None:
     """The settings recorded in ``root``; None where there are none (or they cannot be read)."""
     try:
-        return json.loads((root / SETTINGS_FILE).read_text())
+        recorded = json.loads((root / SETTINGS_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return recorded if isinstance(recorded, dict) else None

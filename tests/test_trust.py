@@ -589,3 +589,22 @@ def test_a_folder_where_an_image_file_goes_fails_that_image_alone(tmp_path, name
     assert f"{out / 'im1' / name}: Is a directory" in result.output
     statuses = {e["path"]: e["status"] for e in report_of(out)["images"]}
     assert statuses == {"im0.png": "skipped", "im1.png": "failed", "im2.png": "ok"}
+
+
+@pytest.mark.parametrize("fmt", ["npy", "shards"])
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_features_without_a_readable_settings_record_are_not_kept_as_this_runs(tmp_path, fmt, damage):
+    """A lost or damaged .fpn-extract.json leaves nothing to check other settings against: a
+    run is refused (exit 2) rather than keeping features made with another seed under its own
+    settings; --overwrite recomputes them."""
+    for i in range(2):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    out, args = tmp_path / "out", [*SEED, "--format", fmt]
+    assert run(tmp_path / "in", "-o", out, *args).exit_code == 0
+    settings = out / ".fpn-extract.json"
+    settings.unlink() if damage == "deleted" else settings.write_text("garbage")
+    refused = run(tmp_path / "in", "-o", out, *args, "--seed", "5")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "no readable record of their settings (.fpn-extract.json)" in refused.output
+    assert run(tmp_path / "in", "-o", out, *args, "--seed", "5", "--overwrite").exit_code == 0
+    assert report_of(out)["counts"]["ok"] == 2

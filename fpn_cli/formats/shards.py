@@ -223,8 +223,14 @@ class ShardStore:
         if self.folder.remote:
             raw = self.folder.read_bytes(SETTINGS_FILE)
             pending = [n for n in self.folder.names() if n.startswith(OVERWRITE_MARKER)]
-            recorded = json.loads(raw) if raw else None
-            check_settings(self.folder, recorded, settings, pending, overwrite)
+            try:
+                recorded = json.loads(raw) if raw else None
+            except ValueError:
+                recorded = None
+            recorded = recorded if isinstance(recorded, dict) else None
+            wrote = self.folder.names(SHARDS) or REPORT_FILE in self.folder.names()
+            unknown = recorded is None and bool(wrote)
+            check_settings(self.folder, recorded, settings, pending, overwrite, unknown)
             if overwrite:
                 self.folder.write(overwrite_marker_name(self.shard), lambda f: None)
             text = json.dumps(settings_to_record(recorded, settings), indent=2).encode()
