@@ -17,10 +17,11 @@ from .errors import FPNError
 from .formats import FORMATS
 from .images import DEFAULT_MAX_PIXELS, Resize, read_names
 from .levels import LEVELS, parse_levels
-from .options import DEFAULT_TIMEOUT, Options
+from .model import MAX_PAD_MULTIPLE
+from .options import DEFAULT_TIMEOUT, MAX_TIMEOUT, Options
 from .pipeline import extract, summarize
 from .pyramid import USER_STYLES
-from .roi import parse_pool, rois_from_folder
+from .roi import MAX_ROI_SIZE, parse_pool, rois_from_folder
 from .verify import verify_folder
 from .version import __version__
 
@@ -367,7 +368,7 @@ SECTIONS = {
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0, min_open=True, max=MAX_TIMEOUT),
     default=DEFAULT_TIMEOUT,
     show_default=True,
     help="Seconds to read and decode one image; a slower one (a hung mount) fails, the run goes on.",
@@ -380,7 +381,7 @@ SECTIONS = {
 @click.option("-0", "--null", is_flag=True, help="With -: paths on stdin are NUL-separated (find -print0).")
 @click.option(
     "--pad-multiple",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_PAD_MULTIPLE),
     default=None,
     help="Zero-pad each input's bottom/right to a multiple of N, as detectron2 and mmdetection do; "
     "levels are cropped back [default: what the weights' framework does, none for torchvision].",
@@ -393,7 +394,11 @@ SECTIONS = {
     "each box's features by torchvision's MultiScaleRoIAlign.",
 )
 @click.option(
-    "--roi-size", type=click.IntRange(min=1), default=7, show_default=True, help="RoI features are N x N."
+    "--roi-size",
+    type=click.IntRange(min=1, max=MAX_ROI_SIZE),
+    default=7,
+    show_default=True,
+    help="RoI features are N x N.",
 )
 @click.option(
     "--roi-levels",
@@ -444,6 +449,7 @@ def main(
 
     report = None
     try:
+        _refuse_unused(click.get_current_context(), options, lists, summary)
         resize = Resize(size, short_side, max_side)
         if summary:
             spec = resolve(
@@ -488,6 +494,23 @@ def main(
         report.interrupt(e)  # while its outcome was printed: report.json is written
         _echo_err(_interrupted(report, out))
     sys.exit(report.exit_status)
+
+
+def _refuse_unused(ctx: click.Context, options: dict, lists: tuple, summary: bool) -> None:
+    """An option given on the command line that this run would not use is a usage error, not
+    silently ignored (a forgotten --format shards would write millions of files)."""
+    given = {
+        name
+        for name in ("shard_size", "list_column", "roi_size", "roi_levels")
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    }
+    if "shard_size" in given and options["format"] != "shards" and not summary:
+        raise click.UsageError("--shard-size is for --format shards")
+    if "list_column" in given and not lists:
+        raise click.UsageError("--list-column names the column of a --list file: add --list")
+    for name in sorted(given & {"roi_size", "roi_levels"}):
+        if options["boxes"] is None:
+            raise click.UsageError(f"--{name.replace('_', '-')} is for RoI features: add --boxes")
 
 
 def _print_outcome(report, out: str, quiet: bool, verbose: bool) -> None:
@@ -585,7 +608,12 @@ def verify(out: str) -> None:
     required=True,
     help="CSV (path,x1,y1,x2,y2) or COCO JSON, paths as in OUT/report.json.",
 )
-@click.option("--roi-size", type=click.IntRange(min=1), default=None, help="[default: the folder's, else 7]")
+@click.option(
+    "--roi-size",
+    type=click.IntRange(min=1, max=MAX_ROI_SIZE),
+    default=None,
+    help="[default: the folder's, else 7]",
+)
 @click.option("--roi-levels", type=LevelsType(), default=None, help="[default: the folder's, else p2-p5]")
 @click.option("--overwrite", is_flag=True, help="Recompute rois that are complete for these boxes.")
 @click.option("-q", "--quiet", is_flag=True, help="Only failures on stderr; no summary.")

@@ -18,6 +18,8 @@ from .errors import UsageError
 from .levels import DEFAULT_LEVELS, parse_levels, pyramid_of
 from .pyramid import FPNSpec, TopDown, fpn_spec
 
+MAX_PAD_MULTIPLE = 1024  # detectron2 and mmdetection pad to 32; more is no padding anyone uses
+
 
 @dataclass(frozen=True)
 class FPNConfig:
@@ -35,8 +37,8 @@ class FPNConfig:
         fpn_spec(self.fpn_style)
         if self.levels is not None:
             object.__setattr__(self, "levels", parse_levels(self.levels))
-        if self.pad_multiple < 1:
-            raise UsageError("--pad-multiple must be at least 1")
+        if not 1 <= self.pad_multiple <= MAX_PAD_MULTIPLE:
+            raise UsageError(f"--pad-multiple must be from 1 to {MAX_PAD_MULTIPLE}")
 
     @property
     def spec(self) -> FPNSpec:

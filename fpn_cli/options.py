@@ -18,6 +18,7 @@ from .roi import RoiSpec, parse_pool
 from .version import __version__
 
 DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
+MAX_TIMEOUT = 1_000_000.0  # 11.6 days; the platform's timers overflow far beyond
 
 
 def check_resize(resize: Resize, max_pixels: int) -> None:
@@ -78,8 +79,8 @@ class Options:
         if self.levels is not None:
             object.__setattr__(self, "levels", parse_levels(self.levels))
         check_resize(self.resize, self.max_pixels)
-        if self.timeout is not None and not self.timeout > 0:
-            raise UsageError("--timeout must be a positive number of seconds")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
+            raise UsageError(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:,} seconds")
         if self.roi_levels is not None:
             object.__setattr__(self, "roi_levels", parse_levels(self.roi_levels))
         object.__setattr__(self, "pool", parse_pool(self.pool or ()))

@@ -43,6 +43,7 @@ Location = Callable[[str, str], dict]  # (key, array name) -> where report.json 
 ROI_LEVELS = ("p2", "p3", "p4", "p5")  # torchvision's Faster R-CNN box pooler's
 CANONICAL_SCALE, CANONICAL_LEVEL = 224, 4  # FPN paper eq. 1: a 224x224 box pools from P4
 BOX_DTYPE = np.dtype(np.float64)  # coordinates exactly as given, whatever the save dtype
+MAX_ROI_SIZE = 64  # detection heads pool 7x7, mask heads 14x14 or 28x28: 64 bounds (N, 256, 64, 64)
 
 
 def parse_pool(kinds: str | Sequence[str]) -> tuple[str, ...]:
@@ -111,8 +112,8 @@ class RoiSpec:
         those of P2-P5 the run extracts. A level the run lacks, a backbone level, or a gap (p2,p4)
         is a :class:`UsageError`: the level rule needs one level per stride."""
         size = (size, size) if isinstance(size, int) else tuple(size)
-        if min(size) < 1:
-            raise UsageError("--roi-size must be at least 1")
+        if not 1 <= min(size) <= max(size) <= MAX_ROI_SIZE:
+            raise UsageError(f"--roi-size must be from 1 to {MAX_ROI_SIZE}")
         if levels is None:
             chosen = tuple(name for name in ROI_LEVELS if name in run_levels)
             if not chosen:

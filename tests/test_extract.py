@@ -172,6 +172,13 @@ def test_glob_pattern_input(tmp_path):
         (["IMG", "--size", "32x32", "--short-side", "16"], "cannot be combined"),
         (["IMG", "--shard", "2/2"], "need 0 <= I < N"),
         ([], "no INPUTS given"),
+        (["IMG", "--timeout", "inf"], "0<x<=1000000"),  # the platform's timers overflow past it
+        (["IMG", "--pad-multiple", "99999999999"], "1<=x<=1024"),  # else an allocation past memory
+        (["IMG", "--roi-size", "100000", "--boxes", "IMG"], "1<=x<=64"),
+        (["IMG", "--shard-size", "10MB"], "--shard-size is for --format shards"),  # npy: millions of files
+        (["IMG", "--list-column", "url"], "add --list"),
+        (["IMG", "--roi-size", "5"], "--roi-size is for RoI features: add --boxes"),
+        (["IMG", "--roi-levels", "p3,p4"], "--roi-levels is for RoI features: add --boxes"),
     ],
 )
 def test_usage_errors_exit_2_and_write_nothing(tmp_path, args, message):
