@@ -227,6 +227,8 @@ def _check_image(
         problems += _check_rois(folder, key, entry["rois"], dtype)
     if entry.get("preview") and not (folder.root / entry["preview"]).is_file():
         problems.append(f"its preview {entry['preview']} is missing")
+    if not (levels or pooled or entry.get("rois") is not None or entry.get("preview")):
+        return problems  # nothing stored for it (--no-maps, no boxes for it): no record vouches
     return problems + _check_input(folder, key, entry)
 
 

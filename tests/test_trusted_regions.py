@@ -184,3 +184,17 @@ def test_an_interrupted_roi_subcommand_says_so_and_exits_130(tmp_path, monkeypat
         result.stderr
         == f"Interrupted: {tmp_path}/report.json is as it was; run the command again to finish\n"
     )
+
+
+def test_verify_passes_a_no_maps_folder_whose_images_without_boxes_store_nothing(tmp_path):
+    """--no-maps --boxes: an image the boxes file does not name stores nothing and gets no
+    record; verify has nothing of it to check (it failed such folders right after a clean run)."""
+    for i in range(3):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    boxes = write_csv(tmp_path / "boxes.csv", [("im0.png", 1, 1, 20, 16)])
+    for fmt in ("npy", "shards"):
+        out = tmp_path / fmt
+        run_ok(tmp_path / "in", "-o", out, *SEED, "--boxes", boxes, "--no-maps", "--format", fmt)
+        result = run("verify", out)
+        assert result.exit_code == 0, result.output
+        assert set(entries(out)) == {"im0.png", "im1.png", "im2.png"}
