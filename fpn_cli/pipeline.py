@@ -60,12 +60,11 @@ from .images import InputImage, Resize, decode_image, read_header, warnings_to
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
 from .options import Options, report_header, roi_spec, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
-from .roi import Geometry, Outputs, tell_boxes
+from .roi import UNKNOWN_SHOWN, Geometry, Outputs, tell_boxes
 from .sources import find_inputs
 from .urls import is_url
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
-_UNKNOWN_SHOWN = 10  # images a boxes file names, not among the inputs, listed on stderr
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
 Log = Callable[[str], None]
 
@@ -216,12 +215,10 @@ def _own_images(images: list[InputImage], shard: tuple[int, int] | None) -> list
 def _unknown_images(unknown: dict[str, int], boxes: str | None, log: Log) -> None:
     """A boxes file may name images this run was not given (a subset of a dataset): a warning
     each, up to a few, not a failure; report.json lists them all."""
-    for rel, count in list(unknown.items())[:_UNKNOWN_SHOWN]:
+    for rel, count in list(unknown.items())[:UNKNOWN_SHOWN]:
         log(f"warning: {boxes} has {count} box(es) for {rel}, which is not among the inputs")
-    if len(unknown) > _UNKNOWN_SHOWN:
-        log(
-            f"warning: ... and {len(unknown) - _UNKNOWN_SHOWN} more images not among the inputs (report.json)"
-        )
+    if len(unknown) > UNKNOWN_SHOWN:
+        log(f"warning: ... and {len(unknown) - UNKNOWN_SHOWN} more images not among the inputs (report.json)")
 
 
 def _resolve_model(opts: Options) -> ModelSpec:
@@ -306,12 +303,15 @@ def plan(
     )
     unrecorded = 0
     jobs = []
+    stored = {image.key for image in present}
     for image in images:
         names = outputs.names(image.rel)
         verdict = verdicts.get(image.key) if image.error is None else None
         if image.error is not None or (verdict is not None and verdict.error is not None):
             jobs.append(Job(image, names, error=image.error or verdict.error))
         elif not _stores(image, outputs, opts):
+            if image.key in stored:  # RoI features of another boxes file go
+                store.forget_arrays(image.key, outputs.unwanted(image.rel))
             jobs.append(Job(image, ()))  # nothing to store: its header, for the report's geometry
         elif verdict is None:  # a new image, or --overwrite
             jobs.append(Job(image, names, preview=opts.preview))
@@ -358,6 +358,12 @@ def _resume_job(
     missing = tuple(name for name in names if name not in have)
     preview = opts.preview and store.preview_file(image.key) is None
     from_disk = all(level in have for level in store.levels)
+    unwanted = [name for name in outputs.unwanted(image.rel) if store.is_stored(image.key, name)]
+    if unwanted:  # RoI features of another boxes file
+        if store.in_place:
+            store.forget_arrays(image.key, unwanted)
+        else:
+            missing = missing or names  # the image written again, without them
     if missing and not store.in_place:
         missing, have = names, {}
     geometry = _recorded_geometry(verdict, opts.resize) if verdict.trusted else None

@@ -43,6 +43,7 @@ Location = Callable[[str, str], dict]  # (key, array name) -> where report.json 
 ROI_LEVELS = ("p2", "p3", "p4", "p5")  # torchvision's Faster R-CNN box pooler's
 CANONICAL_SCALE, CANONICAL_LEVEL = 224, 4  # FPN paper eq. 1: a 224x224 box pools from P4
 BOX_DTYPE = np.dtype(np.float64)  # coordinates exactly as given, whatever the save dtype
+UNKNOWN_SHOWN = 10  # images a boxes file names that have no features: a warning each, up to this
 MAX_ROI_SIZE = 64  # detection heads pool 7x7, mask heads 14x14 or 28x28: 64 bounds (N, 256, 64, 64)
 
 
@@ -209,6 +210,12 @@ class Outputs:
     roi: RoiSpec | None = None
     boxes: BoxFile | None = None
     pad_multiple: int = 1
+
+    def unwanted(self, rel: str) -> tuple[str, ...]:
+        """Arrays the image ``rel`` must not keep: with a boxes file, the RoI features of an
+        image it does not name (they were made for boxes of another file). After a run with
+        ``--boxes FILE``, rois.npy exists exactly for the images FILE names."""
+        return (ROIS, BOXES) if self.boxes is not None and self.boxes.of(rel) is None else ()
 
     def names(self, rel: str) -> tuple[str, ...]:
         """Every array the image ``rel`` gets, in the order they are written: rois before boxes,
@@ -467,12 +474,18 @@ def _rois_for_report(
     result = RoiRun(boxes=table.count)
     entries = {entry["path"]: entry for entry in report["images"]}
     result.unknown = table.unknown(p for p, e in entries.items() if e["status"] != "failed")
-    for rel, count in result.unknown.items():
+    for rel, count in list(result.unknown.items())[:UNKNOWN_SHOWN]:
         reason = "failed in the extraction" if rel in entries else "not in report.json"
         log(f"warning: {rel}: {count} box(es) in {table.path}, but the image is {reason}")
+    if len(result.unknown) > UNKNOWN_SHOWN:
+        log(f"warning: ... and {len(result.unknown) - UNKNOWN_SHOWN} more images with boxes but no features")
     for rel in sorted(table.images):
         if rel not in result.unknown:
             _rois_of(entries[rel], store, outputs, overwrite, result, log, on_failure)
+    for rel, entry in entries.items():  # rois of another boxes file (or RoI settings) go
+        if entry["status"] != "failed" and outputs.unwanted(rel):
+            store.forget_arrays(os.path.splitext(rel)[0], outputs.unwanted(rel))
+            entry.pop("rois", None)
     regions = report.setdefault("regions", {"maps": True, "pool": []})
     regions.update({k: v for k, v in outputs.header(result.unknown).items() if k in ("roi", "boxes")})
     _write_report(store, report)

@@ -230,6 +230,11 @@ class Store:
         for name in (PREVIEW_FILE, *(f"{name}.npy" for name in derived_names())):
             (folder / name).unlink(missing_ok=True)
 
+    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
+        """Deletes the arrays ``key/<name>.npy`` among ``names``."""
+        for name in names:
+            self.level_path(key, name).unlink(missing_ok=True)
+
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
         """The requested levels of a complete image, memory-mapped."""
         return {level: self.read_array(key, level) for level in self.levels}

@@ -198,3 +198,28 @@ def test_verify_passes_a_no_maps_folder_whose_images_without_boxes_store_nothing
         result = run("verify", out)
         assert result.exit_code == 0, result.output
         assert set(entries(out)) == {"im0.png", "im1.png", "im2.png"}
+
+
+def test_rois_exist_exactly_for_the_images_the_last_boxes_file_names(tmp_path):
+    """Extracting again with another boxes file, or `roi --overwrite` with other RoI settings:
+    an image the new file does not name loses the RoI features made for the old one, in both
+    formats, so report.json, the readers and the settings never disagree with the files."""
+    from fpn_cli import open_features
+
+    for i in range(3):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    old = write_csv(tmp_path / "old.csv", [("im1.png", 2, 2, 20, 16), ("im2.png", 1, 1, 9, 9)])
+    new = write_csv(tmp_path / "new.csv", [("im0.png", 1, 1, 20, 16)])
+    for fmt in ("npy", "shards"):
+        out = tmp_path / fmt
+        run_ok(tmp_path / "in", "-o", out, *SEED, "--boxes", old, "--format", fmt)
+        run_ok(tmp_path / "in", "-o", out, *SEED, "--boxes", new, "--format", fmt)
+        features = open_features(out)
+        assert [key for key in features if "rois" in features[key]] == ["im0"]
+        assert [path for path, entry in entries(out).items() if "rois" in entry] == ["im0.png"]
+        assert run("verify", out).exit_code == 0
+    out = tmp_path / "npy"
+    run_ok("roi", out, "--boxes", old, "--roi-size", 5, "--overwrite")
+    assert sorted(p.parent.name for p in out.glob("*/rois.npy")) == ["im1", "im2"]
+    assert {np.load(p).shape[2:] for p in out.glob("*/rois.npy")} == {(5, 5)}
+    assert run("verify", out).exit_code == 0

@@ -99,6 +99,10 @@ class Storage(Protocol):
     def forget_derived(self, key: str) -> None:
         """Drops what was derived from ``key``'s levels: a level they came from was wrong."""
 
+    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
+        """Drops the arrays ``names`` of ``key`` (a store that writes an image whole drops them
+        by writing it again without them)."""
+
     def read_array(self, key: str, name: str) -> np.ndarray:
         """Stored array ``name`` of ``key``, memory-mapped where possible."""
 

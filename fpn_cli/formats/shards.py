@@ -312,6 +312,9 @@ class ShardStore:
     def forget_derived(self, key: str) -> None:
         pass  # as forget: the new group holds only what this run trusts or makes
 
+    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
+        pass  # as forget: the image is written again without them
+
     def read_array(self, key: str, name: str) -> np.ndarray:
         line = self._completed()[key]
         return self._arrays.array(line["shard"], line["members"][f"{name}.npy"])
