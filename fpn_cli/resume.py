@@ -115,7 +115,9 @@ def recorded_fingerprint(entry: dict) -> Fingerprint | None:
 def change(recorded: Fingerprint, path: str | Readable, content_hash: bool) -> str | None:
     """How the file at ``path`` differs from ``recorded``; None when it is the same. Compares the
     content hash when ``content_hash`` (a record without one then counts as changed: it cannot be
-    shown to be the same). Raises :class:`ImageError` if the file cannot be read now."""
+    shown to be the same), and whenever the record holds one (a folder made with --hash stays
+    checked by content, as verify checks it). Raises :class:`ImageError` if the file cannot be
+    read now."""
     now = fingerprint(path)
     if now.size != recorded.size:
         return f"input changed: {recorded.size:,} bytes then, {now.size:,} now"
@@ -123,7 +125,7 @@ def change(recorded: Fingerprint, path: str | Readable, content_hash: bool) -> s
         return "input changed: modified since its features were written"
     if now.version != recorded.version:
         return f"input changed: version {recorded.version} then, {now.version} now"
-    if content_hash:
+    if content_hash or recorded.sha256 is not None:
         if recorded.sha256 is None:
             return "no content hash recorded (--hash): it cannot be shown to be the same input"
         if fingerprint(path, content_hash=True).sha256 != recorded.sha256:

@@ -252,7 +252,10 @@ def test_a_resume_recomputes_whatever_it_cannot_trust_and_says_why(copied, finis
     assert run("verify", out).exit_code == 0
 
 
-def test_with_hash_a_resume_catches_new_content_of_the_same_size_and_time(tmp_path):
+@pytest.mark.parametrize("rerun", [["--hash"], []], ids=["with-hash", "then-without"])
+def test_with_hash_a_resume_catches_new_content_of_the_same_size_and_time(tmp_path, rerun):
+    """A folder made with --hash is checked by content on every resume, with --hash or not (a
+    rerun without it kept changed content that verify then flagged)."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     Image.fromarray(gradient(24, 32, 1)).save(src / "a.ppm")  # uncompressed: its size is its shape
@@ -267,7 +270,7 @@ def test_with_hash_a_resume_catches_new_content_of_the_same_size_and_time(tmp_pa
     checked = run("verify", out)
     assert checked.exit_code == 1
     assert checked.stdout == f"a.ppm: its input {src / 'a.ppm'}: input changed: different content (sha256)\n"
-    result = run(src, "-o", out, "--hash", *SEED)
+    result = run(src, "-o", out, *rerun, *SEED)
     assert result.exit_code == 0
     listed = entries(out)
     assert listed["a.ppm"]["recomputed"] == "input changed: different content (sha256)"
