@@ -154,7 +154,7 @@ def extract(
     began = False  # an interrupt that escapes before the run began found nothing processed
     try:
         with store.lock(), warnings_to(log):
-            store.record_settings(settings_record(opts, spec), opts.overwrite)
+            _record_settings(store, settings_record(opts, spec), opts.overwrite, out)
             store.sweep_dead_runs()
             _notes(opts, spec, device, log)
             _unknown_images(unknown, opts.boxes, log)
@@ -187,6 +187,20 @@ def extract(
             raise
         report.interrupt(e)  # as the run let go of the folder: report.json is written already
     return report
+
+
+def _record_settings(store: Storage, settings: dict, overwrite: bool, out: Path | str) -> None:
+    """The store's first touch of the output folder. Behind a URL that is where a missing
+    bucket, missing credentials or a server that takes no writes shows: one line naming --out."""
+    try:
+        store.record_settings(settings, overwrite)
+    except FPNError:
+        raise
+    except Exception as e:
+        if not isinstance(out, str):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot use --out {out}: {reason}") from None
 
 
 def _find_images(

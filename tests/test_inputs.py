@@ -206,6 +206,9 @@ def test_s3_in_and_out_through_a_local_moto_server(local, tmp_path, monkeypatch)
         assert_features("s3://bucket/feats", expected)
         again = run(*args, "--arch", "seed", "--device", "cpu")
         assert again.exit_code == 0 and "0 written, 3 already complete" in again.output
+        lost = run("s3://bucket/in/", "-o", "s3://no-such-bucket/feats", "--format", "shards", *SEED)
+        assert lost.exit_code == 2 and "Traceback" not in lost.output
+        assert "cannot use --out s3://no-such-bucket/feats: " in lost.output
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
