@@ -458,7 +458,7 @@ def main(
             )  # fmt: skip
             text = summarize(
                 inputs, spec, resize, input_size, stdin_lines, on_failure, lists, list_column,
-                options["shard_size"],
+                options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"],
             )  # fmt: skip
             _echo(text)
             sys.exit(1 if failures else 0)

@@ -766,10 +766,13 @@ def summarize(
     lists: Sequence[str | os.PathLike[str]] = (),
     list_column: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    pool: Sequence[str] = (),
+    maps: bool = True,
 ) -> str:
     """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
     (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
-    dtype; ``on_failure`` (path, reason) for each input whose size cannot be read."""
+    dtype, of the arrays a run stores (the levels unless not ``maps``, the ``pool`` vectors);
+    ``on_failure`` (path, reason) for each input whose size cannot be read."""
     config = spec.config
     if not inputs and not lists:
         shapes = [(input_size, output_shapes(config, *input_size))]
@@ -785,8 +788,16 @@ def summarize(
             per_size[resize.target(*size)] += 1
     shapes = [(s, output_shapes(config, *s)) for s in sorted(per_size)]
     text = format_summary(spec, parameter_count(config), level_info(config), shapes)
-    totals = format_totals(per_size, dict(shapes), unreadable, ("float32", "float16"), shard_size)
+    outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
+    stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
+    totals = format_totals(per_size, stored, unreadable, ("float32", "float16"), shard_size)
     return f"{text}\n\n{totals}"
+
+
+def _stored_shapes(outputs: Outputs, level_shapes: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each array a run stores for an image of these level shapes (no boxes)."""
+    names = outputs.names("")
+    return {name: shape for name, shape in outputs.shapes("", level_shapes).items() if name in names}
 
 
 def _probe_all(

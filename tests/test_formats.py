@@ -317,12 +317,27 @@ def test_summary_totals_are_the_files_a_run_writes(pair):
     value, unit, files = rows["npy", "float32"]
     npy_bytes = sum(p.stat().st_size for p in pair.npy.rglob("*.npy"))
     assert f"{value} {unit}" == f"{npy_bytes / 1e3:.1f} kB"  # exact: headers and all
-    assert int(files) == len(list(pair.npy.rglob("*.npy"))) + 1
+    written = [p for p in pair.npy.rglob("*") if p.is_file()]  # arrays, records, report, settings, lock
+    assert int(files) == len(written) == len(list(pair.npy.rglob("*.npy"))) + 7 + 3
     value, unit, files = rows["shards", "float32"]
     tar_bytes = sum(t.stat().st_size for t in tars(pair.shards))
     assert abs(float(value) * 1e3 - tar_bytes) / tar_bytes < 0.05
     assert int(files) == 2 * len(tars(pair.shards)) + 2
     assert rows["npy", "float16"][:2] != rows["npy", "float32"][:2]
+
+
+def test_summary_totals_count_what_pool_and_no_maps_store(pair, tmp_path):
+    args = ["--arch", "seed", "--pool", "avg,max", "--no-maps"]
+    result = run("--summary", pair.inputs, *args)
+    assert result.exit_code == 0, result.output
+    rows = {tuple(line.split()[:2]): line.split()[2:5] for line in result.output.splitlines()}
+    out = tmp_path / "out"
+    assert run(pair.inputs, "-o", out, *args, "--device", "cpu", "-q").exit_code == 0
+    value, unit, files = rows["npy", "float32"]
+    arrays = list(out.rglob("*.npy"))
+    assert len(arrays) == 7 * 8  # two vectors per level, no levels
+    assert f"{value} {unit}" == f"{sum(p.stat().st_size for p in arrays) / 1e3:.1f} kB"
+    assert int(files) == len([p for p in out.rglob("*") if p.is_file()])
 
 
 def test_sigkill_mid_shard_then_rerun_is_byte_identical_to_a_clean_run(tmp_path):

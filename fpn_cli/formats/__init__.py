@@ -117,7 +117,7 @@ def format_totals(
     skipped = f"; {unreadable:,} unreadable, not counted" if unreadable else ""
     counted = [(count, shapes[size]) for size, count in sorted(per_size.items())]
     notes = {
-        "npy": "a file per level and image, and report.json",
+        "npy": "a file per array and image and its record (a folder each), report.json, settings, lock",
         "shards": f"tar shards of about {_bytes(shard_size)} (--shard-size), an index part each, "
         "index.jsonl and report.json",
     }

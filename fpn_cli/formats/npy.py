@@ -136,10 +136,11 @@ class NpyFeatures(Features):
 def estimate(
     per_image: Iterable[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
 ) -> tuple[int, int]:
-    """(bytes, files) that ``count`` images of each set of level shapes take in the npy layout:
-    a file per level and image, and report.json."""
+    """(bytes, files) that ``count`` images of each set of array shapes take in the npy layout:
+    the arrays' bytes (headers included; the small JSON files are not counted), and the files: one
+    per array and image, each image's record, and the run's report.json, settings and lock."""
     total = files = 0
     for count, shapes in per_image:
         total += count * sum(npy_size(shape, dtype) for shape in shapes.values())
-        files += count * len(shapes)
-    return total, files + 1
+        files += count * (len(shapes) + 1)
+    return total, files + 3
