@@ -123,7 +123,7 @@ def check_settings(
     settings = json.loads(json.dumps(dict(settings)))  # as recorded: a tuple reads back as a list
     differing = _differing(recorded or {}, settings)
     if recorded is not None and differing and not overwrite:
-        diff = ", ".join(f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differing)
+        diff = ", ".join(f"{k} {_shown(k, recorded)} -> {_shown(k, settings)}" for k in differing)
         raise UsageError(
             f"{root} holds features made with other settings ({diff}); "
             "pass --overwrite to recompute them, or choose another --out"
@@ -160,6 +160,12 @@ def _overwrite_marker(root: Path, shard: tuple[int, int] | None) -> Path:
 def overwrite_marker_name(shard: tuple[int, int] | None) -> str:
     suffix = f"-{shard[0]}-of-{shard[1]}" if shard else ""
     return f"{OVERWRITE_MARKER}{suffix}"
+
+
+def _shown(key: str, settings: Mapping[str, object]) -> str:
+    """A setting's value for a message; the npy layout's record leaves ``format`` out."""
+    value = settings.get(key, "npy" if key == "format" else None)
+    return "(none)" if value is None else repr(value)
 
 
 def _differing(recorded: Mapping[str, object], settings: Mapping[str, object]) -> list[str]:

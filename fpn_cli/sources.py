@@ -97,13 +97,14 @@ def expand_braces(spec: str) -> list[str]:
 
 
 def read_list(listing: str, column: str | None = None) -> list[str]:
-    """The paths in a list file: text (one a line, verbatim), CSV or TSV (``column`` of a header
-    row, ``path`` unless given), parquet (``column``, through pyarrow). ``listing`` may be a URL."""
+    """The paths in a list file: text (one a line, verbatim; a file whose every line ends in CRLF
+    loses the CRs), CSV or TSV (``column`` of a header row, ``path`` unless given), parquet
+    (``column``, through pyarrow); a UTF-8 byte-order mark is dropped. ``listing`` may be a URL."""
     suffix = listing.lower().rsplit(".", 1)[-1] if "." in listing else ""
     column = column or "path"
     if suffix == "parquet":
         return _parquet_column(listing, column)
-    raw = _read_all(listing)
+    raw = _read_all(listing).removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Excel writes
     text = raw.decode("utf-8", "surrogateescape")
     if suffix in ("csv", "tsv"):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == "tsv" else ",")
@@ -111,7 +112,10 @@ def read_list(listing: str, column: str | None = None) -> list[str]:
             found = ", ".join(reader.fieldnames or []) or "none"
             raise UsageError(f"--list {listing}: no column {column!r} (columns: {found}); see --list-column")
         return [row[column] for row in reader if row[column]]
-    return [line for line in text.split("\n") if line]
+    lines = [line for line in text.split("\n") if line]
+    if lines and all(line.endswith("\r") for line in lines):  # written on Windows: CRLF line ends
+        lines = [line[:-1] for line in lines]
+    return [line for line in lines if line]
 
 
 def _read_all(path: str) -> bytes:

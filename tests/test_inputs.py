@@ -66,6 +66,19 @@ def test_list_files_text_csv_tsv_and_parquet(local, tmp_path):
     assert_features(tmp_path / "out", {os.path.basename(k): v for k, v in expected.items()})
 
 
+def test_lists_written_on_windows_byte_order_mark_and_crlf(local, tmp_path):
+    """Excel's CSV starts with a UTF-8 byte-order mark and ends lines with CRLF; Notepad's text
+    lists too: the paths come out as written."""
+    folder, expected = local
+    a, b = (str(folder / name) for name in NAMES[:2])
+    (tmp_path / "excel.csv").write_bytes(f"\ufeffpath,label\r\n{a},1\r\n".encode())
+    (tmp_path / "notepad.txt").write_bytes(f"\ufeff{b}\r\n".encode())
+    lists = ["--list", tmp_path / "excel.csv", "--list", tmp_path / "notepad.txt"]
+    result = run(*lists, "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 0, result.output
+    assert [e["path"] for e in report_of(tmp_path / "out")["images"]] == ["a.png", "b.png"]
+
+
 def test_a_parquet_list_and_a_missing_column(local, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
