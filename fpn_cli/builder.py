@@ -69,6 +69,8 @@ def resolve(
         return _plain(arch or DEFAULT_ARCH, weights, fpn_style, levels, seed, pad_multiple)
     if zoo.is_zoo_name(weights):
         return _from_zoo(zoo.entry(weights), weights, arch, fpn_style, levels, seed, pad_multiple)
+    if not Path(weights).exists() and (close := zoo.suggest(weights)) is not None:
+        raise WeightsError(f"--weights {weights}: no such file, source or zoo model; did you mean {close}?")
     return _from_file(Path(weights), arch, fpn_style, levels, seed, pad_multiple)
 
 

@@ -226,9 +226,7 @@ def _read_torch(path: Path) -> object:
             ) from None
         raise WeightsError(f"cannot read weights file {path}: not a PyTorch checkpoint ({reason})") from None
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
-        raise WeightsError(
-            f"cannot read weights file {path}: {type(e).__name__}: {e}".splitlines()[0]
-        ) from None
+        raise _unreadable(path, "a PyTorch checkpoint, torch.save's zip archive or pickle", e) from None
 
 
 def _read_safetensors(path: Path) -> object:
@@ -291,10 +289,20 @@ def _read_pickle(path: Path) -> object:
             f"refusing to load {path}: it holds more than numpy arrays and plain containers ({e})"
         ) from None
     except Exception as e:
-        raise WeightsError(
-            f"cannot read weights file {path}: {type(e).__name__}: {e}".splitlines()[0]
-        ) from None
+        raise _unreadable(path, "a pickle of numpy arrays, as detectron2's zoo files are", e) from None
     return raw
+
+
+def _unreadable(path: Path, what: str, e: BaseException) -> WeightsError:
+    """The one line for a weights file that is not what its kind must be: what it is not, and
+    the reader's own reason in brief (a cut or empty file says so)."""
+    if isinstance(e, EOFError):
+        reason = "it is empty or cut short"
+    else:
+        detail = (str(e).strip().splitlines() or [""])[0]
+        detail = detail.split("] ", 1)[-1].lstrip(". ") if detail.startswith("[enforce fail") else detail
+        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+    return WeightsError(f"cannot read weights file {path}: not {what} ({reason})")
 
 
 def from_raw(raw: object, source: str) -> Checkpoint:

@@ -13,6 +13,7 @@ A new family is a table here plus its key format in weights.py.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import os
@@ -382,12 +383,21 @@ def entry(spec: str) -> ZooEntry:
     if found is None:
         family = name.split(":", 1)[0]
         near = [n for n in zoo() if n.startswith(family + ":")]
-        raise UsageError(
-            f"--weights {spec}: no such model in the zoo; "
-            f"{family} has {', '.join(n.split(':', 1)[1] for n in near)} "
-            "(fpn-extract models lists them all)"
-        )
+        close = difflib.get_close_matches(name, near, n=3, cutoff=0.6)
+        if close:
+            hint = f"did you mean {' or '.join(close)}?"
+        else:
+            families = sorted({n.split(":", 1)[0] for n in zoo()})
+            hint = f"{family} has {len(near)} models" if near else f"the families are {', '.join(families)}"
+        raise UsageError(f"--weights {spec}: no such model in the zoo; {hint} (fpn-extract models lists all)")
     return found
+
+
+def suggest(spec: str) -> str | None:
+    """The zoo name or weight source closest to ``spec`` (a mistyped ``--weights``), if any."""
+    names = [COCO_ALIAS, "random", "imagenet", *zoo()]
+    close = difflib.get_close_matches(spec, names, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 # --- ImageNet classifiers: a backbone without an FPN -----------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import urllib.error
+import zipfile
 from collections import OrderedDict
 
 import pytest
@@ -17,7 +18,7 @@ from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fpn_cli import WeightsError, build_fpn
+from fpn_cli import UsageError, WeightsError, build_fpn
 from fpn_cli import weights as wts
 from fpn_cli.cli import main
 
@@ -229,10 +230,21 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="is not a file"):
         build_fpn(weights=tmp_path)
     with pytest.raises(WeightsError, match="takes random, imagenet, a zoo name or a file"):
-        build_fpn(weights="imagnet")  # a typo of a source name reads as a missing file
+        build_fpn(weights="foo:bar")
+    with pytest.raises(WeightsError, match="did you mean imagenet"):
+        build_fpn(weights="imagnet")  # a typo of a source name
+    with pytest.raises(UsageError, match="did you mean mmdet:faster-rcnn_r50_fpn_1x_coco"):
+        build_fpn(weights="mmdet:faster_rcnn_r50_fpn_1x_coco")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="cannot read weights file"):
         build_fpn(weights=tmp_path / "junk.pth")
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    with pytest.raises(WeightsError, match="not a pickle of numpy arrays.*empty or cut short"):
+        build_fpn(weights=tmp_path / "empty.pkl")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("t.txt", "hi")
+    with pytest.raises(WeightsError, match=r"not a PyTorch checkpoint, .*\(RuntimeError: file in archive"):
+        build_fpn(weights=tmp_path / "other.zip")
 
 
 def test_cli_with_imagenet_weights_missing_offline_is_one_line_exit_2(torch_home, tmp_path):
