@@ -54,8 +54,9 @@ def find_inputs(
     for spec, listed in input_specs(inputs, stdin_lines):
         if listed or os.path.lexists(spec):  # a name with braces in it is that name
             specs.append((spec, listed))
-        else:
-            specs += [(one, False) for one in expand_braces(spec)]
+        else:  # a pattern's shards, like a list's lines: one missing is a failed input, not the run's end
+            expanded = expand_braces(spec)
+            specs += [(one, len(expanded) > 1) for one in expanded]
     for listing in map(str, lists):
         specs += [(line, True) for line in read_list(listing, list_column)]
     exclude = exclude.resolve() if exclude is not None else None
@@ -67,7 +68,7 @@ def _expand(spec: str, exclude: Path | None, listed: bool) -> list[InputImage]:
         return _expand_url(spec, listed)
     spec = local_path(spec)
     if spec.lower().endswith(TAR_SUFFIX) and os.path.isfile(spec):
-        return tar_members(spec, open(spec, "rb"), spec)
+        return tar_members(spec, open(spec, "rb"), spec, listed)
     return expand_local(spec, exclude, listed)
 
 
@@ -281,10 +282,11 @@ def _nanoseconds(value: object) -> int:
     return 0
 
 
-def tar_members(tar: str, f: BinaryIO, shown: str) -> list[InputImage]:
+def tar_members(tar: str, f: BinaryIO, shown: str, listed: bool = False) -> list[InputImage]:
     """The image members of the tar ``f`` (from ``tar``), each an input whose path relative to
     its root is the member's name. Names that would leave the output folder (absolute, ``..``)
-    are failed inputs, as is the rest of a tar cut short."""
+    are failed inputs, as is the rest of a tar cut short, and, when ``listed`` (one of many: a
+    list's line, a brace pattern's shard), a tar that cannot be read at all."""
     import tarfile
 
     found: list[InputImage] = []
@@ -298,6 +300,8 @@ def tar_members(tar: str, f: BinaryIO, shown: str) -> list[InputImage]:
     except tarfile.ReadError as e:
         if not found:
             reason = f"not a readable tar file ({_reason(e)}); only uncompressed tars are read"
+            if listed:
+                return [InputImage(shown, os.path.basename(shown) + "/", error=reason)]
             raise UsageError(f"{shown}: {reason}") from None
         found.append(InputImage(shown, os.path.basename(shown) + "/", error=f"tar cut short: {_reason(e)}"))
     except OSError as e:
@@ -319,19 +323,20 @@ def _expand_url(url: str, listed: bool) -> list[InputImage]:
             raise UsageError(f"input {url} does not exist") from None
         except Exception as e:
             raise UsageError(f"cannot read {url}: {_reason(e)}") from None
-        return tar_members(url, f, url)
+        return tar_members(url, f, url, listed)
     if listed:
         return [InputImage(RemoteFile(url), name)]
     fs, inner = filesystem(url)
+    web = url.lower().startswith(("http://", "https://"))  # "?" starts a query (a signed URL's)
     try:
-        if _GLOB_CHARS & set(inner):
+        if _GLOB_CHARS & set(inner) and not web:
             root = inner[: min(inner.index(c) for c in _GLOB_CHARS if c in inner)].rsplit("/", 1)[0]
             found = _remote_images(fs, fs.glob(inner, detail=True), root)
             if not found:
                 raise UsageError(f"pattern {url!r} matches no image files")
             return found
         # an http server's pages are not folders that can be trusted to list
-        if not url.lower().startswith(("http://", "https://")) and fs.isdir(inner):
+        if not web and fs.isdir(inner):
             return _remote_images(fs, fs.find(inner, detail=True), inner.rstrip("/"))
         if fs.exists(inner):
             return [InputImage(RemoteFile(url), name)]

@@ -79,6 +79,26 @@ def test_lists_written_on_windows_byte_order_mark_and_crlf(local, tmp_path):
     assert [e["path"] for e in report_of(tmp_path / "out")["images"]] == ["a.png", "b.png"]
 
 
+def test_one_bad_tar_among_many_is_a_failed_input_not_the_end_of_the_run(local, tmp_path):
+    """A listed tar that is no tar, and a brace pattern's shard that is missing: failed inputs
+    (exit 1) beside the good shards' images, as a missing listed file is."""
+    folder, expected = local
+    make_tar(tmp_path / "shard-0.tar", {"a.png": (folder / "a.png").read_bytes()})
+    make_tar(tmp_path / "shard-2.tar", {"b.png": (folder / "b.png").read_bytes()})
+    (tmp_path / "junk.tar").write_bytes(b"x" * 3000)
+    (tmp_path / "tars.txt").write_text(f"{tmp_path / 'shard-0.tar'}\n{tmp_path / 'junk.tar'}\n")
+    listed = run("--list", tmp_path / "tars.txt", "-o", tmp_path / "out", *SEED)
+    assert listed.exit_code == 1 and "Traceback" not in listed.output
+    assert "junk.tar: not a readable tar file" in listed.output
+    assert [e["status"] for e in report_of(tmp_path / "out")["images"]] == ["ok", "failed"]
+    pattern = run(str(tmp_path / "shard-{0..2}.tar"), "-o", tmp_path / "out2", *SEED)
+    assert pattern.exit_code == 1 and f"{tmp_path / 'shard-1.tar'}: does not exist" in pattern.output
+    assert sorted(e["path"] for e in report_of(tmp_path / "out2")["images"] if e["status"] == "ok") == [
+        "a.png",
+        "b.png",
+    ]
+
+
 def test_a_parquet_list_and_a_missing_column(local, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -175,7 +195,7 @@ def test_https_style_urls_from_a_local_http_server(local, tmp_path):
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         (tmp_path / "urls.txt").write_text(f"{base}/b.png\n")
-        inputs = [f"{base}/a.png", f"{base}/s.tar", "--list", tmp_path / "urls.txt"]
+        inputs = [f"{base}/a.png?token=x", f"{base}/s.tar", "--list", tmp_path / "urls.txt"]  # a query
         result = run(*inputs, "-o", tmp_path / "out", *SEED)
         assert result.exit_code == 0, result.output
         assert_features(tmp_path / "out", expected)
