@@ -53,6 +53,21 @@ def pool_name(level: str, kind: str) -> str:
     return f"{level}_{kind}"
 
 
+def remove_npy_layout(root: Path) -> None:
+    """Deletes what the npy layout wrote under ``root`` (every image folder's arrays, record and
+    preview, then the folders left empty): an --overwrite run into another format must not leave
+    the old one beside it for readers to find. Nothing else in the folders is touched."""
+    ours = {RECORD_FILE, PREVIEW_FILE, *(f"{name}.npy" for name in (*LEVELS, *derived_names()))}
+    for folder, _, names in os.walk(root, topdown=False):
+        if Path(folder) == root:
+            continue
+        for name in names:
+            if name in ours:
+                os.unlink(os.path.join(folder, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only if empty
+
+
 def derived_names() -> tuple[str, ...]:
     """Every array a run may derive from an image's levels, whatever its options: each level's
     pooled vectors, the RoI features and their boxes."""

@@ -414,3 +414,22 @@ def test_a_write_error_mid_shard_keeps_the_whole_images_before_it(tmp_path):
     assert list(open_features(out)) == ["im0"]
     assert run(tmp_path / "in", "-o", out, "--format", "shards", *SEED).exit_code == 0
     assert list(open_features(out)) == ["im0", "im1", "im2"]
+
+
+def test_overwrite_into_the_other_format_removes_the_old_formats_files(pair, tmp_path):
+    """--overwrite with another --format: the old layout's files go (readers globbing the old
+    shards or image folders would find stale features), and nothing else in OUT is touched."""
+    npy = tmp_path / "npy"
+    shutil.copytree(pair.npy, npy)
+    (npy / "notes.txt").write_text("mine")
+    result = run(pair.inputs, "-o", npy, "--format", "shards", "--overwrite", *SEED)
+    assert result.exit_code == 0, result.output
+    assert list(npy.rglob("*.npy")) == [] and (npy / "notes.txt").read_text() == "mine"
+    left = sorted(p.name for p in npy.iterdir())
+    assert left == [".fpn-extract.json", ".lock", "notes.txt", "report.json", "shards"]
+    shards = tmp_path / "shards"
+    shutil.copytree(pair.shards, shards)
+    result = run(pair.inputs, "-o", shards, "--overwrite", *SEED)
+    assert result.exit_code == 0, result.output
+    assert not (shards / "shards").exists()
+    assert_same_arrays(pair.npy, shards)

@@ -9,13 +9,14 @@ import contextlib
 import json
 import mmap
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FPNError
-from ..locks import finish_overwrite, lock_folder, record_settings
+from ..locks import finish_overwrite, lock_folder, read_settings, record_settings
 from ..npyio import npy_shape
 from ..store import PREVIEW_FILE, REPORT_FILE, Store
 from .base import Features, Shape, npy_size
@@ -38,7 +39,10 @@ class NpyStore(Store):
         return lock_folder(self.root, self.shard)
 
     def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
+        before = (read_settings(self.root) or {}).get("format", "npy")
         record_settings(self.root, settings, overwrite, self.shard)
+        if overwrite and before == "shards":  # the other format's files go, not only its record
+            shutil.rmtree(self.root / "shards", ignore_errors=True)
 
     def finish_overwrite(self) -> None:
         finish_overwrite(self.root, self.shard)

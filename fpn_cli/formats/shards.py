@@ -77,6 +77,7 @@ from ..locks import (
     finish_overwrite,
     lock_folder,
     overwrite_marker_name,
+    read_settings,
     record_settings,
     settings_to_record,
 )
@@ -86,6 +87,7 @@ from ..store import (
     REPORT_FILE,
     SETTINGS_FILE,
     create_folder,
+    remove_npy_layout,
     sweep_dead_writers,
     temporary_name,
 )
@@ -236,7 +238,10 @@ class ShardStore:
             text = json.dumps(settings_to_record(recorded, settings), indent=2).encode()
             self.folder.write(SETTINGS_FILE, lambda f: f.write(text))
         else:
+            before = (read_settings(self.folder.path("")) or {}).get("format", "npy")
             record_settings(self.folder.path(""), settings, overwrite, self.shard)
+            if overwrite and before == "npy":  # the other format's files go, not only its record
+                remove_npy_layout(self.folder.path(""))
             self.folder.makedirs(PARTS)
         for name, part in shards if overwrite else ():  # this run's part of the shards goes
             if self._owns(part):
