@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, UsageError
+from .store import SETTINGS_FILE
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .jp2".split()
@@ -105,8 +106,9 @@ def _unusable(path: str) -> str:
 
 def _walk(root: str, exclude: Path | None) -> Iterable[InputImage]:
     """Image files below ``root`` relative to it, following symlinked folders once each (a loop
-    ends there). Image-named entries that are not regular files, and folders that cannot be read,
-    come back with their ``error`` set: nothing is dropped silently."""
+    ends there), and never inside an fpn-extract output folder (one with a settings file).
+    Image-named entries that are not regular files, and folders that cannot be read, come back
+    with their ``error`` set: nothing is dropped silently."""
     seen: set[tuple[int, int]] = set()
     excluded = os.stat(exclude) if exclude is not None and exclude.exists() else None
     prefix = len(os.path.join(root, ""))
@@ -127,6 +129,8 @@ def _walk(root: str, exclude: Path | None) -> Iterable[InputImage]:
             rel = folder[prefix:].replace(os.sep, "/") or "."
             yield InputImage(folder, rel + "/", error=f"cannot read folder: {e.strerror or e}")
             continue
+        if any(entry.name == SETTINGS_FILE for entry in entries):
+            continue  # another run's output folder: its previews are no inputs
         for entry in entries:
             rel = entry.path[prefix:].replace(os.sep, "/")
             try:

@@ -611,3 +611,15 @@ def test_features_without_a_readable_settings_record_are_not_kept_as_this_runs(t
     assert "no readable record of their settings (.fpn-extract.json)" in refused.output
     assert run(tmp_path / "in", "-o", out, *args, "--seed", "5", "--overwrite").exit_code == 0
     assert report_of(out)["counts"]["ok"] == 2
+
+
+def test_a_folder_search_never_enters_another_runs_output_folder(tmp_path):
+    """OUT inside the input folder: a second run into another OUT there does not take the first
+    run's previews (or anything else in an fpn-extract output folder) as inputs."""
+    for i in range(2):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    assert run(tmp_path / "in", "-o", tmp_path / "in" / "first", "--preview", *SEED).exit_code == 0
+    assert list((tmp_path / "in" / "first").rglob("preview.png"))
+    result = run(tmp_path / "in", "-o", tmp_path / "in" / "second", *SEED)
+    assert result.exit_code == 0, result.output
+    assert [e["path"] for e in report_of(tmp_path / "in" / "second")["images"]] == ["im0.png", "im1.png"]
