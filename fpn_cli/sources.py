@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import unquote
 
 from .errors import ImageError, UsageError
 from .images import InputImage, expand_local, input_specs, is_image_name, open_regular, unique_images
@@ -313,6 +314,8 @@ def _expand_url(url: str, listed: bool) -> list[InputImage]:
     """A URL: one file (listed URLs always; their existence is checked when read), a tar, a glob,
     or a folder searched recursively."""
     name = posixpath.basename(url.split("?", 1)[0].rstrip("/"))
+    if url.lower().startswith(("http://", "https://")):
+        name = unquote(name)  # a web URL's path is percent-encoded: the key is the file's own name
     if url.lower().endswith(TAR_SUFFIX):
         fs, inner = filesystem(url)
         try:

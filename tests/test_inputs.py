@@ -188,17 +188,17 @@ def test_https_style_urls_from_a_local_http_server(local, tmp_path):
     folder, expected = local
     make_tar(tmp_path / "s.tar", {"sub/c.png": (folder / "sub/c.png").read_bytes()})
     (tmp_path / "a.png").write_bytes((folder / "a.png").read_bytes())
-    (tmp_path / "b.png").write_bytes((folder / "b.png").read_bytes())
+    (tmp_path / "b c.png").write_bytes((folder / "b.png").read_bytes())  # its URL says b%20c.png
     handler = lambda *a, **kw: RangeHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        (tmp_path / "urls.txt").write_text(f"{base}/b.png\n")
+        (tmp_path / "urls.txt").write_text(f"{base}/b%20c.png\n")
         inputs = [f"{base}/a.png?token=x", f"{base}/s.tar", "--list", tmp_path / "urls.txt"]  # a query
         result = run(*inputs, "-o", tmp_path / "out", *SEED)
         assert result.exit_code == 0, result.output
-        assert_features(tmp_path / "out", expected)
+        assert_features(tmp_path / "out", {("b c" if k == "b" else k): v for k, v in expected.items()})
         missing = run(f"{base}/nothing.png", "-o", tmp_path / "out2", *SEED)
         assert missing.exit_code == 2 and f"input {base}/nothing.png does not exist" in missing.output
     finally:
