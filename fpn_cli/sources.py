@@ -294,9 +294,14 @@ def tar_members(tar: str, f: BinaryIO, shown: str, listed: bool = False) -> list
     try:
         with f, tarfile.open(fileobj=f, mode="r:") as archive:
             for info in archive:
-                if not info.isreg() or not is_image_name(info.name):
+                if not is_image_name(info.name):
                     continue
                 member = TarMember(tar, info.name, info.offset_data, info.size, int(info.mtime * 1e9))
+                if not info.isreg():  # a link or device named like an image: said, not dropped
+                    kind = "link" if info.issym() or info.islnk() else "member that is no file"
+                    reason = f"a {kind} in its tar, not read"
+                    found.append(InputImage(Refused(member, reason), info.name, error=reason))
+                    continue
                 found.append(_checked(member, info.name))
     except tarfile.ReadError as e:
         if not found:

@@ -99,6 +99,22 @@ def test_one_bad_tar_among_many_is_a_failed_input_not_the_end_of_the_run(local, 
     ]
 
 
+def test_a_link_member_named_like_an_image_is_a_failed_input(local, tmp_path):
+    folder, _ = local
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        data = (folder / "a.png").read_bytes()
+        info = tarfile.TarInfo("a.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.png"
+        tar.addfile(link)
+    result = run(tmp_path / "s.tar", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 1 and "b.png: a link in its tar, not read" in result.output
+    statuses = {e["path"]: e["status"] for e in report_of(tmp_path / "out")["images"]}
+    assert statuses == {"a.png": "ok", "b.png": "failed"}
+
+
 def test_a_parquet_list_and_a_missing_column(local, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
