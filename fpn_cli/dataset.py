@@ -42,7 +42,15 @@ class FeatureDataset(Dataset):
         self.transform = transform
         self._features: Features | None = None
         self._pid: int | None = None
-        self._length = len(self._open())
+        features = self._open()
+        self._length = len(features)
+        if self.levels is not None and self._length:  # a misspelt level: now, not in a worker later
+            stored = set(features.read(features.key_at(0)))
+            unknown = [name for name in self.levels if name not in stored]
+            if unknown:
+                raise KeyError(
+                    f"{out} stores no {', '.join(unknown)} (its first image has {', '.join(sorted(stored))})"
+                )
 
     def _open(self) -> Features:
         if self._features is None or self._pid != os.getpid():

@@ -233,6 +233,8 @@ def test_feature_dataset_in_dataloader_workers(pair):
         assert set(batch) == {"key", "p3", "p5"}
         assert np.array_equal(batch["p3"][0].numpy(), npy[key]["p3"])
     assert set(FeatureDataset(pair.npy)[0]) == {"key", "p2", "p3", "p4", "p5"}
+    with pytest.raises(KeyError, match="stores no p9"):  # at once, not in a worker later
+        FeatureDataset(pair.shards, levels=["p3", "p9"])
 
 
 def test_every_array_stored_with_an_image_comes_back(tmp_path):
