@@ -92,6 +92,7 @@ class Report:
         self._entries: list[tuple[str, str, str]] = []  # (path, status, JSON line)
         self._counts = {"ok": 0, "skipped": 0, "failed": 0}
         self._refused_boxes = 0  # boxes whose RoI features could not be pooled (a failure, too)
+        self._nothing = 0  # images with nothing to store (--no-maps, no boxes for them): "skipped"
         self._groups: dict[tuple, list] = {}  # (input size, shapes) -> [count, first paths]
         self._failures: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -105,6 +106,8 @@ class Report:
             if result.status == "failed":
                 self._failures.append((result.path, result.error or ""))
             else:
+                stored = result.levels or result.pooled or result.rois is not None or result.preview
+                self._nothing += result.status == "skipped" and not stored
                 shapes = tuple((k, tuple(v["shape"])) for k, v in result.levels.items())
                 group = self._groups.setdefault((result.model_input_size, shapes), [0, []])
                 group[0] += 1
@@ -159,10 +162,11 @@ class Report:
         """The human shape report: images grouped by network input size, with their level shapes."""
         c = self.counts
         shard = self.header.get("shard")
+        nothing = f"{self._nothing} with nothing to store, " if self._nothing else ""
         lines = [
             (f"shard {shard[0]} of {shard[1]}: " if shard else "")
-            + f"{sum(c.values())} images: {c['ok']} written, {c['skipped']} already complete, "
-            f"{c['failed']} failed",
+            + f"{sum(c.values())} images: {c['ok']} written, {c['skipped'] - self._nothing} already "
+            f"complete, {nothing}{c['failed']} failed",
             "network input HxW, then each level's CxHxW:",
         ]
         with self._lock:
@@ -172,7 +176,8 @@ class Report:
             names = ", ".join(first) + (f" and {count - len(first)} more" if count > len(first) else "")
             size_text = f"{size[0]}x{size[1]}" if size else "size unknown"
             lines.append(f"{size_text}  ({count} image{'s' if count > 1 else ''}: {names})")
-            lines.append("    " + "  ".join(f"{k.upper()} {'x'.join(map(str, s))}" for k, s in shapes))
+            if shapes:  # --no-maps stores no levels
+                lines.append("    " + "  ".join(f"{k.upper()} {'x'.join(map(str, s))}" for k, s in shapes))
         for path, error in failures:
             lines.append(f"failed: {path}: {error}")
         if self.refused_boxes:
