@@ -239,8 +239,8 @@ class RemoteFile:
         fs, inner = filesystem(self.url)
         try:
             return io.BytesIO(fs.cat_file(inner))
-        except FileNotFoundError:
-            raise ImageError("does not exist") from None
+        except FileNotFoundError as e:
+            raise ImageError(_not_found(e)) from None
         except Exception as e:  # a backend's own error (access denied, network)
             raise ImageError(f"cannot read: {_reason(e)}") from None
 
@@ -248,8 +248,8 @@ class RemoteFile:
         fs, inner = filesystem(self.url)
         try:
             info = fs.info(inner)
-        except FileNotFoundError:
-            raise ImageError("does not exist") from None
+        except FileNotFoundError as e:
+            raise ImageError(_not_found(e)) from None
         except Exception as e:
             raise ImageError(f"cannot read: {_reason(e)}") from None
         modified = next((info[k] for k in _MODIFIED if info.get(k) is not None), None)
@@ -363,6 +363,15 @@ def _remote_images(fs: Any, listing: Mapping[str, dict], root: str) -> list[Inpu
             rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
             found.append(_checked(RemoteFile(fs.unstrip_protocol(path)), rel))
     return found
+
+
+def _not_found(e: FileNotFoundError) -> str:
+    """Why a URL "does not exist": fsspec's HTTP backend says so of any failed request (a 500, a
+    403, a refused connection), keeping the failure as the cause; that, where there is one."""
+    cause = e.__cause__
+    if cause is None or (getattr(cause, "status", None) == 404):
+        return "does not exist"
+    return f"cannot read: {_reason(cause)}"
 
 
 def _reason(e: BaseException) -> str:

@@ -217,6 +217,11 @@ def test_https_style_urls_from_a_local_http_server(local, tmp_path):
         assert_features(tmp_path / "out", {("b c" if k == "b" else k): v for k, v in expected.items()})
         missing = run(f"{base}/nothing.png", "-o", tmp_path / "out2", *SEED)
         assert missing.exit_code == 2 and f"input {base}/nothing.png does not exist" in missing.output
+        # a server that cannot be reached is said so, not called a missing file
+        (tmp_path / "down.txt").write_text(f"{base}/nothing.png\nhttp://127.0.0.1:1/x.png\n")
+        down = run("--list", tmp_path / "down.txt", "-o", tmp_path / "out3", *SEED)
+        assert down.exit_code == 1 and f"failed: {base}/nothing.png: does not exist" in down.output
+        assert "failed: http://127.0.0.1:1/x.png: cannot read: " in down.output
     finally:
         server.shutdown()
 
