@@ -276,3 +276,16 @@ def test_an_unsafe_member_fails_in_a_shard_run_too(images, tmp_path):
     assert [line["key"] for line in index_lines(tmp_path / "out")] == ["a"]
     with tarfile.open(tmp_path / "out" / "shards" / "000000.tar") as shard:
         assert [name for name in shard.getnames() if ".." in name] == []
+
+
+def test_reading_a_member_of_a_cut_shard_names_the_shard(images, tmp_path):
+    from fpn_cli import FPNError
+
+    folder, _ = images
+    out = tmp_path / "out"
+    run_ok(folder, "-o", out, *SEED, *SHARDS)
+    line = {line["key"]: line for line in index_lines(out)}["b"]
+    with open(out / "shards" / line["shard"], "r+b") as tar:
+        tar.truncate(line["members"]["p5.npy"]["offset"])
+    with pytest.raises(FPNError, match=f"{line['shard']} is cut short or damaged"):
+        open_features(out)["b"]["p5"]

@@ -805,11 +805,15 @@ class _Arrays:
     def array(self, shard: str, member: dict) -> np.ndarray:
         """The ``.npy`` member (an index line's entry) of ``shard``."""
         shape, dtype = tuple(member["shape"]), np.dtype(member["dtype"])
-        if self.folder.remote:
-            data = self.folder.read_range(f"{SHARDS}/{shard}", member["offset"], member["size"])
-            return np.load(io.BytesIO(data))
-        count = int(np.prod(shape))
-        return np.frombuffer(self._map(shard), dtype, count, member["data"]).reshape(shape)
+        try:
+            if self.folder.remote:
+                data = self.folder.read_range(f"{SHARDS}/{shard}", member["offset"], member["size"])
+                return np.load(io.BytesIO(data))
+            count = int(np.prod(shape))
+            return np.frombuffer(self._map(shard), dtype, count, member["data"]).reshape(shape)
+        except (ValueError, EOFError) as e:  # the tar ends before the member: a cut copy
+            where = self.folder.url(f"{SHARDS}/{shard}")
+            raise FPNError(f"{where} is cut short or damaged where the index puts a member ({e})") from None
 
     def _map(self, shard: str) -> mmap.mmap:
         """The shard mapped, from a bounded set (arrays keep their own map alive when it leaves)."""
