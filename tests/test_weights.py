@@ -265,6 +265,16 @@ def test_same_keys_but_other_shapes_are_named(tmp_path):
         build_fpn(arch="seed", weights=tmp_path / "x.pth")
 
 
+def test_weights_with_nan_or_inf_are_refused(tmp_path):
+    """A diverged training run's checkpoint: every feature would be NaN."""
+    state = build_fpn(arch="seed").state_dict()
+    state["fpn.layer_blocks.0.weight"][0, 0, 0, 0] = float("nan")
+    state["body.bn1.running_var"][3] = float("inf")
+    torch.save(state, tmp_path / "x.pth")
+    with pytest.raises(WeightsError, match=r"bn1\.running_var.*hold NaN or infinite values"):
+        build_fpn(arch="seed", weights=tmp_path / "x.pth")
+
+
 def test_a_resnext_file_selects_resnext(tmp_path):
     torch.save(resnext50_32x4d().state_dict(), tmp_path / "rx.pth")
     assert build_fpn(weights=tmp_path / "rx.pth").config.arch == "resnext50_32x4d"
