@@ -513,6 +513,7 @@ class Forward:
 
     def __init__(self, engine: Engine, report: Report, on_failure: OnFailure, log: Log) -> None:
         self.engine, self.report, self.on_failure, self.log = engine, report, on_failure, log
+        self._short = ""  # why the last batch could not fit, where that is known beforehand
 
     def __call__(self, batch: list[Job]) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
         """(job, its levels {level: (C, h, w) on the CPU}, an event that fires when the device's
@@ -530,6 +531,9 @@ class Forward:
         this returns, outside the except block: inside it, the exception's traceback keeps the failed
         forward's frames alive, and with them its activations, so the halves would fail too (seen on
         a GPU)."""
+        fits, self._short = self.engine.fits(len(batch), *batch[0].rgb.shape[:2])
+        if not fits:  # the kernel would kill the whole run, not raise MemoryError
+            return None
         try:
             return self.engine(np.stack([job.rgb for job in batch]))
         except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
@@ -550,7 +554,8 @@ class Forward:
             yield from self(batch[:half])
             yield from self(batch[half:])
             return
-        reason = f"out of memory on {device} for a {h}x{w} input; try --max-side or a smaller --batch-size"
+        short = f" ({self._short})" if self._short else ""
+        reason = f"out of memory on {device} for a {h}x{w} input{short}; try --max-side or --batch-size"
         _fail(batch[0], reason, self.report, self.on_failure)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from fpn_cli.images import InputImage
@@ -49,6 +50,9 @@ class TightEngine:
         self.too_tall = too_tall
         self.calls: list[tuple[int, bool]] = []
 
+    def fits(self, count: int, height: int, width: int) -> tuple[bool, str]:
+        return True, ""  # known only by trying
+
     def __call__(self, batch: np.ndarray):
         self.calls.append((len(batch), sys.exc_info()[0] is not None))
         if len(batch) > 1 or batch.shape[1] >= self.too_tall:
@@ -73,7 +77,29 @@ def test_an_image_that_does_not_fit_alone_fails_and_its_neighbours_are_computed(
     forward = Forward(TightEngine(too_tall=9), report, lambda *failure: failures.append(failure), print)
     out = list(forward([job("a", 8)])) + list(forward([job("b", 9)]))
     assert [j.image.key for j, _, _ in out] == ["a"]
-    assert failures == [
-        ("/in/b.png", "out of memory on cpu for a 9x8 input; try --max-side or a smaller --batch-size")
-    ]
+    assert failures == [("/in/b.png", "out of memory on cpu for a 9x8 input; try --max-side or --batch-size")]
     assert report.counts == {"ok": 0, "skipped": 0, "failed": 1}
+
+
+def test_a_batch_past_the_hosts_free_memory_is_never_run(monkeypatch):
+    """On the CPU the kernel's OOM killer ends the run before Python sees a MemoryError: a batch
+    the estimate says will not fit is split without running, and an image that cannot fit alone
+    fails, saying how much it needs."""
+    from fpn_cli import build_fpn, engine
+
+    ran: list[int] = []
+
+    class Counting(engine.Engine):
+        def __call__(self, batch):
+            ran.append(len(batch))
+            return super().__call__(batch)
+
+    counting = Counting(build_fpn(arch="seed"), torch.device("cpu"), "float32", "float32")
+    monkeypatch.setattr(engine, "available_memory", lambda: int(2.5 * counting.host_bytes(1, 64, 64)))
+    failures: list[tuple[str, str]] = []
+    forward = Forward(counting, Report({}), lambda *failure: failures.append(failure), lambda note: None)
+    out = list(forward([job(name, 64, 64) for name in "abcd"]))
+    assert [j.image.key for j, _, _ in out] == ["a", "b", "c", "d"] and ran == [2, 2]
+    assert list(forward([job("e", 128, 128)])) == [] and ran == [2, 2]  # 4x the pixels: never run
+    assert failures[0][0] == "/in/e.png" and "GiB of memory" in failures[0][1]
+    assert counting.host_bytes(1, 2000, 2000) / 4e6 == pytest.approx(376, abs=5)  # 351-357 measured
