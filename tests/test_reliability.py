@@ -194,8 +194,8 @@ def test_disk_full_is_a_clean_error_and_a_rerun_after_freeing_space_completes(tm
 )
 def test_unwritable_output_folder_is_a_usage_error(tmp_path, target, message):
     small_images(tmp_path / "in", 1)
-    result = fpn(tmp_path / "in", "-o", target, *SEED)
-    assert result.returncode == 2
+    result = run(tmp_path / "in", "-o", target, *SEED)  # in this process: a usage error is decided here
+    assert result.exit_code == 2
     assert message in result.stderr and target in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -203,8 +203,8 @@ def test_unwritable_output_folder_is_a_usage_error(tmp_path, target, message):
 def test_output_path_that_is_a_file_is_a_usage_error(tmp_path):
     small_images(tmp_path / "in", 1)
     (tmp_path / "taken").write_text("a file")
-    result = fpn(tmp_path / "in", "-o", tmp_path / "taken", *SEED)
-    assert result.returncode == 2 and "exists and is not a folder" in result.stderr
+    result = run(tmp_path / "in", "-o", tmp_path / "taken", *SEED)
+    assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
 
 
 def test_symlink_loop_and_a_folder_named_like_an_image(tmp_path):
