@@ -91,7 +91,7 @@ def test_interrupt_stops_soon_reports_what_is_done_and_leaves_no_partial_file(ma
         for level in ("p2", "p3", "p4", "p5"):
             np.load(out / Path(name).stem / f"{level}.npy")  # complete and readable
     assert strays(out) == []
-    assert fpn(many, "-o", out, *SEED).returncode == 0
+    assert run(many, "-o", out, *SEED).exit_code == 0  # the rerun in this process: no start-up cost
     assert report_of(out)["counts"]["skipped"] == len(done)
 
 
@@ -129,8 +129,8 @@ def test_temporary_files_of_dead_runs_are_swept_and_a_live_runs_kept(tmp_path):
             leftover(out / ".shards", "report-1-of-2.json", host, live.pid),
             leftover(out, ".fpn-extract.json", "another-host", dead.pid),
         ]
-        rerun = fpn(tmp_path / "in", "-o", out, "--levels", "p2,p5", *SEED)
-        assert rerun.returncode == 0, rerun.stderr
+        rerun = run(tmp_path / "in", "-o", out, "--levels", "p2,p5", *SEED)
+        assert rerun.exit_code == 0, rerun.output
         assert [p.name for p in swept if p.exists()] == []
         assert [p.name for p in kept if not p.exists()] == []
     finally:
@@ -155,8 +155,8 @@ def test_file_size_limit_at_the_write_layer_is_a_clean_error_then_resumes(tmp_pa
     for path in out.rglob("*.npy"):
         np.load(path)  # nothing partial
     assert not (out / "zbig" / "p2.npy").exists()
-    rerun = fpn(tmp_path / "in", "-o", out, *SEED)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = run(tmp_path / "in", "-o", out, *SEED)
+    assert rerun.exit_code == 0, rerun.output
     assert np.load(out / "zbig" / "p2.npy").shape == (256, 24, 24)
 
 
@@ -183,8 +183,8 @@ def test_disk_full_is_a_clean_error_and_a_rerun_after_freeing_space_completes(tm
     for path in out.rglob("*.npy"):
         np.load(path)
     subprocess.run(["mount", "-o", "remount,size=2m", small_disk], check=True)
-    rerun = fpn(tmp_path / "in", "-o", out, *SEED)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = run(tmp_path / "in", "-o", out, *SEED)
+    assert rerun.exit_code == 0, rerun.output
     assert len(list(out.glob("*/p5.npy"))) == 8
 
 
