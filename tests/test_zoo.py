@@ -155,9 +155,9 @@ def test_the_msra_stride_placement_matters(torch_home, tmp_path):
         assert rel_diff(plain(x)["c3"], msra(x)["c3"]) > 0.05
 
 
-@pytest.mark.parametrize("protocol", [2, 3, 4])
-@pytest.mark.parametrize("old_numpy", [True, False])
+@pytest.mark.parametrize(("protocol", "old_numpy"), [(2, True), (3, False), (4, True), (4, False)])
 def test_detectron2_pickles_of_every_protocol_and_numpy_load_alike(tmp_path, protocol, old_numpy):
+    """Every pickle protocol, and numpy 1's and 2's module paths (each protocol with one of them)."""
     sd = d2_state((1, 1, 1, 1), seed=4)
     write_d2_pkl(sd, tmp_path / "m.pkl", protocol=protocol, old_numpy=old_numpy)
     from fpn_cli.weights import read_file
