@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from fpn_cli import UsageError
 from fpn_cli.boxes import ImageBoxes, check, read_boxes
 from fpn_cli.images import Resize, decode_image, probe
 
-from conftest import FPN_EXTRACT, SEED, report_of, run
+from conftest import SEED, report_of, run
 from imagefactory import save_exif_rotated, save_rgb
 
 LEVELS = ("p2", "p3", "p4", "p5")
@@ -400,8 +399,8 @@ def test_roi_subcommand_writes_the_bytes_extraction_writes_from_the_stored_level
     during, later = tmp_path / "during", tmp_path / "later"
     assert run(tmp_path / "in", "-o", during, *common, "--boxes", csv).exit_code == 1  # a refused box
     run_ok(tmp_path / "in", "-o", later, *common)
-    proc = subprocess.run([*FPN_EXTRACT, "roi", later, "--boxes", csv], capture_output=True, text=True)
-    assert proc.returncode == 1, proc.stderr  # box 2 of a.png is empty
+    proc = run("roi", later, "--boxes", csv)
+    assert proc.exit_code == 1, proc.stderr  # box 2 of a.png is empty
     assert "2 images with boxes: 2 written, 0 already complete, 0 failed; 4 boxes (1 refused" in proc.stdout
     assert "failed: a.png: box 2 (line 5) [5, 5, 5, 9]: empty (x2 <= x1)" in proc.stderr
     for key in ("a", "sub/r"):
