@@ -26,6 +26,7 @@ from .store import (
     REPORT_FILE,
     SETTINGS_FILE,
     SHARDS_DIR,
+    TAR_SHARDS_DIR,
     atomic_write_json,
     create_folder,
 )
@@ -132,7 +133,7 @@ def check_settings(
 
 def _holds_features(root: Path) -> bool:
     """Whether ``root`` holds anything a run wrote: a report, shards, or an image's record."""
-    if (root / REPORT_FILE).exists() or (root / "shards").is_dir():
+    if (root / REPORT_FILE).exists() or (root / TAR_SHARDS_DIR).is_dir():
         return True
     try:
         with os.scandir(root) as entries:

@@ -41,6 +41,7 @@ ROIS, BOXES = "rois", "boxes"  # with --boxes: RoI features, and the boxes they 
 POOLS = ("avg", "max")  # with --pool: <level>_<kind>.npy, one vector per level
 LOCK_FILE = ".lock"
 OVERWRITE_MARKER = ".overwrite-unfinished"  # -I-of-N for a shard
+TAR_SHARDS_DIR = "shards"  # --format shards: the tars, their index parts and index.jsonl
 SHARDS_DIR = ".shards"  # report-I-of-N.json per shard, merged into report.json by the last
 TMP_SUFFIX = ".tmp"
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FPNError
 from ..locks import finish_overwrite, lock_folder, read_settings, record_settings
 from ..npyio import npy_shape
-from ..store import PREVIEW_FILE, REPORT_FILE, Store
+from ..store import PREVIEW_FILE, REPORT_FILE, TAR_SHARDS_DIR, Store
 from .base import Features, Shape, npy_size
 
 
@@ -42,7 +42,7 @@ class NpyStore(Store):
         before = (read_settings(self.root) or {}).get("format", "npy")
         record_settings(self.root, settings, overwrite, self.shard)
         if overwrite and before == "shards":  # the other format's files go, not only its record
-            shutil.rmtree(self.root / "shards", ignore_errors=True)
+            shutil.rmtree(self.root / TAR_SHARDS_DIR, ignore_errors=True)
 
     def finish_overwrite(self) -> None:
         finish_overwrite(self.root, self.shard)

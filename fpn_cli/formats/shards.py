@@ -92,11 +92,11 @@ from ..store import (
     temporary_name,
 )
 from ..store import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
+from ..store import TAR_SHARDS_DIR as SHARDS  # under OUT
 from ..urls import Folder
 from . import tario
 from .base import Features, Shape, npy_size, read_npy_header
 
-SHARDS = "shards"  # under OUT
 PARTS = f"{SHARDS}/.index"  # one index part per shard
 INDEX = f"{SHARDS}/index.jsonl"
 DEFAULT_SHARD_SIZE = 1_000_000_000
