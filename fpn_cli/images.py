@@ -73,7 +73,13 @@ class InputImage:
     key: str = field(init=False)  # the output folder under OUT: ``rel`` without its extension
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", os.path.splitext(self.rel)[0])
+        object.__setattr__(self, "key", output_key(self.rel))
+
+
+def output_key(rel: str) -> str:
+    """An image's folder under OUT (its key): its path relative to its input root, without the
+    extension. Where a report.json path is turned back into a key, this is the rule too."""
+    return os.path.splitext(rel)[0]
 
 
 def is_image_name(name: str) -> bool:

@@ -30,6 +30,7 @@ import torch
 
 from .boxes import BoxFile, Checked, check, clip_note, read_boxes
 from .errors import UsageError
+from .images import output_key
 from .levels import LEVELS, parse_levels
 from .locks import finish_overwrite, lock_folder, read_settings, record_settings
 from .report import dump_report
@@ -484,7 +485,7 @@ def _rois_for_report(
             _rois_of(entries[rel], store, outputs, overwrite, result, log, on_failure)
     for rel, entry in entries.items():  # rois of another boxes file (or RoI settings) go
         if entry["status"] != "failed" and outputs.unwanted(rel):
-            store.forget_arrays(os.path.splitext(rel)[0], outputs.unwanted(rel))
+            store.forget_arrays(output_key(rel), outputs.unwanted(rel))
             entry.pop("rois", None)
     regions = report.setdefault("regions", {"maps": True, "pool": []})
     regions.update({k: v for k, v in outputs.header(result.unknown).items() if k in ("roi", "boxes")})
@@ -516,7 +517,7 @@ def _rois_of(
 ) -> None:
     """One image's rois from its stored levels; its report entry updated."""
     rel = entry["path"]
-    key = os.path.splitext(rel)[0]
+    key = output_key(rel)
     geometry = _geometry(entry)
     if geometry is None:
         result.failed += 1

@@ -37,7 +37,7 @@ import numpy as np
 from .errors import FPNError, ImageError, UsageError
 from .formats.base import Shape
 from .formats.shards import INDEX, SHARDS, ShardFeatures, member_shape, member_stem
-from .images import InputImage, Readable
+from .images import Readable, output_key
 from .locks import read_settings
 from .model import FPNConfig, output_shapes
 from .npyio import npy_shape
@@ -210,7 +210,7 @@ def _check_image(
     maps: bool = True,
 ) -> list[str]:
     problems = []
-    key = InputImage("", str(entry.get("path"))).key
+    key = output_key(str(entry.get("path")))
     levels = entry.get("levels") if isinstance(entry.get("levels"), dict) else {}
     required = (model.get("levels") or ()) if maps else ()  # --no-maps stores no levels
     for level in required:
