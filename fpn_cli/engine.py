@@ -125,12 +125,12 @@ class Engine:
         self.scale = (1.0 / (preprocess.scale * std)).float()
         self.shift = (-mean / std).float()
         self.bgr = preprocess.channel_order == "BGR"
+        floats = sum(info.channels / info.stride**2 for info in level_info(self.model.config).values())
+        self._host_bytes_per_pixel = HOST_BYTES_PER_LEVEL_FLOAT * floats + HOST_BYTES_PER_PIXEL
 
     def host_bytes(self, count: int, height: int, width: int) -> int:
         """About the host memory a CPU forward of ``count`` images of ``height`` x ``width`` takes."""
-        floats = sum(info.channels / info.stride**2 for info in level_info(self.model.config).values())
-        per_pixel = HOST_BYTES_PER_LEVEL_FLOAT * floats + HOST_BYTES_PER_PIXEL
-        return int(count * height * width * per_pixel)
+        return int(count * height * width * self._host_bytes_per_pixel)
 
     def fits(self, count: int, height: int, width: int) -> tuple[bool, str]:
         """Whether a forward of that batch fits the host's free memory, and if not, why: on the

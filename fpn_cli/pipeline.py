@@ -513,27 +513,26 @@ class Forward:
 
     def __init__(self, engine: Engine, report: Report, on_failure: OnFailure, log: Log) -> None:
         self.engine, self.report, self.on_failure, self.log = engine, report, on_failure, log
-        self._short = ""  # why the last batch could not fit, where that is known beforehand
 
     def __call__(self, batch: list[Job]) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
         """(job, its levels {level: (C, h, w) on the CPU}, an event that fires when the device's
         copies into them are done, or None) for each image of ``batch`` that fits."""
         result = self._try(batch)
-        if result is None:
-            yield from self._split(batch)
+        if isinstance(result, str):
+            yield from self._split(batch, result)
             return
         feats, ready = result
         for i, job in enumerate(batch):
             yield job, {k: v[i] for k, v in feats.items()}, ready
 
-    def _try(self, batch: list[Job]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None] | None:
-        """The engine's output, or None when the device ran out of memory. The caller retries after
-        this returns, outside the except block: inside it, the exception's traceback keeps the failed
-        forward's frames alive, and with them its activations, so the halves would fail too (seen on
-        a GPU)."""
-        fits, self._short = self.engine.fits(len(batch), *batch[0].rgb.shape[:2])
+    def _try(self, batch: list[Job]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None] | str:
+        """The engine's output, or, when the batch does not fit the device's memory, why (how much
+        it needs, where that is known beforehand; else ""). The caller retries after this returns,
+        outside the except block: inside it, the exception's traceback keeps the failed forward's
+        frames alive, and with them its activations, so the halves would fail too (seen on a GPU)."""
+        fits, short = self.engine.fits(len(batch), *batch[0].rgb.shape[:2])
         if not fits:  # the kernel would kill the whole run, not raise MemoryError
-            return None
+            return short
         try:
             return self.engine(np.stack([job.rgb for job in batch]))
         except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
@@ -541,9 +540,9 @@ class Forward:
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
-        return None
+        return ""
 
-    def _split(self, batch: list[Job]) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
+    def _split(self, batch: list[Job], short: str) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
         device = self.engine.device
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -554,8 +553,8 @@ class Forward:
             yield from self(batch[:half])
             yield from self(batch[half:])
             return
-        short = f" ({self._short})" if self._short else ""
-        reason = f"out of memory on {device} for a {h}x{w} input{short}; try --max-side or --batch-size"
+        why = f" ({short})" if short else ""
+        reason = f"out of memory on {device} for a {h}x{w} input{why}; try --max-side or --batch-size"
         _fail(batch[0], reason, self.report, self.on_failure)
 
 
