@@ -22,6 +22,7 @@ import platform
 import time
 
 import torch
+from timing import best_of
 from torch.utils.flop_counter import FlopCounterMode
 
 from fpn_cli import build_fpn
@@ -47,16 +48,6 @@ def cpu_description() -> str:
     extras = [f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni") if f in flags]
     clock = f"{mhz / 1000:.2f} GHz reported" if mhz else "clock unknown"
     return f"{model}; vectors {width}{', ' + ', '.join(extras) if extras else ''}; {clock}"
-
-
-def best_of(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def conv1x1_gflops(dtype: torch.dtype, channels: int = 1024, side: int = 64) -> float:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
+
+from timing import best_of
 
 from fpn_cli.images import find_images
 
@@ -27,15 +28,6 @@ def make_tree(root: Path, count: int) -> None:
             (folder / f"notes{i}.txt").touch()
 
 
-def best_of(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000)
@@ -45,8 +37,8 @@ def main() -> None:
         make_tree(root, args.count)
         found = find_images([root])
         assert len(found) == args.count, len(found)
-        ours = best_of(lambda: find_images([root]))
-        floor = best_of(lambda: sum(len(files) for _, _, files in os.walk(root)))
+        ours = best_of(lambda: find_images([root]), warmup=False)
+        floor = best_of(lambda: sum(len(files) for _, _, files in os.walk(root)), warmup=False)
     per_k = 1000 / args.count
     print(f"images listed:            {args.count}")
     for name, seconds in (("find_images:", ours), ("os.walk (plain listing):", floor)):
