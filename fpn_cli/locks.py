@@ -82,11 +82,11 @@ def _take(root: Path, path: Path, exclusive: bool) -> IO[str]:
 
 def record_settings(
     root: Path, settings: Mapping[str, object], overwrite: bool, shard: tuple[int, int] | None
-) -> None:
+) -> dict | None:
     """Records ``settings`` (under :func:`lock_folder`); features made with other settings are a
     usage error unless ``overwrite`` (then they are recomputed). An ``overwrite`` run leaves a
     marker until :func:`finish_overwrite`: until then the folder may mix old and new features, so
-    a run without ``overwrite`` is refused."""
+    a run without ``overwrite`` is refused. Returns the settings recorded before (None if none)."""
     pending = sorted(p.name for p in root.glob(OVERWRITE_MARKER + "*"))
     recorded = read_settings(root)
     check_settings(root, recorded, settings, pending, overwrite, recorded is None and _holds_features(root))
@@ -96,6 +96,7 @@ def record_settings(
         atomic_write_json(root / SETTINGS_FILE, settings_to_record(recorded, settings))
     except OSError as e:
         raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
+    return recorded
 
 
 def check_settings(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FPNError
-from ..locks import finish_overwrite, lock_folder, read_settings, record_settings
+from ..locks import finish_overwrite, lock_folder, record_settings
 from ..npyio import npy_shape
 from ..store import PREVIEW_FILE, REPORT_FILE, TAR_SHARDS_DIR, Store
 from .base import Features, Shape, npy_size
@@ -39,9 +39,8 @@ class NpyStore(Store):
         return lock_folder(self.root, self.shard)
 
     def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
-        before = (read_settings(self.root) or {}).get("format", "npy")
-        record_settings(self.root, settings, overwrite, self.shard)
-        if overwrite and before == "shards":  # the other format's files go, not only its record
+        before = record_settings(self.root, settings, overwrite, self.shard) or {}
+        if overwrite and before.get("format", "npy") == "shards":  # the other format's files go too
             shutil.rmtree(self.root / TAR_SHARDS_DIR, ignore_errors=True)
 
     def finish_overwrite(self) -> None:

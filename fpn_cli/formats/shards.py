@@ -77,7 +77,6 @@ from ..locks import (
     finish_overwrite,
     lock_folder,
     overwrite_marker_name,
-    read_settings,
     record_settings,
     settings_to_record,
 )
@@ -174,7 +173,6 @@ class _OpenShard:
     writer: tario.TarWriter
     lines: list[dict] = field(default_factory=list)  # index lines of the finished images
     group: _Group | None = None
-    closed: bool = False  # flush() closed it: the thread that wrote it opens a new one
 
 
 class ShardStore:
@@ -238,9 +236,8 @@ class ShardStore:
             text = json.dumps(settings_to_record(recorded, settings), indent=2).encode()
             self.folder.write(SETTINGS_FILE, lambda f: f.write(text))
         else:
-            before = (read_settings(self.folder.path("")) or {}).get("format", "npy")
-            record_settings(self.folder.path(""), settings, overwrite, self.shard)
-            if overwrite and before == "npy":  # the other format's files go, not only its record
+            before = record_settings(self.folder.path(""), settings, overwrite, self.shard) or {}
+            if overwrite and before.get("format", "npy") == "npy":  # the other format's files go too
                 remove_npy_layout(self.folder.path(""))
             self.folder.makedirs(PARTS)
         for name, part in shards if overwrite else ():  # this run's part of the shards goes
@@ -417,7 +414,7 @@ class ShardStore:
     def _open(self) -> _OpenShard | None:
         """This writer thread's open shard."""
         shard = getattr(self._thread, "shard", None)
-        return shard if shard is not None and not shard.closed else None
+        return shard if shard is not None and shard in self._opened else None  # flush() closed it
 
     def _group(self, key: str) -> tuple[_OpenShard, _Group]:
         """This thread's open shard (opened if need be) and ``key``'s group in it."""
@@ -456,7 +453,6 @@ class ShardStore:
             return
         with self._opening:
             self._opened.remove(shard)
-            shard.closed = True
         if shard.group is not None:
             shard.writer.rollback(shard.group.start)
         if not shard.lines:
