@@ -631,9 +631,7 @@ class Writer:
                 if isinstance(e, (IsADirectoryError, NotADirectoryError)):
                     # a folder where one of the image's files goes: that image fails, not the disk
                     where = getattr(e, "filename2", None) or e.filename or where
-                    reason = f"cannot write {where}: {e.strerror}"
-                    self.report.add(ImageResult(job.image.rel, "failed", reason))
-                    self.results.on_failure(str(job.image.path), reason)
+                    _fail(job, f"cannot write {where}: {e.strerror}", self.report, self.results.on_failure)
                     continue
                 if isinstance(e, OSError):
                     reason, where = e.strerror or str(e), e.filename or where
