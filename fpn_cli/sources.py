@@ -318,9 +318,12 @@ def tar_members(tar: str, f: BinaryIO, shown: str, listed: bool = False) -> list
 def _expand_url(url: str, listed: bool) -> list[InputImage]:
     """A URL: one file (listed URLs always; their existence is checked when read), a tar, a glob,
     or a folder searched recursively."""
+    # a web URL's path is percent-encoded (the key is the file's own name), and "?" starts its
+    # query (a signed URL's), no glob
+    web = url.lower().startswith(("http://", "https://"))
     name = posixpath.basename(url.split("?", 1)[0].rstrip("/"))
-    if url.lower().startswith(("http://", "https://")):
-        name = unquote(name)  # a web URL's path is percent-encoded: the key is the file's own name
+    if web:
+        name = unquote(name)
     if url.lower().endswith(TAR_SUFFIX):
         fs, inner = filesystem(url)
         try:
@@ -335,7 +338,6 @@ def _expand_url(url: str, listed: bool) -> list[InputImage]:
     if listed:
         return [InputImage(RemoteFile(url), name)]
     fs, inner = filesystem(url)
-    web = url.lower().startswith(("http://", "https://"))  # "?" starts a query (a signed URL's)
     try:
         if _GLOB_CHARS & set(inner) and not web:
             root = inner[: min(inner.index(c) for c in _GLOB_CHARS if c in inner)].rsplit("/", 1)[0]
