@@ -60,7 +60,7 @@ from .images import InputImage, Resize, decode_image, read_header, warnings_to
 from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
 from .options import Options, report_header, roi_spec, settings_record
 from .report import ImageResult, Report, format_summary, write_merged
-from .roi import UNKNOWN_SHOWN, Geometry, Outputs, tell_boxes
+from .roi import Geometry, Outputs, tell_boxes, warn_unknown
 from .sources import find_inputs
 from .urls import is_url
 
@@ -229,10 +229,11 @@ def _own_images(images: list[InputImage], shard: tuple[int, int] | None) -> list
 def _unknown_images(unknown: dict[str, int], boxes: str | None, log: Log) -> None:
     """A boxes file may name images this run was not given (a subset of a dataset): a warning
     each, up to a few, not a failure; report.json lists them all."""
-    for rel, count in list(unknown.items())[:UNKNOWN_SHOWN]:
-        log(f"warning: {boxes} has {count} box(es) for {rel}, which is not among the inputs")
-    if len(unknown) > UNKNOWN_SHOWN:
-        log(f"warning: ... and {len(unknown) - UNKNOWN_SHOWN} more images not among the inputs (report.json)")
+
+    def warning(rel: str, count: int) -> str:
+        return f"warning: {boxes} has {count} box(es) for {rel}, which is not among the inputs"
+
+    warn_unknown(unknown, warning, "images not among the inputs (report.json)", log)
 
 
 def _resolve_model(opts: Options) -> ModelSpec:

@@ -475,22 +475,36 @@ def _rois_for_report(
     result = RoiRun(boxes=table.count)
     entries = {entry["path"]: entry for entry in report["images"]}
     result.unknown = table.unknown(p for p, e in entries.items() if e["status"] != "failed")
-    for rel, count in list(result.unknown.items())[:UNKNOWN_SHOWN]:
+
+    def warning(rel: str, count: int) -> str:
         reason = "failed in the extraction" if rel in entries else "not in report.json"
-        log(f"warning: {rel}: {count} box(es) in {table.path}, but the image is {reason}")
-    if len(result.unknown) > UNKNOWN_SHOWN:
-        log(f"warning: ... and {len(result.unknown) - UNKNOWN_SHOWN} more images with boxes but no features")
+        return f"warning: {rel}: {count} box(es) in {table.path}, but the image is {reason}"
+
+    warn_unknown(result.unknown, warning, "images with boxes but no features", log)
     for rel in sorted(table.images):
         if rel not in result.unknown:
             _rois_of(entries[rel], store, outputs, overwrite, result, log, on_failure)
     for rel, entry in entries.items():  # rois of another boxes file (or RoI settings) go
-        if entry["status"] != "failed" and outputs.unwanted(rel):
-            store.forget_arrays(output_key(rel), outputs.unwanted(rel))
+        unwanted = outputs.unwanted(rel)
+        if entry["status"] != "failed" and unwanted:
+            store.forget_arrays(output_key(rel), unwanted)
             entry.pop("rois", None)
     regions = report.setdefault("regions", {"maps": True, "pool": []})
     regions.update({k: v for k, v in outputs.header(result.unknown).items() if k in ("roi", "boxes")})
     _write_report(store, report)
     return result
+
+
+def warn_unknown(
+    unknown: Mapping[str, int], warning: Callable[[str, int], str], rest: str, log: Callable[[str], None]
+) -> None:
+    """A warning (``warning(rel, count)``) for each of the first few images a boxes file names
+    without features for them, then one line counting the rest: a dataset's COCO file may name
+    millions."""
+    for rel, count in list(unknown.items())[:UNKNOWN_SHOWN]:
+        log(warning(rel, count))
+    if len(unknown) > UNKNOWN_SHOWN:
+        log(f"warning: ... and {len(unknown) - UNKNOWN_SHOWN} more {rest}")
 
 
 def _roi_spec(

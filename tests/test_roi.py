@@ -148,6 +148,24 @@ def test_bad_roi_levels_are_usage_errors(tmp_path, roi_levels, message):
 # --- bad boxes: messages, the rest written -----------------------------------------------------------
 
 
+def test_images_a_boxes_file_names_without_features_are_a_warning_each_for_the_first_ten(tmp_path):
+    """A dataset's COCO file names far more images than a run has: ten warnings, then one line
+    counting the rest, in an extraction and in `fpn-extract roi` alike."""
+    save_rgb(tmp_path / "in" / "a.png", 24, 32)
+    rows = [("a.png", 1, 1, 9, 9)] + [(f"gone{i:02d}.png", 1, 1, 4, 4) for i in range(13)]
+    boxes = write_csv(tmp_path / "b.csv", rows)
+    out = tmp_path / "out"
+    extracted = run(tmp_path / "in", "-o", out, *LOUD, "--boxes", boxes)
+    assert extracted.exit_code == 0, extracted.output
+    warnings = [line for line in extracted.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 11 and "gone09.png, which is not among the inputs" in warnings[9]
+    assert warnings[10] == "warning: ... and 3 more images not among the inputs (report.json)"
+    again = run("roi", out, "--boxes", boxes, "--overwrite")
+    warnings = [line for line in again.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 11 and warnings[0].startswith("warning: gone00.png: 1 box(es) in ")
+    assert warnings[10] == "warning: ... and 3 more images with boxes but no features"
+
+
 def test_boxes_past_the_edge_are_clipped_bad_ones_refused_and_the_rest_written(tmp_path):
     save_rgb(tmp_path / "in" / "a.png", 32, 48)
     save_rgb(tmp_path / "in" / "b.png", 32, 32, seed=1)
