@@ -26,7 +26,7 @@ from timing import best_of
 from torch.utils.flop_counter import FlopCounterMode
 
 from fpn_cli import build_fpn
-from fpn_cli.engine import Engine
+from fpn_cli.run.engine import Engine
 
 
 def cpu_description() -> str:

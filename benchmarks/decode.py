@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fpn_cli.images import Resize, decode
+from fpn_cli.inputs.images import Resize, decode
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from timing import best_of
 
-from fpn_cli.images import find_images
+from fpn_cli.inputs.images import find_images
 
 
 def make_tree(root: Path, count: int) -> None:

@@ -42,9 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from fpn_cli import build_fpn
-from fpn_cli.engine import Engine, resolve_device
-from fpn_cli.images import IMAGE_EXTENSIONS, Resize, decode
-from fpn_cli.preprocess import IMAGENET
+from fpn_cli.inputs.images import IMAGE_EXTENSIONS, Resize, decode
+from fpn_cli.models.preprocess import IMAGENET
+from fpn_cli.run.engine import Engine, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 # runs the CLI in-process and prints its own peak RSS and CPU time, so each run's are its own
@@ -171,7 +171,7 @@ def stage_breakdown(
     copy to the device, forward, copy back (to the save dtype), write the .npy files, and write
     the same arrays into tar shards (--format shards; the one stage where the formats differ)."""
     from fpn_cli.formats.shards import ShardStore
-    from fpn_cli.store import Store
+    from fpn_cli.formats.store import Store
 
     device = engine.device
     start = time.perf_counter()

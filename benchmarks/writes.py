@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpn_cli.npyio import DirectWriter, c_order, write_npy
+from fpn_cli.formats.npyio import DirectWriter, c_order, write_npy
 
 
 def measure(fn, repeats: int = 20) -> tuple[float, float]:

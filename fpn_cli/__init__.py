@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import importlib
 
-from .version import __version__
+from fpn_cli.version import __version__
 
 _PUBLIC = {
     "FPNError": "errors",
-    "FeatureDataset": "dataset",
+    "FeatureDataset": "formats.dataset",
     "ImageError": "errors",
-    "Options": "options",
+    "Options": "run.options",
     "UsageError": "errors",
     "WeightsError": "errors",
-    "build_fpn": "builder",
-    "extract": "pipeline",
+    "build_fpn": "models.builder",
+    "extract": "run.pipeline",
     "open_features": "formats",
 }
 

@@ -1,3 +1,3 @@
-from .console import main
+from fpn_cli.console import main
 
 main()

@@ -8,22 +8,23 @@ import time
 
 import click
 
-from . import signals, zoo
-from .backbones import ARCHS, TIMM_PREFIX, get_arch
-from .builder import RANDOM, SEED_RANGE, resolve
-from .distributed import is_rank_zero
-from .engine import DTYPES, SAVE_DTYPES
-from .errors import FPNError
-from .formats import FORMATS
-from .images import DEFAULT_MAX_PIXELS, Resize, read_names
-from .levels import LEVELS, parse_levels
-from .model import MAX_PAD_MULTIPLE
-from .options import DEFAULT_TIMEOUT, MAX_TIMEOUT, Options
-from .pipeline import extract, summarize
-from .pyramid import USER_STYLES
-from .roi import MAX_ROI_SIZE, parse_pool, rois_from_folder
-from .verify import verify_folder
-from .version import __version__
+from fpn_cli.errors import FPNError
+from fpn_cli.formats import FORMATS
+from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize, read_names
+from fpn_cli.models import zoo
+from fpn_cli.models.backbones import ARCHS, TIMM_PREFIX, get_arch
+from fpn_cli.models.builder import RANDOM, SEED_RANGE, resolve
+from fpn_cli.models.levels import LEVELS, parse_levels
+from fpn_cli.models.model import MAX_PAD_MULTIPLE
+from fpn_cli.models.pyramid import USER_STYLES
+from fpn_cli.regions.roi import MAX_ROI_SIZE, parse_pool, rois_from_folder
+from fpn_cli.run import signals
+from fpn_cli.run.distributed import is_rank_zero
+from fpn_cli.run.engine import DTYPES, SAVE_DTYPES
+from fpn_cli.run.options import DEFAULT_TIMEOUT, MAX_TIMEOUT, Options
+from fpn_cli.run.pipeline import extract, summarize
+from fpn_cli.run.verify import verify_folder
+from fpn_cli.version import __version__
 
 
 class _IntPair(click.ParamType):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from . import signals
+from fpn_cli.run import signals
 
 
 def main() -> None:
     signals.install()
     try:
-        from .cli import main as command
+        from fpn_cli.cli import main as command
     except KeyboardInterrupt as e:  # while starting up: nothing was done
         signals.ignore()
         sys.stderr.write("Interrupted before any image was processed\n")

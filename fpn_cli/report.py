@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .backbones import LevelInfo
-from .signals import interrupted_status
+from fpn_cli.models.backbones import LevelInfo
+from fpn_cli.run.signals import interrupted_status
 
 Shapes = dict[str, tuple[int, int, int]]
 _NAMES_SHOWN = 3  # images named per group in the shape report

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fpn_cli import Options, extract
-from fpn_cli.engine import Engine
+from fpn_cli.run.engine import Engine
 
 from conftest import randomize_batchnorm, rel_diff
 from imagefactory import save_rgb
@@ -191,7 +191,7 @@ def test_torchrun_with_nccl_on_one_process(tmp_path):
 
 def test_a_padded_bgr_zoo_model_on_cuda_equals_the_cpu(tmp_path, monkeypatch):
     """detectron2's preprocessing (BGR 0-255, padding to 32) and MSRA ResNet on the device."""
-    from fpn_cli import zoo
+    from fpn_cli.models import zoo
 
     from frameworks import d2_state, write_d2_pkl
 

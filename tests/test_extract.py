@@ -366,7 +366,7 @@ def test_shape_report_is_printed(tmp_path):
 
 
 def test_an_unfinished_overwrite_must_be_finished_with_overwrite(tmp_path, monkeypatch):
-    from fpn_cli import engine
+    from fpn_cli.run import engine
 
     for i in range(4):
         save_rgb(tmp_path / "in" / f"im{i}.png", 16, 16, seed=i)

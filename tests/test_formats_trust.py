@@ -121,7 +121,7 @@ def test_pools_and_rois_added_to_a_shard_folder_come_from_the_stored_levels(imag
     def no_forward(self, batch):
         raise AssertionError("the network ran: the levels were in the shards")
 
-    monkeypatch.setattr("fpn_cli.pipeline.Forward.__call__", no_forward)
+    monkeypatch.setattr("fpn_cli.run.pipeline.Forward.__call__", no_forward)
     result = run(folder, "-o", out, *LOUD, *SHARDS, "--pool", "max", "--boxes", csv)
     assert result.exit_code == 1 and "3 written" in result.stdout  # 1: the refused box
     assert_same_arrays(tmp_path / "fresh", out)

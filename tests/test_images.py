@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fpn_cli import ImageError, UsageError
-from fpn_cli.images import Resize, decode, find_images, probe_size, read_names, warnings_to
+from fpn_cli.inputs.images import Resize, decode, find_images, probe_size, read_names, warnings_to
 
 from imagefactory import (
     eps_named_jpg,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fpn_cli import open_features
-from fpn_cli.sources import read_list
+from fpn_cli.inputs.sources import read_list
 
 from conftest import SEED, report_of, run
 from imagefactory import save_rgb, truncated_jpeg

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fpn_cli import build_fpn
-from fpn_cli.backbones import ARCHS
-from fpn_cli.model import FPNConfig, fold_batchnorm, level_info, output_shapes, parameter_count
+from fpn_cli.models.backbones import ARCHS
+from fpn_cli.models.model import FPNConfig, fold_batchnorm, level_info, output_shapes, parameter_count
 
 from conftest import randomize_batchnorm, rel_diff
 

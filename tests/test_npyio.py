@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from fpn_cli.npyio import DIRECT_ALIGN, DirectWriter, c_order, copy_c_order, npy_header, npy_shape, write_file
+from fpn_cli.formats.npyio import (
+    DIRECT_ALIGN,
+    DirectWriter,
+    c_order,
+    copy_c_order,
+    npy_header,
+    npy_shape,
+    write_file,
+)
 
 
 def np_save_bytes(array: np.ndarray) -> bytes:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fpn_cli.images import InputImage
-from fpn_cli.pipeline import Forward, Job, batches
+from fpn_cli.inputs.images import InputImage
 from fpn_cli.report import Report
+from fpn_cli.run.pipeline import Forward, Job, batches
 
 
 def job(name: str, h: int, w: int = 8) -> Job:
@@ -85,7 +85,8 @@ def test_a_batch_past_the_hosts_free_memory_is_never_run(monkeypatch):
     """On the CPU the kernel's OOM killer ends the run before Python sees a MemoryError: a batch
     the estimate says will not fit is split without running, and an image that cannot fit alone
     fails, saying how much it needs."""
-    from fpn_cli import build_fpn, engine
+    from fpn_cli import build_fpn
+    from fpn_cli.run import engine
 
     ran: list[int] = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from fpn_cli.preview import layout_size, principal_rgb
+from fpn_cli.run.preview import layout_size, principal_rgb
 
 from conftest import SEED, report_of, run
 from imagefactory import save_rgb
@@ -60,7 +60,7 @@ def test_previews_drawn_from_an_existing_folder_match_and_recompute_nothing(tmp_
 
 
 def test_levels_are_scaled_nearest_neighbour_so_cells_show():
-    from fpn_cli.preview import render
+    from fpn_cli.run.preview import render
 
     feats = np.zeros((3, 2, 2), np.float32)
     feats[:, 0, 0], feats[:, 1, 1] = (1, 2, 3), (-3, 1, 0)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fpn_cli import engine, pipeline
+from fpn_cli.run import engine, pipeline
 
 from conftest import run
 from imagefactory import save_rgb, truncated_jpeg

@@ -284,7 +284,7 @@ def test_shards_may_share_a_folder_but_a_whole_run_may_not(tmp_path):
 def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monkeypatch):
     from PIL import Image
 
-    from fpn_cli import engine
+    from fpn_cli.run import engine
 
     for i in range(3):
         save_rgb(tmp_path / "in" / f"im{i}.png", 32, 32, seed=i)
@@ -305,7 +305,7 @@ def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monk
 
 
 def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
-    from fpn_cli import store
+    from fpn_cli.formats import store
 
     small_images(tmp_path / "in", 12)
 
@@ -323,7 +323,7 @@ def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_
     "interrupt,status", [(KeyboardInterrupt(), 130), (Interrupted(signal.SIGTERM), 143)], ids=["int", "term"]
 )
 def test_an_interrupt_during_start_up_is_a_message_not_a_traceback(tmp_path, monkeypatch, interrupt, status):
-    from fpn_cli import pipeline
+    from fpn_cli.run import pipeline
 
     small_images(tmp_path / "in", 1)
 

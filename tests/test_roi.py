@@ -16,8 +16,8 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from fpn_cli import UsageError
-from fpn_cli.boxes import ImageBoxes, check, read_boxes
-from fpn_cli.images import Resize, decode_image, probe
+from fpn_cli.inputs.images import Resize, decode_image, probe
+from fpn_cli.regions.boxes import ImageBoxes, check, read_boxes
 
 from conftest import SEED, report_of, run
 from imagefactory import save_exif_rotated, save_rgb
@@ -361,7 +361,7 @@ def test_pools_and_rois_added_to_a_finished_folder_come_from_the_stored_levels(t
     def no_forward(self, batch):
         raise AssertionError("the network ran: the levels were on disk")
 
-    monkeypatch.setattr("fpn_cli.pipeline.Forward.__call__", no_forward)
+    monkeypatch.setattr("fpn_cli.run.pipeline.Forward.__call__", no_forward)
     result = run_ok(tmp_path / "in", "-o", out, *LOUD, "--pool", "max", "--boxes", csv)
     assert "2 written" in result.stdout
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in levels} == levels

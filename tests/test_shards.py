@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fpn_cli.distributed import Launch, combine, is_rank_zero, shard_of, torchrun_launch
+from fpn_cli.run.distributed import Launch, combine, is_rank_zero, shard_of, torchrun_launch
 
 from conftest import FPN_EXTRACT, SEED, npy_files, report_of, run
 from imagefactory import save_rgb

@@ -69,8 +69,8 @@ def test_bad_options_are_usage_errors(args, message):
 def test_summary_describes_the_model_the_run_uses():
     """One owner for the model: --summary --weights coco is the torchvision-style FPN the run builds
     (it once printed the reference FPN's 26,262,336 parameters)."""
-    from fpn_cli.builder import resolve
-    from fpn_cli.model import FPN
+    from fpn_cli.models.builder import resolve
+    from fpn_cli.models.model import FPN
 
     result = run("--summary", "--weights", "coco")
     assert result.exit_code == 0, result.output

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fpn_cli import images, pipeline
-from fpn_cli.store import check_layout, files_of_a_key
+from fpn_cli.formats.store import check_layout, files_of_a_key
+from fpn_cli.inputs import images
+from fpn_cli.run import pipeline
 
 from conftest import FPN_EXTRACT, SEED, report_of, run, start
 from imagefactory import gradient, save_rgb
@@ -165,7 +166,7 @@ def test_a_stalled_read_fails_that_image_after_timeout_and_the_run_goes_on(tmp_p
 
 
 def test_a_resume_check_that_stalls_fails_that_image_after_timeout(copied, monkeypatch):
-    from fpn_cli import resume
+    from fpn_cli.run import resume
 
     src, out = copied
     release = threading.Event()
@@ -193,7 +194,7 @@ def test_a_read_stalled_forever_does_not_keep_the_process_from_exiting(tmp_path)
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(
         "import time\n"
-        "from fpn_cli import images\n"
+        "from fpn_cli.inputs import images\n"
         "real_open = images.open_regular\n"
         "def open_regular(path):\n"
         "    if 'stuck' in str(path):\n"
@@ -387,7 +388,7 @@ def test_a_resize_target_over_max_pixels_is_a_usage_error_before_any_work(tmp_pa
 
 
 def test_allocation_failures_are_failed_inputs_or_one_line_errors(tmp_path, monkeypatch):
-    from fpn_cli import engine, preview
+    from fpn_cli.run import engine, preview
 
     (tmp_path / "in").mkdir()
     for name, value in (("a", 10), ("b", 20), ("c", 30), ("d", 40)):
@@ -558,7 +559,7 @@ def test_the_console_script_runs_from_a_fresh_interpreter():
 
 
 def test_ordered_map_gives_up_a_late_item_keeps_order_and_joins_nothing():
-    from fpn_cli.deadline import ordered_map
+    from fpn_cli.inputs.deadline import ordered_map
 
     release = threading.Event()
 

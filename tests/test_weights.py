@@ -19,8 +19,8 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, r
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fpn_cli import UsageError, WeightsError, build_fpn
-from fpn_cli import weights as wts
 from fpn_cli.cli import main
+from fpn_cli.models import weights as wts
 
 from conftest import randomize_batchnorm, rel_diff
 from imagefactory import save_rgb

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fpn_cli import WeightsError, build_fpn, extract
-from fpn_cli import zoo as zoo_mod
-from fpn_cli.builder import resolve
 from fpn_cli.cli import main
-from fpn_cli.engine import Engine
+from fpn_cli.models import zoo as zoo_mod
+from fpn_cli.models.builder import resolve
+from fpn_cli.run.engine import Engine
 
 from conftest import randomize_batchnorm, rel_diff
 from frameworks import (
@@ -160,7 +160,7 @@ def test_detectron2_pickles_of_every_protocol_and_numpy_load_alike(tmp_path, pro
     """Every pickle protocol, and numpy 1's and 2's module paths (each protocol with one of them)."""
     sd = d2_state((1, 1, 1, 1), seed=4)
     write_d2_pkl(sd, tmp_path / "m.pkl", protocol=protocol, old_numpy=old_numpy)
-    from fpn_cli.weights import read_file
+    from fpn_cli.models.weights import read_file
 
     ckpt = read_file(tmp_path / "m.pkl")
     assert ckpt.format == "detectron2"

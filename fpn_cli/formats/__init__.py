@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import store
-from ..errors import FPNError, UsageError
-from ..store import SETTINGS_FILE
-from ..urls import Folder, is_url, local_path
-from . import npy, shards
-from .base import Features, Shape, Storage
-from .npy import NpyFeatures, NpyStore
-from .shards import DEFAULT_SHARD_SIZE, ShardFeatures, ShardStore
+from fpn_cli.errors import FPNError, UsageError
+from fpn_cli.formats import npy, shards, store
+from fpn_cli.formats.base import Features, Shape, Storage
+from fpn_cli.formats.npy import NpyFeatures, NpyStore
+from fpn_cli.formats.shards import DEFAULT_SHARD_SIZE, ShardFeatures, ShardStore
+from fpn_cli.formats.store import SETTINGS_FILE
+from fpn_cli.inputs.urls import Folder, is_url, local_path
 
 FORMATS = ("npy", "shards")
 _ESTIMATES = {"npy": npy.estimate, "shards": shards.estimate}
@@ -81,7 +80,7 @@ def open_features(out: str | os.PathLike[str]) -> Features:
 
     >>> import tempfile
     >>> from fpn_cli import extract
-    >>> from fpn_cli.images import Resize
+    >>> from fpn_cli.inputs.images import Resize
     >>> out = tempfile.mkdtemp()
     >>> _ = extract(["examples/chelsea.jpg"], out, arch="seed", device="cpu", format="shards")
     >>> feats = open_features(out)

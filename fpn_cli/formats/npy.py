@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FPNError
-from ..locks import finish_overwrite, lock_folder, record_settings
-from ..npyio import npy_shape
-from ..store import PREVIEW_FILE, REPORT_FILE, TAR_SHARDS_DIR, Store
-from .base import Features, Shape, npy_size
+from fpn_cli.errors import FPNError
+from fpn_cli.formats.base import Features, Shape, npy_size
+from fpn_cli.formats.locks import finish_overwrite, lock_folder, record_settings
+from fpn_cli.formats.npyio import npy_shape
+from fpn_cli.formats.store import PREVIEW_FILE, REPORT_FILE, TAR_SHARDS_DIR, Store
 
 
 class NpyStore(Store):

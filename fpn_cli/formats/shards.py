@@ -70,9 +70,10 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from ..distributed import shard_of
-from ..errors import FPNError, UsageError
-from ..locks import (
+from fpn_cli.errors import FPNError, UsageError
+from fpn_cli.formats import tario
+from fpn_cli.formats.base import Features, Shape, npy_size, read_npy_header
+from fpn_cli.formats.locks import (
     check_settings,
     finish_overwrite,
     lock_folder,
@@ -80,7 +81,7 @@ from ..locks import (
     record_settings,
     settings_to_record,
 )
-from ..store import (
+from fpn_cli.formats.store import (
     HOST,
     OVERWRITE_MARKER,
     REPORT_FILE,
@@ -90,11 +91,10 @@ from ..store import (
     sweep_dead_writers,
     temporary_name,
 )
-from ..store import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
-from ..store import TAR_SHARDS_DIR as SHARDS  # under OUT
-from ..urls import Folder
-from . import tario
-from .base import Features, Shape, npy_size, read_npy_header
+from fpn_cli.formats.store import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
+from fpn_cli.formats.store import TAR_SHARDS_DIR as SHARDS  # under OUT
+from fpn_cli.inputs.urls import Folder
+from fpn_cli.run.distributed import shard_of
 
 PARTS = f"{SHARDS}/.index"  # one index part per shard
 INDEX = f"{SHARDS}/index.jsonl"

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..npyio import DIRECT_ALIGN, copy_c_order, npy_header
+from fpn_cli.formats.npyio import DIRECT_ALIGN, copy_c_order, npy_header
 
 BLOCK = 512  # tar's block: headers and data start on multiples of it
 _MIN_BUFFER = 1 << 20

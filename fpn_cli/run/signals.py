@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from .errors import Interrupted
+from fpn_cli.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # SIGTERM: preemption (Slurm, Kubernetes)
 

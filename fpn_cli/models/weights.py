@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import WeightsError
+from fpn_cli.errors import WeightsError
 
 FORMAT_KEY = "fpn_extract"
 _SHOWN_KEYS = 5

@@ -24,8 +24,8 @@ from typing import BinaryIO, Protocol
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, UsageError
-from .store import SETTINGS_FILE
+from fpn_cli.errors import ImageError, UsageError
+from fpn_cli.formats.store import SETTINGS_FILE
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .jp2".split()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .errors import UsageError
-from .levels import LEVELS
+from fpn_cli.errors import UsageError
+from fpn_cli.models.levels import LEVELS
 
 
 @dataclass(frozen=True)

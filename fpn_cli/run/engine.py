@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .model import FPN, fold_batchnorm, level_info
-from .preprocess import IMAGENET, Preprocess
+from fpn_cli.errors import UsageError
+from fpn_cli.models.model import FPN, fold_batchnorm, level_info
+from fpn_cli.models.preprocess import IMAGENET, Preprocess
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAVE_DTYPES = ("float32", "float16")

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
-from .errors import UsageError
-from .store import (
+from fpn_cli.errors import UsageError
+from fpn_cli.formats.store import (
     HOST,
     LOCK_FILE,
     OVERWRITE_MARKER,

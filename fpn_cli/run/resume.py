@@ -30,12 +30,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .deadline import ordered_map
-from .errors import ImageError
-from .images import InputImage, Readable, open_input, open_regular
+from fpn_cli.errors import ImageError
+from fpn_cli.inputs.deadline import ordered_map
+from fpn_cli.inputs.images import InputImage, Readable, open_input, open_regular
 
 if TYPE_CHECKING:
-    from .formats.base import Storage
+    from fpn_cli.formats.base import Storage
 
 Shape = tuple[int, ...]
 NO_RECORD = "no fingerprint recorded with its features (an earlier version's, or an unfinished image)"
@@ -54,7 +54,7 @@ class Fingerprint:
 def fingerprint(path: str | Readable, content_hash: bool = False) -> Fingerprint:
     """``path``'s fingerprint, taken before its pixels are read: a file changed meanwhile then
     looks changed to the next run, never the other way round. Opened without blocking; a file
-    that is not regular is an :class:`ImageError`. A :class:`~fpn_cli.images.Readable` tells its
+    that is not regular is an :class:`ImageError`. A :class:`~fpn_cli.inputs.images.Readable` tells its
     own (``stat()``)."""
     if not isinstance(path, (str, os.PathLike)):
         size, mtime_ns, version = path.stat()

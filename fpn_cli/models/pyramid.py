@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import LevelInfo
-from .errors import UsageError
-from .levels import LEVELS, pyramid_of
+from fpn_cli.errors import UsageError
+from fpn_cli.models.backbones import LevelInfo
+from fpn_cli.models.levels import LEVELS, pyramid_of
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "nearest2x")
 

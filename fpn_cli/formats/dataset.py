@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .formats import Features, open_features
+from fpn_cli.formats import Features, open_features
 
 
 class FeatureDataset(Dataset):
@@ -23,7 +23,7 @@ class FeatureDataset(Dataset):
 
     >>> import tempfile
     >>> from fpn_cli import extract
-    >>> from fpn_cli.images import Resize
+    >>> from fpn_cli.inputs.images import Resize
     >>> out = tempfile.mkdtemp()
     >>> _ = extract(["examples/chelsea.jpg"], out, arch="seed", device="cpu", resize=Resize((64, 96)))
     >>> item = FeatureDataset(out, levels=["p5"])[0]

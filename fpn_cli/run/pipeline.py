@@ -41,14 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import preview, resume
-from .boxes import read_boxes
-from .builder import ModelSpec, build, resolve
-from .deadline import ordered_map
-from .distributed import ProcessGroup, combine, shard_of, torchrun_launch
-from .engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
-from .errors import FPNError, ImageError, UsageError
-from .formats import (
+from fpn_cli.errors import FPNError, ImageError, UsageError
+from fpn_cli.formats import (
     DEFAULT_SHARD_SIZE,
     Storage,
     check_destination,
@@ -56,13 +50,19 @@ from .formats import (
     format_totals,
     open_store,
 )
-from .images import InputImage, Resize, decode_image, read_header, warnings_to
-from .model import FPN, level_info, output_shapes, parameter_count, resolved_levels
-from .options import Options, report_header, roi_spec, settings_record
-from .report import ImageResult, Report, format_summary, write_merged
-from .roi import Geometry, Outputs, tell_boxes, warn_unknown
-from .sources import find_inputs
-from .urls import is_url
+from fpn_cli.inputs.deadline import ordered_map
+from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header, warnings_to
+from fpn_cli.inputs.sources import find_inputs
+from fpn_cli.inputs.urls import is_url
+from fpn_cli.models.builder import ModelSpec, build, resolve
+from fpn_cli.models.model import FPN, level_info, output_shapes, parameter_count, resolved_levels
+from fpn_cli.regions.boxes import read_boxes
+from fpn_cli.regions.roi import Geometry, Outputs, tell_boxes, warn_unknown
+from fpn_cli.report import ImageResult, Report, format_summary, write_merged
+from fpn_cli.run import preview, resume
+from fpn_cli.run.distributed import ProcessGroup, combine, shard_of, torchrun_launch
+from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
+from fpn_cli.run.options import Options, report_header, roi_spec, settings_record
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
 OnFailure = Callable[[str, str], None]  # (path as given, reason)

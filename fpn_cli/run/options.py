@@ -7,15 +7,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .builder import RANDOM, ModelSpec
-from .engine import DTYPES, SAVE_DTYPES
-from .errors import UsageError
-from .formats import DEFAULT_SHARD_SIZE, FORMATS
-from .images import DEFAULT_MAX_PIXELS, Resize
-from .levels import parse_levels
-from .model import level_info, resolved_levels
-from .roi import RoiSpec, parse_pool
-from .version import __version__
+from fpn_cli.errors import UsageError
+from fpn_cli.formats import DEFAULT_SHARD_SIZE, FORMATS
+from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize
+from fpn_cli.models.builder import RANDOM, ModelSpec
+from fpn_cli.models.levels import parse_levels
+from fpn_cli.models.model import level_info, resolved_levels
+from fpn_cli.regions.roi import RoiSpec, parse_pool
+from fpn_cli.run.engine import DTYPES, SAVE_DTYPES
+from fpn_cli.version import __version__
 
 DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
 MAX_TIMEOUT = 1_000_000.0  # 11.6 days; the platform's timers overflow far beyond

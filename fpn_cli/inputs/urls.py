@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import UsageError
-from .store import atomic_write_bytes
+from fpn_cli.errors import UsageError
+from fpn_cli.formats.store import atomic_write_bytes
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # protocol -> the extra of pyproject.toml that installs its fsspec backend

@@ -29,9 +29,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import UsageError
-from .levels import LEVELS
-from .npyio import DirectWriter, npy_shape, write_file
+from fpn_cli.errors import UsageError
+from fpn_cli.formats.npyio import DirectWriter, npy_shape, write_file
+from fpn_cli.models.levels import LEVELS
 
 SETTINGS_FILE = ".fpn-extract.json"
 REPORT_FILE = "report.json"

@@ -34,18 +34,18 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import FPNError, ImageError, UsageError
-from .formats.base import Shape
-from .formats.shards import INDEX, SHARDS, ShardFeatures, member_shape, member_stem
-from .images import Readable, output_key
-from .locks import read_settings
-from .model import FPNConfig, output_shapes
-from .npyio import npy_shape
-from .resume import change, recorded_fingerprint
-from .roi import BOX_DTYPE
-from .sources import RemoteFile, tar_members
-from .store import REPORT_FILE, SHARDS_DIR, Store
-from .urls import Folder, filesystem, is_url
+from fpn_cli.errors import FPNError, ImageError, UsageError
+from fpn_cli.formats.base import Shape
+from fpn_cli.formats.locks import read_settings
+from fpn_cli.formats.npyio import npy_shape
+from fpn_cli.formats.shards import INDEX, SHARDS, ShardFeatures, member_shape, member_stem
+from fpn_cli.formats.store import REPORT_FILE, SHARDS_DIR, Store
+from fpn_cli.inputs.images import Readable, output_key
+from fpn_cli.inputs.sources import RemoteFile, tar_members
+from fpn_cli.inputs.urls import Folder, filesystem, is_url
+from fpn_cli.models.model import FPNConfig, output_shapes
+from fpn_cli.regions.roi import BOX_DTYPE
+from fpn_cli.run.resume import change, recorded_fingerprint
 
 STATUSES = ("ok", "skipped", "failed")
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError, WeightsError
-from .preprocess import DETECTRON2_BGR, DETECTRON2_X101, IMAGENET, MMDET_PYTORCH, Preprocess
-from .weights import Checkpoint, read_file
+from fpn_cli.errors import UsageError, WeightsError
+from fpn_cli.models.preprocess import DETECTRON2_BGR, DETECTRON2_X101, IMAGENET, MMDET_PYTORCH, Preprocess
+from fpn_cli.models.weights import Checkpoint, read_file
 
 OFFLINE_ENV = "FPN_EXTRACT_OFFLINE"  # set to 1 to never try a download
 COCO_ALIAS = "coco"

@@ -1,5 +1,5 @@
 """Inputs beyond local files, folders and globs: list files, WebDataset tar shards of images,
-and fsspec URLs. Each becomes :class:`~fpn_cli.images.InputImage` objects like any other input;
+and fsspec URLs. Each becomes :class:`~fpn_cli.inputs.images.InputImage` objects like any other input;
 an image that is not a local file has a :class:`TarMember` or :class:`RemoteFile` as its
 ``path``, which images.decode reads through its ``open()``.
 
@@ -31,9 +31,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote
 
-from .errors import ImageError, UsageError
-from .images import InputImage, expand_local, input_specs, is_image_name, open_regular, unique_images
-from .urls import filesystem, is_url, local_path
+from fpn_cli.errors import ImageError, UsageError
+from fpn_cli.inputs.images import (
+    InputImage,
+    expand_local,
+    input_specs,
+    is_image_name,
+    open_regular,
+    unique_images,
+)
+from fpn_cli.inputs.urls import filesystem, is_url, local_path
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")

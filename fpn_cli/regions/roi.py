@@ -28,16 +28,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .boxes import BoxFile, Checked, check, clip_note, read_boxes
-from .errors import UsageError
-from .images import output_key
-from .levels import LEVELS, parse_levels
-from .locks import finish_overwrite, lock_folder, read_settings, record_settings
-from .report import dump_report
-from .store import BOXES, OVERWRITE_MARKER, POOLS, REPORT_FILE, ROIS, SETTINGS_FILE, Store, pool_name
+from fpn_cli.errors import UsageError
+from fpn_cli.formats.locks import finish_overwrite, lock_folder, read_settings, record_settings
+from fpn_cli.formats.store import (
+    BOXES,
+    OVERWRITE_MARKER,
+    POOLS,
+    REPORT_FILE,
+    ROIS,
+    SETTINGS_FILE,
+    Store,
+    pool_name,
+)
+from fpn_cli.inputs.images import output_key
+from fpn_cli.models.levels import LEVELS, parse_levels
+from fpn_cli.regions.boxes import BoxFile, Checked, check, clip_note, read_boxes
+from fpn_cli.report import dump_report
 
 if TYPE_CHECKING:
-    from .formats.base import Storage
+    from fpn_cli.formats.base import Storage
 
 Location = Callable[[str, str], dict]  # (key, array name) -> where report.json says it is
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from . import weights as wts
-from . import zoo
-from .backbones import ResNetArch, TimmArch, get_arch, import_timm
-from .errors import UsageError, WeightsError
-from .levels import parse_levels
-from .model import FPN, FPNConfig, build_model
-from .preprocess import DETECTRON2_BGR, DETECTRON2_X101, IMAGENET, MMDET_PYTORCH, Preprocess
-from .pyramid import USER_STYLES
+from fpn_cli.errors import UsageError, WeightsError
+from fpn_cli.models import weights as wts
+from fpn_cli.models import zoo
+from fpn_cli.models.backbones import ResNetArch, TimmArch, get_arch, import_timm
+from fpn_cli.models.levels import parse_levels
+from fpn_cli.models.model import FPN, FPNConfig, build_model
+from fpn_cli.models.preprocess import DETECTRON2_BGR, DETECTRON2_X101, IMAGENET, MMDET_PYTORCH, Preprocess
+from fpn_cli.models.pyramid import USER_STYLES
 
 DEFAULT_ARCH = "resnet50"
 RANDOM, IMAGENET_WEIGHTS = "random", "imagenet"
@@ -95,7 +95,7 @@ def _plain(arch, weights, fpn_style, levels, seed, pad_multiple) -> ModelSpec:
 
 def _timm_preprocess(family: TimmArch) -> Preprocess:
     """The normalisation timm's pretrained configuration states for the model."""
-    from .backbones import import_timm
+    from fpn_cli.models.backbones import import_timm
 
     cfg = import_timm().get_pretrained_cfg(family.model_name)
     mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET.mean, IMAGENET.std)
@@ -177,7 +177,7 @@ def _arch_of(ckpt: wts.Checkpoint) -> str | None:
     shape = wts.resnet_shape(ckpt.state)
     if shape is None:
         return None
-    from .backbones import ARCHS, Bottleneck
+    from fpn_cli.models.backbones import ARCHS, Bottleneck
 
     msra = ckpt.format == "detectron2" and shape["groups"] == 1 or _mmdet_caffe(ckpt)
     for name, family in ARCHS.items():
@@ -243,7 +243,7 @@ def build(spec: ModelSpec, device: str | torch.device = "cpu") -> FPN:
 
 def _load_timm_pretrained(model: FPN, family: TimmArch) -> None:
     """timm's own pretrained loading and cache (Hugging Face's); offline, a one-line error."""
-    from .backbones import TimmBody
+    from fpn_cli.models.backbones import TimmBody
 
     offline = os.environ.get(zoo.OFFLINE_ENV, "") not in ("", "0")
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from fpn_cli.errors import UsageError
 
 COLUMNS = ("path", "x1", "y1", "x2", "y2")
 

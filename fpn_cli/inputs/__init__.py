@@ -1,0 +1,1 @@
+"""Finding inputs (files, folders, globs, lists, tars, URLs), their keys, decoding them."""

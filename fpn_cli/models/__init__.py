@@ -1,0 +1,1 @@
+"""The network: backbones, the top-down path, level names and geometry, weights, the zoo."""

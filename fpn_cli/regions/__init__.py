@@ -1,0 +1,1 @@
+"""Region features: boxes, RoI pooling, pooled vectors."""

@@ -1,0 +1,1 @@
+"""A run: options, device and precision, the pipeline's steps, resume, sharding, signals."""
