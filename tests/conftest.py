@@ -114,3 +114,37 @@ def torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(home))
     monkeypatch.setenv("FPN_EXTRACT_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_engines():
+    """Each random-weight model built, and its engine prepared (BatchNorm folded), once per test
+    session: hundreds of in-process runs use a handful of configurations, and building and
+    folding cost a third of a second to seconds a run. Models from weights files are built each
+    time (tests change those files between runs). The run itself is unchanged: the same
+    ``_build_model`` and ``Engine`` calls, answered from the cache."""
+    from fpn_cli.run import pipeline
+
+    models, engines = {}, {}
+    real_build, real_engine = pipeline._build_model, pipeline.Engine
+
+    def build(spec):
+        if not spec.random:
+            return real_build(spec)
+        if spec not in models:
+            models[spec] = real_build(spec)
+        return models[spec]
+
+    def prepared(model, *args, **kwargs):
+        if not any(model is m for m in models.values()):
+            return real_engine(model, *args, **kwargs)
+        key = (id(model), *args, *sorted(kwargs.items()))
+        if key not in engines:
+            engines[key] = real_engine(model, *args, **kwargs)
+        return engines[key]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "_build_model", build)
+    mp.setattr(pipeline, "Engine", prepared)
+    yield
+    mp.undo()

@@ -109,7 +109,7 @@ def test_temporary_files_of_dead_runs_are_swept_and_a_live_runs_kept(tmp_path):
     run's alone), any."""
     small_images(tmp_path / "in", 2)
     out = tmp_path / "out"
-    assert fpn(tmp_path / "in", "-o", out, "--levels", "p5", *SEED).returncode == 0
+    assert run(tmp_path / "in", "-o", out, "--levels", "p5", *SEED).exit_code == 0
     (out / ".shards").mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid is no process now
@@ -179,9 +179,10 @@ def small_disk(tmp_path):
 def test_disk_full_is_a_clean_error_and_a_rerun_after_freeing_space_completes(tmp_path, small_disk):
     small_images(tmp_path / "in", 8)  # 85 kB of features each: the disk takes three
     out = small_disk / "out"
-    failed = fpn(tmp_path / "in", "-o", out, *SEED)
-    assert failed.returncode == 1
-    assert "No space left on device" in failed.stderr and "Traceback" not in failed.stderr
+    failed = run(tmp_path / "in", "-o", out, *SEED)  # a real full disk: ENOSPC, no rlimit needed
+    assert failed.exit_code == 1, failed.output
+    assert "No space left on device" in failed.stderr
+    assert isinstance(failed.exception, SystemExit)  # an exit status, not an escaped exception
     assert strays(out) == []
     for path in out.rglob("*.npy"):
         np.load(path)
@@ -216,8 +217,8 @@ def test_symlink_loop_and_a_folder_named_like_an_image(tmp_path):
     (tmp_path / "in" / "sub" / "up").symlink_to(tmp_path / "in")
     (tmp_path / "in" / "holiday.jpg").mkdir()
     save_rgb(tmp_path / "in" / "holiday.jpg" / "inside.png", 16, 16)
-    result = fpn(tmp_path / "in", "-o", tmp_path / "out", *SEED)
-    assert result.returncode == 0, result.stderr
+    result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 0, result.output
     paths = sorted(e["path"] for e in report_of(tmp_path / "out")["images"])
     assert paths == ["holiday.jpg/inside.png", "im0.png", "im1.png"]
 
@@ -241,8 +242,8 @@ def test_a_corrupt_image_in_the_middle_of_a_batch_spares_the_rest(tmp_path):
     for name in "abde":
         save_rgb(tmp_path / "in" / f"{name}.png", 32, 32, seed=ord(name))
     truncated_jpeg(tmp_path / "in" / "c.jpg", 32, 32)
-    result = fpn(tmp_path / "in", "-o", tmp_path / "out", "--batch-size", "4", *SEED)
-    assert result.returncode == 1
+    result = run(tmp_path / "in", "-o", tmp_path / "out", "--batch-size", "4", *SEED)
+    assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "c.jpg" in result.stderr
     assert len(list((tmp_path / "out").glob("*/p5.npy"))) == 4
 
@@ -257,9 +258,9 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_finishes(slo
     out = tmp_path / "out"
     first = start(slow, "-o", out, *SEED)
     wait_for_outputs(out, 1, first)
-    second = fpn(slow, "-o", out, *SEED)
+    second = run(slow, "-o", out, *SEED)  # the first is another process; this one need not be
     assert first.poll() is None, "the first run ended before the second met it"
-    assert second.returncode == 2
+    assert second.exit_code == 2
     assert f"another fpn-extract run (pid {first.pid} on " in second.stderr
     assert first.wait(timeout=120) == 0
     assert report_of(out)["counts"] == {"ok": 24, "skipped": 0, "failed": 0}
@@ -273,11 +274,12 @@ def test_shards_may_share_a_folder_but_a_whole_run_may_not(tmp_path):
     out.mkdir()
     with open(out / ".lock", "a+") as held:  # as a running shard holds it
         fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        whole = fpn(tmp_path / "in", "-o", out, *SEED)
-        assert whole.returncode == 2 and "another fpn-extract run" in whole.stderr
+        # flock conflicts between open files, so these runs may share the test's process
+        whole = run(tmp_path / "in", "-o", out, *SEED)
+        assert whole.exit_code == 2 and "another fpn-extract run" in whole.stderr
         for index in (0, 1):
-            shard = fpn(tmp_path / "in", "-o", out, "--shard", f"{index}/2", *SEED)
-            assert shard.returncode == 0, shard.stderr
+            shard = run(tmp_path / "in", "-o", out, "--shard", f"{index}/2", *SEED)
+            assert shard.exit_code == 0, shard.output
     assert report_of(out)["counts"]["ok"] == 4
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fpn_cli.run.distributed import Launch, combine, is_rank_zero, shard_of, torchrun_launch
 
@@ -120,13 +121,13 @@ def test_the_torchrun_environment_is_read_in_one_place(monkeypatch, env, launch)
 
 def test_torchrun_two_processes_equal_one_process(images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each, so float sums run in one order
-    single = subprocess.run(
-        [*FPN_EXTRACT, images, "-o", tmp_path / "single", *SEED],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert single.returncode == 0, single.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference run, in this process, on one thread too
+    try:
+        single = run(images, "-o", tmp_path / "single", *SEED)
+    finally:
+        torch.set_num_threads(threads)
+    assert single.exit_code == 0, single.output
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "--no-python", *FPN_EXTRACT, images, "-o", tmp_path / "dist", *SEED],
