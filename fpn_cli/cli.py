@@ -208,7 +208,7 @@ Examples:
 
 
 SECTIONS = {
-    "Inputs": ("lists", "list_column", "null", "max_pixels", "timeout", "summary", "input_size"),
+    "Inputs": ("lists", "list_column", "root", "null", "max_pixels", "timeout", "summary", "input_size"),
     "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
     "Preprocessing": ("size", "short_side", "max_side"),
     "Output": ("out", "format", "shard_size", "save_dtype", "overwrite", "hash", "preview"),
@@ -262,6 +262,14 @@ SECTIONS = {
     multiple=True,
     metavar="FILE",
     help="Inputs listed in FILE: text (a path a line), CSV/TSV/parquet (a path column); repeatable.",
+)
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Key files named one by one (arguments, --list, -) and folders by their path relative to DIR "
+    "[default: a folder's own root; for files, their deepest common folder].",
+    metavar="DIR",
 )
 @click.option(
     "--list-column",
@@ -431,7 +439,7 @@ SECTIONS = {
 @signals.stop_on_first_signal()
 def main(
     inputs, out, size, short_side, max_side, shard, summary, input_size, quiet, verbose, null, lists,
-    list_column, **options,
+    list_column, root, **options,
 ):  # fmt: skip
     """Compute Feature Pyramid Network features (P2-P5) for images.
 
@@ -459,7 +467,7 @@ def main(
             )  # fmt: skip
             text = summarize(
                 inputs, spec, resize, input_size, stdin_lines, on_failure, lists, list_column,
-                options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"],
+                options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"], root,
             )  # fmt: skip
             _echo(text)
             sys.exit(1 if failures else 0)
@@ -476,6 +484,7 @@ def main(
             stdin_lines=stdin_lines,
             lists=lists,
             list_column=list_column,
+            root=root,
             shard=shard,
             log=None if quiet else _echo_err,
             on_failure=on_failure,
