@@ -8,7 +8,7 @@ import time
 
 import click
 
-from fpn_cli.errors import FPNError
+from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import FORMATS
 from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize, read_names
 from fpn_cli.models import zoo
@@ -146,6 +146,49 @@ class ProgressBar:
         bar = "#" * filled + "." * (self.width - filled)
         line = f"\r[{bar}] {done}/{total}  {rate:.1f} img/s  {_clock(elapsed)} elapsed{eta}  "
         click.echo(line, err=True, nl=done >= total)
+
+
+class ProgressLines:
+    """Progress for logs (Slurm, nohup, CI), where stderr is no terminal: plain lines such as
+    ``progress: 120/1000 (12%), 3.4 img/s, 0:35 elapsed, ETA 4:18``. A line once ``interval``
+    seconds have passed since the last, or sooner when another tenth of the images is done (but
+    not within a second of the last line), and one when all are done: a long job logs twice a
+    minute, not per image; a short one logs its tenths. ``interval`` defaults to
+    ``$FPN_EXTRACT_PROGRESS_SECONDS``, else 30; ``clock`` is injectable for tests."""
+
+    default_interval = 30.0
+    env = "FPN_EXTRACT_PROGRESS_SECONDS"
+
+    def __init__(self, interval: float | None = None, clock=time.monotonic) -> None:
+        self.interval = self._from_env() if interval is None else interval
+        self.clock = clock
+        self.started = self.last_line = clock()
+        self.last_tenth = 0
+
+    def _from_env(self) -> float:
+        text = os.environ.get(self.env, "").strip()
+        if not text:
+            return self.default_interval
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < float("inf"):
+            raise UsageError(f"{self.env}={text!r}: give the seconds between progress lines, e.g. 30")
+        return seconds
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        tenth = 10 * done // max(total, 1)
+        since = now - self.last_line
+        if done < total and since < self.interval and (tenth <= self.last_tenth or since < 1.0):
+            return
+        self.last_line, self.last_tenth = now, tenth
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {_clock((total - done) / rate)}" if 0 < done < total and rate > 0 else ""
+        percent = 100 * done // max(total, 1)
+        _echo_err(f"progress: {done}/{total} ({percent}%), {rate:.1f} img/s, {_clock(elapsed)} elapsed{eta}")
 
 
 def _clock(seconds: float) -> str:
@@ -476,7 +519,9 @@ def main(
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
-        show_progress = not quiet and sys.stderr.isatty() and is_rank_zero()
+        progress = None
+        if not quiet and is_rank_zero():  # a bar on a terminal, lines in a log
+            progress = ProgressBar() if sys.stderr.isatty() else ProgressLines()
         report = extract(
             inputs,
             out,
@@ -488,7 +533,7 @@ def main(
             shard=shard,
             log=None if quiet else _echo_err,
             on_failure=on_failure,
-            progress=ProgressBar() if show_progress else None,
+            progress=progress,
         )
         _print_outcome(report, out, quiet, verbose)
     except FPNError as e:
