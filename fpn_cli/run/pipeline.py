@@ -794,7 +794,7 @@ def summarize(
         else:
             per_size[resize.target(*size)] += 1
     shapes = [(s, output_shapes(config, *s)) for s in sorted(per_size)]
-    text = format_summary(spec, parameter_count(config), level_info(config), shapes)
+    text = format_summary(spec, parameter_count(config), level_info(config), shapes, per_size)
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
     totals = format_totals(per_size, stored, unreadable, ("float32", "float16"), shard_size)
