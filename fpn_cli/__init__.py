@@ -18,6 +18,7 @@ _PUBLIC = {
     "UsageError": "errors",
     "WeightsError": "errors",
     "build_fpn": "models.builder",
+    "collate_features": "formats.dataset",
     "extract": "run.pipeline",
     "open_features": "formats",
 }

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from fpn_cli.errors import FPNError
+from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import FORMATS
 from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize, read_names
 from fpn_cli.models import zoo
@@ -148,6 +148,49 @@ class ProgressBar:
         click.echo(line, err=True, nl=done >= total)
 
 
+class ProgressLines:
+    """Progress for logs (Slurm, nohup, CI), where stderr is no terminal: plain lines such as
+    ``progress: 120/1000 (12%), 3.4 img/s, 0:35 elapsed, ETA 4:18``. A line once ``interval``
+    seconds have passed since the last, or sooner when another tenth of the images is done (but
+    not within a second of the last line), and one when all are done: a long job logs twice a
+    minute, not per image; a short one logs its tenths. ``interval`` defaults to
+    ``$FPN_EXTRACT_PROGRESS_SECONDS``, else 30; ``clock`` is injectable for tests."""
+
+    default_interval = 30.0
+    env = "FPN_EXTRACT_PROGRESS_SECONDS"
+
+    def __init__(self, interval: float | None = None, clock=time.monotonic) -> None:
+        self.interval = self._from_env() if interval is None else interval
+        self.clock = clock
+        self.started = self.last_line = clock()
+        self.last_tenth = 0
+
+    def _from_env(self) -> float:
+        text = os.environ.get(self.env, "").strip()
+        if not text:
+            return self.default_interval
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < float("inf"):
+            raise UsageError(f"{self.env}={text!r}: give the seconds between progress lines, e.g. 30")
+        return seconds
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        tenth = 10 * done // max(total, 1)
+        since = now - self.last_line
+        if done < total and since < self.interval and (tenth <= self.last_tenth or since < 1.0):
+            return
+        self.last_line, self.last_tenth = now, tenth
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {_clock((total - done) / rate)}" if 0 < done < total and rate > 0 else ""
+        percent = 100 * done // max(total, 1)
+        _echo_err(f"progress: {done}/{total} ({percent}%), {rate:.1f} img/s, {_clock(elapsed)} elapsed{eta}")
+
+
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -208,7 +251,7 @@ Examples:
 
 
 SECTIONS = {
-    "Inputs": ("lists", "list_column", "null", "max_pixels", "timeout", "summary", "input_size"),
+    "Inputs": ("lists", "list_column", "root", "null", "max_pixels", "timeout", "summary", "input_size"),
     "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
     "Preprocessing": ("size", "short_side", "max_side"),
     "Output": ("out", "format", "shard_size", "save_dtype", "overwrite", "hash", "preview"),
@@ -262,6 +305,14 @@ SECTIONS = {
     multiple=True,
     metavar="FILE",
     help="Inputs listed in FILE: text (a path a line), CSV/TSV/parquet (a path column); repeatable.",
+)
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Key files named one by one (arguments, --list, -) and folders by their path relative to DIR "
+    "[default: a folder's own root; for files, their deepest common folder].",
+    metavar="DIR",
 )
 @click.option(
     "--list-column",
@@ -431,7 +482,7 @@ SECTIONS = {
 @signals.stop_on_first_signal()
 def main(
     inputs, out, size, short_side, max_side, shard, summary, input_size, quiet, verbose, null, lists,
-    list_column, **options,
+    list_column, root, **options,
 ):  # fmt: skip
     """Compute Feature Pyramid Network features (P2-P5) for images.
 
@@ -459,7 +510,7 @@ def main(
             )  # fmt: skip
             text = summarize(
                 inputs, spec, resize, input_size, stdin_lines, on_failure, lists, list_column,
-                options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"],
+                options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"], root,
             )  # fmt: skip
             _echo(text)
             sys.exit(1 if failures else 0)
@@ -468,7 +519,9 @@ def main(
         if out is None:
             raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
-        show_progress = not quiet and sys.stderr.isatty() and is_rank_zero()
+        progress = None
+        if not quiet and is_rank_zero():  # a bar on a terminal, lines in a log
+            progress = ProgressBar() if sys.stderr.isatty() else ProgressLines()
         report = extract(
             inputs,
             out,
@@ -476,10 +529,11 @@ def main(
             stdin_lines=stdin_lines,
             lists=lists,
             list_column=list_column,
+            root=root,
             shard=shard,
             log=None if quiet else _echo_err,
             on_failure=on_failure,
-            progress=ProgressBar() if show_progress else None,
+            progress=progress,
         )
         _print_outcome(report, out, quiet, verbose)
     except FPNError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -16,23 +16,84 @@ Shapes = dict[str, tuple[int, int, int]]
 _NAMES_SHOWN = 3  # images named per group in the shape report
 
 
+COMPACT_AFTER = 3  # with more distinct input sizes, --summary gives a row per size, not a block
+SIZE_ROWS = 10  # sizes shown as rows, the most common first; the rest are counted
+FULL_BLOCKS = 2  # the largest sizes, also shown in full: they decide the memory a run needs
+
+
 def format_summary(
-    spec, params: int, info: dict[str, LevelInfo], sizes: Sequence[tuple[tuple[int, int], Shapes]]
+    spec,
+    params: int,
+    info: dict[str, LevelInfo],
+    sizes: Sequence[tuple[tuple[int, int], Shapes]],
+    counts: Mapping[tuple[int, int], int] | None = None,
 ) -> str:
-    """One block per input size: a row per level with stride, channels, height and width."""
+    """The model, then, for up to COMPACT_AFTER input sizes (or without ``counts``, the images
+    per size), one block per size: a row per level with stride, channels, height and width, and
+    the bytes per image. For more sizes, compact: a row per size (the SIZE_ROWS most common: its
+    count and each level's height x width; the others counted), then the FULL_BLOCKS largest sizes
+    as blocks."""
     config = spec.config
     lines = [f"{config.arch}, {config.fpn_style} FPN, {params:,} parameters, weights {spec.weights}"]
     lines.append(
         f"preprocessing: {spec.preprocess.describe()}"
         + (f", padded to a multiple of {config.pad_multiple}" if config.pad_multiple > 1 else "")
     )
-    for (h, w), shapes in sizes:
-        lines += ["", f"input {h}x{w}", f"{'level':<6}{'stride':>7}{'channels':>10}{'height':>8}{'width':>7}"]
-        for name, (c, lh, lw) in shapes.items():
-            lines.append(f"{name.upper():<6}{info[name].stride:>7}{c:>10}{lh:>8}{lw:>7}")
-        megabytes = sum(c * lh * lw for c, lh, lw in shapes.values()) / 1e6
-        lines.append(f"output per image: {megabytes * 4:.1f} MB float32, {megabytes * 2:.1f} MB float16")
+    if counts is None or len(sizes) <= COMPACT_AFTER:
+        for size, shapes in sizes:
+            lines += ["", *_size_block(size, shapes, info)]
+        return "\n".join(lines)
+    by_size = dict(sizes)
+    lines += ["", *_size_rows(by_size, counts)]
+    largest = sorted(by_size, key=lambda s: (s[0] * s[1], s), reverse=True)[:FULL_BLOCKS]
+    for size in largest:
+        note = f"a largest; {counts[size]:,} image{'s' if counts[size] != 1 else ''}"
+        lines += ["", *_size_block(size, by_size[size], info, note)]
     return "\n".join(lines)
+
+
+def _size_block(
+    size: tuple[int, int], shapes: Shapes, info: dict[str, LevelInfo], note: str = ""
+) -> list[str]:
+    """One input size in full: DESIGN.md's rows, level name first."""
+    h, w = size
+    lines = [f"input {h}x{w}" + (f" ({note})" if note else "")]
+    lines.append(f"{'level':<6}{'stride':>7}{'channels':>10}{'height':>8}{'width':>7}")
+    for name, (c, lh, lw) in shapes.items():
+        lines.append(f"{name.upper():<6}{info[name].stride:>7}{c:>10}{lh:>8}{lw:>7}")
+    megabytes = _values(shapes) / 1e6
+    lines.append(f"output per image: {megabytes * 4:.1f} MB float32, {megabytes * 2:.1f} MB float16")
+    return lines
+
+
+def _size_rows(by_size: Mapping[tuple[int, int], Shapes], counts: Mapping[tuple[int, int], int]) -> list[str]:
+    """A row per input size, the most common first: images, each level's height x width, MB."""
+    order = sorted(by_size, key=lambda s: (-counts[s], s))
+    names = list(by_size[order[0]])
+    table = [["input", "images", *(name.upper() for name in names), "MB float32"]]
+    for size in order[:SIZE_ROWS]:
+        shapes = by_size[size]
+        levels = [f"{lh}x{lw}" for _, lh, lw in shapes.values()]
+        megabytes = f"{_values(shapes) * 4 / 1e6:.1f}"
+        table.append([f"{size[0]}x{size[1]}", f"{counts[size]:,}", *levels, megabytes])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    shown = min(SIZE_ROWS, len(order))
+    images = sum(counts.values())
+    lines = [f"{len(order):,} input sizes, {images:,} images; the {shown} most common (levels: h x w):"]
+    for row in table:
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+    rest = order[SIZE_ROWS:]
+    if rest:
+        others = sum(counts[s] for s in rest)
+        lines.append(f"... {len(rest):,} more sizes, {others:,} image{'s' if others != 1 else ''}")
+    return lines
+
+
+def _values(shapes: Shapes) -> int:
+    """The numbers an image's levels hold."""
+    return sum(c * lh * lw for c, lh, lw in shapes.values())
 
 
 @dataclass

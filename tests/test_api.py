@@ -1,16 +1,18 @@
 """The library's front door: ``from fpn_cli import build_fpn, extract`` and how ``extract`` takes
-its options."""
+its options; reading the features back for training (dtype, collate)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from fpn_cli import Options, extract
+from fpn_cli import FeatureDataset, Options, collate_features, extract, open_features
 
 from imagefactory import save_rgb
 
@@ -47,3 +49,79 @@ def test_the_library_imports_and_builds_without_posix_only_modules(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['p2', 'p3', 'p4', 'p5'] (1, 256, 2, 2)"
+
+
+# --- reading for training: dtype and collate (docs/reading.md) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def half_folders(tmp_path_factory) -> dict[str, Path]:
+    """Four 32x48 images stored in float16, boxes for two of them, in either format."""
+    root = tmp_path_factory.mktemp("half")
+    for i in range(4):
+        save_rgb(root / "in" / f"im{i}.png", 32, 48, seed=i)
+    boxes = root / "boxes.csv"
+    boxes.write_text("path,x1,y1,x2,y2\nim0.png,0,0,20,16\nim0.png,4,4,40,30\nim2.png,1,1,30,20\n")
+    folders = {}
+    for fmt in ("npy", "shards"):
+        out = root / fmt
+        base = Options(arch="seed", device="cpu", save_dtype="float16", boxes=str(boxes), format=fmt)
+        assert extract([root / "in"], out, base).exit_status == 0
+        folders[fmt] = out
+    return folders
+
+
+@pytest.mark.parametrize("fmt", ["npy", "shards"])
+def test_readers_return_float32_unless_asked_otherwise(half_folders, fmt):
+    out = half_folders[fmt]
+    stored = open_features(out, dtype=None)["im0"]
+    assert stored["p3"].dtype == np.float16 and stored["rois"].dtype == np.float16
+    read = open_features(out)["im0"]
+    assert read["p3"].dtype == np.float32 and read["rois"].dtype == np.float32
+    assert read["boxes"].dtype == np.float64  # boxes stay exact
+    assert np.array_equal(read["p3"], stored["p3"].astype(np.float32))
+    assert open_features(out, dtype=np.float16)["im0"]["p3"].dtype == np.float16
+    item = FeatureDataset(out)[0]
+    assert item["p5"].dtype == torch.float32 and item["p5"].shape == (256, 1, 2)
+    assert FeatureDataset(out, dtype=None)[0]["p5"].dtype == torch.float16
+    assert FeatureDataset(out, dtype=torch.bfloat16)[0]["p5"].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="floating torch dtype"):
+        FeatureDataset(out, dtype=torch.int8)
+
+
+def test_float32_features_stay_memory_mapped(tmp_path):
+    save_rgb(tmp_path / "a.png", 32, 32)
+    extract([tmp_path / "a.png"], tmp_path / "out", arch="seed", device="cpu", format="shards")
+    p2 = open_features(tmp_path / "out")["a"]["p2"]
+    assert p2.dtype == np.float32 and not p2.flags.owndata and not p2.flags.writeable
+
+
+@pytest.mark.parametrize("fmt", ["npy", "shards"])
+def test_a_dataloader_batches_images_with_and_without_boxes_and_a_model_trains(half_folders, fmt):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(FeatureDataset(half_folders[fmt]), batch_size=4, collate_fn=collate_features)
+    (batch,) = list(loader)
+    assert batch["key"] == ["im0", "im1", "im2", "im3"]
+    assert batch["p5"].shape == (4, 256, 1, 2) and batch["p5"].dtype == torch.float32
+    assert [len(r) for r in batch["rois"]] == [2, 0, 1, 0]
+    assert {tuple(r.shape[1:]) for r in batch["rois"]} == {(256, 7, 7)}
+    assert [tuple(b.shape) for b in batch["boxes"]] == [(2, 4), (0, 4), (1, 4), (0, 4)]
+    assert all(r.dtype == torch.float32 for r in batch["rois"])
+    torch.manual_seed(0)
+    head = torch.nn.Linear(256, 2)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    before = head.weight.detach().clone()
+    logits = head(batch["p5"].mean(dim=(2, 3)))  # pooled p5: (4, 256) -> (4, 2)
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(head.weight, before)
+
+
+def test_levels_of_different_sizes_come_as_a_list(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 32, 32)
+    save_rgb(tmp_path / "in" / "b.png", 64, 32)
+    extract([tmp_path / "in"], tmp_path / "out", arch="seed", device="cpu", levels="p5")
+    batch = collate_features([item for item in FeatureDataset(tmp_path / "out")])
+    assert [tuple(t.shape) for t in batch["p5"]] == [(256, 1, 1), (256, 2, 1)]

@@ -150,7 +150,9 @@ def test_paths_from_stdin(tmp_path):
     paths = f"{tmp_path / 'x' / 'one.jpg'}\n\n{tmp_path / 'y' / 'two.png'}\n"
     result = run("-", "-o", tmp_path / "out", *SEED, input=paths)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "one" / "p2.npy").exists() and (tmp_path / "out" / "two" / "p2.npy").exists()
+    # keyed relative to their deepest common folder (tests/test_keys.py)
+    assert (tmp_path / "out" / "x" / "one" / "p2.npy").exists()
+    assert (tmp_path / "out" / "y" / "two" / "p2.npy").exists()
 
 
 def test_glob_pattern_input(tmp_path):

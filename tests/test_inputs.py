@@ -61,9 +61,9 @@ def test_list_files_text_csv_tsv_and_parquet(local, tmp_path):
     lists = ["--list", tmp_path / "one.txt", "--list", tmp_path / "two.csv", "--list", tmp_path / "three.tsv"]
     result = run(*lists, "--list-column", "file", "-o", tmp_path / "out", "--format", "shards", *SEED)
     assert result.exit_code == 0, result.output
-    # a listed file is relative to its own folder, as a file given directly
-    assert [e["path"] for e in report_of(tmp_path / "out")["images"]] == ["a.png", "b.png", "c.png"]
-    assert_features(tmp_path / "out", {os.path.basename(k): v for k, v in expected.items()})
+    # listed files are relative to their deepest common folder (keys.py): sub/ is kept
+    assert [e["path"] for e in report_of(tmp_path / "out")["images"]] == ["a.png", "b.png", "sub/c.png"]
+    assert_features(tmp_path / "out", expected)
 
 
 def test_lists_written_on_windows_byte_order_mark_and_crlf(local, tmp_path):

@@ -1,4 +1,4 @@
-"""``fpn-extract --summary``: level sizes without images or feature memory."""
+"""``fpn-extract --summary``: level sizes without images or feature memory; compact over many sizes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import run
+from imagefactory import save_rgb
 
 SEED_600x900 = """\
 seed, reference FPN, 16,700,480 parameters, weights random
@@ -78,3 +79,56 @@ def test_summary_describes_the_model_the_run_uses():
     with torch.device("meta"):
         run_model = FPN(resolve(weights="coco").config)  # what extract() builds, without the download
     assert sum(p.numel() for p in run_model.parameters()) == 26_852_416
+
+
+COMPACT_ROWS = """\
+30 input sizes, 32 images; the 10 most common (levels: h x w):
+input  images     P2    P3   P4   P5  MB float32
+64x96       3  16x24  8x12  4x6  2x3         0.5
+32x48       1   8x12   4x6  2x3  1x2         0.1
+36x48       1   9x12   5x6  3x3  2x2         0.2
+40x48       1  10x12   5x6  3x3  2x2         0.2
+44x48       1  11x12   6x6  3x3  2x2         0.2
+48x48       1  12x12   6x6  3x3  2x2         0.2
+52x48       1  13x12   7x6  4x3  2x2         0.2
+56x48       1  14x12   7x6  4x3  2x2         0.2
+60x48       1  15x12   8x6  4x3  2x2         0.2
+64x48       1  16x12   8x6  4x3  2x2         0.3
+... 20 more sizes, 20 images
+
+input 144x48 (a largest; 1 image)
+level  stride  channels  height  width
+P2          4       256      36     12
+P3          8       256      18      6
+P4         16       256       9      3
+P5         32       256       5      2
+output per image: 0.6 MB float32, 0.3 MB float16
+
+input 140x48 (a largest; 1 image)
+"""
+
+
+def test_many_sizes_give_a_row_each_and_the_largest_in_full(tmp_path):
+    """30 sizes: a row per size with its count (the 10 most common), the 2 largest sizes as
+    blocks, then the totals; not 8 lines per size (249 lines for 30 sizes, issue 20)."""
+    for i in range(3):
+        save_rgb(tmp_path / f"common{i}.png", 64, 96, seed=i)
+    for i in range(29):
+        save_rgb(tmp_path / f"s{i:02d}.png", 32 + 4 * i, 48, seed=i)
+    result = run("--summary", tmp_path, "--arch", "seed")
+    assert result.exit_code == 0, result.output
+    assert COMPACT_ROWS in result.output
+    assert result.output.count("\nlevel  stride") == 2 and "input 32x48" not in result.output
+    assert "\ndataset: 32 images (30 sizes)\n" in result.output
+    assert len(result.output.splitlines()) == 39
+
+
+def test_a_few_sizes_keep_a_block_each(tmp_path):
+    for i, (h, w) in enumerate([(64, 96), (32, 48), (32, 48), (96, 64)]):
+        save_rgb(tmp_path / f"im{i}.png", h, w, seed=i)
+    result = run("--summary", tmp_path, "--arch", "seed")
+    assert result.exit_code == 0, result.output
+    blocks = [line for line in result.output.splitlines() if line.startswith("input ")]
+    assert blocks == ["input 32x48", "input 64x96", "input 96x64"]
+    assert "most common" not in result.output
+    assert "\nP2          4       256       8     12\n" in result.output  # 32x48: DESIGN.md's row

@@ -16,10 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import npy, shards, store
 from fpn_cli.formats.base import Features, Shape, Storage
+from fpn_cli.formats.converted import Converted
 from fpn_cli.formats.npy import NpyFeatures, NpyStore
 from fpn_cli.formats.shards import DEFAULT_SHARD_SIZE, ShardFeatures, ShardStore
 from fpn_cli.formats.store import SETTINGS_FILE
@@ -74,9 +76,11 @@ def check_layout(format: str, keyed: Iterable[tuple[str, str]]) -> None:
         shards.check_keys(keyed)
 
 
-def open_features(out: str | os.PathLike[str]) -> Features:
+def open_features(out: str | os.PathLike[str], dtype: DTypeLike | None = np.float32) -> Features:
     """The features in the output folder ``out`` (a path or, for shards, a URL), read-only and in
-    either format: key -> {name: array}, memory-mapped where possible.
+    either format: key -> {name: array}, memory-mapped where possible. Features come back in
+    ``dtype`` (float32 unless asked otherwise; None: as stored), float64 boxes as stored
+    (converted.py).
 
     >>> import tempfile
     >>> from fpn_cli import extract
@@ -96,10 +100,12 @@ def open_features(out: str | os.PathLike[str]) -> Features:
     except (ValueError, AttributeError):
         raise FPNError(f"{folder.url(SETTINGS_FILE)} is not readable JSON") from None
     if format == "shards":
-        return ShardFeatures(folder)
-    if folder.remote:
+        features: Features = ShardFeatures(folder)
+    elif folder.remote:
         raise FPNError(f"{out}: the npy layout is read from local folders only")
-    return NpyFeatures(Path(folder.root))
+    else:
+        features = NpyFeatures(Path(folder.root))
+    return features if dtype is None else Converted(features, dtype)
 
 
 def format_totals(

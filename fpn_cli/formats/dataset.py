@@ -1,9 +1,10 @@
-"""Stored features as a torch Dataset, for training on them."""
+"""Stored features as a torch Dataset, and the collate function that batches them, for training
+on them (docs/reading.md)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,8 +16,10 @@ from fpn_cli.formats import Features, open_features
 class FeatureDataset(Dataset):
     """The images of an output folder (either ``--format``), in key order: item ``i`` is
     ``{"key": str, name: tensor, ...}`` with the arrays in ``levels`` (every stored array of the
-    image when None: levels, and others such as ``rois``), each a (C, h, w) tensor of its stored
-    dtype, then passed through ``transform`` if given.
+    image when None: levels, and others such as ``rois``), each a tensor of its stored shape
+    ((C, h, w) for a level), then passed through ``transform`` if given. Features come in
+    ``dtype`` (float32 unless asked otherwise, DESIGN.md §10; None: as stored, e.g. float16);
+    float64 boxes and integer arrays as stored. :func:`collate_features` batches the items.
 
     Safe in DataLoader workers: each process opens the folder itself, at its first item (an
     open folder holds memory maps, which are neither picklable nor to be shared across a fork).
@@ -27,8 +30,8 @@ class FeatureDataset(Dataset):
     >>> out = tempfile.mkdtemp()
     >>> _ = extract(["examples/chelsea.jpg"], out, arch="seed", device="cpu", resize=Resize((64, 96)))
     >>> item = FeatureDataset(out, levels=["p5"])[0]
-    >>> item["key"], item["p5"].shape
-    ('chelsea', torch.Size([256, 2, 3]))
+    >>> item["key"], item["p5"].shape, item["p5"].dtype
+    ('chelsea', torch.Size([256, 2, 3]), torch.float32)
     """
 
     def __init__(
@@ -36,10 +39,14 @@ class FeatureDataset(Dataset):
         out: str | os.PathLike[str],
         levels: Iterable[str] | None = None,
         transform: Callable[[dict], dict] | None = None,
+        dtype: torch.dtype | None = torch.float32,
     ) -> None:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch dtype (torch.float32) or None, not {dtype!r}")
         self.out = out
         self.levels = None if levels is None else tuple(levels)
         self.transform = transform
+        self.dtype = dtype
         self._features: Features | None = None
         self._pid: int | None = None
         features = self._open()
@@ -54,7 +61,7 @@ class FeatureDataset(Dataset):
 
     def _open(self) -> Features:
         if self._features is None or self._pid != os.getpid():
-            self._features = open_features(self.out)
+            self._features = open_features(self.out, dtype=_numpy_dtype(self.dtype))
             self._pid = os.getpid()
         return self._features
 
@@ -70,10 +77,48 @@ class FeatureDataset(Dataset):
             raise KeyError(f"{key} has no stored {missing}")
         item: dict = {"key": key}
         for name, array in arrays.items():
-            item[name] = torch.from_numpy(np.array(array))  # a copy: maps are read-only, batches own theirs
+            tensor = torch.from_numpy(np.array(array))  # a copy: maps are read-only, batches own theirs
+            if self.dtype == torch.bfloat16 and tensor.dtype == torch.float32:
+                tensor = tensor.to(torch.bfloat16)
+            item[name] = tensor
         return self.transform(item) if self.transform is not None else item
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_features"] = None  # a worker opens its own
         return state
+
+
+def _numpy_dtype(dtype: torch.dtype | None) -> np.dtype | None:
+    """The dtype the folder is read in: ``dtype``, or float32 for bfloat16, which numpy lacks
+    (torch casts those tensors after)."""
+    if dtype is None:
+        return None
+    return torch.empty(0, dtype=torch.float32 if dtype == torch.bfloat16 else dtype).numpy().dtype
+
+
+def collate_features(items: Sequence[dict]) -> dict:
+    """A batch of :class:`FeatureDataset` items, for ``DataLoader(..., collate_fn=collate_features)``:
+    ``"key"``: the B keys; an array that every item has in one shape: one stacked tensor
+    (B, ...); any other (``rois`` and ``boxes``, which images have in different numbers or not at
+    all; levels of images of different sizes): a list of B tensors, where an item without it
+    gets an empty (0, ...) tensor shaped and typed as the others' (as torchvision's
+    ``roi_align`` takes boxes: a list with one tensor per image).
+
+    >>> a = {"key": "a", "p5": torch.zeros(256, 2, 3), "rois": torch.zeros(4, 256, 7, 7)}
+    >>> b = {"key": "b", "p5": torch.ones(256, 2, 3)}
+    >>> batch = collate_features([a, b])
+    >>> batch["key"], batch["p5"].shape, [tuple(r.shape) for r in batch["rois"]]
+    (['a', 'b'], torch.Size([2, 256, 2, 3]), [(4, 256, 7, 7), (0, 256, 7, 7)])
+    """
+    batch: dict = {"key": [item["key"] for item in items]}
+    names = dict.fromkeys(name for item in items for name in item if name != "key")
+    for name in names:
+        present = [item[name] for item in items if name in item]
+        if len(present) == len(items) and len({tuple(t.shape) for t in present}) == 1:
+            batch[name] = torch.stack(present)
+            continue
+        model = present[0]
+        empty = model.new_empty((0, *model.shape[1:]))
+        batch[name] = [item.get(name, empty) for item in items]
+    return batch

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fpn_cli.errors import ImageError, UsageError
 from fpn_cli.formats.store import SETTINGS_FILE
+from fpn_cli.inputs.keys import output_key, relative_paths
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .jp2".split()
@@ -74,12 +75,6 @@ class InputImage:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", output_key(self.rel))
-
-
-def output_key(rel: str) -> str:
-    """An image's folder under OUT (its key): its path relative to its input root, without the
-    extension. Where a report.json path is turned back into a key, this is the rule too."""
-    return os.path.splitext(rel)[0]
 
 
 def is_image_name(name: str) -> bool:
@@ -189,20 +184,53 @@ def expand_local(spec: str, exclude: Path | None, listed: bool) -> list[InputIma
 
 
 def find_images(
-    inputs: Sequence[str | os.PathLike[str]], stdin_lines: Iterable[str] = (), exclude: Path | None = None
+    inputs: Sequence[str | os.PathLike[str]],
+    stdin_lines: Iterable[str] = (),
+    exclude: Path | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> list[InputImage]:
     """Expands files, folders (recursive) and glob patterns into images sorted by output key.
 
     ``-`` among ``inputs`` stands for ``stdin_lines``, one path per item, taken verbatim
     (:func:`read_names` splits a stream into them); a listed path that does not exist is a failed
-    input. ``exclude``
-    (the output folder) is never searched. The same file reached twice counts once; two files that
-    would write the same output folder are a :class:`UsageError` naming both. Entries that cannot
-    be images (FIFOs, unreadable folders) come back with ``error`` set.
+    input. Keys follow keys.py: files named one by one share ``root`` or their deepest common
+    folder. ``exclude`` (the output folder) is never searched. The same file reached twice counts
+    once; two files that would write the same output folder are a :class:`UsageError` naming both.
+    Entries that cannot be images (FIFOs, unreadable folders) come back with ``error`` set.
     """
     exclude = exclude.resolve() if exclude is not None else None
-    specs = input_specs(inputs, stdin_lines)
-    return unique_images(image for spec, listed in specs for image in expand_local(spec, exclude, listed))
+    found = [
+        (image, names_one_file(spec, listed))
+        for spec, listed in input_specs(inputs, stdin_lines)
+        for image in expand_local(spec, exclude, listed)
+    ]
+    return unique_images(share_root(found, root))
+
+
+def names_one_file(spec: str, listed: bool) -> bool:
+    """Whether the local input ``spec`` names one file (an argument, a line of a list or of
+    stdin), keyed by the root those share (keys.py), rather than a folder or a pattern."""
+    return not os.path.isdir(spec) and (listed or os.path.lexists(spec))
+
+
+def share_root(
+    found: Iterable[tuple[InputImage, bool]], root: str | os.PathLike[str] | None = None
+) -> list[InputImage]:
+    """The images of ``found`` (image, named one by one) keyed by keys.py's rule: those named
+    one by one relative to ``root``, or else to their deepest common folder; with ``root``, the
+    local files of folders and patterns relative to it too. Tar members keep their names."""
+    found = list(found)
+    named = [image for image, one in found if one]
+    root = None if root is None else os.fspath(root)
+    rels = iter(relative_paths([str(image.path) for image in named], root))
+    keyed = []
+    for image, one in found:
+        if one:
+            image = InputImage(image.path, next(rels), image.error)
+        elif root is not None and isinstance(image.path, str) and image.error is None:
+            image = InputImage(image.path, relative_paths([image.path], root)[0])
+        keyed.append(image)
+    return keyed
 
 
 def input_specs(

@@ -37,7 +37,9 @@ from fpn_cli.inputs.images import (
     expand_local,
     input_specs,
     is_image_name,
+    names_one_file,
     open_regular,
+    share_root,
     unique_images,
 )
 from fpn_cli.inputs.urls import filesystem, is_url, local_path
@@ -54,9 +56,11 @@ def find_inputs(
     exclude: Path | None = None,
     lists: Sequence[str | os.PathLike[str]] = (),
     list_column: str | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> list[InputImage]:
     """Every input image of a run, sorted by key: what images.find_images finds in files, folders,
     globs and stdin (``-``), plus the lines of each list file, the members of tar shards and URLs.
+    Files and URLs named one by one share ``root`` or else their deepest common folder (keys.py).
     Clashing keys are a :class:`UsageError` (images.unique_images)."""
     specs: list[tuple[str, bool]] = []  # (spec, listed): a listed path is taken verbatim
     for spec, listed in input_specs(inputs, stdin_lines):
@@ -68,16 +72,20 @@ def find_inputs(
     for listing in map(str, lists):
         specs += [(line, True) for line in read_list(listing, list_column)]
     exclude = exclude.resolve() if exclude is not None else None
-    return unique_images(image for spec, listed in specs for image in _expand(spec, exclude, listed))
+    found = [pair for spec, listed in specs for pair in _expand(spec, exclude, listed)]
+    return unique_images(share_root(found, root))
 
 
-def _expand(spec: str, exclude: Path | None, listed: bool) -> list[InputImage]:
+def _expand(spec: str, exclude: Path | None, listed: bool) -> list[tuple[InputImage, bool]]:
+    """The images of one input, each with whether it was named one by one (keys.py)."""
     if is_url(spec):
-        return _expand_url(spec, listed)
+        images, one = _expand_url(spec, listed)
+        return [(image, one) for image in images]
     spec = local_path(spec)
     if spec.lower().endswith(TAR_SUFFIX) and os.path.isfile(spec):
-        return tar_members(spec, open(spec, "rb"), spec, listed)
-    return expand_local(spec, exclude, listed)
+        return [(image, False) for image in tar_members(spec, open(spec, "rb"), spec, listed)]
+    one = names_one_file(spec, listed)
+    return [(image, one) for image in expand_local(spec, exclude, listed)]
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -322,9 +330,9 @@ def tar_members(tar: str, f: BinaryIO, shown: str, listed: bool = False) -> list
     return found
 
 
-def _expand_url(url: str, listed: bool) -> list[InputImage]:
+def _expand_url(url: str, listed: bool) -> tuple[list[InputImage], bool]:
     """A URL: one file (listed URLs always; their existence is checked when read), a tar, a glob,
-    or a folder searched recursively."""
+    or a folder searched recursively; and whether it named one file (keys.py)."""
     # a web URL's path is percent-encoded (the key is the file's own name), and "?" starts its
     # query (a signed URL's), no glob
     web = url.lower().startswith(("http://", "https://"))
@@ -337,13 +345,13 @@ def _expand_url(url: str, listed: bool) -> list[InputImage]:
             f = fs.open(inner, "rb")
         except FileNotFoundError:
             if listed:
-                return [InputImage(RemoteFile(url), name, error="does not exist")]
+                return [InputImage(RemoteFile(url), name, error="does not exist")], True
             raise UsageError(f"input {url} does not exist") from None
         except Exception as e:
             raise UsageError(f"cannot read {url}: {_reason(e)}") from None
-        return tar_members(url, f, url, listed)
+        return tar_members(url, f, url, listed), False
     if listed:
-        return [InputImage(RemoteFile(url), name)]
+        return [InputImage(RemoteFile(url), name)], True
     fs, inner = filesystem(url)
     try:
         if _GLOB_CHARS & set(inner) and not web:
@@ -351,12 +359,12 @@ def _expand_url(url: str, listed: bool) -> list[InputImage]:
             found = _remote_images(fs, fs.glob(inner, detail=True), root)
             if not found:
                 raise UsageError(f"pattern {url!r} matches no image files")
-            return found
+            return found, False
         # an http server's pages are not folders that can be trusted to list
         if not web and fs.isdir(inner):
-            return _remote_images(fs, fs.find(inner, detail=True), inner.rstrip("/"))
+            return _remote_images(fs, fs.find(inner, detail=True), inner.rstrip("/")), False
         if fs.exists(inner):
-            return [InputImage(RemoteFile(url), name)]
+            return [InputImage(RemoteFile(url), name)], True
     except UsageError:
         raise
     except Exception as e:  # a backend's own error (no credentials, no network)

@@ -105,6 +105,7 @@ def extract(
     stdin_lines: Iterable[str] = (),
     lists: Sequence[str | os.PathLike[str]] = (),
     list_column: str | None = None,
+    root: str | os.PathLike[str] | None = None,
     log: Log | None = None,
     on_failure: OnFailure | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -116,6 +117,7 @@ def extract(
     ``format="shards"``) and its report.json, and returns the :class:`Report` (its
     ``exit_status`` is the CLI's).
 
+    ``root``: the folder that files named one by one are keyed relative to (inputs/keys.py).
     ``options`` and keyword arguments set the run: the keywords are fields of :class:`Options` and
     replace those of ``options`` (``extract(inputs, out, base, overwrite=True)`` is ``base`` with
     ``overwrite``); a keyword that is no field is a ``TypeError`` naming it. ``log`` receives
@@ -137,7 +139,7 @@ def extract(
     launch = torchrun_launch()
     shard = combine(shard, launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
-    found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format)
+    found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format, root)
     spec = _resolve_model(opts)
     # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
     boxes, roi = (read_boxes(opts.boxes), roi_spec(opts, spec)) if opts.boxes else (None, None)
@@ -210,11 +212,12 @@ def _find_images(
     list_column: str | None,
     out: Path | str,
     format: str,
+    root: str | os.PathLike[str] | None = None,
 ) -> list[InputImage]:
     """Every image of ``inputs`` and the list files (sources.py); inputs whose outputs would land
     on each other's in ``format`` are a :class:`UsageError` before any work (formats.check_layout)."""
     exclude = out if isinstance(out, Path) else None
-    images = find_inputs(inputs, stdin_lines, exclude, lists, list_column)
+    images = find_inputs(inputs, stdin_lines, exclude, lists, list_column, root)
     check_layout(format, ((image.key, str(image.path)) for image in images if image.error is None))
     return images
 
@@ -771,18 +774,19 @@ def summarize(
     shard_size: int = DEFAULT_SHARD_SIZE,
     pool: Sequence[str] = (),
     maps: bool = True,
+    root: str | os.PathLike[str] | None = None,
 ) -> str:
     """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
     (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
     dtype, of the arrays a run stores (the levels unless not ``maps``, the ``pool`` vectors);
-    ``on_failure`` (path, reason) for each input whose size cannot be read."""
+    ``on_failure`` (path, reason) for each input whose size cannot be read; ``root`` as extract's."""
     config = spec.config
     if not inputs and not lists:
         shapes = [(input_size, output_shapes(config, *input_size))]
         return format_summary(spec, parameter_count(config), level_info(config), shapes)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
-    for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column)):
+    for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column, root)):
         if isinstance(size, str):
             unreadable += 1
             if on_failure is not None:
@@ -790,7 +794,7 @@ def summarize(
         else:
             per_size[resize.target(*size)] += 1
     shapes = [(s, output_shapes(config, *s)) for s in sorted(per_size)]
-    text = format_summary(spec, parameter_count(config), level_info(config), shapes)
+    text = format_summary(spec, parameter_count(config), level_info(config), shapes, per_size)
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
     totals = format_totals(per_size, stored, unreadable, ("float32", "float16"), shard_size)
