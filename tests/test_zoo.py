@@ -18,6 +18,8 @@ from fpn_cli import WeightsError, build_fpn, extract
 from fpn_cli.cli import main
 from fpn_cli.models import zoo as zoo_mod
 from fpn_cli.models.builder import resolve
+from fpn_cli.models.frameworks import read_file
+from fpn_cli.models.frameworks.torchvision import DETECTORS
 from fpn_cli.run.engine import Engine
 
 from conftest import randomize_batchnorm, rel_diff
@@ -55,7 +57,7 @@ TV_OUTPUTS = {  # our levels, in the order of torchvision's backbone outputs
 
 
 def test_every_torchvision_detector_builder_is_in_the_zoo():
-    assert set(TV_OUTPUTS) == set(zoo_mod.TORCHVISION_DETECTORS)
+    assert set(TV_OUTPUTS) == set(DETECTORS)
 
 
 @pytest.mark.parametrize("builder", list(TV_OUTPUTS))
@@ -160,8 +162,6 @@ def test_detectron2_pickles_of_every_protocol_and_numpy_load_alike(tmp_path, pro
     """Every pickle protocol, and numpy 1's and 2's module paths (each protocol with one of them)."""
     sd = d2_state((1, 1, 1, 1), seed=4)
     write_d2_pkl(sd, tmp_path / "m.pkl", protocol=protocol, old_numpy=old_numpy)
-    from fpn_cli.models.weights import read_file
-
     ckpt = read_file(tmp_path / "m.pkl")
     assert ckpt.format == "detectron2"
     assert torch.equal(
