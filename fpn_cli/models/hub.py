@@ -47,7 +47,7 @@ class ResizePolicy:
         return Resize(short_side=self.short_side, max_side=self.max_side)
 
     def describe(self) -> str:
-        return f"short {self.short_side}, max {self.max_side}"
+        return f"short {self.short_side}, max {self.max_side}"  # e.g. "short 800, max 1333"
 
     def to_json(self) -> dict:
         return {"short_side": self.short_side, "max_side": self.max_side, "source": self.source}

@@ -308,7 +308,8 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, fpn_required: bool) -> N
             f"{ckpt.source}: {k} has shape {tuple(state[k].shape)}, {describe} needs "
             f"{tuple(own[k].shape)} (does --arch match the checkpoint?)"
         )
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    values = {k: v for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"}
+    broken = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]  # meta: shapes only
     if broken:  # every feature would be NaN: a diverged training run's checkpoint
         raise WeightsError(f"{ckpt.source}: {name_keys(broken)} hold NaN or infinite values")
     model.load_state_dict(state, strict=False)

@@ -18,8 +18,6 @@ from fpn_cli.models.frameworks.base import (
     framework,
     read_file,
     register,
-    styles,
-    unregister,
 )
 
 __all__ = [
@@ -31,6 +29,4 @@ __all__ = [
     "framework",
     "read_file",
     "register",
-    "styles",
-    "unregister",
 ]

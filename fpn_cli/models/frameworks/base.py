@@ -159,11 +159,6 @@ def register(cls: type[Framework]) -> type[Framework]:
     return cls
 
 
-def unregister(name: str) -> None:
-    """Removes a framework (a test's own, registered for the test)."""
-    FRAMEWORKS.pop(name, None)
-
-
 def framework(name: str) -> Framework:
     return FRAMEWORKS[name]
 
@@ -187,8 +182,3 @@ def fpn_spec(style: str | FPNSpec) -> FPNSpec:
         if style in fw.styles:
             return fw.styles[style]
     raise UsageError(f"unknown fpn style {style!r}; choose from {', '.join(USER_STYLES)}")
-
-
-def styles() -> dict[str, FPNSpec]:
-    """Every registered FPN variant by name."""
-    return {name: spec for fw in FRAMEWORKS.values() for name, spec in fw.styles.items()}
