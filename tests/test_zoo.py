@@ -298,6 +298,30 @@ def test_timm_imagenet_offline_is_one_line(tmp_path, monkeypatch, torch_home):
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "timm:resnet18" in result.output
     assert "Traceback" not in result.output
+    # the repository and file to place, and where
+    assert "model.safetensors of the Hugging Face repository timm/resnet18.a1_in1k" in result.output
+    assert str(tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k") in result.output
+
+
+def test_timm_imagenet_without_network_fails_at_once_not_after_the_hubs_retries(tmp_path, monkeypatch):
+    """No FPN_EXTRACT_OFFLINE, and the hub's host does not resolve: the error comes before timm
+    tries a download (which would retry for a minute)."""
+    timm = pytest.importorskip("timm")
+    import socket
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("FPN_EXTRACT_OFFLINE", raising=False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm reached for the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_download)
+    with pytest.raises(WeightsError, match="timm/resnet18.a1_in1k.* huggingface.co cannot be reached"):
+        build_fpn(arch="timm:resnet18", weights="imagenet")
 
 
 def test_a_timm_model_without_stride_4_features_is_refused():
