@@ -3,6 +3,7 @@ formats under their official names in a temporary $TORCH_HOME."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,13 +19,14 @@ from PIL import Image
 
 from fpn_cli import UsageError, WeightsError, build_fpn, extract
 from fpn_cli.cli import main
+from fpn_cli.formats import SETTINGS_FILE
 from fpn_cli.inputs.images import Resize
 from fpn_cli.models import zoo as zoo_mod
 from fpn_cli.models.backbones import ARCHS
 from fpn_cli.models.builder import resolve
 from fpn_cli.models.frameworks import FRAMEWORKS, Framework, detect, read_file, register
 from fpn_cli.models.frameworks.torchvision import DETECTORS
-from fpn_cli.models.hub import ResizePolicy, ZooEntry
+from fpn_cli.models.hub import ResizePolicy, WeightsWarning, ZooEntry
 from fpn_cli.models.levels import LEVELS
 from fpn_cli.models.model import FPNConfig, build_model, level_info, output_shapes
 from fpn_cli.models.preprocess import Preprocess
@@ -579,3 +581,47 @@ def test_the_framework_resize_needs_weights_that_have_one_and_no_other_resize(to
             resize=Resize(size=(16, 16)),
         )  # fmt: skip
     assert not (tmp_path / "o1" / "report.json").exists()
+
+
+# --- the weights' identity ------------------------------------------------------------------------------
+
+
+def test_report_and_settings_hold_the_loaded_files_identity(toy_family, tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 20, 30)
+    path = zoo_mod.entry("toy:tiny").path()
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert extract([tmp_path / "in"], tmp_path / "out", weights="toy:tiny", device="cpu").exit_status == 0
+    model = json.loads((tmp_path / "out" / "report.json").read_text())["model"]
+    assert model["weights_file"] == {
+        "name": "toy:tiny",
+        "url": "https://example.invalid/toy/tiny.pth",
+        "file": str(path),
+        "sha256": sha256,
+    }
+    settings = json.loads((tmp_path / "out" / SETTINGS_FILE).read_text())
+    assert settings["weights_sha256"] == sha256
+    # another file under the same name: its features are not this folder's
+    state = build_fpn(arch="seed", fpn_style="torchvision", seed=8).state_dict()
+    torch.save({re.sub(r"^(body|fpn)\.", r"toy_\1.", k): v for k, v in state.items()}, path)
+    with pytest.raises(UsageError, match="other settings .*weights_sha256"):
+        extract([tmp_path / "in"], tmp_path / "out", weights="toy:tiny", device="cpu")
+
+
+def test_random_weights_record_no_file(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 20, 30)
+    assert extract([tmp_path / "in"], tmp_path / "out", arch="seed", device="cpu").exit_status == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["model"]["weights_file"] is None
+    assert "weights_sha256" not in json.loads((tmp_path / "out" / SETTINGS_FILE).read_text())
+
+
+@pytest.mark.parametrize(("name", "kind"), [("coco", "SHA-256"), (D2_RCNN, "MD5")])
+def test_a_cached_zoo_file_unlike_its_name_is_used_with_a_warning(name, kind, torch_home):
+    """torch.hub checks a download's hash, not a file placed in the cache by hand."""
+    spec = resolve(weights=name)
+    spec.origin.path.parent.mkdir(parents=True)
+    spec.origin.path.write_bytes(b"not the published file")
+    message = f"its {kind} begins .* not the .* its name carries.*download it anew"
+    with pytest.warns(WeightsWarning, match=message):
+        identity = spec.identity()
+    assert identity["sha256"] == hashlib.sha256(b"not the published file").hexdigest()
+    assert identity["url"] == zoo_mod.entry(name).url and identity["file"] == str(spec.origin.path)

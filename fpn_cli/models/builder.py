@@ -18,7 +18,7 @@ from fpn_cli.models import weights as wts
 from fpn_cli.models import zoo
 from fpn_cli.models.backbones import ResNetArch, TimmArch, get_arch, import_timm
 from fpn_cli.models.frameworks import framework, read_file
-from fpn_cli.models.hub import ResizePolicy
+from fpn_cli.models.hub import ResizePolicy, WeightsOrigin
 from fpn_cli.models.levels import parse_levels
 from fpn_cli.models.model import FPN, FPNConfig, build_model
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
@@ -42,6 +42,7 @@ class ModelSpec:
     load: Callable[[], wts.Checkpoint | None] = field(default=lambda: None, compare=False, repr=False)
     fpn_from_weights: bool = False  # the FPN's layers come from the weights, not the seed
     resize: ResizePolicy | None = None  # the weights' framework's test-time resize, applied if asked
+    origin: WeightsOrigin | None = None  # the weights' file, for its identity (none: random, timm)
 
     @property
     def random(self) -> bool:
@@ -49,6 +50,11 @@ class ModelSpec:
 
     def describe(self) -> str:
         return f"{self.config.arch}, {self.config.fpn_style} FPN, weights {self.weights}"
+
+    def identity(self) -> dict | None:
+        """The loaded weights file's name, URL, path and SHA-256 (hub.WeightsOrigin); None for
+        weights without a file of ours (random, timm's), or before a download."""
+        return self.origin.identity() if self.origin is not None else None
 
 
 def resolve(
@@ -88,7 +94,9 @@ def _plain(arch, weights, fpn_style, levels, seed, pad_multiple) -> ModelSpec:
         return ModelSpec(config, RANDOM, IMAGENET, seed)
     pretrained = framework(get_arch(arch).framework).imagenet(arch)
     config = replace(config, bn_eps=pretrained.bn_eps)
-    return ModelSpec(config, weights, pretrained.preprocess, seed, load=pretrained.load)
+    return ModelSpec(
+        config, weights, pretrained.preprocess, seed, load=pretrained.load, origin=pretrained.origin
+    )
 
 
 def _contradiction(option: str, given: str, needed: str, entry: zoo.ZooEntry, spec: str) -> WeightsError:
@@ -116,6 +124,7 @@ def _from_zoo(entry: zoo.ZooEntry, given: str, arch, fpn_style, levels, seed, pa
         load=entry.load,
         fpn_from_weights=True,
         resize=entry.resize,
+        origin=entry.origin(),
     )
 
 
@@ -143,6 +152,7 @@ def _from_file(path: Path, arch, fpn_style, levels, seed, pad_multiple) -> Model
     return ModelSpec(
         config, str(path.resolve()), owner.file_preprocess(ckpt, arch), seed, load=lambda: ckpt,
         fpn_from_weights=style is not None, resize=owner.resize if style is not None else None,
+        origin=WeightsOrigin(str(path.resolve()), path.resolve()),
     )  # fmt: skip
 
 

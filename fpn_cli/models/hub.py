@@ -8,10 +8,12 @@ a copy makes it work.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,10 +88,75 @@ class ZooEntry:
     def is_cached(self) -> bool:
         return self.path().is_file()
 
+    def origin(self) -> WeightsOrigin:
+        return WeightsOrigin(self.name, self.path(), self.url, self.md5_prefix)
+
     def load(self):
         """The entry's checkpoint, downloaded first if it is not in the cache."""
         path = fetch(self.url, self.path(), self.name, self.md5_prefix)
         return self.read(path, f"{self.name} ({path.name})")
+
+
+class WeightsWarning(UserWarning):
+    """A weights file that is used, but not the one its name promises."""
+
+
+def _name_prefix(path: Path) -> str | None:
+    """The SHA-256 prefix torch.hub's file names carry (``resnet50-11ad3fa6.pth``), if any."""
+    found = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    return found.group(1) if found else None
+
+
+@dataclass(frozen=True)
+class WeightsOrigin:
+    """The file a run's weights come from: its identity for report.json and the settings record,
+    and a check of a downloaded file against the hash its name carries."""
+
+    name: str  # the weights as recorded: a zoo name, "imagenet", a file's absolute path
+    path: Path  # the file loaded
+    url: str | None = None  # where it is downloaded from (zoo and ImageNet files)
+    md5_prefix: str | None = None  # detectron2 names files by MD5; torch.hub's names carry SHA-256
+
+    def identity(self) -> dict | None:
+        """``{"name", "url", "file", "sha256"}`` of the file as it is now; None if it is absent. A
+        downloaded file whose bytes do not match the hash prefix in its name is used, with a
+        :class:`WeightsWarning` that says so and how to download it anew."""
+        if not self.path.is_file():
+            return None
+        stat = self.path.stat()
+        sha256, md5 = _digests(self.path, stat.st_size, stat.st_mtime_ns)
+        if self.url is not None:
+            kind, prefix, digest = (
+                ("MD5", self.md5_prefix, md5)
+                if self.md5_prefix
+                else ("SHA-256", _name_prefix(self.path), sha256)
+            )  # noqa: E501
+            if prefix is not None and not digest.startswith(prefix):
+                _warn_once(
+                    self.path, stat.st_size, stat.st_mtime_ns,
+                    f"its {kind} begins {digest[: len(prefix)]}, not the {prefix} its name carries, so it is "
+                    f"not the file {self.url} serves (cut short, damaged or replaced); it is used as it is: "
+                    "delete it and run again to download it anew",
+                )  # fmt: skip
+        return {"name": self.name, "url": self.url, "file": str(self.path), "sha256": sha256}
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_once(path: Path, size: int, mtime_ns: int, message: str) -> None:
+    """One warning per version of a file, however often its identity is asked for; shown as
+    ``<file>:0: WeightsWarning: <message>``."""
+    warnings.warn_explicit(message, WeightsWarning, str(path), 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _digests(path: Path, size: int, mtime_ns: int) -> tuple[str, str]:
+    """(SHA-256, MD5) of the file, once per version of it (size and modification time)."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha256.update(block)
+            md5.update(block)
+    return sha256.hexdigest(), md5.hexdigest()
 
 
 def fetch(url: str, path: Path, what: str, md5_prefix: str | None = None) -> Path:
@@ -101,11 +168,10 @@ def fetch(url: str, path: Path, what: str, md5_prefix: str | None = None) -> Pat
     hint = f"download {url} and place it at {path}"
     if offline():
         raise WeightsError(f"{what} weights are not in the cache and {OFFLINE_ENV} is set: {hint}")
-    digest = re.search(r"-([a-f0-9]{6,})\.", path.name) if md5_prefix is None else None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(
-            url, str(path), digest.group(1) if digest else None, sys.stderr.isatty()
+            url, str(path), _name_prefix(path) if md5_prefix is None else None, sys.stderr.isatty()
         )
         if md5_prefix is not None:
             _check_md5(path, md5_prefix)

@@ -143,6 +143,9 @@ def settings_record(opts: Options, spec: ModelSpec) -> dict:
             if opts.format != "npy"
             else {}
         ),
+        # the weights file's bytes: a resume with another file under the same name is refused
+        # (optional in locks.OPTIONAL_SETTINGS: folders recorded before it was kept stay resumable)
+        **({"weights_sha256": identity["sha256"]} if (identity := spec.identity()) else {}),
         # only with --boxes: a run without boxes leaves the recorded one alone (locks.OPTIONAL_SETTINGS)
         **({"roi": roi_spec(opts, spec).record()} if opts.boxes else {}),
     }
@@ -170,6 +173,7 @@ def report_header(
             "strides": {name: info[name].stride for name in levels},
             "seed": spec.seed,
             "bn_eps": config.bn_eps,
+            "weights_file": spec.identity(),  # name, url, file and SHA-256 of the file loaded
             "dtype": opts.dtype,
             "save_dtype": opts.save_dtype,
         },

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fpn_cli.errors import UsageError, WeightsError
 from fpn_cli.models.backbones import ARCHS, Bottleneck, ResNetArch
-from fpn_cli.models.hub import ResizePolicy, ZooEntry
+from fpn_cli.models.hub import ResizePolicy, WeightsOrigin, ZooEntry
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
 from fpn_cli.models.pyramid import USER_STYLES, FPNSpec
 from fpn_cli.models.weights import (
@@ -49,6 +49,7 @@ class Pretrained:
     preprocess: Preprocess
     bn_eps: float
     load: Callable[[], Checkpoint]
+    origin: WeightsOrigin | None = None  # the file, where the framework keeps one (not timm's)
 
 
 class Framework:

@@ -28,7 +28,7 @@ from torch import Tensor
 from fpn_cli.errors import WeightsError
 from fpn_cli.models.backbones import get_arch
 from fpn_cli.models.frameworks.base import Framework, Pretrained, read_file, register
-from fpn_cli.models.hub import ResizePolicy, ZooEntry, cache_root, fetch
+from fpn_cli.models.hub import ResizePolicy, WeightsOrigin, ZooEntry, cache_root, fetch
 from fpn_cli.models.preprocess import IMAGENET
 from fpn_cli.models.pyramid import P6P7, FPNSpec, MaxPool
 from fpn_cli.models.weights import Checkpoint, KeyFormat, fpn_shape, has_fpn
@@ -107,11 +107,11 @@ class Torchvision(Framework):
     def imagenet(self, arch: str) -> Pretrained:
         """torchvision's default ImageNet weights for ``arch``, from its cache (downloaded if absent)."""
         found = get_arch(arch)
-        if found.torchvision_name is None:
-            raise WeightsError(
-                f"arch {arch!r} has no ImageNet weights in torchvision; use --weights random or a file"
-            )
-        return Pretrained(IMAGENET, found.imagenet_bn_eps, lambda: _imagenet_file(found.torchvision_name))
+        name = found.torchvision_name
+        if name is None:  # refused when loaded: --summary still describes the model
+            return Pretrained(IMAGENET, found.imagenet_bn_eps, lambda: _no_imagenet(arch))
+        origin = _imagenet_origin(name)
+        return Pretrained(IMAGENET, found.imagenet_bn_eps, lambda: _imagenet_file(name, origin), origin)
 
     def entries(self) -> list[ZooEntry]:
         from torchvision.models import get_model_weights
@@ -129,9 +129,19 @@ class Torchvision(Framework):
         return entries
 
 
-def _imagenet_file(torchvision_name: str) -> Checkpoint:
-    import torchvision
+def _imagenet_origin(torchvision_name: str) -> WeightsOrigin:
+    from torchvision.models import get_model_weights
 
-    url = torchvision.models.get_model_weights(torchvision_name).DEFAULT.url
-    path = fetch(url, cache_root() / os.path.basename(url), f"ImageNet {torchvision_name}")
+    url = get_model_weights(torchvision_name).DEFAULT.url
+    return WeightsOrigin("imagenet", cache_root() / os.path.basename(url), url)
+
+
+def _imagenet_file(torchvision_name: str, origin: WeightsOrigin) -> Checkpoint:
+    path = fetch(origin.url, origin.path, f"ImageNet {torchvision_name}")
     return read_file(path, f"imagenet ({path.name})")
+
+
+def _no_imagenet(arch: str) -> Checkpoint:
+    raise WeightsError(
+        f"arch {arch!r} has no ImageNet weights in torchvision; use --weights random or a file"
+    )
