@@ -611,21 +611,22 @@ def _echo_err(message: str) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("pattern", required=False, default="")
 def models(pattern: str) -> None:
-    """List the model zoo (--weights NAME): backbone, levels, preprocessing, download size, cached.
+    """List the model zoo (--weights NAME): backbone, levels, preprocessing, the framework's
+    test-time resize (shorter side, longer side cap), download size, cached.
 
     PATTERN keeps the entries whose name contains it, e.g. retinanet or detectron2:.
     """
     entries = [e for e in zoo.zoo().values() if pattern.lower() in e.name.lower()]
     if not entries:
         raise click.UsageError(f"no zoo entry matches {pattern!r}")
-    rows = [("name", "backbone", "levels", "preprocessing", "download", "cached")]
+    rows = [("name", "backbone", "levels", "preprocessing", "test-time resize", "download", "cached")]
     for e in entries:
         size = "?" if e.size_mb is None else f"{'~' if e.size_estimated else ''}{e.size_mb:.0f} MB"
         pad = f", pad {e.pad_multiple}" if e.pad_multiple > 1 else ""
         levels = ",".join(e.levels)
-        rows.append(
-            (e.name, e.arch, levels, e.preprocess.label + pad, size, "yes" if e.is_cached() else "no")
-        )
+        resize = e.resize.describe() if e.resize else "none"
+        cached = "yes" if e.is_cached() else "no"
+        rows.append((e.name, e.arch, levels, e.preprocess.label + pad, resize, size, cached))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -52,27 +52,44 @@ def random_bn(n: int, g: torch.Generator, last: bool = False) -> dict[str, torch
 # --- detectron2 -----------------------------------------------------------------------------------
 
 
-def d2_state(layers, groups=1, width_per_group=64, retinanet=False, seed=0) -> dict[str, torch.Tensor]:
-    """A detectron2 ResNet-FPN detector's state dict (backbone + FPN + a few head keys)."""
+def _makers(seed: int, meta: bool):
+    """(conv, bn, vector) makers: random tensors from one generator, or shapes alone on the meta device."""
+    if meta:
+        empty = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
+        bn = lambda n, last=False: {k: empty(n) for k in ("weight", "bias", "running_mean", "running_var")}  # noqa: E731
+        return (lambda shape: empty(*shape)), bn, (lambda n: empty(n))
     g = torch.Generator().manual_seed(seed)
+    return (
+        lambda shape: random_conv(shape, g),
+        lambda n, last=False: random_bn(n, g, last),
+        lambda n: torch.randn(n, generator=g) * 0.1,
+    )
+
+
+def d2_state(
+    layers, groups=1, width_per_group=64, retinanet=False, seed=0, meta=False
+) -> dict[str, torch.Tensor]:
+    """A detectron2 ResNet-FPN detector's state dict (backbone + FPN + a few head keys); with
+    ``meta``, the same keys and shapes on the meta device (for heavy architectures)."""
+    conv, bn, vector = _makers(seed, meta)
     sd: dict[str, torch.Tensor] = {}
     for s, b, name, shape in resnet_convs(layers, groups, width_per_group):
         prefix = "backbone.bottom_up.stem.conv1" if s < 0 else f"backbone.bottom_up.res{s + 2}.{b}.{name}"
-        sd[prefix + ".weight"] = random_conv(shape, g)
-        for k, v in random_bn(shape[0], g, last=name == "conv3").items():
+        sd[prefix + ".weight"] = conv(shape)
+        for k, v in bn(shape[0], last=name == "conv3").items():
             sd[f"{prefix}.norm.{k}"] = v
     first = 3 if retinanet else 2
     for level in range(first, 6):
         cin = 256 * 2 ** (level - 2)
-        sd[f"backbone.fpn_lateral{level}.weight"] = random_conv((256, cin, 1, 1), g)
-        sd[f"backbone.fpn_lateral{level}.bias"] = torch.randn(256, generator=g) * 0.1
-        sd[f"backbone.fpn_output{level}.weight"] = random_conv((256, 256, 3, 3), g)
-        sd[f"backbone.fpn_output{level}.bias"] = torch.randn(256, generator=g) * 0.1
+        sd[f"backbone.fpn_lateral{level}.weight"] = conv((256, cin, 1, 1))
+        sd[f"backbone.fpn_lateral{level}.bias"] = vector(256)
+        sd[f"backbone.fpn_output{level}.weight"] = conv((256, 256, 3, 3))
+        sd[f"backbone.fpn_output{level}.bias"] = vector(256)
     if retinanet:
-        sd["backbone.top_block.p6.weight"] = random_conv((256, 2048, 3, 3), g)
-        sd["backbone.top_block.p6.bias"] = torch.randn(256, generator=g) * 0.1
-        sd["backbone.top_block.p7.weight"] = random_conv((256, 256, 3, 3), g)
-        sd["backbone.top_block.p7.bias"] = torch.randn(256, generator=g) * 0.1
+        sd["backbone.top_block.p6.weight"] = conv((256, 2048, 3, 3))
+        sd["backbone.top_block.p6.bias"] = vector(256)
+        sd["backbone.top_block.p7.weight"] = conv((256, 256, 3, 3))
+        sd["backbone.top_block.p7.bias"] = vector(256)
         sd["pixel_mean"] = torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
         sd["pixel_std"] = torch.ones(3, 1, 1)
         sd["head.cls_score.weight"] = torch.zeros(720, 256, 3, 3)
@@ -102,33 +119,38 @@ def write_d2_pkl(sd: dict[str, torch.Tensor], path: Path, protocol: int = 3, old
 # --- mmdetection ----------------------------------------------------------------------------------
 
 
-def mmdet_state(layers, groups=1, width_per_group=64, retinanet=False, seed=0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def mmdet_state(
+    layers, groups=1, width_per_group=64, retinanet=False, seed=0, meta=False
+) -> dict[str, torch.Tensor]:
+    """An mmdetection ResNet-FPN detector's state dict; with ``meta``, keys and shapes only."""
+    conv, bn, vector = _makers(seed, meta)
     sd: dict[str, torch.Tensor] = {}
     for s, b, name, shape in resnet_convs(layers, groups, width_per_group):
         if s < 0:
-            conv, norm = "backbone.conv1", "backbone.bn1"
+            cname, norm = "backbone.conv1", "backbone.bn1"
         elif name == "shortcut":
-            conv, norm = f"backbone.layer{s + 1}.{b}.downsample.0", f"backbone.layer{s + 1}.{b}.downsample.1"
+            cname, norm = f"backbone.layer{s + 1}.{b}.downsample.0", f"backbone.layer{s + 1}.{b}.downsample.1"
         else:
-            conv, norm = f"backbone.layer{s + 1}.{b}.{name}", f"backbone.layer{s + 1}.{b}.bn{name[-1]}"
-        sd[conv + ".weight"] = random_conv(shape, g)
-        for k, v in random_bn(shape[0], g, last=name == "conv3").items():
+            cname, norm = f"backbone.layer{s + 1}.{b}.{name}", f"backbone.layer{s + 1}.{b}.bn{name[-1]}"
+        sd[cname + ".weight"] = conv(shape)
+        for k, v in bn(shape[0], last=name == "conv3").items():
             sd[f"{norm}.{k}"] = v
-        sd[f"{norm}.num_batches_tracked"] = torch.tensor(1000)
+        sd[f"{norm}.num_batches_tracked"] = (
+            torch.empty((), dtype=torch.long, device="meta") if meta else torch.tensor(1000)
+        )
     start = 1 if retinanet else 0
     for j, level in enumerate(range(start + 2, 6)):
         cin = 256 * 2 ** (level - 2)
-        sd[f"neck.lateral_convs.{j}.conv.weight"] = random_conv((256, cin, 1, 1), g)
-        sd[f"neck.lateral_convs.{j}.conv.bias"] = torch.randn(256, generator=g) * 0.1
-        sd[f"neck.fpn_convs.{j}.conv.weight"] = random_conv((256, 256, 3, 3), g)
-        sd[f"neck.fpn_convs.{j}.conv.bias"] = torch.randn(256, generator=g) * 0.1
+        sd[f"neck.lateral_convs.{j}.conv.weight"] = conv((256, cin, 1, 1))
+        sd[f"neck.lateral_convs.{j}.conv.bias"] = vector(256)
+        sd[f"neck.fpn_convs.{j}.conv.weight"] = conv((256, 256, 3, 3))
+        sd[f"neck.fpn_convs.{j}.conv.bias"] = vector(256)
     if retinanet:
         n = 4 - start
-        sd[f"neck.fpn_convs.{n}.conv.weight"] = random_conv((256, 2048, 3, 3), g)
-        sd[f"neck.fpn_convs.{n}.conv.bias"] = torch.randn(256, generator=g) * 0.1
-        sd[f"neck.fpn_convs.{n + 1}.conv.weight"] = random_conv((256, 256, 3, 3), g)
-        sd[f"neck.fpn_convs.{n + 1}.conv.bias"] = torch.randn(256, generator=g) * 0.1
+        sd[f"neck.fpn_convs.{n}.conv.weight"] = conv((256, 2048, 3, 3))
+        sd[f"neck.fpn_convs.{n}.conv.bias"] = vector(256)
+        sd[f"neck.fpn_convs.{n + 1}.conv.weight"] = conv((256, 256, 3, 3))
+        sd[f"neck.fpn_convs.{n + 1}.conv.bias"] = vector(256)
         sd["bbox_head.retina_cls.weight"] = torch.zeros(720, 256, 3, 3)
     else:
         sd["rpn_head.rpn_conv.weight"] = torch.zeros(256, 256, 3, 3)

@@ -20,7 +20,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fpn_cli import UsageError, WeightsError, build_fpn
 from fpn_cli.cli import main
-from fpn_cli.models import weights as wts
+from fpn_cli.models.frameworks.own import save
 
 from conftest import randomize_batchnorm, rel_diff
 from imagefactory import save_rgb
@@ -207,7 +207,7 @@ def test_explicit_style_that_contradicts_the_checkpoint_is_an_error(tmp_path, de
 
 def test_own_format_round_trips_and_records_arch(tmp_path, image):
     model = build_fpn(arch="seed", seed=5)
-    wts.save(model, tmp_path / "own.pt")
+    save(model, tmp_path / "own.pt")
     loaded = build_fpn(arch="seed", weights=tmp_path / "own.pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(image), model(image), rtol=0, atol=0)

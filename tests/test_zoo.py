@@ -3,9 +3,12 @@ formats under their official names in a temporary $TORCH_HOME."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -14,10 +17,21 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from fpn_cli import WeightsError, build_fpn, extract
+from fpn_cli import UsageError, WeightsError, build_fpn, extract
 from fpn_cli.cli import main
+from fpn_cli.formats import SETTINGS_FILE
+from fpn_cli.inputs.images import Resize
 from fpn_cli.models import zoo as zoo_mod
+from fpn_cli.models.backbones import ARCHS
 from fpn_cli.models.builder import resolve
+from fpn_cli.models.frameworks import FRAMEWORKS, Framework, detect, read_file, register
+from fpn_cli.models.frameworks.torchvision import DETECTORS
+from fpn_cli.models.hub import ResizePolicy, WeightsWarning, ZooEntry
+from fpn_cli.models.levels import LEVELS
+from fpn_cli.models.model import FPNConfig, build_model, level_info, output_shapes
+from fpn_cli.models.preprocess import Preprocess
+from fpn_cli.models.pyramid import FPNSpec, MaxPool
+from fpn_cli.models.weights import KeyFormat, RawCheckpoint, load_into
 from fpn_cli.run.engine import Engine
 
 from conftest import randomize_batchnorm, rel_diff
@@ -55,7 +69,7 @@ TV_OUTPUTS = {  # our levels, in the order of torchvision's backbone outputs
 
 
 def test_every_torchvision_detector_builder_is_in_the_zoo():
-    assert set(TV_OUTPUTS) == set(zoo_mod.TORCHVISION_DETECTORS)
+    assert set(TV_OUTPUTS) == set(DETECTORS)
 
 
 @pytest.mark.parametrize("builder", list(TV_OUTPUTS))
@@ -160,8 +174,6 @@ def test_detectron2_pickles_of_every_protocol_and_numpy_load_alike(tmp_path, pro
     """Every pickle protocol, and numpy 1's and 2's module paths (each protocol with one of them)."""
     sd = d2_state((1, 1, 1, 1), seed=4)
     write_d2_pkl(sd, tmp_path / "m.pkl", protocol=protocol, old_numpy=old_numpy)
-    from fpn_cli.models.weights import read_file
-
     ckpt = read_file(tmp_path / "m.pkl")
     assert ckpt.format == "detectron2"
     assert torch.equal(
@@ -288,6 +300,30 @@ def test_timm_imagenet_offline_is_one_line(tmp_path, monkeypatch, torch_home):
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "timm:resnet18" in result.output
     assert "Traceback" not in result.output
+    # the repository and file to place, and where
+    assert "model.safetensors of the Hugging Face repository timm/resnet18.a1_in1k" in result.output
+    assert str(tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k") in result.output
+
+
+def test_timm_imagenet_without_network_fails_at_once_not_after_the_hubs_retries(tmp_path, monkeypatch):
+    """No FPN_EXTRACT_OFFLINE, and the hub's host does not resolve: the error comes before timm
+    tries a download (which would retry for a minute)."""
+    timm = pytest.importorskip("timm")
+    import socket
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("FPN_EXTRACT_OFFLINE", raising=False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm reached for the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_download)
+    with pytest.raises(WeightsError, match="timm/resnet18.a1_in1k.* huggingface.co cannot be reached"):
+        build_fpn(arch="timm:resnet18", weights="imagenet")
 
 
 def test_a_timm_model_without_stride_4_features_is_refused():
@@ -369,6 +405,7 @@ def test_models_lists_every_entry_with_its_columns(torch_home):
     }
     assert set(lines) == set(zoo_mod.zoo())
     assert lines[D2_RCNN][1:3] == ["resnet50_msra", "p2,p3,p4,p5"] and lines[D2_RCNN][-1] == "yes"
+    assert "short 800, max 1333" in " ".join(lines[D2_RCNN])  # detectron2's ResizeShortestEdge
     assert lines["torchvision:fcos_resnet50_fpn"][-1] == "no"
     assert "124 MB" in " ".join(lines["torchvision:fcos_resnet50_fpn"])  # torchvision's stated size
     assert str(torch_home) in result.output
@@ -382,3 +419,209 @@ def test_models_filters_and_an_input_named_models_is_reached_as_a_path(tmp_path,
     result = CliRunner().invoke(main, ["./models", "-o", "out", "--arch", "seed", "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "a" / "p2.npy").exists()
+
+
+# --- every registered framework and zoo entry, by being registered --------------------------------------
+
+
+def _torchvision_layout(entry) -> dict[str, torch.Tensor]:
+    """The builder's own detector, on the meta device: its exact keys and shapes."""
+    import torchvision
+
+    with torch.device("meta"):
+        detector = torchvision.models.get_model_builder(entry.name.split(":", 1)[1])(
+            weights=None, weights_backbone=None
+        )
+    return detector.state_dict()
+
+
+def _resnet_layout(make):
+    def layout(entry) -> dict[str, torch.Tensor]:
+        arch = ARCHS[entry.arch]
+        return make(arch.layers, arch.groups, arch.width_per_group, retinanet="p7" in entry.levels, meta=True)
+
+    return layout
+
+
+# each family's checkpoint layout, written from the framework's sources (tests/frameworks.py)
+LAYOUTS = {
+    "torchvision": _torchvision_layout,
+    "detectron2": _resnet_layout(d2_state),
+    "mmdet": _resnet_layout(mmdet_state),
+}
+
+
+# torch's BatchNorm fills a missing num_batches_tracked with a CPU zero, a no-op on the meta device
+@pytest.mark.filterwarnings("ignore:for .*num_batches_tracked:UserWarning")
+@pytest.mark.parametrize("name", sorted(zoo_mod.zoo()))
+def test_every_zoo_entry_loads_its_frameworks_exact_layout_on_the_meta_device(name):
+    """A checkpoint in the family's exact key layout (shapes only) is recognised as the family's,
+    fills every parameter of the entry's model with nothing left over, and the model gives the
+    entry's levels at ⌈H/stride⌉ x ⌈W/stride⌉. No real forward: heavy backbones cost nothing."""
+    entry = zoo_mod.entry(name)
+    assert entry.family in LAYOUTS, f"add a synthetic {entry.family} layout to LAYOUTS (tests/frameworks.py)"
+    state = {k: v.to("meta") for k, v in LAYOUTS[entry.family](entry).items()}  # shapes only
+    raw = RawCheckpoint(state, {}, name)
+    owner = detect(raw)
+    assert owner.name == entry.family
+    model = build_model(resolve(weights=name).config, device="meta")
+    load_into(model, owner.read(raw), fpn_required=True)  # every key placed, none missing, shapes equal
+    with torch.no_grad():
+        out = model(torch.empty(1, 3, 333, 517, device="meta"))
+    assert list(out) == list(entry.levels)
+    for level, t in out.items():
+        stride = LEVELS[level].stride
+        assert tuple(t.shape) == (1, 256, math.ceil(333 / stride), math.ceil(517 / stride)), level
+    assert entry.resize == owner.resize and entry.resize is not None  # every zoo detector has its resize
+
+
+@pytest.mark.parametrize("style", sorted(style for fw in FRAMEWORKS.values() for style in fw.styles))
+def test_every_registered_fpn_style_gives_ceil_shapes_on_the_meta_device(style):
+    config = FPNConfig("resnet50", style, levels=None)
+    every = tuple(level_info(config))
+    shapes = output_shapes(FPNConfig("resnet50", style, levels=every), 129, 67)
+    for level, (_, h, w) in shapes.items():
+        stride = LEVELS[level].stride
+        assert (h, w) == (math.ceil(129 / stride), math.ceil(67 / stride)), level
+
+
+def test_built_in_layouts_are_claimed_by_their_framework_alone():
+    """Detection is by claims, not by order: no file of one framework is claimed by another."""
+    for family, layout in LAYOUTS.items():
+        entry = next(e for e in zoo_mod.zoo().values() if e.family == family)
+        assert detect(RawCheckpoint(layout(entry), {}, entry.name)).name == family
+
+
+# --- a new family is one module and one registry line ------------------------------------------------------
+
+TOY_RESIZE = ResizePolicy(32, 48, "toy's test config")
+
+
+@pytest.fixture
+def toy_family(torch_home):
+    """A framework defined and registered here, as a new module would: its own key layout
+    (``toy_body.*``, ``toy_fpn.*``), FPN variant, preprocessing, resize policy and zoo table."""
+
+    @register
+    class Toy(Framework):
+        name = "toy"
+        keys = KeyFormat(((r"toy_body\.(.*)", r"body.\1"), (r"toy_fpn\.(.*)", r"fpn.\1")))
+        styles = {"toy": FPNSpec("nearest", extra=MaxPool(), description="torchvision's, renamed")}
+        preprocess = Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), label="RGB/255, toy mean/std")
+        resize = TOY_RESIZE
+
+        def claims(self, raw):
+            return any(k.startswith("toy_body.") for k in raw.state)
+
+        def style_of(self, ckpt):
+            return "toy"
+
+        def entries(self):
+            return [
+                ZooEntry(
+                    "toy:tiny", "seed", "toy", ("p2", "p3", "p4", "p5", "p6"), self.preprocess,
+                    "https://example.invalid/toy/tiny.pth", "toy/tiny.pth", 1.0, read_file,
+                    resize=self.resize,
+                )
+            ]  # fmt: skip
+
+    try:
+        reference = build_fpn(arch="seed", fpn_style="torchvision", levels=("p2", "p6"), seed=7)
+        state = {re.sub(r"^(body|fpn)\.", r"toy_\1.", k): v for k, v in reference.state_dict().items()}
+        path = zoo_mod.entry("toy:tiny").path()
+        path.parent.mkdir(parents=True)
+        torch.save(state, path)
+        yield reference
+    finally:
+        del FRAMEWORKS["toy"]
+
+
+def test_a_registered_family_is_listed_resolved_and_built_through(toy_family, tmp_path):
+    x = torch.randn(1, 3, 45, 70, generator=torch.Generator().manual_seed(0))
+    model = build_fpn(weights="toy:tiny", levels=("p2", "p6"))
+    assert model.config.fpn_style == "toy"
+    with torch.no_grad():
+        got, expected = model(x), toy_family(x)
+    for level in ("p2", "p6"):
+        torch.testing.assert_close(got[level], expected[level], rtol=0, atol=0)
+    spec = resolve(weights=zoo_mod.entry("toy:tiny").path())  # a file by path: detected as the toy's
+    assert spec.config.fpn_style == "toy" and spec.preprocess.mean == (0.5, 0.5, 0.5)
+    assert spec.resize == TOY_RESIZE
+    result = CliRunner().invoke(main, ["models", "toy:"])
+    assert result.exit_code == 0 and "toy:tiny" in result.output and "short 32, max 48" in result.output
+    result = CliRunner().invoke(main, ["--summary", "--weights", "toy:nope"])
+    assert result.exit_code == 2 and "did you mean toy:tiny?" in result.output
+
+
+def test_the_framework_resize_is_recorded_and_applied_only_when_asked(toy_family, tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 20, 30)
+    plain = extract([tmp_path / "in"], tmp_path / "plain", weights="toy:tiny", levels=("p2",), device="cpu")
+    assert plain.exit_status == 0
+    assert np.load(tmp_path / "plain" / "a" / "p2.npy").shape == (256, 5, 8)  # native 20x30
+    header = json.loads((tmp_path / "plain" / "report.json").read_text())["preprocess"]
+    assert header["framework_resize"] == {**TOY_RESIZE.to_json(), "applied": False}
+    resized = extract(
+        [tmp_path / "in"], tmp_path / "resized", weights="toy:tiny", levels=("p2",), device="cpu",
+        framework_resize=True,
+    )  # fmt: skip
+    assert resized.exit_status == 0
+    assert np.load(tmp_path / "resized" / "a" / "p2.npy").shape == (256, 8, 12)  # 32x48: short 32, max 48
+    header = json.loads((tmp_path / "resized" / "report.json").read_text())["preprocess"]
+    assert header["framework_resize"]["applied"] is True
+    assert (header["short_side"], header["max_side"]) == (32, 48)
+
+
+def test_the_framework_resize_needs_weights_that_have_one_and_no_other_resize(toy_family, tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 20, 30)
+    with pytest.raises(UsageError, match="--weights random brings no framework test-time resize"):
+        extract([tmp_path / "in"], tmp_path / "o1", arch="seed", device="cpu", framework_resize=True)
+    with pytest.raises(UsageError, match="cannot be combined with --size"):
+        extract(
+            [tmp_path / "in"], tmp_path / "o2", weights="toy:tiny", device="cpu", framework_resize=True,
+            resize=Resize(size=(16, 16)),
+        )  # fmt: skip
+    assert not (tmp_path / "o1" / "report.json").exists()
+
+
+# --- the weights' identity ------------------------------------------------------------------------------
+
+
+def test_report_and_settings_hold_the_loaded_files_identity(toy_family, tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 20, 30)
+    path = zoo_mod.entry("toy:tiny").path()
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert extract([tmp_path / "in"], tmp_path / "out", weights="toy:tiny", device="cpu").exit_status == 0
+    model = json.loads((tmp_path / "out" / "report.json").read_text())["model"]
+    assert model["weights_file"] == {
+        "name": "toy:tiny",
+        "url": "https://example.invalid/toy/tiny.pth",
+        "file": str(path),
+        "sha256": sha256,
+    }
+    settings = json.loads((tmp_path / "out" / SETTINGS_FILE).read_text())
+    assert settings["weights_sha256"] == sha256
+    # another file under the same name: its features are not this folder's
+    state = build_fpn(arch="seed", fpn_style="torchvision", seed=8).state_dict()
+    torch.save({re.sub(r"^(body|fpn)\.", r"toy_\1.", k): v for k, v in state.items()}, path)
+    with pytest.raises(UsageError, match="other settings .*weights_sha256"):
+        extract([tmp_path / "in"], tmp_path / "out", weights="toy:tiny", device="cpu")
+
+
+def test_random_weights_record_no_file(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 20, 30)
+    assert extract([tmp_path / "in"], tmp_path / "out", arch="seed", device="cpu").exit_status == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["model"]["weights_file"] is None
+    assert "weights_sha256" not in json.loads((tmp_path / "out" / SETTINGS_FILE).read_text())
+
+
+@pytest.mark.parametrize(("name", "kind"), [("coco", "SHA-256"), (D2_RCNN, "MD5")])
+def test_a_cached_zoo_file_unlike_its_name_is_used_with_a_warning(name, kind, torch_home):
+    """torch.hub checks a download's hash, not a file placed in the cache by hand."""
+    spec = resolve(weights=name)
+    spec.origin.path.parent.mkdir(parents=True)
+    spec.origin.path.write_bytes(b"not the published file")
+    message = f"its {kind} begins .* not the .* its name carries.*download it anew"
+    with pytest.warns(WeightsWarning, match=message):
+        identity = spec.identity()
+    assert identity["sha256"] == hashlib.sha256(b"not the published file").hexdigest()
+    assert identity["url"] == zoo_mod.entry(name).url and identity["file"] == str(spec.origin.path)

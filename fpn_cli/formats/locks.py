@@ -32,8 +32,9 @@ from fpn_cli.formats.store import (
 )
 
 # Sections of the settings that only some runs use (``roi``: how rois.npy is pooled, recorded by
-# runs with --boxes). A run without one neither checks nor drops it; a run with one must match it.
-OPTIONAL_SETTINGS = ("roi",)
+# runs with --boxes; ``weights_sha256``, absent from folders made before it). A run without one
+# neither checks nor drops it; a run with one must match it.
+OPTIONAL_SETTINGS = ("roi", "weights_sha256")
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -27,13 +28,28 @@ class LevelInfo:
     stride: int
 
 
-class Backbone(nn.Module):
-    """The protocol: ``feature_info`` and ``forward(x, count) -> [first count outputs]``."""
+@runtime_checkable
+class Backbone(Protocol):
+    """What the FPN needs of a bottom-up network (an ``nn.Module``): ``feature_info``, its outputs
+    finest first, and ``forward(x, count)``: (N, 3, H, W) -> the first ``count`` outputs (all for
+    None), each (N, channels, ⌈H/stride⌉, ⌈W/stride⌉). Stages past ``count`` need not run."""
 
     feature_info: tuple[LevelInfo, ...]
 
-    def forward(self, x: Tensor, count: int | None = None) -> list[Tensor]:
-        raise NotImplementedError
+    def forward(self, x: Tensor, count: int | None = None) -> list[Tensor]: ...
+
+
+@runtime_checkable
+class Arch(Protocol):
+    """A registered architecture: it builds its :class:`Backbone` and names the framework
+    (frameworks/) whose ImageNet weights it takes."""
+
+    framework: str  # "torchvision", "timm"
+    torchvision_name: str | None  # the torchvision builder whose ImageNet weights fit, if any
+    imagenet_bn_eps: float  # the BatchNorm eps those weights run with
+    init_covered: bool  # every parameter is a conv's or a BatchNorm's (see model.build_model)
+
+    def build(self) -> Backbone: ...
 
 
 # --- ResNet family -------------------------------------------------------------------------------
@@ -133,6 +149,7 @@ class ResNetArch:
     width_per_group: int = 64  # 128 for Wide ResNet: the 3x3 convs are twice as wide
     torchvision_name: str | None = None  # the torchvision builder whose ImageNet weights fit
     stride_in_1x1: bool = False  # MSRA/caffe-style ResNets
+    framework = "torchvision"
     imagenet_bn_eps = 1e-5  # the BatchNorm eps torchvision's ImageNet weights run with
     init_covered = True  # every parameter is a conv's or a BatchNorm's (see model.build_model)
 
@@ -145,7 +162,7 @@ class ResNetArch:
         return ResNetBody(self)
 
 
-class ResNetBody(Backbone):
+class ResNetBody(nn.Module):
     """(N, 3, H, W) -> [C2 (N, c2, ⌈H/4⌉, ⌈W/4⌉), ..., C5 (N, c5, ⌈H/32⌉, ⌈W/32⌉)]."""
 
     def __init__(self, arch: ResNetArch) -> None:
@@ -190,6 +207,7 @@ class MobileNetV3Arch:
     of block 13 (160 channels) and block 16 (960), both at stride 32."""
 
     torchvision_name: str | None = "mobilenet_v3_large"
+    framework = "torchvision"
     imagenet_bn_eps = 1e-3  # torchvision's classifier; its detector runs FrozenBatchNorm2d at 1e-5
     init_covered = True
     returned: tuple[tuple[int, str], ...] = ((13, "c5a"), (16, "c5"))
@@ -198,7 +216,7 @@ class MobileNetV3Arch:
         return MobileNetV3Body(self)
 
 
-class MobileNetV3Body(Backbone):
+class MobileNetV3Body(nn.Module):
     """torchvision's own blocks (no copy of their code): ``0``..``16`` as in ``features``."""
 
     def __init__(self, arch: MobileNetV3Arch) -> None:
@@ -237,6 +255,8 @@ class TimmArch:
 
     model_name: str
     torchvision_name: str | None = None
+    framework = "timm"
+    imagenet_bn_eps = 1e-5
     init_covered = False  # LayerNorms, layer scales: timm initialises them
 
     def build(self) -> TimmBody:
@@ -253,7 +273,7 @@ def import_timm():
     return timm
 
 
-class TimmBody(Backbone):
+class TimmBody(nn.Module):
     """A timm ``features_only`` network, its stride-4/8/16/32 outputs as C2..C5."""
 
     def __init__(self, model_name: str, pretrained: bool = False) -> None:
@@ -293,7 +313,7 @@ def _tv(block: type[BasicBlock] | type[Bottleneck], layers, name: str, **kw) -> 
     return ResNetArch(block, layers, torchvision_name=name, **kw)
 
 
-ARCHS: dict[str, ResNetArch | MobileNetV3Arch] = {
+ARCHS: dict[str, Arch] = {
     # what the original code built, despite calling it "FPN101"; no pretrained weights exist for it
     "seed": ResNetArch(Bottleneck, (2, 2, 2, 2)),
     "resnet18": _tv(BasicBlock, (2, 2, 2, 2), "resnet18"),
@@ -315,7 +335,7 @@ ARCHS: dict[str, ResNetArch | MobileNetV3Arch] = {
 
 
 @functools.lru_cache(maxsize=64)
-def get_arch(name: str) -> ResNetArch | MobileNetV3Arch | TimmArch:
+def get_arch(name: str) -> Arch:
     """A registered architecture, or ``timm:<model>`` for any timm model."""
     if name.startswith(TIMM_PREFIX):
         return TimmArch(name[len(TIMM_PREFIX) :])

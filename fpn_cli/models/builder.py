@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,9 +17,11 @@ from fpn_cli.errors import UsageError, WeightsError
 from fpn_cli.models import weights as wts
 from fpn_cli.models import zoo
 from fpn_cli.models.backbones import ResNetArch, TimmArch, get_arch, import_timm
+from fpn_cli.models.frameworks import framework, read_file
+from fpn_cli.models.hub import ResizePolicy, WeightsOrigin
 from fpn_cli.models.levels import parse_levels
 from fpn_cli.models.model import FPN, FPNConfig, build_model
-from fpn_cli.models.preprocess import DETECTRON2_BGR, DETECTRON2_X101, IMAGENET, MMDET_PYTORCH, Preprocess
+from fpn_cli.models.preprocess import IMAGENET, Preprocess
 from fpn_cli.models.pyramid import USER_STYLES
 
 DEFAULT_ARCH = "resnet50"
@@ -40,6 +41,8 @@ class ModelSpec:
     seed: int = 0
     load: Callable[[], wts.Checkpoint | None] = field(default=lambda: None, compare=False, repr=False)
     fpn_from_weights: bool = False  # the FPN's layers come from the weights, not the seed
+    resize: ResizePolicy | None = None  # the weights' framework's test-time resize, applied if asked
+    origin: WeightsOrigin | None = None  # the weights' file, for its identity (none: random, timm)
 
     @property
     def random(self) -> bool:
@@ -47,6 +50,11 @@ class ModelSpec:
 
     def describe(self) -> str:
         return f"{self.config.arch}, {self.config.fpn_style} FPN, weights {self.weights}"
+
+    def identity(self) -> dict | None:
+        """The loaded weights file's name, URL, path and SHA-256 (hub.WeightsOrigin); None for
+        weights without a file of ours (random, timm's), or before a download."""
+        return self.origin.identity() if self.origin is not None else None
 
 
 def resolve(
@@ -84,22 +92,11 @@ def _plain(arch, weights, fpn_style, levels, seed, pad_multiple) -> ModelSpec:
     config = FPNConfig(arch, fpn_style or "reference", _levels(levels), pad_multiple=pad_multiple or 1)
     if weights == RANDOM:
         return ModelSpec(config, RANDOM, IMAGENET, seed)
-    family = get_arch(arch)
-    if isinstance(family, TimmArch):
-        return ModelSpec(config, weights, _timm_preprocess(family), seed, load=lambda: None)
-    config = FPNConfig(**{**config.__dict__, "bn_eps": family.imagenet_bn_eps})
+    pretrained = framework(get_arch(arch).framework).imagenet(arch)
+    config = replace(config, bn_eps=pretrained.bn_eps)
     return ModelSpec(
-        config, weights, IMAGENET, seed, load=lambda: zoo.imagenet_checkpoint(family.torchvision_name, arch)
+        config, weights, pretrained.preprocess, seed, load=pretrained.load, origin=pretrained.origin
     )
-
-
-def _timm_preprocess(family: TimmArch) -> Preprocess:
-    """The normalisation timm's pretrained configuration states for the model."""
-    from fpn_cli.models.backbones import import_timm
-
-    cfg = import_timm().get_pretrained_cfg(family.model_name)
-    mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET.mean, IMAGENET.std)
-    return Preprocess(tuple(mean), tuple(std))
 
 
 def _contradiction(option: str, given: str, needed: str, entry: zoo.ZooEntry, spec: str) -> WeightsError:
@@ -119,33 +116,44 @@ def _from_zoo(entry: zoo.ZooEntry, given: str, arch, fpn_style, levels, seed, pa
         entry.arch, entry.fpn_style, _levels(levels) or entry.levels, bn_eps=entry.bn_eps,
         pad_multiple=entry.pad_multiple if pad_multiple is None else pad_multiple,
     )  # fmt: skip
-    return ModelSpec(config, entry.name, entry.preprocess, seed, load=entry.load, fpn_from_weights=True)
+    return ModelSpec(
+        config,
+        entry.name,
+        entry.preprocess,
+        seed,
+        load=entry.load,
+        fpn_from_weights=True,
+        resize=entry.resize,
+        origin=entry.origin(),
+    )
 
 
 def _from_file(path: Path, arch, fpn_style, levels, seed, pad_multiple) -> ModelSpec:
-    ckpt = wts.read_file(path)
-    found = _arch_of(ckpt)
+    """A checkpoint file: its framework (the registry's detection) says the rest."""
+    ckpt = read_file(path)
+    owner = framework(ckpt.format)
+    found = owner.arch_of(ckpt)
     if arch is not None and found is not None and arch != found and not _same_shape(arch, found):
         raise WeightsError(
             f"{path} holds a {found} backbone, not {arch}: pass --arch {found}, or leave --arch out"
         )
     arch = arch or found or DEFAULT_ARCH
-    style = _style_of(ckpt)
+    style = owner.style_of(ckpt)
     _check_style(fpn_style)
     if style is not None and fpn_style is not None and fpn_style != style:
         raise WeightsError(
             f"{path} holds a {style}-style FPN but --fpn-style {fpn_style} was asked for: "
             "leave --fpn-style out to use the checkpoint's"
         )
-    preprocess, pad = _file_preprocess(ckpt, arch)
     config = FPNConfig(
-        arch, style or fpn_style or "reference", _levels(levels),
-        bn_eps=float(ckpt.meta.get("bn_eps", 1e-5)),
-        pad_multiple=pad if pad_multiple is None else pad_multiple,
+        arch, style or fpn_style or "reference", _levels(levels), bn_eps=owner.bn_eps(ckpt),
+        pad_multiple=owner.pad_multiple if pad_multiple is None else pad_multiple,
     )  # fmt: skip
     return ModelSpec(
-        config, str(path.resolve()), preprocess, seed, load=lambda: ckpt, fpn_from_weights=style is not None
-    )
+        config, str(path.resolve()), owner.file_preprocess(ckpt, arch), seed, load=lambda: ckpt,
+        fpn_from_weights=style is not None, resize=owner.resize if style is not None else None,
+        origin=WeightsOrigin(str(path.resolve()), path.resolve()),
+    )  # fmt: skip
 
 
 def _levels(levels: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -167,110 +175,13 @@ def _same_shape(a: str, b: str) -> bool:
     )
 
 
-def _arch_of(ckpt: wts.Checkpoint) -> str | None:
-    """The registry name whose shapes the checkpoint's body has; None when the body is not a
-    registered kind. Detectron2's R-50/R-101 are MSRA's (stride on the 1x1 conv)."""
-    if ckpt.meta.get("arch"):
-        return str(ckpt.meta["arch"])
-    if "body.16.0.weight" in ckpt.state:
-        return "mobilenet_v3_large"
-    shape = wts.resnet_shape(ckpt.state)
-    if shape is None:
-        return None
-    from fpn_cli.models.backbones import ARCHS, Bottleneck
-
-    msra = ckpt.format == "detectron2" and shape["groups"] == 1 or _mmdet_caffe(ckpt)
-    for name, family in ARCHS.items():
-        if not isinstance(family, ResNetArch) or family.stride_in_1x1 != msra:
-            continue
-        if (
-            (family.block is Bottleneck) == shape["bottleneck"]
-            and family.layers == shape["layers"]
-            and family.groups == shape["groups"]
-            and (not shape["bottleneck"] or family.width_per_group == shape["width_per_group"])
-        ):
-            return name
-    return None
-
-
-def _mmdet_caffe(ckpt: wts.Checkpoint) -> bool:
-    config = str(ckpt.meta.get("config", ""))
-    return ckpt.format == "mmdet" and ("style='caffe'" in config or 'style="caffe"' in config)
-
-
-def _style_of(ckpt: wts.Checkpoint) -> str | None:
-    """The FPN variant a checkpoint's layers need, from their names and shapes; None: no FPN."""
-    if ckpt.meta.get("fpn_style"):
-        return str(ckpt.meta["fpn_style"])
-    if not wts.has_fpn(ckpt.state):
-        return None
-    shape = wts.fpn_shape(ckpt.state)
-    one_stage = shape["p6_in"] is not None
-    if ckpt.format == "detectron2":
-        return "detectron2_retinanet" if one_stage else "detectron2"
-    if ckpt.format == "mmdet":
-        return "mmdet_retinanet" if one_stage else "mmdet"
-    if ckpt.format == "seed":
-        return "reference"
-    if one_stage:
-        return "torchvision_retinanet_v2" if shape["p6_in"] != 256 else "torchvision_retinanet"
-    if shape["norm"]:
-        return "torchvision_v2"
-    # torchvision's FPN smooths P5 too, so it has as many 3x3 convs as laterals; the reference one fewer
-    return "torchvision" if shape["smoothed"] == shape["laterals"] else "reference"
-
-
-def _file_preprocess(ckpt: wts.Checkpoint, arch: str) -> tuple[Preprocess, int]:
-    """A framework's file brings its framework's preprocessing and padding."""
-    if ckpt.format == "detectron2":
-        return (DETECTRON2_X101 if get_arch(arch).groups > 1 else DETECTRON2_BGR), 32
-    if ckpt.format == "mmdet":
-        return (DETECTRON2_BGR if _mmdet_caffe(ckpt) else MMDET_PYTORCH), 32
-    return IMAGENET, 1
-
-
 def build(spec: ModelSpec, device: str | torch.device = "cpu") -> FPN:
     """The model ``spec`` describes, weights loaded, in eval mode on ``device``."""
     model = build_model(spec.config, seed=spec.seed)
-    family = get_arch(spec.config.arch)
-    if isinstance(family, TimmArch) and spec.weights == IMAGENET_WEIGHTS:
-        _load_timm_pretrained(model, family)
     ckpt = spec.load()
     if ckpt is not None:
         wts.load_into(model, ckpt, fpn_required=spec.fpn_from_weights)
     return model.to(device)
-
-
-def _load_timm_pretrained(model: FPN, family: TimmArch) -> None:
-    """timm's own pretrained loading and cache (Hugging Face's); offline, a one-line error."""
-    from fpn_cli.models.backbones import TimmBody
-
-    offline = os.environ.get(zoo.OFFLINE_ENV, "") not in ("", "0")
-    try:
-        with _hub_offline() if offline else contextlib.nullcontext():
-            pretrained = TimmBody(family.model_name, pretrained=True)
-    except Exception as e:  # huggingface_hub's errors are many; all mean "not available here"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(
-            f"timm:{family.model_name} ImageNet weights are not available ({reason}); timm keeps them "
-            "in the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): fetch them once online"
-        ) from None
-    model.body.load_state_dict(pretrained.state_dict())
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Hugging Face's offline mode, which it reads from the environment only when first imported."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 def build_fpn(

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError
 from fpn_cli.models.backbones import Backbone, LevelInfo, get_arch
+from fpn_cli.models.frameworks import fpn_spec
 from fpn_cli.models.levels import DEFAULT_LEVELS, parse_levels, pyramid_of
-from fpn_cli.models.pyramid import FPNSpec, TopDown, fpn_spec
+from fpn_cli.models.pyramid import FPNSpec, TopDown
 
 MAX_PAD_MULTIPLE = 1024  # detectron2 and mmdetection pad to 32; more is no padding anyone uses
 
@@ -26,7 +27,7 @@ class FPNConfig:
     """Everything that decides the network's structure (the weights come separately)."""
 
     arch: str = "resnet50"  # backbones.ARCHS name, or timm:<model>
-    fpn_style: str = "reference"  # pyramid.FPN_STYLES name
+    fpn_style: str = "reference"  # an FPN variant a framework registers (frameworks.styles())
     levels: tuple[str, ...] | None = DEFAULT_LEVELS  # None: P2-P5, or the pyramid the model has
     out_channels: int = 256  # d in the FPN paper
     bn_eps: float = 1e-5  # 0.0 for torchvision's v1 COCO detector weights

@@ -32,12 +32,5 @@ class Preprocess:
         return f"{self.channel_order} {units}, mean {list(self.mean)}, std {list(self.std)}"
 
 
+# torchvision's (and the default's): 8-bit RGB / 255, ImageNet statistics; frameworks/ hold the others
 IMAGENET = Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), label="RGB/255, ImageNet mean/std")
-# MSRA's R-50/R-101 (detectron2, mmdetection's caffe style): the std is folded into conv1
-DETECTRON2_BGR = Preprocess((103.530, 116.280, 123.675), (1.0, 1.0, 1.0), "BGR", 1.0, "BGR 0-255, minus mean")
-DETECTRON2_X101 = Preprocess(
-    (103.530, 116.280, 123.675), (57.375, 57.120, 58.395), "BGR", 1.0, "BGR 0-255, mean/std"
-)
-MMDET_PYTORCH = Preprocess(
-    (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "RGB", 1.0, "RGB 0-255, ImageNet mean/std"
-)

@@ -2,38 +2,59 @@
 
 FPN variants are data (:class:`FPNSpec`): how the coarser level is upsampled, which levels are
 smoothed, whether the convs carry a BatchNorm, which backbone levels feed it, and what extra levels
-sit on top (:class:`MaxPoolP6`, :class:`ConvP6P7`), as torchvision passes ``LastLevelMaxPool`` or
-``LastLevelP6P7`` objects in. Module names are torchvision's ``FeaturePyramidNetwork``'s
-(``inner_blocks``, ``layer_blocks``, ``extra_blocks.p6``); ``inner_blocks[i]`` and
-``layer_blocks[i]`` belong to the i-th input level, finest first.
+sit on top: an :class:`ExtraBlocks` that builds its module (:class:`MaxPoolP6`, :class:`ConvP6P7`),
+as torchvision passes ``LastLevelMaxPool`` or ``LastLevelP6P7`` objects in. Which variants exist
+is each framework's business (frameworks/); this module is the mechanism. Module names are
+torchvision's ``FeaturePyramidNetwork``'s (``inner_blocks``, ``layer_blocks``, ``extra_blocks.p6``);
+``inner_blocks[i]`` and ``layer_blocks[i]`` belong to the i-th input level, finest first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpn_cli.errors import UsageError
 from fpn_cli.models.backbones import LevelInfo
 from fpn_cli.models.levels import LEVELS, pyramid_of
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "nearest2x")
 
 
+class ExtraBlocks(Protocol):
+    """Levels above the top pyramid level: their names, and the module that makes them from the
+    top pyramid level and the top backbone level, ``(P_top, C_top) -> [P6, ...]``."""
+
+    levels: tuple[str, ...]
+
+    def build(self, backbone_channels: int, out_channels: int) -> nn.Module: ...
+
+
 @dataclass(frozen=True)
-class ExtraSpec:
-    """Levels above the top pyramid level: P6 by subsampling (``maxpool``), or P6 and P7 by strided
-    3x3 convs (``p6p7``) from C5 or P5, with or without a ReLU between them."""
+class MaxPool:
+    """P6 by subsampling P5 (torchvision's ``LastLevelMaxPool``, detectron2's R-CNN ``top_block``)."""
 
-    kind: str  # "maxpool" | "p6p7"
-    source: str = "p5"  # p6p7: "c5" (the top backbone level) or "p5" (the top pyramid level)
-    relu_before_p7: bool = True  # torchvision and detectron2: yes; mmdetection's RetinaNet: no
+    levels: tuple[str, ...] = ("p6",)
 
-    def levels(self) -> tuple[str, ...]:
-        return ("p6",) if self.kind == "maxpool" else ("p6", "p7")
+    def build(self, backbone_channels: int, out_channels: int) -> nn.Module:
+        return MaxPoolP6()
+
+
+@dataclass(frozen=True)
+class P6P7:
+    """P6 and P7 by strided 3x3 convs from C5 (``source="c5"``) or P5, with or without a ReLU
+    between them (torchvision and detectron2: with; mmdetection's RetinaNet: without)."""
+
+    source: str = "p5"
+    relu_before_p7: bool = True
+    levels: tuple[str, ...] = ("p6", "p7")
+
+    def build(self, backbone_channels: int, out_channels: int) -> nn.Module:
+        source = backbone_channels if self.source == "c5" else out_channels
+        return ConvP6P7(source, out_channels, self.source == "c5", self.relu_before_p7)
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,7 @@ class FPNSpec:
     smooth_top: bool = True  # the reference design leaves the top level unsmoothed
     norm: bool = False  # BatchNorm after every FPN conv (torchvision's v2 detectors), convs then bias-free
     first_input: str | None = None  # the finest backbone level fed in ("c3" for RetinaNet); None: all
-    extra: ExtraSpec | None = None
+    extra: ExtraBlocks | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -53,39 +74,7 @@ class FPNSpec:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}")
 
 
-_MAXPOOL = ExtraSpec("maxpool")
-FPN_STYLES: dict[str, FPNSpec] = {
-    "reference": FPNSpec("bilinear", smooth_top=False, extra=_MAXPOOL, description="bilinear, P5 unsmoothed"),
-    "torchvision": FPNSpec("nearest", extra=_MAXPOOL, description="torchvision's FeaturePyramidNetwork"),
-    # the model zoo's variants (zoo.py): each framework's FPN exactly as its detectors run it
-    "torchvision_v2": FPNSpec("nearest", norm=True, extra=_MAXPOOL, description="BatchNorm in the FPN convs"),
-    "torchvision_retinanet": FPNSpec(
-        "nearest", first_input="c3", extra=ExtraSpec("p6p7", "p5"), description="P3-P5, P6/P7 from P5"
-    ),
-    "torchvision_retinanet_v2": FPNSpec(
-        "nearest", first_input="c3", extra=ExtraSpec("p6p7", "c5"), description="P3-P5, P6/P7 from C5"
-    ),
-    "detectron2": FPNSpec("nearest2x", extra=_MAXPOOL, description="x2 nearest upsampling"),
-    "detectron2_retinanet": FPNSpec(
-        "nearest2x", first_input="c3", extra=ExtraSpec("p6p7", "c5"), description="P6/P7 from C5"
-    ),
-    "mmdet": FPNSpec("nearest", extra=_MAXPOOL, description="mmdetection's FPN, P6 by max-pool"),
-    "mmdet_retinanet": FPNSpec(
-        "nearest",
-        first_input="c3",
-        extra=ExtraSpec("p6p7", "c5", relu_before_p7=False),
-        description="P6/P7 from C5, no ReLU before P7",
-    ),
-}
 USER_STYLES = ("reference", "torchvision")  # --fpn-style; the model zoo's entries bring their own
-
-
-def fpn_spec(style: str | FPNSpec) -> FPNSpec:
-    if isinstance(style, FPNSpec):
-        return style
-    if style not in FPN_STYLES:
-        raise UsageError(f"unknown fpn style {style!r}; choose from {', '.join(USER_STYLES)}")
-    return FPN_STYLES[style]
 
 
 def _conv(cin: int, cout: int, kernel: int, norm: bool) -> nn.Module:
@@ -103,12 +92,14 @@ class MaxPoolP6(nn.Module):
 class ConvP6P7(nn.Module):
     """P6 = 3x3 stride-2 conv of C5 or P5; P7 = 3x3 stride-2 conv of P6 (after a ReLU, unless not)."""
 
-    def __init__(self, in_channels: int, out_channels: int, spec: ExtraSpec) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, from_backbone: bool, relu_before_p7: bool
+    ) -> None:
         super().__init__()
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
-        self.from_backbone = spec.source == "c5"
-        self.relu_before_p7 = spec.relu_before_p7
+        self.from_backbone = from_backbone
+        self.relu_before_p7 = relu_before_p7
 
     def forward(self, top_pyramid: Tensor, top_backbone: Tensor) -> list[Tensor]:
         p6 = self.p6(top_backbone if self.from_backbone else top_pyramid)
@@ -127,18 +118,13 @@ class TopDown(nn.Module):
         self.layer_blocks = nn.ModuleList(
             _conv(out_channels, out_channels, 3, spec.norm) for _ in range(smoothed)
         )
-        if spec.extra is not None and spec.extra.kind == "maxpool":
-            self.extra_blocks = MaxPoolP6()
-        elif spec.extra is not None:
-            source = inputs[-1].channels if spec.extra.source == "c5" else out_channels
-            self.extra_blocks = ConvP6P7(source, out_channels, spec.extra)
-        else:
-            self.extra_blocks = None
+        extra = spec.extra
+        self.extra_blocks = extra.build(inputs[-1].channels, out_channels) if extra is not None else None
 
     def level_info(self, out_channels: int) -> list[LevelInfo]:
         """The levels this path produces, finest first."""
         names = [pyramid_of(f.name) for f in self.inputs]
-        names += list(self.spec.extra.levels()) if self.spec.extra else []
+        names += list(self.spec.extra.levels) if self.spec.extra else []
         return [LevelInfo(n, out_channels, LEVELS[n].stride) for n in names]
 
     def forward(self, feats: Sequence[Tensor], lowest: int, extras: bool) -> list[Tensor | None]:

@@ -1,33 +1,10 @@
-"""Checkpoint files: reading them without running code, and mapping their keys onto ours.
+"""Checkpoint files: reading them without running code, mapping their keys onto ours, loading.
 
 Our keys are torchvision's ``BackboneWithFPN`` keys with old-style FPN convs: ``body.layer1.0.conv1.weight``,
 ``fpn.inner_blocks.0.weight`` (``fpn.inner_blocks.0.0.weight`` and ``.0.1.*`` where the FPN convs
-carry a BatchNorm), ``fpn.extra_blocks.p6.weight``. Every format maps onto them by one table below:
-
-==========================  =====================================================================
-format                      example key -> our key
-==========================  =====================================================================
-torchvision classification  ``layer1.0.conv1.weight`` -> ``body.layer1.0.conv1.weight``;
-                            MobileNetV3 ``features.13.block.0.0.weight`` -> ``body.13.block.0.0.weight``;
-                            ``fc.*``, ``classifier.*`` ignored
-torchvision detector        ``backbone.body.conv1.weight`` -> ``body.conv1.weight``;
-                            ``backbone.fpn.inner_blocks.0.0.weight`` -> ``fpn.inner_blocks.0.weight``;
-                            ``rpn.*``, ``roi_heads.*``, ``head.*`` ignored
-``BackboneWithFPN``         ``body.conv1.weight``; ``fpn.layer_blocks.3.0.bias`` -> ``...3.bias``
-detectron2 (``.pkl``)       ``backbone.bottom_up.res2.0.conv1.norm.running_var`` ->
-                            ``body.layer1.0.bn1.running_var``; ``backbone.bottom_up.res3.0.shortcut.weight``
-                            -> ``body.layer2.0.downsample.0.weight``; ``backbone.fpn_lateral3.weight`` ->
-                            ``fpn.inner_blocks.<3 - first level>.weight``;
-                            ``backbone.top_block.p6.weight`` -> ``fpn.extra_blocks.p6.weight``
-mmdetection                 ``backbone.layer1.0.conv1.weight`` -> ``body.layer1.0.conv1.weight``;
-                            ``neck.lateral_convs.0.conv.weight`` -> ``fpn.inner_blocks.0.weight``;
-                            ``neck.fpn_convs.3.conv.weight`` (past the laterals) ->
-                            ``fpn.extra_blocks.p6.weight``
-the seed FPN code           ``layer1.0.shortcut.0.weight`` -> ``body.layer1.0.downsample.0.weight``;
-                            ``toplayer.weight`` -> ``fpn.inner_blocks.3.weight``; ``latlayer1`` (C4) ->
-                            ``fpn.inner_blocks.2``; ``smooth1`` (P4) -> ``fpn.layer_blocks.2``
-fpn-extract                 ``{"fpn_extract": {"arch": ..., "fpn_style": ...}, "state_dict": {our keys}}``
-==========================  =====================================================================
+carry a BatchNorm), ``fpn.extra_blocks.p6.weight``. Each framework's module (frameworks/) owns its
+:class:`KeyFormat`, a table from its keys to ours with an example of each, and any migration of its
+own older keys; this module reads files and applies a format, knowing no framework.
 
 Training wrappers are unwrapped first (a top-level ``state_dict`` or ``model`` entry, a ``module.``
 prefix). Files are read with ``torch.load(weights_only=True)`` or, for detectron2's pickles, an
@@ -51,7 +28,6 @@ from torch import Tensor
 
 from fpn_cli.errors import WeightsError
 
-FORMAT_KEY = "fpn_extract"
 _SHOWN_KEYS = 5
 
 Rule = tuple[str, str | Callable[[re.Match], str]]
@@ -59,9 +35,10 @@ Rule = tuple[str, str | Callable[[re.Match], str]]
 
 @dataclass(frozen=True)
 class KeyFormat:
-    """One checkpoint layout: how to recognise it, the keys it maps, and the keys it may ignore."""
+    """One checkpoint layout: the rules that map its keys onto ours, first match wins, and the keys
+    it may ignore. A rule's replacement is a ``re`` template or ``(match, context) -> key``, where
+    the context is what the framework reads off the whole state dict (``Framework.context``)."""
 
-    name: str
     rules: tuple[Rule, ...]
     ignored: str = r"^$"  # keys of heads and buffers with no place in a feature extractor
 
@@ -73,78 +50,14 @@ class KeyFormat:
         return None
 
 
-def _d2_level(kind: str) -> Callable[[re.Match, Mapping[str, int]], str]:
-    """detectron2 names FPN convs by level (fpn_lateral3 makes P3); ours count from the first."""
-    return lambda m, ctx: f"fpn.{kind}.{int(m[1]) - ctx['first_level']}.{m[2]}"
+@dataclass(frozen=True)
+class RawCheckpoint:
+    """A file's state dict under its own keys, unwrapped, and the file's other top-level entries
+    (where a framework keeps its records: mmdetection's ``meta``, our ``fpn_extract``)."""
 
-
-def _mmdet_fpn_conv(m: re.Match, ctx: Mapping[str, int]) -> str:
-    """mmdetection appends RetinaNet's P6/P7 convs to ``fpn_convs`` after the smoothing convs."""
-    j, laterals = int(m[1]), ctx["laterals"]
-    if j < laterals:
-        return f"fpn.layer_blocks.{j}.{m[2]}"
-    return f"fpn.extra_blocks.p{6 + j - laterals}.{m[2]}"
-
-
-TORCHVISION = KeyFormat(
-    "torchvision",
-    (
-        (r"backbone\.body\.(.*)", r"body.\1"),
-        (r"backbone\.fpn\.(.*)", r"fpn.\1"),
-        (r"(body|fpn)\.(.*)", r"\1.\2"),
-        (r"(conv1|bn1|layer[1-4])\.(.*)", r"body.\1.\2"),  # a classification ResNet
-        (r"features\.(.*)", r"body.\1"),  # a classification MobileNetV3
-    ),
-    ignored=r"(fc|classifier|rpn|roi_heads|head|anchor_generator)\..*",
-)
-DETECTRON2 = KeyFormat(
-    "detectron2",
-    (
-        (r"backbone\.bottom_up\.stem\.conv1\.weight", "body.conv1.weight"),
-        (r"backbone\.bottom_up\.stem\.conv1\.norm\.(.*)", r"body.bn1.\1"),
-        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.weight", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),  # noqa: E501
-        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.(.*)", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),  # noqa: E501
-        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),  # noqa: E501
-        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.(.*)", lambda m, _: f"body.layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),  # noqa: E501
-        (r"backbone\.fpn_lateral(\d)\.(.*)", _d2_level("inner_blocks")),
-        (r"backbone\.fpn_output(\d)\.(.*)", _d2_level("layer_blocks")),
-        (r"backbone\.top_block\.(p6|p7)\.(.*)", r"fpn.extra_blocks.\1.\2"),
-    ),
-    ignored=r"(proposal_generator|roi_heads|head|anchor_generator)\..*|pixel_(mean|std)",
-)  # fmt: skip
-MMDET = KeyFormat(
-    "mmdet",
-    (
-        (r"backbone\.(.*)", r"body.\1"),
-        (r"neck\.lateral_convs\.(\d+)\.conv\.(.*)", r"fpn.inner_blocks.\1.\2"),
-        (r"neck\.fpn_convs\.(\d+)\.conv\.(.*)", _mmdet_fpn_conv),
-    ),
-    ignored=r"(rpn_head|roi_head|bbox_head|mask_head|data_preprocessor)\..*",
-)
-SEED = KeyFormat(
-    "seed",
-    (
-        (r"(conv1|bn1)\.(.*)", r"body.\1.\2"),
-        (r"(layer\d\.\d+)\.shortcut\.(\d)\.(.*)", r"body.\1.downsample.\2.\3"),
-        (r"(layer\d\.\d+\..*)", r"body.\1"),
-        (r"toplayer\.(.*)", r"fpn.inner_blocks.3.\1"),
-        (r"latlayer(\d)\.(.*)", lambda m, _: f"fpn.inner_blocks.{3 - int(m[1])}.{m[2]}"),
-        (r"smooth(\d)\.(.*)", lambda m, _: f"fpn.layer_blocks.{3 - int(m[1])}.{m[2]}"),
-    ),
-)
-OWN = KeyFormat("fpn-extract", ((r"((body|fpn)\..*)", r"\1"),))
-
-
-def detect_format(keys: list[str]) -> KeyFormat:
-    if any(k.startswith("backbone.bottom_up.") for k in keys):
-        return DETECTRON2
-    if any(k.startswith("neck.") for k in keys) or any(
-        k.startswith("backbone.layer1.") for k in keys
-    ):  # mmdetection keeps torchvision's names under "backbone." with no "body."
-        return MMDET
-    if "toplayer.weight" in keys:
-        return SEED
-    return TORCHVISION
+    state: dict[str, Tensor] = field(repr=False)
+    extras: Mapping[str, object]
+    source: str  # for messages: a file path, or "torchvision:fasterrcnn_resnet50_fpn (file name)"
 
 
 @dataclass(frozen=True)
@@ -153,15 +66,14 @@ class Checkpoint:
 
     state: dict[str, Tensor] = field(repr=False)
     source: str  # for messages: a file path, or "torchvision:fasterrcnn_resnet50_fpn (file name)"
-    format: str = "torchvision"
+    format: str = "torchvision"  # the framework whose layout it is (frameworks.FRAMEWORKS)
     meta: Mapping[str, object] = field(default_factory=dict)  # our own format's record; mmdet's config
 
 
-def map_keys(state: Mapping[str, Tensor], fmt: KeyFormat) -> tuple[dict[str, Tensor], list[str]]:
+def map_keys(
+    state: Mapping[str, Tensor], fmt: KeyFormat, context: Mapping[str, int]
+) -> tuple[dict[str, Tensor], list[str]]:
     """(state under our keys, keys that fit nothing in ``fmt``)."""
-    laterals = {k for k in state if re.fullmatch(r"neck\.lateral_convs\.(\d+)\.conv\.weight", k)}
-    d2_levels = [int(m[1]) for k in state if (m := re.fullmatch(r"backbone\.fpn_lateral(\d)\.weight", k))]
-    context = {"laterals": len(laterals), "first_level": min(d2_levels, default=2)}
     mapped: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, value in state.items():
@@ -184,8 +96,8 @@ def name_keys(keys: list[str]) -> str:
 # --- reading files ---------------------------------------------------------------------------------
 
 
-def read_file(path: str | os.PathLike[str], source: str | None = None) -> Checkpoint:
-    """Reads a checkpoint of any supported format from ``path``, executing nothing in it."""
+def read_raw(path: str | os.PathLike[str], source: str | None = None) -> RawCheckpoint:
+    """Reads a checkpoint file of any kind from ``path``, executing nothing in it."""
     path = Path(path)
     source = source or str(path)
     if not path.is_file():
@@ -199,7 +111,7 @@ def read_file(path: str | os.PathLike[str], source: str | None = None) -> Checkp
         raw = _read_safetensors(path)
     else:
         raw = _read_torch(path)
-    return from_raw(raw, source)
+    return unwrap(raw, source)
 
 
 def _read_torch(path: Path) -> object:
@@ -305,18 +217,14 @@ def _unreadable(path: Path, what: str, e: BaseException) -> WeightsError:
     return WeightsError(f"cannot read weights file {path}: not {what} ({reason})")
 
 
-def from_raw(raw: object, source: str) -> Checkpoint:
-    """Unwraps, converts numpy arrays, detects the format and maps the keys."""
-    meta: dict = {}
-    if isinstance(raw, Mapping) and FORMAT_KEY in raw:
-        meta = dict(raw[FORMAT_KEY])
-        raw = raw.get("state_dict")
-    elif isinstance(raw, Mapping):
-        if isinstance(raw.get("meta"), Mapping):  # mmdetection keeps its config text there
-            config = raw["meta"].get("config") or raw["meta"].get("cfg")
-            meta = {"config": config} if isinstance(config, str) else {}
+def unwrap(raw: object, source: str) -> RawCheckpoint:
+    """The state dict inside a training wrapper (a top-level ``state_dict`` or ``model``, a
+    ``module.`` prefix), numpy arrays as tensors; anything but a mapping of tensors is an error."""
+    extras: dict = {}
+    if isinstance(raw, Mapping):
         for wrapper in ("state_dict", "model"):
             if isinstance(raw.get(wrapper), Mapping):
+                extras = {k: v for k, v in raw.items() if k != wrapper}
                 raw = raw[wrapper]
                 break
     if isinstance(raw, Mapping):
@@ -328,11 +236,7 @@ def from_raw(raw: object, source: str) -> Checkpoint:
         raise WeightsError(f"weights file {source} holds no state dict of tensors")
     if all(k.startswith("module.") for k in raw):
         raw = {k[len("module.") :]: v for k, v in raw.items()}
-    fmt = OWN if meta.get("arch") else detect_format(list(raw))
-    state, unknown = map_keys(raw, fmt)
-    if unknown:
-        raise WeightsError(f"weights file {source} has keys that fit no known format: {name_keys(unknown)}")
-    return Checkpoint(state, source, fmt.name, meta)
+    return RawCheckpoint(dict(raw), extras, source)
 
 
 # --- what a state dict says about its model ---------------------------------------------------------
@@ -375,29 +279,12 @@ def resnet_shape(state: Mapping[str, Tensor]) -> dict[str, object] | None:
     }
 
 
-def checkpoint_state(ckpt: Checkpoint, own: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``ckpt``'s state with each FPN conv key in the form ``own`` uses: ``inner_blocks.0.weight``
-    for a plain conv, ``inner_blocks.0.0.weight`` for a conv with a BatchNorm after it."""
-    fitted = {}
-    for key, value in ckpt.state.items():
-        if key not in own:
-            plain = re.sub(
-                r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.0\.(weight|bias)$", r"fpn.\1.\2.\3", key
-            )
-            nested = re.sub(
-                r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"fpn.\1.\2.0.\3", key
-            )
-            key = plain if plain in own else nested if nested in own else key
-        fitted[key] = value
-    return fitted
-
-
 def load_into(model: torch.nn.Module, ckpt: Checkpoint, fpn_required: bool) -> None:
     """Copies ``ckpt`` into ``model``. Every checkpoint key must exist in the model; every model
     key must be in the checkpoint, except the FPN's when ``fpn_required`` is False (they keep
     their seeded initialisation) and BatchNorm's ``num_batches_tracked``."""
     own = model.state_dict()
-    state = checkpoint_state(ckpt, own)
+    state = ckpt.state
     describe = f"{model.config.arch} ({model.config.fpn_style} FPN)"
     unexpected = [k for k in state if k not in own]
     if unexpected:
@@ -421,15 +308,8 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, fpn_required: bool) -> N
             f"{ckpt.source}: {k} has shape {tuple(state[k].shape)}, {describe} needs "
             f"{tuple(own[k].shape)} (does --arch match the checkpoint?)"
         )
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    values = {k: v for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"}
+    broken = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]  # meta: shapes only
     if broken:  # every feature would be NaN: a diverged training run's checkpoint
         raise WeightsError(f"{ckpt.source}: {name_keys(broken)} hold NaN or infinite values")
     model.load_state_dict(state, strict=False)
-
-
-def save(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
-    """Writes ``model`` in fpn-extract's own format, readable by ``--weights PATH``."""
-    config = model.config
-    meta = {"arch": config.arch, "fpn_style": config.fpn_style, "bn_eps": config.bn_eps}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({FORMAT_KEY: meta, "state_dict": state}, path)

@@ -3,7 +3,7 @@ recorded: the settings record checked on resume, and report.json's header."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -56,6 +56,7 @@ class Options:
     device: str = "auto"
     batch_size: int | None = None  # None: 8 on an accelerator, 1 on the CPU
     resize: Resize = field(default_factory=Resize)
+    framework_resize: bool = False  # resize as the weights' framework does at test time (800/1333)
     dtype: str = "float32"  # compute precision (autocast below float32)
     save_dtype: str = "float32"
     overwrite: bool = False
@@ -103,6 +104,26 @@ class Options:
             raise UsageError("--preview draws PNG files into the npy layout; it is not for --format shards")
 
 
+def with_framework_resize(opts: Options, spec: ModelSpec) -> Options:
+    """``opts`` with the weights' framework's test-time resize (``spec.resize``) as its resize,
+    when ``framework_resize`` asks for it; an explicit resize beside it, or weights whose framework
+    has none (random, imagenet, timm, a file without an FPN), is a :class:`UsageError`."""
+    if not opts.framework_resize:
+        return opts
+    if spec.resize is None:
+        raise UsageError(
+            f"--weights {spec.weights} brings no framework test-time resize (zoo models and detector "
+            "files do): resize with --size or --short-side/--max-side instead"
+        )
+    resize = spec.resize.resize()
+    if opts.resize not in (Resize(), resize):
+        raise UsageError(
+            "the framework's test-time resize cannot be combined with --size/--short-side/--max-side"
+        )
+    check_resize(resize, opts.max_pixels)
+    return replace(opts, resize=resize)
+
+
 def settings_record(opts: Options, spec: ModelSpec) -> dict:
     """What decides the numbers in the files: recorded in the output folder and checked on resume."""
     return {
@@ -122,6 +143,9 @@ def settings_record(opts: Options, spec: ModelSpec) -> dict:
             if opts.format != "npy"
             else {}
         ),
+        # the weights file's bytes: a resume with another file under the same name is refused
+        # (optional in locks.OPTIONAL_SETTINGS: folders recorded before it was kept stay resumable)
+        **({"weights_sha256": identity["sha256"]} if (identity := spec.identity()) else {}),
         # only with --boxes: a run without boxes leaves the recorded one alone (locks.OPTIONAL_SETTINGS)
         **({"roi": roi_spec(opts, spec).record()} if opts.boxes else {}),
     }
@@ -149,6 +173,7 @@ def report_header(
             "strides": {name: info[name].stride for name in levels},
             "seed": spec.seed,
             "bn_eps": config.bn_eps,
+            "weights_file": spec.identity(),  # name, url, file and SHA-256 of the file loaded
             "dtype": opts.dtype,
             "save_dtype": opts.save_dtype,
         },
@@ -159,6 +184,10 @@ def report_header(
             "resample": "bilinear (Pillow, on 8-bit RGB)",
             **spec.preprocess.to_json(),
             "pad_multiple": config.pad_multiple,
+            # the weights' framework's own test-time resize, and whether this run applied it
+            "framework_resize": {**spec.resize.to_json(), "applied": opts.framework_resize}
+            if spec.resize
+            else None,
         },
         "device": str(device),
         **({"shard": list(shard)} if shard else {}),

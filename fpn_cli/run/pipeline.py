@@ -62,7 +62,7 @@ from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
-from fpn_cli.run.options import Options, report_header, roi_spec, settings_record
+from fpn_cli.run.options import Options, report_header, roi_spec, settings_record, with_framework_resize
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
@@ -141,6 +141,7 @@ def extract(
     device = resolve_device(opts.device, launch.local_rank if launch else None)
     found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format, root)
     spec = _resolve_model(opts)
+    opts = with_framework_resize(opts, spec)
     # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
     boxes, roi = (read_boxes(opts.boxes), roi_spec(opts, spec)) if opts.boxes else (None, None)
     unknown = boxes.unknown(image.rel for image in found) if boxes else {}
