@@ -80,6 +80,16 @@ def test_int8_codes_are_the_exactly_rounded_quotients_near_and_at_ties():
     assert int8_error_in_steps(x, out).max() <= 0.5
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_int8_of_a_level_larger_than_one_cpu_block(layout):
+    """(2, 256, 37, 41): 12 rows a block, the last block one row; codes as numpy rounds them."""
+    x = features(8, (2, 256, 37, 41)).contiguous(memory_format=layout)
+    out = encode("p2", x, "int8")
+    scale = (x.abs().amax(dim=(2, 3)) / 127).double().numpy()[:, :, None, None]
+    assert np.array_equal(out["p2"].numpy(), np.rint(x.double().numpy() / scale).astype(np.int8))
+    assert int8_error_in_steps(x, out).max() <= 0.5
+
+
 def test_int8_exact_ties_round_to_even():
     x = torch.tensor([0.5, 1.5, 2.5, -2.5, 127.0]).view(1, 1, 1, 5)  # scale 1: these are ties
     out = encode("p2", x, "int8")

@@ -51,6 +51,7 @@ _CODE_DTYPES = {
 # 1.5 * 2**52: adding it to a float64 of magnitude below 2**51 rounds it to an integer (to nearest,
 # ties to even) held in the low bits of the mantissa, whose low byte is then the int8 code.
 _ROUNDER = 1.5 * 2**52
+_CPU_BLOCK = 2**17  # float64 quotients per block: 1 MiB, within a core's L2 cache (measured best)
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,20 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # rounded to even) and is otherwise never rounded onto or across one (two float32s' quotient
     # below 128 is at least 2**-26 from any half-integer it is not), so the codes are exact; the
     # division by infinity makes an all-zero channel's codes 0
-    divisor = torch.where(scale > 0, scale.double(), torch.inf)
+    divisor = torch.where(scale > 0, scale.double(), torch.inf)[:, None, None, :]
     rounder = torch.tensor(_ROUNDER, dtype=torch.float64, device=x.device)
-    codes = torch.addcdiv(rounder, v, divisor[:, None, None, :]).view(torch.int64).to(torch.int8)
+    codes = torch.empty_like(v, dtype=torch.int8)
+    # on the CPU, in blocks of rows whose float64 quotients stay in the cache: no temporary twice
+    # the float32 level's size, no page faults for one, and 2-3x faster than the level at once
+    rows = v.shape[1] if x.device.type != "cpu" else max(1, _CPU_BLOCK // max(1, v[:, :1].numel()))
+    quotient = torch.empty(
+        (v.shape[0], min(rows, v.shape[1]), *v.shape[2:]), dtype=torch.float64, device=x.device
+    )
+    for start in range(0, v.shape[1], rows):
+        block = v[:, start : start + rows]
+        out = quotient[:, : block.shape[1]]
+        torch.addcdiv(rounder, block, divisor, out=out)
+        codes[:, start : start + rows] = out.view(torch.int64)  # the low byte: two's complement code
     return codes.permute(0, 3, 1, 2), scale
 
 
