@@ -50,7 +50,7 @@ def features(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
     out = []
     for path in paths:
         rgb, _ = decode_image(path, resize)
-        feats, _ = engine(np.ascontiguousarray(rgb[None]))  # decode's array is read-only
+        feats, _ = engine(rgb[None].copy())  # decode returns a read-only array
         out.append(feats)
     return out
 

@@ -192,7 +192,7 @@ class Engine:
             return stored, None
         # the layout change to C order costs the GPU nothing and spares the host's cores a copy; every
         # array, scales included, is copied on the stream that the event below is recorded on
-        out = {k: v.contiguous().to("cpu", non_blocking=True) for k, v in stored.items()}
+        out = {k: _to_host(v) for k, v in stored.items()}
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
@@ -208,6 +208,14 @@ class Engine:
         if self.device.type == "cuda":
             return _no_tf32()
         return contextlib.nullcontext()
+
+
+def _to_host(v: torch.Tensor) -> torch.Tensor:
+    """A device tensor -> its C-order copy on the CPU, issued without waiting. bfloat16's bits
+    travel as int16, a dtype every backend's copy kernels have (torch's uint16 is a late addition)."""
+    if v.dtype == torch.uint16:
+        return v.view(torch.int16).contiguous().to("cpu", non_blocking=True).view(torch.uint16)
+    return v.contiguous().to("cpu", non_blocking=True)
 
 
 def _compiled(model: FPN) -> torch.nn.Module:
