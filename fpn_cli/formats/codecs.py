@@ -22,11 +22,13 @@ no dot. :func:`encode` runs where the forward ran (the device), :func:`decode` a
 
 int8, per channel c of one image's level: ``scale[c] = max|x[c]| / 127`` (float32) and
 ``codes[c] = round(x[c] / scale[c])`` (to nearest, ties to even), so ``codes * scale`` is within
-``scale[c] / 2`` of ``x`` (exactly, in exact arithmetic: the quotient is formed in float64, whose
-rounding cannot cross a rounding boundary of a float32 quotient; float32 decoding then adds its own
-rounding, half a unit in the last place of the value). A channel that is all zero has scale 0, codes 0
-and decodes to 0. A channel with a non-finite value (the run refuses such levels before they are
-stored) gets scale NaN and decodes to NaN throughout; its codes are unspecified. No error is raised.
+``scale[c] / 2`` of ``x``, exactly: the quotient is formed in float64, whose rounding never moves
+it onto or across a half-integer, so each code is the correctly rounded one (on MPS, which has no
+float64, a float32 quotient: up to ``2**-18`` of a step more). Decoding to float32 adds half a unit
+in the last place of the value; decoding to float64 is exact. A channel that is all zero has
+scale 0, codes 0 and decodes to 0. A channel with a non-finite value (the run refuses such levels
+before they are stored) gets scale NaN and decodes to NaN throughout; its codes are unspecified.
+No error is raised.
 """
 
 from __future__ import annotations
