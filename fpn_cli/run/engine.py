@@ -14,10 +14,13 @@ import numpy as np
 import torch
 
 from fpn_cli.errors import UsageError
+from fpn_cli.formats import codecs
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What --save-dtype offers until the writers, readers and verify store bfloat16 and int8; the Engine
+# itself encodes every one of codecs.SAVE_DTYPES.
 SAVE_DTYPES = ("float32", "float16")
 
 
@@ -99,7 +102,20 @@ def available_memory() -> int | None:
 class Engine:
     """A model on a device, ready to turn uint8 batches into features: BatchNorm folded into the
     convolutions and, on CPU and CUDA, channels-last layout (the layout oneDNN and cuDNN run
-    fastest); the decoded uint8 NHWC batch is that layout already, so the input needs no transpose."""
+    fastest); the decoded uint8 NHWC batch is that layout already, so the input needs no transpose.
+
+    ``save_dtype`` is any of :data:`fpn_cli.formats.codecs.SAVE_DTYPES`. The conversion to it runs on
+    the device, before the copy back (for int8 a GPU copies a quarter of float32's bytes), through
+    :func:`fpn_cli.formats.codecs.encode`, and the forward's output holds the stored arrays of
+    :func:`fpn_cli.formats.codecs.stored_arrays` with the batch in front, keyed by their names:
+
+    - float32, float16: ``{"p2": (N, C, h, w) float32 | float16, ...}`` (as ever);
+    - bfloat16: ``{"p2": (N, C, h, w) uint16, ...}``, the bits of bfloat16;
+    - int8: ``{"p2": (N, C, h, w) int8, "p2_scale": (N, C) float32, ...}``, each level followed by its
+      scales, so ``{k: v[i] for k, v in out.items()}`` is image i's arrays, named as stored.
+
+    ``save_dtype`` (the attribute) is the torch dtype of the levels' own arrays: float32, float16,
+    uint16 or int8; ``save_dtype_name`` the name given."""
 
     def __init__(
         self,
@@ -118,7 +134,8 @@ class Engine:
         self.device = device
         self.autocast = dtype != "float32"
         self.dtype = DTYPES[dtype]
-        self.save_dtype = DTYPES[save_dtype]
+        self.save_dtype_name = codecs.check_save_dtype(save_dtype)
+        self.save_dtype = codecs.torch_code_dtype(save_dtype)
         # (x / s - mean) / std == x * scale + shift, one fused multiply-add per pixel
         std = torch.tensor(preprocess.std, device=device, dtype=torch.float64).view(1, 3, 1, 1)
         mean = torch.tensor(preprocess.mean, device=device, dtype=torch.float64).view(1, 3, 1, 1)
@@ -163,14 +180,19 @@ class Engine:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """(N, 3, H, W) normalised, on the device -> ({level: (N, C, h, w) on the CPU in the save
-        dtype}, an event that fires when the copies back are done, or None when they are)."""
+        dtype, and the codec's other arrays (class docstring)}, an event that fires when the copies
+        back are done, or None when they are)."""
         x = x.contiguous(memory_format=self.memory_format)
         with self._precision():
             feats = self.network(x)
+        stored = {}
+        for level, v in feats.items():
+            stored.update(codecs.encode(level, v, self.save_dtype_name))
         if self.device.type == "cpu":
-            return {k: v.to(self.save_dtype) for k, v in feats.items()}, None
-        # the layout change to C order costs the GPU nothing and spares the host's cores a copy
-        out = {k: v.to(self.save_dtype).contiguous().to("cpu", non_blocking=True) for k, v in feats.items()}
+            return stored, None
+        # the layout change to C order costs the GPU nothing and spares the host's cores a copy; every
+        # array, scales included, is copied on the stream that the event below is recorded on
+        out = {k: _to_host(v) for k, v in stored.items()}
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
@@ -186,6 +208,14 @@ class Engine:
         if self.device.type == "cuda":
             return _no_tf32()
         return contextlib.nullcontext()
+
+
+def _to_host(v: torch.Tensor) -> torch.Tensor:
+    """A device tensor -> its C-order copy on the CPU, issued without waiting. bfloat16's bits
+    travel as int16, a dtype every backend's copy kernels have (torch's uint16 is a late addition)."""
+    if v.dtype == torch.uint16:
+        return v.view(torch.int16).contiguous().to("cpu", non_blocking=True).view(torch.uint16)
+    return v.contiguous().to("cpu", non_blocking=True)
 
 
 def _compiled(model: FPN) -> torch.nn.Module:

@@ -1,0 +1,157 @@
+"""Save dtypes side by side: bytes per image, error against float32, conversion cost, compression.
+
+    python benchmarks/savedtypes.py                    # seed arch, examples/ at 800x1333, CPU
+    python benchmarks/savedtypes.py --arch resnet50 --images 2
+
+For one 800x1333 image's resnet50 P2-P5 (shapes computed, nothing run) it prints the stored bytes of
+each save dtype. It then runs the float32 network (random weights, ``--seed``) on the example photos
+resized to ``--size`` and, on those real features, prints for each save dtype and level:
+
+- the error of the decoded float32 against the float32 features: max and RMS, relative to the
+  level's largest value, and for int8 also in steps (|error| / the channel's scale, bound 0.5);
+- the conversion's cost on the CPU (``codecs.encode`` of the whole pyramid, channels-last as the
+  Engine holds it, best of ``--repeats``), and its ratio to float16's;
+- whether lossless compression pays on the stored bytes: zlib (levels 1 and 6, stdlib) and zstd
+  where the ``zstandard`` package is installed, as ratio (stored / compressed) and MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from timing import best_of
+
+from fpn_cli import build_fpn
+from fpn_cli.formats.codecs import SAVE_DTYPES, decode, encode, stored_bytes
+from fpn_cli.inputs.images import Resize
+from fpn_cli.inputs.images import decode as decode_image
+from fpn_cli.run.engine import Engine
+
+ROOT = Path(__file__).resolve().parents[1]
+STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+
+
+def pyramid_shapes(height: int, width: int, channels: int = 256) -> dict[str, tuple[int, int, int]]:
+    """P2-P5 of an FPN for one height x width image: (channels, ceil(H / s), ceil(W / s))."""
+    return {k: (channels, math.ceil(height / s), math.ceil(width / s)) for k, s in STRIDES.items()}
+
+
+def features(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """The float32 levels {level: (1, C, h, w)} of each example photo, channels last."""
+    engine = Engine(build_fpn(arch=args.arch, seed=args.seed), torch.device("cpu"), "float32", "float32")
+    paths = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in (".jpg", ".png"))[: args.images]
+    resize = Resize(size=tuple(int(v) for v in args.size.split("x")))
+    out = []
+    for path in paths:
+        rgb, _ = decode_image(path, resize)
+        feats, _ = engine(rgb[None].copy())  # decode returns a read-only array
+        out.append(feats)
+    return out
+
+
+def errors(feats: list[dict[str, torch.Tensor]], save_dtype: str) -> dict[str, tuple[float, float, float]]:
+    """{level: (max |error| / level's max, RMS error / level's max, max |error| in int8 steps)}."""
+    result = {}
+    for level in STRIDES:
+        worst = rms = steps = 0.0
+        for image in feats:
+            x = image[level]
+            stored = encode(level, x, save_dtype)
+            scale = stored.get(f"{level}_scale")
+            scale_np = None if scale is None else scale.numpy()
+            decoded = decode(save_dtype, stored[level].numpy(), scale_np).astype(np.float64)
+            error = np.abs(decoded - x.double().numpy())
+            peak = float(x.abs().max())
+            worst = max(worst, float(error.max()) / peak)
+            rms = max(rms, float(np.sqrt((error**2).mean())) / peak)
+            if scale_np is not None:
+                per_channel = error.max(axis=(2, 3)) / np.where(scale_np > 0, scale_np, np.inf)
+                steps = max(steps, float(per_channel.max()))
+        result[level] = (worst, rms, steps)
+    return result
+
+
+def conversion_cost(image: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    """{save dtype: fastest seconds to encode ``image``'s levels}, the dtypes taking turns in each of
+    ``repeats`` rounds so that a busy machine's drift hits all alike."""
+    best = dict.fromkeys(SAVE_DTYPES, math.inf)
+    for _ in range(repeats):
+        for save_dtype in SAVE_DTYPES:
+            seconds = best_of(lambda s=save_dtype: [encode(k, v, s) for k, v in image.items()], 1)
+            best[save_dtype] = min(best[save_dtype], seconds)
+    return best
+
+
+def compression(feats: list[dict[str, torch.Tensor]], save_dtype: str) -> dict[str, tuple[float, float]]:
+    """{codec: (stored bytes / compressed bytes, MB/s of stored bytes)} over every image's arrays."""
+    blobs = [
+        np.ascontiguousarray(v[0].numpy()).tobytes()
+        for image in feats
+        for level, x in image.items()
+        for v in encode(level, x, save_dtype).values()
+    ]
+    total = sum(len(b) for b in blobs)
+    compressors = {"zlib-1": lambda b: zlib.compress(b, 1), "zlib-6": lambda b: zlib.compress(b, 6)}
+    try:
+        import zstandard
+
+        compressors["zstd-3"] = zstandard.ZstdCompressor(level=3).compress
+    except ImportError:
+        pass
+    result = {}
+    for name, compress in compressors.items():
+        start = time.perf_counter()
+        packed = sum(len(compress(b)) for b in blobs)
+        result[name] = (total / packed, total / 1e6 / (time.perf_counter() - start))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", default="800x1333", help="HxW the example photos are resized to")
+    parser.add_argument("--images", type=int, default=5, help="example photos used (at most 5)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    shapes = pyramid_shapes(800, 1333)
+    print("bytes per image, 800x1333 resnet50 P2-P5 (arrays only, no .npy headers):")
+    base = stored_bytes("float32", shapes)
+    for save_dtype in SAVE_DTYPES:
+        size = stored_bytes(save_dtype, shapes)
+        print(f"  {save_dtype:9s} {size / 1e6:8.2f} MB   {size / base:.4f} of float32")
+
+    feats = features(args)
+    print(f"\nerror vs float32: {args.arch}, random weights (seed {args.seed}), {len(feats)} example photos "
+          f"at {args.size};\nrelative to each level's largest value (max / RMS), int8 also in steps "
+          "(bound 0.5)")  # fmt: skip
+    for save_dtype in SAVE_DTYPES[1:]:
+        for level, (worst, rms, steps) in errors(feats, save_dtype).items():
+            extra = f"   max {steps:.4f} steps" if save_dtype == "int8" else ""
+            print(f"  {save_dtype:9s} {level}   max {worst:.2e}   RMS {rms:.2e}{extra}")
+
+    print(f"\nconversion on the CPU ({torch.get_num_threads()} threads), one image's P2-P5 at {args.size}, "
+          f"best of {args.repeats}:")  # fmt: skip
+    cost = conversion_cost(feats[0], args.repeats)
+    for save_dtype, seconds in cost.items():
+        print(f"  {save_dtype:9s} {1000 * seconds:8.1f} ms   {seconds / cost['float16']:5.2f} x float16's")
+
+    print("\nlossless compression of the stored bytes (stored / compressed, MB/s of stored bytes):")
+    for save_dtype in ("float16", "bfloat16", "int8"):
+        for name, (ratio, speed) in compression(feats, save_dtype).items():
+            print(f"  {save_dtype:9s} {name:7s} {ratio:6.3f} x   {speed:7.1f} MB/s")
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        print("  (zstd: the zstandard package is not installed here)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Save dtypes: how one image's level is stored, and how it is read back as floats.
+
+Each save dtype is a codec from a level's float features (C, H, W) to the arrays written for it,
+all plain numpy dtypes, so ``np.load`` reads them without this package:
+
+================  ====================================  ==========================================
+save dtype        arrays of level ``p2``                error of the decoded float32
+================  ====================================  ==========================================
+``float32``       ``p2`` (C, H, W) float32              none
+``float16``       ``p2`` (C, H, W) float16              float16 rounding (2**-11 relative)
+``bfloat16``      ``p2`` (C, H, W) uint16: the top 16   <= 2**-8 relative (round to nearest even,
+                  bits of the float32, rounded           as ``torch.Tensor.to(torch.bfloat16)``)
+``int8``          ``p2`` (C, H, W) int8 codes,          <= scale[c] / 2 in channel c (symmetric,
+                  ``p2_scale`` (C,) float32              per channel, per image and level)
+================  ====================================  ==========================================
+
+:func:`stored_arrays` is the one owner of these names, dtypes and shapes: the writers, verify, the
+byte estimate of ``--summary`` and the readers ask it. An array's name is its file's stem in the npy
+layout (``p2_scale.npy``) and the ``<name>`` of a WebDataset member ``<key>.<name>.npy``, so it has
+no dot. :func:`encode` runs where the forward ran (the device), :func:`decode` and
+:func:`decode_torch` turn the stored arrays back into floats; the raw codes are the arrays themselves.
+
+int8, per channel c of one image's level: ``scale[c] = max|x[c]| / 127`` (float32) and
+``codes[c] = round(x[c] / scale[c])`` (to nearest, ties to even), so ``codes * scale`` is within
+``scale[c] / 2`` of ``x``, exactly: the quotient is formed in float64, whose rounding never moves
+it onto or across a half-integer, so each code is the correctly rounded one (on MPS, which has no
+float64, a float32 quotient: up to ``2**-18`` of a step more). Decoding to float32 adds half a unit
+in the last place of the value; decoding to float64 is exact. A channel that is all zero has
+scale 0, codes 0 and decodes to 0. A channel with a non-finite value (the run refuses such levels
+before they are stored) gets scale NaN and decodes to NaN throughout; its codes are unspecified.
+No error is raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+SAVE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+SCALE_SUFFIX = "_scale"
+
+# The dtype of a level's main array, numpy's and torch's: bfloat16 travels and is stored as its bits.
+_CODE_DTYPES = {
+    "float32": (np.dtype(np.float32), torch.float32),
+    "float16": (np.dtype(np.float16), torch.float16),
+    "bfloat16": (np.dtype(np.uint16), torch.uint16),
+    "int8": (np.dtype(np.int8), torch.int8),
+}
+# 1.5 * 2**52: adding it to a float64 of magnitude below 2**51 rounds it to an integer (to nearest,
+# ties to even) held in the low bits of the mantissa, whose low byte is then the int8 code.
+_ROUNDER = 1.5 * 2**52
+_CPU_BLOCK = 2**17  # float64 quotients per block: 1 MiB, within a core's L2 cache (measured best)
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One array written for an image's level."""
+
+    name: str  # file stem (p2_scale.npy), WebDataset member <key>.<name>.npy, Engine output key
+    dtype: np.dtype
+    shape: tuple[int, ...]  # one image's: (C, H, W) for the level, (C,) for its scales
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+
+
+def check_save_dtype(save_dtype: str) -> str:
+    """``save_dtype`` if it is one of :data:`SAVE_DTYPES`, else a ValueError naming the choices."""
+    if save_dtype not in _CODE_DTYPES:
+        raise ValueError(f"unknown save dtype {save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
+    return save_dtype
+
+
+def scale_name(level: str) -> str:
+    """The name of an int8 level's scales: ``p2`` -> ``p2_scale``."""
+    return level + SCALE_SUFFIX
+
+
+def code_dtype(save_dtype: str) -> np.dtype:
+    """The numpy dtype of a level's main array: float32, float16, uint16 (bfloat16 bits) or int8."""
+    return _CODE_DTYPES[check_save_dtype(save_dtype)][0]
+
+
+def torch_code_dtype(save_dtype: str) -> torch.dtype:
+    """:func:`code_dtype` in torch: float32, float16, uint16 (bfloat16 bits) or int8."""
+    return _CODE_DTYPES[check_save_dtype(save_dtype)][1]
+
+
+def stored_arrays(level: str, save_dtype: str, shape: tuple[int, int, int]) -> tuple[StoredArray, ...]:
+    """The arrays written for one image's ``level`` of ``shape`` (C, H, W), the level's own first:
+    ``(p2 (C, H, W) code dtype,)``, and for int8 also ``p2_scale (C,) float32``."""
+    main = StoredArray(level, code_dtype(save_dtype), tuple(shape))
+    if save_dtype != "int8":
+        return (main,)
+    return main, StoredArray(scale_name(level), np.dtype(np.float32), (shape[0],))
+
+
+def stored_bytes(save_dtype: str, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+    """Bytes of the arrays (without file headers) of one image's levels ``{level: (C, H, W)}``."""
+    return sum(a.nbytes for level, shape in shapes.items() for a in stored_arrays(level, save_dtype, shape))
+
+
+def encode(level: str, x: torch.Tensor, save_dtype: str) -> dict[str, torch.Tensor]:
+    """A batch of one level (N, C, H, W), any float dtype, on any device -> the stored arrays of
+    :func:`stored_arrays` with the batch in front, on the same device: ``{"p2": (N, C, H, W)}`` in
+    the code dtype, and for int8 also ``{"p2_scale": (N, C) float32}``. float32 and float16 are
+    ``x.to(dtype)`` (the same tensor when it is that dtype already); the memory layout follows ``x``."""
+    if check_save_dtype(save_dtype) == "int8":
+        codes, scale = encode_int8(x)
+        return {level: codes, scale_name(level): scale}
+    if save_dtype == "bfloat16":
+        return {level: encode_bfloat16(x)}
+    return {level: x.to(torch_code_dtype(save_dtype))}
+
+
+def encode_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """(..., ) float -> (..., ) uint16: the bits of ``x.to(torch.bfloat16)`` (round to nearest even;
+    infinities and NaN kept, values past bfloat16's range become infinities, as torch does)."""
+    return x.to(torch.bfloat16).view(torch.uint16)
+
+
+def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) float -> (codes (N, C, H, W) int8, scale (N, C) float32), symmetric per image
+    and channel: ``scale = max|x[n, c]| / 127``, ``codes = round(x / scale)`` (ties to even), 0 where
+    the scale is 0; NaN scales for channels with a non-finite value (see the module docstring)."""
+    # channels last: the reductions and the per-channel division run along the contiguous axis when
+    # x is channels-last (the Engine's layout on CPU and CUDA); a view, never a copy
+    v = x.permute(0, 2, 3, 1)
+    # amax and amin separately: two streaming passes, cheaper than abs() and its temporary
+    peak = torch.maximum(v.amax(dim=(1, 2)), -v.amin(dim=(1, 2))).float()
+    scale = torch.where(torch.isfinite(peak), peak / 127, torch.nan)
+    if x.device.type == "mps":  # no float64 there: a float32 quotient, up to 2**-18 of a step more
+        divisor = torch.where(scale > 0, scale, torch.inf)
+        codes = torch.div(v, divisor[:, None, None, :]).round_().to(torch.int8)
+        return codes.permute(0, 3, 1, 2), scale
+    # a float64 quotient is the float32s' exact quotient where that is a half-integer (a tie, then
+    # rounded to even) and is otherwise never rounded onto or across one (two float32s' quotient
+    # below 128 is at least 2**-26 from any half-integer it is not), so the codes are exact; the
+    # division by infinity makes an all-zero channel's codes 0
+    divisor = torch.where(scale > 0, scale.double(), torch.inf)[:, None, None, :]
+    rounder = torch.tensor(_ROUNDER, dtype=torch.float64, device=x.device)
+    codes = torch.empty_like(v, dtype=torch.int8)
+    # on the CPU, in blocks of rows whose float64 quotients stay in the cache: no temporary twice
+    # the float32 level's size, no page faults for one, and 2-3x faster than the level at once
+    rows = v.shape[1] if x.device.type != "cpu" else max(1, _CPU_BLOCK // max(1, v[:, :1].numel()))
+    quotient = torch.empty(
+        (v.shape[0], min(rows, v.shape[1]), *v.shape[2:]), dtype=torch.float64, device=x.device
+    )
+    for start in range(0, v.shape[1], rows):
+        block = v[:, start : start + rows]
+        out = quotient[:, : block.shape[1]]
+        torch.addcdiv(rounder, block, divisor, out=out)
+        codes[:, start : start + rows] = out.view(torch.int64)  # the low byte: two's complement code
+    return codes.permute(0, 3, 1, 2), scale
+
+
+def decode(
+    save_dtype: str, codes: np.ndarray, scale: np.ndarray | None = None, dtype: npt.DTypeLike = np.float32
+) -> np.ndarray:
+    """Stored arrays -> float features in ``dtype`` (float32 unless asked): ``codes`` (..., C, H, W)
+    of the level's code dtype, and for int8 its ``scale`` (..., C). A memory-mapped ``codes`` is
+    read, not modified. float64 decodes int8 exactly (``codes * scale`` has at most 32 bits)."""
+    check_save_dtype(save_dtype)
+    if save_dtype == "int8":
+        if scale is None:
+            raise ValueError("int8 codes need their scales to decode")
+        return codes.astype(dtype) * np.asarray(scale).astype(dtype)[..., None, None]
+    if save_dtype == "bfloat16":
+        return (np.asarray(codes).astype(np.uint32) << 16).view(np.float32).astype(dtype, copy=False)
+    return np.asarray(codes).astype(dtype, copy=False)
+
+
+def decode_torch(
+    save_dtype: str,
+    codes: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`decode` for tensors, on their device: (..., C, H, W) codes and (..., C) int8 scales."""
+    check_save_dtype(save_dtype)
+    if save_dtype == "int8":
+        if scale is None:
+            raise ValueError("int8 codes need their scales to decode")
+        return codes.to(dtype) * scale.to(dtype)[..., None, None]
+    if save_dtype == "bfloat16":
+        return codes.view(torch.bfloat16).to(dtype)
+    return codes.to(dtype)
