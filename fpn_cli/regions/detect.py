@@ -134,12 +134,12 @@ class DetectionHeads(nn.Module):
         self.builder = builder
         self.spec = DETECTORS[builder]
         self.options = options or DetectOptions()
+        _check_options(self.options)
         self.detector = _build(builder, self.spec, state, dict(builder_kwargs or {}))
         _load_heads(self.detector, state, builder)
         self.detector.eval()
         self.size_divisible = int(self.detector.transform.size_divisible)
         self.roi_pool = self._roi_pool()
-        _check_options(self.options)
 
     @property
     def levels(self) -> tuple[str, ...]:
