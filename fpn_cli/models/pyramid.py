@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError
 from fpn_cli.models.backbones import LevelInfo
+from fpn_cli.models.choices import USER_STYLES
 from fpn_cli.models.levels import LEVELS, pyramid_of
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "nearest2x")
@@ -77,7 +78,6 @@ FPN_STYLES: dict[str, FPNSpec] = {
         description="P6/P7 from C5, no ReLU before P7",
     ),
 }
-USER_STYLES = ("reference", "torchvision")  # --fpn-style; the model zoo's entries bring their own
 
 
 def fpn_spec(style: str | FPNSpec) -> FPNSpec:

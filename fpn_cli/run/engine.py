@@ -16,9 +16,9 @@ import torch
 from fpn_cli.errors import UsageError
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
+from fpn_cli.run.choices import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SAVE_DTYPES = ("float32", "float16")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
