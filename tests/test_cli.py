@@ -20,19 +20,6 @@ from imagefactory import save_rgb
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def option_names() -> list[str]:
-    return [opt for p in main.params for opt in p.opts if opt.startswith("--")]
-
-
-def test_every_option_is_in_help_and_readme():
-    help_text = run("--help").output
-    readme = (ROOT / "README.md").read_text()
-    assert len(option_names()) >= 20
-    for name in option_names():
-        assert name in help_text, name
-        assert re.search(rf"`{re.escape(name)}\b", readme), f"{name} is not documented in README.md"
-
-
 def test_help_shows_examples():
     assert "fpn-extract images/ --out feats/" in run("--help").output
 
