@@ -513,13 +513,18 @@ def main(
 
     report = None
     try:
-        from fpn_cli.models.builder import resolve  # torch: here, inside the try (a Ctrl-C while it loads)
+        _refuse_unused(click.get_current_context(), options, lists, summary)
+        resize = Resize(size, short_side, max_side)
+        if not summary and not inputs and not lists:
+            raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
+        if not summary and out is None:
+            raise click.UsageError("missing option '-o' / '--out'")
+        # torch from here on, inside the try: a Ctrl-C while it loads ends as any interrupt does
+        from fpn_cli.models.builder import resolve
         from fpn_cli.run.distributed import is_rank_zero
         from fpn_cli.run.options import Options
         from fpn_cli.run.pipeline import extract, summarize
 
-        _refuse_unused(click.get_current_context(), options, lists, summary)
-        resize = Resize(size, short_side, max_side)
         if summary:
             spec = resolve(
                 options["arch"], options["weights"], options["fpn_style"], options["levels"],
@@ -531,10 +536,6 @@ def main(
             )  # fmt: skip
             _echo(text)
             sys.exit(1 if failures else 0)
-        if not inputs and not lists:
-            raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
-        if out is None:
-            raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
         show_progress = not quiet and sys.stderr.isatty() and is_rank_zero()
         report = extract(

@@ -68,6 +68,10 @@ def test_help_and_version_do_not_import_torch(args, shows):
         ["--dtype", "float8", "a.png", "-o", "out"],
         ["--fpn-style", "detectron", "a.png", "-o", "out"],
         ["--seed", "-1", "a.png", "-o", "out"],
+        ["a.png"],
+        ["-o", "out"],
+        ["a.png", "-o", "out", "--shard-size", "1GB"],
+        ["a.png", "-o", "out", "--list-column", "file"],
     ],
 )
 def test_a_bad_option_value_is_refused_without_importing_torch(args):
