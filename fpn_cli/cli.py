@@ -10,21 +10,25 @@ import click
 
 from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import FORMATS
-from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize, read_names
-from fpn_cli.models import zoo
-from fpn_cli.models.backbones import ARCHS, TIMM_PREFIX, get_arch
-from fpn_cli.models.builder import RANDOM, SEED_RANGE, resolve
+from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS
+from fpn_cli.models.choices import (
+    ARCH_NAMES,
+    MAX_PAD_MULTIPLE,
+    RANDOM,
+    SEED_RANGE,
+    TIMM_PREFIX,
+    USER_STYLES,
+    check_arch,
+)
 from fpn_cli.models.levels import LEVELS, parse_levels
-from fpn_cli.models.model import MAX_PAD_MULTIPLE
-from fpn_cli.models.pyramid import USER_STYLES
-from fpn_cli.regions.roi import MAX_ROI_SIZE, parse_pool, rois_from_folder
+from fpn_cli.regions.choices import MAX_ROI_SIZE, parse_pool
 from fpn_cli.run import signals
-from fpn_cli.run.distributed import is_rank_zero
-from fpn_cli.run.engine import DTYPES, SAVE_DTYPES
-from fpn_cli.run.options import DEFAULT_TIMEOUT, MAX_TIMEOUT, Options
-from fpn_cli.run.pipeline import extract, summarize
-from fpn_cli.run.verify import verify_folder
+from fpn_cli.run.choices import DEFAULT_TIMEOUT, DTYPE_NAMES, MAX_TIMEOUT, SAVE_DTYPES
 from fpn_cli.version import __version__
+
+# torch is imported only by a command that computes (the library modules below it), inside the
+# command's function: --help, --version, a usage error and the subcommands' --help come back at
+# once, without the seconds torch takes to import.
 
 
 class _IntPair(click.ParamType):
@@ -89,10 +93,15 @@ class ArchType(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            get_arch(value)
+            check_arch(value)
         except FPNError as e:
             self.fail(str(e), param, ctx)
         return value
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(name) for name in ARCH_NAMES if name.startswith(incomplete)]
 
 
 class ShardType(_IntPair):
@@ -197,16 +206,29 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+class HelpArgument(click.Argument):
+    """An argument with a row in ``--help``, in its section like an option (click gives arguments none)."""
+
+    def __init__(self, *args, help: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = help
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        return (self.metavar or self.human_readable_name, self.help) if self.help else None
+
+
 class GroupedCommand(click.Command):
-    """A command whose ``--help`` lists its options in sections (inputs, model, output, run)
-    rather than one flat list; ``sections`` maps a title to parameter names, in order."""
+    """A command whose ``--help`` lists its arguments and options in sections (click has no option
+    groups of its own); ``sections`` maps a title to parameter names, in order. A parameter in no
+    section is listed under "Other options" (a test keeps that section empty)."""
 
     def __init__(self, *args, sections: dict[str, tuple[str, ...]], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sections = sections
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
+        help_option = self.get_help_option(ctx)  # named "help" in the sections, whatever click calls it
+        rows = {"help" if p is help_option else p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
         placed = {name for names in self.sections.values() for name in names}
         other = tuple(name for name in rows if name not in placed)
         for title, names in [*self.sections.items(), ("Other options", other)]:
@@ -215,11 +237,15 @@ class GroupedCommand(click.Command):
                 with formatter.section(title):
                     formatter.write_dl(records)
 
+    def format_arguments(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Nothing: the arguments have their rows in the sections (click 8.5 would list them apart)."""
+
 
 class WithSubcommands(GroupedCommand):
     """The main form, ``fpn-extract [OPTIONS] INPUTS...``, with subcommands beside it: a first
     argument that names one (``models``, ``verify``, ``roi``) runs it; an input named like a subcommand
-    is reached as ``./models``."""
+    is reached as ``./models``. Not a ``click.Group``: a group would read the first input as a
+    command name, and the main form must take inputs directly. Shell completion knows both."""
 
     subcommands: dict[str, click.Command] = {}
 
@@ -230,10 +256,27 @@ class WithSubcommands(GroupedCommand):
             return self.subcommands[args[0]].main(args[1:], prog_name=f"{name} {args[0]}", **kwargs)
         return super().main(args, prog_name=prog_name, **kwargs)
 
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        # shell completion resolves the words typed so far through here: a subcommand's name hands
+        # them to it, so that `fpn-extract roi --<TAB>` offers roi's options
+        if extra.get("resilient_parsing") and args and args[0] in self.subcommands:
+            return self.subcommands[args[0]].make_context(args[0], args[1:], parent, **extra)
+        return super().make_context(info_name, args, parent, **extra)
+
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, cmd.get_short_help_str(70)) for name, cmd in self.subcommands.items()])
         super().format_epilog(ctx, formatter)
+
+
+def _complete_inputs(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """INPUTS complete as file names; the first word also as a subcommand's name."""
+    from click.shell_completion import CompletionItem
+
+    names = []
+    if not ctx.params.get("inputs"):
+        names = [CompletionItem(n) for n in WithSubcommands.subcommands if n.startswith(incomplete)]
+    return [*names, CompletionItem(incomplete, type="file")]
 
 
 EXAMPLES = """
@@ -251,22 +294,35 @@ Examples:
 
 
 SECTIONS = {
-    "Inputs": ("lists", "list_column", "root", "null", "max_pixels", "timeout", "summary", "input_size"),
-    "Model": ("arch", "weights", "fpn_style", "levels", "seed", "pad_multiple"),
-    "Preprocessing": ("size", "short_side", "max_side"),
-    "Output": ("out", "format", "shard_size", "save_dtype", "overwrite", "hash", "preview"),
-    "Regions and pooling": ("boxes", "roi_size", "roi_levels", "pool", "no_maps"),
+    "Inputs": ("inputs", "lists", "root", "null", "size", "short_side", "max_side"),
+    "Model": ("arch", "weights", "fpn_style", "levels", "seed"),
+    "Output": ("out", "format", "save_dtype", "overwrite", "preview", "boxes", "pool", "no_maps"),
     "Run": (
         "device",
         "dtype",
         "batch_size",
-        "compile",
-        "workers",
-        "writers",
         "shard",
         "fail_fast",
+        "summary",
+        "input_size",
         "quiet",
         "verbose",
+        "version",
+        "help",
+    ),
+    # rarely needed: defaults that fit nearly every run
+    "Advanced": (
+        "list_column",
+        "max_pixels",
+        "timeout",
+        "hash",
+        "pad_multiple",
+        "shard_size",
+        "roi_size",
+        "roi_levels",
+        "workers",
+        "writers",
+        "compile",
     ),
 }
 
@@ -277,7 +333,15 @@ SECTIONS = {
     epilog=EXAMPLES,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-@click.argument("inputs", nargs=-1, metavar="[INPUTS]...")
+@click.argument(
+    "inputs",
+    nargs=-1,
+    metavar="[INPUTS]...",
+    cls=HelpArgument,
+    shell_complete=_complete_inputs,
+    help="Image files, folders (searched recursively), glob patterns, WebDataset tar shards (brace "
+    "patterns too) or URLs (s3://, gs://, https://); - reads paths from standard input.",
+)
 @click.option(
     "-o",
     "--out",
@@ -325,7 +389,7 @@ SECTIONS = {
     "--arch",
     type=ArchType(),
     default=None,
-    help=f"Backbone: {', '.join(ARCHS)}, or {TIMM_PREFIX}<model> "
+    help=f"Backbone: {', '.join(ARCH_NAMES)}, or {TIMM_PREFIX}<model> "
     "[default: resnet50, or what --weights needs].",
 )
 @click.option(
@@ -358,8 +422,7 @@ SECTIONS = {
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Images of one size per forward pass [default: 8 on a GPU, 1 on the CPU, where larger "
-    "batches are slower per image: batch 4 took 1.12-1.20x as long, measured].",
+    help="Images of one size per forward pass [default: 8 on a GPU, 1 on the CPU].",
 )
 @click.option("--size", type=SizeType(), default=None, help="Resize every image to HxW.")
 @click.option(
@@ -376,7 +439,7 @@ SECTIONS = {
 )
 @click.option(
     "--dtype",
-    type=click.Choice(list(DTYPES)),
+    type=click.Choice(DTYPE_NAMES),
     default="float32",
     show_default=True,
     help="Compute precision (autocast below float32).",
@@ -404,8 +467,8 @@ SECTIONS = {
 @click.option(
     "--compile",
     is_flag=True,
-    help="torch.compile the network (weights prepacked once): 1.1-2x faster forwards on a CPU after a "
-    "compile of 5-16 s per input size; for runs at one --size.",
+    help="torch.compile the network (weights prepacked once): faster forwards after a compile per "
+    "input size; for runs at one --size.",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be read.")
 @click.option(
@@ -486,11 +549,11 @@ def main(
 ):  # fmt: skip
     """Compute Feature Pyramid Network features (P2-P5) for images.
 
-    INPUTS are image files, folders (searched recursively), glob patterns, WebDataset tar shards
-    (brace patterns too) or URLs (s3://, gs://, https://); - reads paths from standard input.
     Each image's levels go to OUT/<path without extension>/<level>.npy (or into tar shards with
     --format shards), and OUT/report.json lists every image.
     """
+    from fpn_cli.inputs.images import Resize, read_names
+
     _tolerant_streams()
     stdin_lines = read_names(_stdin(), null) if "-" in inputs else ()
     failures = []
@@ -503,6 +566,16 @@ def main(
     try:
         _refuse_unused(click.get_current_context(), options, lists, summary)
         resize = Resize(size, short_side, max_side)
+        if not summary and not inputs and not lists:
+            raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
+        if not summary and out is None:
+            raise click.UsageError("missing option '-o' / '--out'")
+        # torch from here on, inside the try: a Ctrl-C while it loads ends as any interrupt does
+        from fpn_cli.models.builder import resolve
+        from fpn_cli.run.distributed import is_rank_zero
+        from fpn_cli.run.options import Options
+        from fpn_cli.run.pipeline import extract, summarize
+
         if summary:
             spec = resolve(
                 options["arch"], options["weights"], options["fpn_style"], options["levels"],
@@ -514,10 +587,6 @@ def main(
             )  # fmt: skip
             _echo(text)
             sys.exit(1 if failures else 0)
-        if not inputs and not lists:
-            raise click.UsageError("no INPUTS given (image files, folders, patterns, or - for stdin)")
-        if out is None:
-            raise click.UsageError("missing option '-o' / '--out'")
         options = Options(resize=resize, **options)
         progress = None
         if not quiet and is_rank_zero():  # a bar on a terminal, lines in a log
@@ -616,6 +685,8 @@ def models(pattern: str) -> None:
 
     PATTERN keeps the entries whose name contains it, e.g. retinanet or detectron2:.
     """
+    from fpn_cli.models import zoo  # torch (and torchvision, whose weights' table it reads)
+
     entries = [e for e in zoo.zoo().values() if pattern.lower() in e.name.lower()]
     if not entries:
         raise click.UsageError(f"no zoo entry matches {pattern!r}")
@@ -644,6 +715,8 @@ def verify(out: str) -> None:
     index) and its input's fingerprint (still there, same size and modification time, same
     SHA-256 if recorded). Prints one line per problem; exit status 1 if there is any, 0 if none.
     """
+    from fpn_cli.run.verify import verify_folder
+
     _tolerant_streams()
     try:
         result = verify_folder(out)
@@ -681,6 +754,8 @@ def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
     """
     _tolerant_streams()
     try:
+        from fpn_cli.regions.roi import rois_from_folder
+
         result = rois_from_folder(
             out,
             boxes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,31 +11,127 @@ from pathlib import Path
 import pytest
 
 from fpn_cli import Options, UsageError
-from fpn_cli.cli import main
+from fpn_cli.cli import SECTIONS, main
 
-from conftest import run
+from conftest import FPN_EXTRACT, run
 from imagefactory import save_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def option_names() -> list[str]:
-    return [opt for p in main.params for opt in p.opts if opt.startswith("--")]
-
-
-def test_every_option_is_in_help_and_readme():
-    """In the README, or in the docs/ page of its subject (README.md is rewritten apart)."""
-    help_text = run("--help").output
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    docs = "\n".join(page.read_text() for page in pages)
-    assert len(option_names()) >= 20
-    for name in option_names():
-        assert name in help_text, name
-        assert re.search(rf"`{re.escape(name)}\b", docs), f"{name} is not documented in README.md or docs/"
-
-
 def test_help_shows_examples():
     assert "fpn-extract images/ --out feats/" in run("--help").output
+
+
+# runs the console script's entry in a fresh interpreter, then says whether torch was imported
+TORCH_PROBE = """
+import sys
+from fpn_cli.console import main
+sys.argv = ["fpn-extract", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    status = e.code
+print("torch imported" if "torch" in sys.modules else "no torch", status, file=sys.stderr)
+"""
+
+
+def probe_torch(*args: str) -> tuple[str, str]:
+    """(stdout, the probe's verdict line) of ``fpn-extract ARGS`` in a new process."""
+    proc = subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True)
+    return proc.stdout, proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "shows"),
+    [
+        (["--help"], "Usage: fpn-extract [OPTIONS] [INPUTS]..."),
+        (["--version"], "fpn-extract, version"),
+        (["models", "--help"], "Usage: fpn-extract models [OPTIONS] [PATTERN]"),
+        (["verify", "--help"], "Usage: fpn-extract verify [OPTIONS] OUT"),
+        (["roi", "--help"], "Usage: fpn-extract roi [OPTIONS] OUT"),
+    ],
+)
+def test_help_and_version_do_not_import_torch(args, shows):
+    out, verdict = probe_torch(*args)
+    assert shows in out
+    assert verdict == "no torch 0"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--arch", "resnet5", "a.png", "-o", "out"],
+        ["--levels", "p2,p9", "a.png", "-o", "out"],
+        ["--pool", "mean", "a.png", "-o", "out"],
+        ["--dtype", "float8", "a.png", "-o", "out"],
+        ["--fpn-style", "detectron", "a.png", "-o", "out"],
+        ["--seed", "-1", "a.png", "-o", "out"],
+        ["a.png"],
+        ["-o", "out"],
+        ["a.png", "-o", "out", "--shard-size", "1GB"],
+        ["a.png", "-o", "out", "--list-column", "file"],
+    ],
+)
+def test_a_bad_option_value_is_refused_without_importing_torch(args):
+    assert probe_torch(*args)[1] == "no torch 2"
+
+
+def test_the_probe_sees_torch_when_a_command_computes():
+    out, verdict = probe_torch("--summary", "--arch", "seed")
+    assert "P5         32       256      19     29" in out
+    assert verdict == "torch imported 0"
+
+
+def test_cli_choices_are_the_library_registries():
+    from fpn_cli.models.backbones import ARCHS
+    from fpn_cli.models.choices import ARCH_NAMES
+    from fpn_cli.run.choices import DTYPE_NAMES
+    from fpn_cli.run.engine import DTYPES
+
+    assert ARCH_NAMES == tuple(ARCHS)
+    assert DTYPE_NAMES == tuple(DTYPES)
+
+
+def test_help_lists_every_option_in_its_section():
+    help_text = run("--help").output
+    titles = [line[:-1] for line in help_text.splitlines() if line.endswith(":") and not line[0].isspace()]
+    assert titles == ["Inputs", "Model", "Output", "Run", "Advanced", "Commands"]
+    assert "Other options" not in help_text and "Positional arguments" not in help_text
+    placed = [name for names in SECTIONS.values() for name in names]
+    assert len(placed) == len(set(placed))
+    assert set(placed) == {p.name for p in main.params} | {"help"}
+
+
+def test_help_shows_inputs_first_in_the_inputs_section():
+    lines = run("--help").output.splitlines()
+    inputs = lines.index("Inputs:")
+    assert lines[inputs + 1].split()[:2] == ["[INPUTS]...", "Image"]
+    assert lines.index("Advanced:") < next(i for i, line in enumerate(lines) if "--compile" in line)
+
+
+def test_help_carries_no_benchmark_figures():
+    help_text = run("--help").output
+    assert not re.search(r"\d(\.\d+)?x\b|measured|\d+(-\d+)? s\b", help_text), help_text
+
+
+def complete(words: str) -> list[str]:
+    """What the shell completion of the installed script offers after ``words`` (bash's protocol)."""
+    env = {**os.environ, "_FPN_EXTRACT_COMPLETE": "bash_complete", "COMP_WORDS": words}
+    env["COMP_CWORD"] = str(len(words.split()) - (0 if words.endswith(" ") else 1))
+    return subprocess.run(FPN_EXTRACT, env=env, capture_output=True, text=True).stdout.splitlines()
+
+
+def test_shell_completion_offers_subcommands_options_and_choices():
+    assert "plain,models" in complete("fpn-extract mo")
+    assert "plain,--boxes" in complete("fpn-extract roi --bo")
+    assert complete("fpn-extract --arch resnet1") == [
+        "plain,resnet18",
+        "plain,resnet101",
+        "plain,resnet152",
+        "plain,resnet101_msra",
+    ]
+    assert "plain,models" not in complete("fpn-extract a.png mo")
 
 
 def test_verbose_lists_every_image(tmp_path):

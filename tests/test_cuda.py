@@ -27,8 +27,8 @@ pytestmark = [
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LEVELS = ("p2", "p3", "p4", "p5")
-# Documented tolerances (README "On a GPU"): float32 on CUDA runs without TF32, so it agrees with the
-# CPU to float rounding; autocast's errors are relative to each level's largest value.
+# Documented tolerances (docs/performance.md, "On a GPU"): float32 on CUDA runs without TF32, so it
+# agrees with the CPU to float rounding; autocast's errors are relative to each level's largest value.
 FP32_TOL = 1e-4
 BF16_TOL = 2e-2
 FP16_TOL = 5e-3

@@ -176,7 +176,7 @@ def test_an_interrupted_roi_subcommand_says_so_and_exits_130(tmp_path, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fpn_cli.cli.rois_from_folder", interrupted)
+    monkeypatch.setattr("fpn_cli.regions.roi.rois_from_folder", interrupted)  # cli imports it when run
     csv = write_csv(tmp_path / "b.csv", [("a.png", 1, 1, 4, 4)])
     result = run("roi", tmp_path, "--boxes", csv)
     assert result.exit_code == 130

@@ -94,7 +94,6 @@ from fpn_cli.formats.store import (
 from fpn_cli.formats.store import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
 from fpn_cli.formats.store import TAR_SHARDS_DIR as SHARDS  # under OUT
 from fpn_cli.inputs.urls import Folder
-from fpn_cli.run.distributed import shard_of
 
 PARTS = f"{SHARDS}/.index"  # one index part per shard
 INDEX = f"{SHARDS}/index.jsonl"
@@ -331,6 +330,8 @@ class ShardStore:
     def _completed(self) -> dict[str, dict]:
         """Index lines of the images this run owns that are in complete shards (the newest line
         of each key), read once."""
+        from fpn_cli.run.distributed import shard_of  # here: the run's layer, and torch, only when used
+
         with self._reading:
             if self._complete is None:
                 found = complete_lines(self.folder, repair=True, clean=self._owns)

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError
+from fpn_cli.models.choices import TIMM_PREFIX, check_arch
 from fpn_cli.models.levels import LEVELS
 
 
@@ -246,8 +247,6 @@ class MobileNetV3Body(nn.Module):
 
 # --- timm -----------------------------------------------------------------------------------------
 
-TIMM_PREFIX = "timm:"
-
 
 @dataclass(frozen=True)
 class TimmArch:
@@ -339,6 +338,4 @@ def get_arch(name: str) -> Arch:
     """A registered architecture, or ``timm:<model>`` for any timm model."""
     if name.startswith(TIMM_PREFIX):
         return TimmArch(name[len(TIMM_PREFIX) :])
-    if name not in ARCHS:
-        raise UsageError(f"unknown arch {name!r}; choose from {', '.join(ARCHS)} or timm:<model>")
-    return ARCHS[name]
+    return ARCHS[check_arch(name)]

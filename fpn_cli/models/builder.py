@@ -17,18 +17,14 @@ from fpn_cli.errors import UsageError, WeightsError
 from fpn_cli.models import weights as wts
 from fpn_cli.models import zoo
 from fpn_cli.models.backbones import ResNetArch, TimmArch, get_arch, import_timm
+from fpn_cli.models.choices import IMAGENET_WEIGHTS, RANDOM, SEED_RANGE, USER_STYLES
 from fpn_cli.models.frameworks import framework, read_file
 from fpn_cli.models.hub import ResizePolicy, WeightsOrigin
 from fpn_cli.models.levels import parse_levels
 from fpn_cli.models.model import FPN, FPNConfig, build_model
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
-from fpn_cli.models.pyramid import USER_STYLES
 
 DEFAULT_ARCH = "resnet50"
-RANDOM, IMAGENET_WEIGHTS = "random", "imagenet"
-# what torch's generators take, each seed its own weights (torch also takes negatives down to
-# -2**63, as aliases of 2**64 + seed: refused, so that a seed and its weights are one to one)
-SEED_RANGE = (0, 2**64 - 1)
 
 
 @dataclass(frozen=True)

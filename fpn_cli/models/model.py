@@ -15,11 +15,10 @@ from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError
 from fpn_cli.models.backbones import Backbone, LevelInfo, get_arch
+from fpn_cli.models.choices import MAX_PAD_MULTIPLE
 from fpn_cli.models.frameworks import fpn_spec
 from fpn_cli.models.levels import DEFAULT_LEVELS, parse_levels, pyramid_of
 from fpn_cli.models.pyramid import FPNSpec, TopDown
-
-MAX_PAD_MULTIPLE = 1024  # detectron2 and mmdetection pad to 32; more is no padding anyone uses
 
 
 @dataclass(frozen=True)

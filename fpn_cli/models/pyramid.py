@@ -74,9 +74,6 @@ class FPNSpec:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}")
 
 
-USER_STYLES = ("reference", "torchvision")  # --fpn-style; the model zoo's entries bring their own
-
-
 def _conv(cin: int, cout: int, kernel: int, norm: bool) -> nn.Module:
     conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=not norm)
     return nn.Sequential(conv, nn.BatchNorm2d(cout)) if norm else conv

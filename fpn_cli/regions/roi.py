@@ -33,7 +33,6 @@ from fpn_cli.formats.locks import finish_overwrite, lock_folder, read_settings, 
 from fpn_cli.formats.store import (
     BOXES,
     OVERWRITE_MARKER,
-    POOLS,
     REPORT_FILE,
     ROIS,
     SETTINGS_FILE,
@@ -43,6 +42,7 @@ from fpn_cli.formats.store import (
 from fpn_cli.inputs.images import output_key
 from fpn_cli.models.levels import LEVELS, parse_levels
 from fpn_cli.regions.boxes import BoxFile, Checked, check, clip_note, read_boxes
+from fpn_cli.regions.choices import MAX_ROI_SIZE
 from fpn_cli.report import dump_report
 
 if TYPE_CHECKING:
@@ -54,19 +54,6 @@ ROI_LEVELS = ("p2", "p3", "p4", "p5")  # torchvision's Faster R-CNN box pooler's
 CANONICAL_SCALE, CANONICAL_LEVEL = 224, 4  # FPN paper eq. 1: a 224x224 box pools from P4
 BOX_DTYPE = np.dtype(np.float64)  # coordinates exactly as given, whatever the save dtype
 UNKNOWN_SHOWN = 10  # images a boxes file names that have no features: a warning each, up to this
-MAX_ROI_SIZE = 64  # detection heads pool 7x7, mask heads 14x14 or 28x28: 64 bounds (N, 256, 64, 64)
-
-
-def parse_pool(kinds: str | Sequence[str]) -> tuple[str, ...]:
-    """``"avg,max"`` or ``("avg",)`` -> ``("avg", "max")``; unknown or repeated kinds are errors."""
-    names = kinds.split(",") if isinstance(kinds, str) else list(kinds)
-    names = [n.strip().lower() for n in names if n.strip()]
-    unknown = [n for n in names if n not in POOLS]
-    if unknown:
-        raise UsageError(f"unknown pooling {unknown[0]!r}; choose from {', '.join(POOLS)}")
-    if len(set(names)) != len(names):
-        raise UsageError(f"a pooling is listed twice in {','.join(names)}")
-    return tuple(names)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from fpn_cli.errors import UsageError
 from fpn_cli.formats import codecs
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
+from fpn_cli.run.choices import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# What --save-dtype offers until the writers, readers and verify store bfloat16 and int8; the Engine
-# itself encodes every one of codecs.SAVE_DTYPES.
-SAVE_DTYPES = ("float32", "float16")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+# What --save-dtype offers until the writers, readers and verify store bfloat16 and int8 (run/choices.py);
+# the Engine itself encodes every one of codecs.SAVE_DTYPES.
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:

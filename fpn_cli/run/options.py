@@ -13,12 +13,11 @@ from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize
 from fpn_cli.models.builder import RANDOM, ModelSpec
 from fpn_cli.models.levels import parse_levels
 from fpn_cli.models.model import level_info, resolved_levels
-from fpn_cli.regions.roi import RoiSpec, parse_pool
-from fpn_cli.run.engine import DTYPES, SAVE_DTYPES
+from fpn_cli.regions.choices import parse_pool
+from fpn_cli.regions.roi import RoiSpec
+from fpn_cli.run.choices import DEFAULT_TIMEOUT, MAX_TIMEOUT, SAVE_DTYPES
+from fpn_cli.run.engine import DTYPES
 from fpn_cli.version import __version__
-
-DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
-MAX_TIMEOUT = 1_000_000.0  # 11.6 days; the platform's timers overflow far beyond
 
 
 def check_resize(resize: Resize, max_pixels: int) -> None:

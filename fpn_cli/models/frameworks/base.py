@@ -27,9 +27,10 @@ from torch import Tensor
 
 from fpn_cli.errors import UsageError, WeightsError
 from fpn_cli.models.backbones import ARCHS, Bottleneck, ResNetArch
+from fpn_cli.models.choices import USER_STYLES
 from fpn_cli.models.hub import ResizePolicy, WeightsOrigin, ZooEntry
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
-from fpn_cli.models.pyramid import USER_STYLES, FPNSpec
+from fpn_cli.models.pyramid import FPNSpec
 from fpn_cli.models.weights import (
     Checkpoint,
     KeyFormat,

@@ -1,0 +1,9 @@
+"""What the command line offers and checks about a run, without importing torch: precision names
+and the read timeout's default and bound (engine.py and options.py take them from here)."""
+
+from __future__ import annotations
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # --dtype: compute precision (autocast below float32)
+SAVE_DTYPES = ("float32", "float16")  # --save-dtype
+DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
+MAX_TIMEOUT = 1_000_000.0  # 11.6 days; the platform's timers overflow far beyond
