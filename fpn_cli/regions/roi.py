@@ -43,6 +43,7 @@ from fpn_cli.formats.store import (
 from fpn_cli.inputs.images import output_key
 from fpn_cli.models.levels import LEVELS, parse_levels
 from fpn_cli.regions.boxes import BoxFile, Checked, check, clip_note, read_boxes
+from fpn_cli.regions.geometry import Geometry, LevelSizes
 from fpn_cli.report import dump_report
 
 if TYPE_CHECKING:
@@ -67,42 +68,6 @@ def parse_pool(kinds: str | Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise UsageError(f"a pooling is listed twice in {','.join(names)}")
     return tuple(names)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How an image's pixels reach the network, and so how a box maps onto each level: a point
-    (x, y) of the image, after EXIF orientation, is (x * sx / stride, y * sy / stride) on a level."""
-
-    input_size: tuple[int, int]  # (H, W) as decoded, EXIF orientation applied
-    model_input_size: tuple[int, int]  # (H', W') after --size / --short-side
-    orientation: int = 1  # the EXIF orientation applied, 1 (none) to 8
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """(sy, sx): original pixels to model-input pixels, each axis on its own."""
-        (h, w), (mh, mw) = self.input_size, self.model_input_size
-        return mh / h, mw / w
-
-    def to_model_input(self, boxes: np.ndarray) -> np.ndarray:
-        """(N, 4) x1, y1, x2, y2 in original pixels -> the same boxes in model-input pixels."""
-        sy, sx = self.scale
-        return boxes * np.array([sx, sy, sx, sy])
-
-    def to_json(self, levels: Sequence[str], pad_multiple: int = 1) -> dict:
-        """report.json's ``geometry``: orientation, scale, and per level its stride and valid size
-        ⌈H'/stride⌉ x ⌈W'/stride⌉ (the stored shape); with padding, also the size of the padded
-        input's level, of which the stored level is the top-left crop."""
-        h, w = self.model_input_size
-        ph, pw = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
-        per_level = {}
-        for name in levels:
-            stride = LEVELS[name].stride
-            entry: dict = {"stride": stride, "size": [-(-h // stride), -(-w // stride)]}
-            if pad_multiple > 1:
-                entry["padded_size"] = [-(-ph // stride), -(-pw // stride)]
-            per_level[name] = entry
-        return {"orientation": self.orientation, "scale": list(self.scale), "levels": per_level}
 
 
 @dataclass(frozen=True)
@@ -219,7 +184,7 @@ class Outputs:
     pool: tuple[str, ...] = ()
     roi: RoiSpec | None = None
     boxes: BoxFile | None = None
-    pad_multiple: int = 1
+    sizes: LevelSizes | None = None  # the model's level sizes, for report.json's geometry
 
     def unwanted(self, rel: str) -> tuple[str, ...]:
         """Arrays the image ``rel`` must not keep: with a boxes file, the RoI features of an
@@ -334,7 +299,7 @@ class Outputs:
         are: their file, or their member of the same shard."""
         location = location or _npy_location
         fields: dict = {
-            "geometry": geometry.to_json(self.levels, self.pad_multiple) if geometry else None,
+            "geometry": self.sizes.geometry_json(geometry) if geometry and self.sizes else None,
             "pooled": {
                 name: {"shape": list(shapes[name]), **location(key, name)}
                 for name in (pool_name(level, kind) for level in self.levels for kind in self.pool)

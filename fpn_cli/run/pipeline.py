@@ -55,9 +55,10 @@ from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header,
 from fpn_cli.inputs.sources import find_inputs
 from fpn_cli.inputs.urls import is_url
 from fpn_cli.models.builder import ModelSpec, build, resolve
-from fpn_cli.models.model import FPN, level_info, output_shapes, parameter_count, resolved_levels
+from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
 from fpn_cli.regions.boxes import read_boxes
-from fpn_cli.regions.roi import Geometry, Outputs, tell_boxes, warn_unknown
+from fpn_cli.regions.geometry import Geometry, LevelSizes
+from fpn_cli.regions.roi import Outputs, tell_boxes, warn_unknown
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, shard_of, torchrun_launch
@@ -148,7 +149,7 @@ def extract(
         out, opts.format, resolved_levels(spec.config), opts.save_dtype, opts.shard_size, shard
     )
     outputs = Outputs(
-        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, spec.config.pad_multiple
+        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, LevelSizes(spec.config)
     )
     report: Report | None = None
     began = False  # an interrupt that escapes before the run began found nothing processed
@@ -270,9 +271,10 @@ def run(
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
     writers = opts.writers or default_writers(device)
-    outputs = outputs or Outputs(store.levels, opts.save_dtype)
+    outputs = outputs or Outputs(store.levels, opts.save_dtype, sizes=LevelSizes(engine.model.config))
     results = Results(store, outputs, report, on_failure, log)
-    shapes = partial(_shapes, engine.model.config, opts.resize)
+    sizes = outputs.sizes or LevelSizes(engine.model.config)
+    shapes = partial(_shapes, sizes, opts.resize)
     jobs = plan(images, store, opts, outputs, results, shapes, workers, log)
     forward = Forward(engine, report, on_failure, log)
     depth = max(2, 2 * batch_size, writers)
@@ -280,7 +282,7 @@ def run(
         decoded = decode_ahead(
             jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
         )
-        readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer)
+        readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer, sizes)
         for batch in batches(readable, batch_size, max_pending=4 * batch_size):
             for job, levels, ready in forward(batch):
                 writer.put(job, levels, ready)
@@ -422,9 +424,9 @@ def _recorded_geometry(verdict: resume.Verdict, resize: Resize) -> Geometry:
     return Geometry(verdict.input_size, resize.target(*verdict.input_size), verdict.orientation)
 
 
-def _shapes(config, resize: Resize, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+def _shapes(sizes: LevelSizes, resize: Resize, height: int, width: int) -> dict[str, tuple[int, ...]]:
     """Each level's (C, h, w) for an input of ``height`` x ``width`` as decoded."""
-    return output_shapes(config, *resize.target(height, width))
+    return sizes(*resize.target(height, width))
 
 
 def decode_ahead(
@@ -472,12 +474,20 @@ def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -
 
 
 def split_off_failures(
-    decoded: Iterable[Job], report: Report, on_failure: OnFailure, fail_fast: bool, writer: Writer
+    decoded: Iterable[Job],
+    report: Report,
+    on_failure: OnFailure,
+    fail_fast: bool,
+    writer: Writer,
+    sizes: LevelSizes | None = None,
 ) -> Iterator[Job]:
-    """Step 3. Images that could not be read are failed inputs (with ``fail_fast``, the first
-    stops the run); jobs whose levels are on disk, or that store nothing, go straight to
-    ``writer``; the rest go on to the network."""
+    """Step 3. Images that could not be read, or that are too small for the network (``sizes``:
+    the model refuses their input size), are failed inputs (with ``fail_fast``, the first stops
+    the run); jobs whose levels are on disk, or that store nothing, go straight to ``writer``;
+    the rest go on to the network."""
     for job in decoded:
+        if job.error is None and sizes is not None and job.geometry is not None:
+            job.error = sizes.refusal(*job.geometry.model_input_size)
         if job.error is not None:
             _fail(job, job.error, report, on_failure)
             if fail_fast:
@@ -775,21 +785,30 @@ def summarize(
     """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
     (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
     dtype, of the arrays a run stores (the levels unless not ``maps``, the ``pool`` vectors);
-    ``on_failure`` (path, reason) for each input whose size cannot be read."""
+    ``on_failure`` (path, reason) for each input whose size cannot be read or that is too small
+    for the network (an ``input_size`` too small is a :class:`UsageError`). Every size is the
+    model's (:class:`LevelSizes`)."""
     config = spec.config
+    sizes = LevelSizes(config)
     if not inputs and not lists:
-        shapes = [(input_size, output_shapes(config, *input_size))]
+        refusal = sizes.refusal(*input_size)
+        if refusal is not None:
+            raise UsageError(f"--input-size {input_size[0]}x{input_size[1]}: {refusal}")
+        shapes = [(input_size, sizes(*input_size))]
         return format_summary(spec, parameter_count(config), level_info(config), shapes)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
     for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column)):
+        if not isinstance(size, str):
+            target = resize.target(*size)
+            size = sizes.refusal(*target) or target
         if isinstance(size, str):
             unreadable += 1
             if on_failure is not None:
                 on_failure(str(image.path), size)
         else:
-            per_size[resize.target(*size)] += 1
-    shapes = [(s, output_shapes(config, *s)) for s in sorted(per_size)]
+            per_size[size] += 1
+    shapes = [(s, sizes(*s)) for s in sorted(per_size)]
     text = format_summary(spec, parameter_count(config), level_info(config), shapes)
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fpn_cli.errors import ImageError
+from fpn_cli.errors import FPNError, ImageError
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Readable, open_input, open_regular
 
@@ -177,7 +177,10 @@ def examine(
     where = source(image.path)
     if any(entry.get(k) != v for k, v in where.items()):
         store.relocate_record(image.key, {**entry, **where})
-    expected = shapes(*size)
+    try:
+        expected = shapes(*size)
+    except FPNError as e:  # a recorded size the network cannot take (too small for it)
+        return Verdict(error=str(e))
     kept, wrong, reasons = {}, [], []
     for level in store.levels:
         shape = store.stored_shape(image.key, level, store.dtype)

@@ -7,6 +7,8 @@ For every image report.json lists as ok or skipped:
   report's save dtype, and of the shape listed, which is the shape the report's model gives for
   the image's network input size; every level of the model is listed, unless the run stored
   none (``--no-maps``);
+- its ``geometry``, if listed, gives each level the size the model gives (else, where the model
+  cannot be built here, the size of the level's listed shape) and the level's stride;
 - each listed pooled vector (``--pool``) likewise, of the shape listed, (C,) for its level's C;
 - its RoI features (``--boxes``), if listed: ``rois.npy`` likewise, of the shape listed, and
   ``boxes.npy`` a complete float64 ``.npy`` of one row of 4 per RoI;
@@ -43,7 +45,9 @@ from fpn_cli.formats.store import REPORT_FILE, SHARDS_DIR, Store
 from fpn_cli.inputs.images import Readable, output_key
 from fpn_cli.inputs.sources import RemoteFile, tar_members
 from fpn_cli.inputs.urls import Folder, filesystem, is_url
-from fpn_cli.models.model import FPNConfig, output_shapes
+from fpn_cli.models.levels import LEVELS
+from fpn_cli.models.model import FPNConfig
+from fpn_cli.regions.geometry import LevelSizes
 from fpn_cli.regions.roi import BOX_DTYPE
 from fpn_cli.run.resume import change, recorded_fingerprint
 
@@ -219,6 +223,7 @@ def _check_image(
     expected = _expected(config, entry.get("model_input_size"))
     for level, info in levels.items():
         problems += _check_level(folder, key, level, info, dtype, expected.get(level))
+    problems += _check_geometry(entry.get("geometry"), expected, levels)
     pooled = entry.get("pooled") if isinstance(entry.get("pooled"), dict) else {}
     for name, info in pooled.items():
         channels = expected.get(name.rsplit("_", 1)[0])
@@ -233,12 +238,35 @@ def _check_image(
 
 
 def _expected(config: FPNConfig | None, size: object) -> dict[str, tuple[int, ...]]:
+    """Each level's (C, h, w) as the model gives it for the network input ``size``."""
     if config is None or not (isinstance(size, list) and len(size) == 2):
         return {}
     try:
-        return output_shapes(config, int(size[0]), int(size[1]))
-    except (FPNError, RuntimeError, TypeError, ValueError):
+        return LevelSizes(config)(int(size[0]), int(size[1]))
+    except (FPNError, TypeError, ValueError):
         return {}
+
+
+def _check_geometry(geometry: object, expected: dict[str, tuple[int, ...]], levels: dict) -> list[str]:
+    """report.json's ``geometry`` of an image against the model's level sizes (or, where the model
+    cannot be built here, against the shapes listed)."""
+    if geometry is None:
+        return []
+    per_level = geometry.get("levels") if isinstance(geometry, dict) else None
+    if not isinstance(per_level, dict):
+        return ["its geometry lists no levels"]
+    problems = []
+    for level, info in per_level.items():
+        listed = levels.get(level) if isinstance(levels.get(level), dict) else {}
+        size = expected.get(level, tuple(listed.get("shape") or ()))[1:]
+        found = tuple(info.get("size") or ()) if isinstance(info, dict) else ()
+        if size and found != tuple(size):
+            model = _text(tuple(size))
+            problems.append(f"its geometry gives {level} as {_text(found)}, but the model gives {model}")
+        stride = LEVELS[level].stride if level in LEVELS else None
+        if isinstance(info, dict) and info.get("stride") != stride:
+            problems.append(f"its geometry gives {level} stride {info.get('stride')}, not {stride}")
+    return problems
 
 
 def _check_level(
