@@ -170,8 +170,8 @@ def stage_breakdown(
     """ms/image of each stage alone, one after the other on the same images: decode (one thread),
     copy to the device, forward, copy back (to the save dtype), write the .npy files, and write
     the same arrays into tar shards (--format shards; the one stage where the formats differ)."""
+    from fpn_cli.formats.npy import Store
     from fpn_cli.formats.shards import ShardStore
-    from fpn_cli.formats.store import Store
 
     device = engine.device
     start = time.perf_counter()

@@ -17,12 +17,13 @@ from fpn_cli.models.builder import RANDOM, SEED_RANGE, resolve
 from fpn_cli.models.levels import LEVELS, parse_levels
 from fpn_cli.models.model import MAX_PAD_MULTIPLE
 from fpn_cli.models.pyramid import USER_STYLES
-from fpn_cli.regions.roi import MAX_ROI_SIZE, parse_pool, rois_from_folder
+from fpn_cli.regions.pooling import MAX_ROI_SIZE, parse_pool
 from fpn_cli.run import signals
 from fpn_cli.run.distributed import is_rank_zero
 from fpn_cli.run.engine import DTYPES, SAVE_DTYPES
 from fpn_cli.run.options import DEFAULT_TIMEOUT, MAX_TIMEOUT, Options
 from fpn_cli.run.pipeline import extract, summarize
+from fpn_cli.run.rois import rois_from_folder
 from fpn_cli.run.verify import verify_folder
 from fpn_cli.version import __version__
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fpn_cli.formats.store import check_layout, files_of_a_key
+from fpn_cli.formats.npy import check_layout, files_of_a_key
 from fpn_cli.inputs import images
 from fpn_cli.run import pipeline
 

@@ -113,7 +113,7 @@ def test_the_record_is_written_after_every_other_file_of_its_image(tmp_path, mon
     """input.json marks the whole image complete: levels, pooled vectors, rois, then boxes (which
     mark the rois current), the preview, and last the record; in a run that computes them, in one
     that derives them from stored levels, and in ``fpn-extract roi``."""
-    from fpn_cli.formats.store import Store
+    from fpn_cli.formats.npy import Store
 
     writes: list[tuple[str, str]] = []
     real = {name: getattr(Store, name) for name in ("write_levels", "write_preview", "write_record")}

@@ -1,18 +1,50 @@
 """What every storage format provides: :class:`Storage`, the writer side that a run's steps use,
-and :class:`Features`, the reader side that ``open_features`` returns. A format is one module
-with one of each (npy.py, shards.py)."""
+:class:`Features`, the reader side that ``open_features`` returns, and :class:`VerifyReader`,
+what ``fpn-extract verify`` reads; :class:`Format` bundles them with the rest (estimate, layout
+checks, the files it owns) as the registry's entry. A format is one module (npy.py, shards.py)
+that defines a ``FORMAT``, and one line in formats/__init__.py's ``FORMATS``."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 
+from fpn_cli.models.levels import LEVELS
+
+if TYPE_CHECKING:
+    from fpn_cli.inputs.urls import Folder
+
+ROIS, BOXES = "rois", "boxes"  # with --boxes: RoI features, and the boxes they came from (regions/)
+POOLS = ("avg", "max")  # with --pool: <level>_<kind>, one vector per level
+BOX_DTYPE = np.dtype(np.float64)  # boxes.npy: coordinates exactly as given, whatever the save dtype
+
 Shape = tuple[int, ...]
 Size = tuple[int, int]  # (H, W)
+
+
+def pool_name(level: str, kind: str) -> str:
+    """``p3_avg``: no dot inside, so the name is one WebDataset member suffix."""
+    return f"{level}_{kind}"
+
+
+def derived_names() -> tuple[str, ...]:
+    """Every array a run may derive from an image's levels, whatever its options: each level's
+    pooled vectors, the RoI features and their boxes."""
+    return (*(pool_name(level, kind) for level in LEVELS for kind in POOLS), ROIS, BOXES)
+
+
+def human_bytes(count: int) -> str:
+    """``1.0 GB``, ``512 B``: a size for messages and --summary."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
 
 
 def npy_size(shape: Shape, dtype: np.dtype) -> int:
@@ -58,9 +90,10 @@ class Storage(Protocol):
     def lock(self) -> AbstractContextManager[None]:
         """Holds the folder against other runs (and makes it) for the length of the run."""
 
-    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
+    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> dict | None:
         """Checks ``settings`` against those the folder's features were made with (a
-        UsageError unless ``overwrite``) and records them."""
+        UsageError unless ``overwrite``) and records them; returns those recorded before (None
+        if none): the registry removes another format's files on ``overwrite``."""
 
     def sweep_dead_runs(self) -> None:
         """Deletes what runs that died on this host left half-written."""
@@ -175,3 +208,38 @@ class Features(Mapping[str, dict[str, np.ndarray]]):
 
     def _find(self, key: str) -> object | None:
         raise NotImplementedError
+
+
+class VerifyReader(Protocol):
+    """An output folder as ``fpn-extract verify`` reads it (run/verify.py asks, the format answers)."""
+
+    root: Path
+
+    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
+        """For report.json's ``info`` of one of ``key``'s arrays: (how to name it in a message,
+        why it is not there at all or None, its shape if it is complete in ``dtype``)."""
+
+    def boxes(self, rois: dict) -> dict:
+        """report.json's ``info`` of the boxes beside the RoI features listed as ``rois``."""
+
+    def record(self, key: str) -> tuple[dict | None, str]:
+        """(``key``'s record of its input or None, where it is, for messages)."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """One storage format, as the registry (``formats.FORMATS``) holds it: everything the rest of
+    the code asks of a format, so that adding one is its module and one registry line."""
+
+    name: str  # --format's value, and the settings record's "format"
+    # (out, levels, save dtype, shard size, job-array shard, holds_features) -> the run's writer
+    open_store: Callable[..., Storage]
+    open_features: Callable[[Folder], Features]  # the reader of open_features
+    verify_reader: Callable[[Path], VerifyReader]  # fpn-extract verify's reader of a local folder
+    # (per image: (count, {name: shape}), save dtype, shard size) -> (bytes, files), for --summary
+    estimate: Callable[[Sequence[tuple[int, Mapping[str, Shape]]], np.dtype, int], tuple[int, int]]
+    note: Callable[[int], str]  # --summary: what its files are, for a --shard-size
+    check_layout: Callable[[Iterable[tuple[str, str]]], None]  # (key, input) pairs that clash: refused
+    holds: Callable[[Path], bool]  # whether a local output folder holds files of this format
+    remove: Callable[[Path], None]  # deletes them (--overwrite into another format)
+    urls: bool = False  # whether --out may be a URL

@@ -13,7 +13,7 @@ from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize
 from fpn_cli.models.builder import RANDOM, ModelSpec
 from fpn_cli.models.levels import parse_levels
 from fpn_cli.models.model import level_info, resolved_levels
-from fpn_cli.regions.roi import RoiSpec, parse_pool
+from fpn_cli.regions.pooling import RoiSpec, parse_pool
 from fpn_cli.run.engine import DTYPES, SAVE_DTYPES
 from fpn_cli.version import __version__
 

@@ -50,15 +50,16 @@ from fpn_cli.formats import (
     format_totals,
     open_store,
 )
+from fpn_cli.formats import record_settings as record_format_settings
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header, warnings_to
 from fpn_cli.inputs.sources import find_inputs
 from fpn_cli.inputs.urls import is_url
 from fpn_cli.models.builder import ModelSpec, build, resolve
 from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
-from fpn_cli.regions.boxes import read_boxes
+from fpn_cli.regions.boxes import Checked, read_boxes, warn_unknown
 from fpn_cli.regions.geometry import Geometry, LevelSizes
-from fpn_cli.regions.roi import Outputs, tell_boxes, warn_unknown
+from fpn_cli.regions.outputs import Outputs, tell_boxes
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, shard_of, torchrun_launch
@@ -194,7 +195,7 @@ def _record_settings(store: Storage, settings: dict, overwrite: bool, out: Path 
     """The store's first touch of the output folder. Behind a URL that is where a missing
     bucket, missing credentials or a server that takes no writes shows: one line naming --out."""
     try:
-        store.record_settings(settings, overwrite)
+        record_format_settings(store, out, settings, overwrite)
     except FPNError:
         raise
     except Exception as e:
@@ -664,7 +665,8 @@ class Writer:
         self._finish(job, levels, "ok" if job.missing else "skipped")  # a preview alone: skipped
 
     def _finish(self, job: Job, levels: dict[str, np.ndarray], status: str) -> None:
-        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry)
+        checked = self.outputs.checked(job.image.rel, job.geometry)  # the image's boxes, checked once
+        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry, checked)
         every = {**levels, **derived}
         written = {name: every[name] for name in job.missing}
         key = job.image.key
@@ -672,13 +674,13 @@ class Writer:
         if job.preview:
             self.store.write_preview(key, preview.render(job.rgb, levels))
         shapes = {**job.have, **{name: array.shape for name, array in written.items()}}
-        result = self.results.entry(job.image, status, job.geometry, shapes, job.recomputed)
+        result = self.results.entry(job.image, status, job.geometry, shapes, job.recomputed, checked)
         if written or job.preview:  # the record last: everything above is in place
             geometry = job.geometry
             record = resume.record(job.image, job.fingerprint, geometry.input_size, geometry.orientation)
             self.store.write_record(key, record)
             self.store.finish_image(key, result.to_json())
-        self.results.add(result, job.image, job.geometry)
+        self.results.add(result, job.image, job.geometry, checked)
 
 
 def publish_report(
@@ -735,7 +737,8 @@ class Results:
         shapes: dict[str, tuple[int, ...]],
         recomputed: str | None = None,
     ) -> None:
-        self.add(self.entry(image, status, geometry, shapes, recomputed), image, geometry)
+        checked = self.outputs.checked(image.rel, geometry)  # the image's boxes, checked once
+        self.add(self.entry(image, status, geometry, shapes, recomputed, checked), image, geometry, checked)
 
     def entry(
         self,
@@ -744,6 +747,7 @@ class Results:
         geometry: Geometry | None,
         shapes: dict[str, tuple[int, ...]],
         recomputed: str | None = None,
+        checked: Checked | None = None,
     ) -> ImageResult:
         """The image's report.json entry, its arrays where the store says they are."""
         key, location = image.key, self.store.location
@@ -759,14 +763,21 @@ class Results:
                 if level in shapes
             },
             preview=self.store.preview_file(key),
-            **self.outputs.entries(key, image.rel, shapes, geometry, location),
+            **self.outputs.entries(key, image.rel, shapes, geometry, location, checked),
         )
 
-    def add(self, result: ImageResult, image: InputImage, geometry: Geometry | None) -> None:
+    def add(
+        self,
+        result: ImageResult,
+        image: InputImage,
+        geometry: Geometry | None,
+        checked: Checked | None = None,
+    ) -> None:
         """``result`` into the report, and a message per refused or clipped box of the image."""
         self.report.add(result)
         if result.rois is not None:
-            tell_boxes(image.rel, str(image.path), self.outputs, geometry, self.log, self.on_failure)
+            tell = (self.log, self.on_failure, checked)
+            tell_boxes(image.rel, str(image.path), self.outputs, geometry, *tell)
 
 
 def summarize(
