@@ -4,8 +4,8 @@ jobs flow one way through them, and :func:`run` strings them together:
     plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
 
 - :func:`plan`: which images need work and which arrays of each (levels, pooled vectors, RoI
-  features); complete ones are reported skipped (what a resume may keep of the levels is
-  resume.py's decision, of the arrays derived from them roi.py's).
+  features); complete ones are reported skipped (what a resume keeps, deletes and recomputes,
+  of the levels and of the arrays derived from them, is resume.py's one decision).
 - :func:`decode_ahead`: fingerprinting and decoding on a few threads, a bounded look-ahead in
   front of the network, a deadline per image (deadline.py).
 - :func:`split_off_failures`: unreadable images to the report, jobs whose levels are on disk to
@@ -13,7 +13,7 @@ jobs flow one way through them, and :func:`run` strings them together:
 - :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
 - :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
 - :class:`Writer`: a background thread, behind a bounded queue, derives pooled vectors and RoI
-  features from the levels (roi.py) and writes them, the levels and previews, then the input's
+  features from the levels (regions/) and writes them, the levels and previews, then the input's
   record (resume.py) last.
 - :func:`publish_report`: report.json, or a shard's part, merged once the set is complete, and
   the storage's index.
@@ -305,9 +305,8 @@ def plan(
     files, with no forward pass. Inputs that listing or the resume check found unusable are jobs
     with their ``error`` set, to be reported failed in order.
 
-    What is trusted: resume.py checks the record and the levels (:func:`_kept` the rest). A stale
-    image's files are deleted here, before anything new is written. A store that writes an image
-    whole (shards) gets the whole image again when anything is missing (:func:`_resume_job`)."""
+    What is kept, deleted and recomputed of an image with stored features is resume.py's one
+    decision (:func:`resume.decide`), taken here, before anything new is written."""
     present = [image for image in images if image.error is None and store.present(image.key)]
     for image in present:
         store.remove_strays(image.key)
@@ -369,55 +368,21 @@ def _resume_job(
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
     opts: Options,
 ) -> Job:
-    """The job for an image with stored features, after :func:`_kept` has deleted what may not
-    stay; one with nothing missing and no preview to draw is complete. Where the store writes an
-    image whole, one with anything missing writes all its arrays, those it keeps read back."""
-    have = _kept(image, verdict, store, outputs, shapes)
-    missing = tuple(name for name in names if name not in have)
+    """The job for an image with stored features, as :func:`resume.decide` settles it; one with
+    nothing missing and no preview to draw is complete."""
+    decision = resume.decide(image, names, verdict, store, outputs, shapes)
     preview = opts.preview and store.preview_file(image.key) is None
-    from_disk = all(level in have for level in store.levels)
-    unwanted = [name for name in outputs.unwanted(image.rel) if store.is_stored(image.key, name)]
-    if unwanted:  # RoI features of another boxes file
-        if store.in_place:
-            store.forget_arrays(image.key, unwanted)
-        else:
-            missing = missing or names  # the image written again, without them
-    if missing and not store.in_place:
-        missing, have = names, {}
     geometry = _recorded_geometry(verdict, opts.resize) if verdict.trusted else None
     return Job(
         image,
-        missing,
-        have,
-        from_disk,
+        decision.missing,
+        decision.have,
+        decision.from_disk,
         preview,
         geometry=geometry,
         fingerprint=verdict.fingerprint,
         recomputed=verdict.recomputed,
     )
-
-
-def _kept(
-    image: InputImage,
-    verdict: resume.Verdict,
-    store: Storage,
-    outputs: Outputs,
-    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
-) -> dict[str, tuple[int, ...]]:
-    """Shapes of the image's arrays this run keeps: the levels resume.py trusts, and the arrays
-    derived from them that are complete at exactly their shape (roi.Outputs: rois only with
-    boxes.npy equal to the file's boxes). What may not stay is deleted: every file of the image
-    when its input changed or its record is missing (the record this run writes must not vouch
-    for them), every derived file when a stored level was wrong (they were made from it)."""
-    if not verdict.trusted:
-        store.forget(image.key)
-        return {}
-    if verdict.wrong:
-        store.forget_derived(image.key)
-        return dict(verdict.kept)
-    level_shapes = shapes(*verdict.input_size)
-    derived = outputs.complete(store, image.key, image.rel, level_shapes)
-    return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}
 
 
 def _recorded_geometry(verdict: resume.Verdict, resize: Resize) -> Geometry:
