@@ -221,7 +221,7 @@ def stage_breakdown(
                         store.write_levels(key, arrays)
                     else:
                         shards.write_levels(key, arrays)
-                        shards.finish_image(key, {"path": f"{key}.png", "status": "ok"})
+                        shards.finish_image(key, None, {"path": f"{key}.png", "status": "ok"})
                 written[stage] = time.perf_counter() - start
             n += len(batch)
             timed = {"copy to device": t1 - t0, "forward": t2 - t1, "copy back": t3 - t2, **written}

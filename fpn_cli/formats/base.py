@@ -67,17 +67,17 @@ def read_npy_header(f: BinaryIO) -> tuple[Shape, np.dtype]:
 
 class Storage(Protocol):
     """An output folder in one format, as the pipeline uses it: who may write (:meth:`lock`,
-    :meth:`record_settings`), what is stored for an image and what a resume may keep of it
-    (:meth:`present` ... :meth:`forget`; resume.py and roi.Outputs decide, asking these), writing
-    an image (:meth:`write_levels`, :meth:`write_record`, :meth:`finish_image`), and the files of
-    the whole run (reports, :meth:`publish_index`).
+    :meth:`record_settings`), what is stored for an image and where (:meth:`present` ...
+    :meth:`location`; resume.decide settles what a resume keeps, asking these), writing an image
+    whole (:meth:`write_levels`, then :meth:`finish_image` with its record), and the run's
+    reports. A format whose arrays can be changed one by one is an :class:`InPlaceStorage`.
 
     Array names are the levels (``p2``) and every array derived from them (``p3_avg``, ``rois``,
-    ``boxes``: roi.Outputs); each is stored as ``<name>.npy`` in its own dtype (boxes are float64
-    whatever the save dtype). An image's record (resume.py) is stored with its arrays, after them.
-    ``in_place``: whether an image's arrays can be added to or replaced one by one (npy), or an
-    image is written whole each time (shards: a resume that lacks anything writes a new group,
-    reading what it keeps back from the old one).
+    ``boxes``: regions.outputs); each is stored as ``<name>.npy`` in its own dtype (boxes are
+    float64 whatever the save dtype). ``in_place``: whether the store is an
+    :class:`InPlaceStorage` (npy); otherwise an image is written whole each time (shards: a
+    resume that lacks anything writes a new group, reading what it keeps back from the old one,
+    and leaves out what may not stay).
 
     Several writer threads (``--writers``) write images at once, each image whole by one thread,
     from :meth:`write_levels` to :meth:`finish_image`; :meth:`flush` comes after them all."""
@@ -104,15 +104,8 @@ class Storage(Protocol):
     def present(self, key: str) -> bool:
         """Whether anything is stored for ``key`` (a new image costs no more than this)."""
 
-    def remove_strays(self, key: str) -> None:
-        """Deletes whatever a killed run left half-written of ``key``."""
-
     def read_record(self, key: str) -> dict | None:
         """``key``'s record (resume.py's), or None if there is none."""
-
-    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
-        """Records that ``key``'s unchanged input is now found where ``record`` says, where the
-        format can (a complete shard is never rewritten: its record keeps the old place)."""
 
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
         """The shape of array ``name`` of ``key`` if it is stored complete, in ``dtype``."""
@@ -125,16 +118,6 @@ class Storage(Protocol):
     ) -> dict[str, Shape]:
         """Shapes of the arrays among ``names`` stored complete for ``key``, in the save dtype
         or the one ``dtypes`` gives for the name."""
-
-    def forget(self, key: str) -> None:
-        """Drops every stored array of ``key`` and its record: its input changed."""
-
-    def forget_derived(self, key: str) -> None:
-        """Drops what was derived from ``key``'s levels: a level they came from was wrong."""
-
-    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
-        """Drops the arrays ``names`` of ``key`` (a store that writes an image whole drops them
-        by writing it again without them)."""
 
     def read_array(self, key: str, name: str) -> np.ndarray:
         """Stored array ``name`` of ``key``, memory-mapped where possible."""
@@ -156,23 +139,39 @@ class Storage(Protocol):
 
     def write_preview(self, key: str, picture) -> None: ...
 
-    def write_record(self, key: str, record: Mapping[str, object]) -> None:
-        """Stores ``key``'s record after its arrays: with it, they are complete."""
-
-    def finish_image(self, key: str, entry: dict) -> None:
-        """``key`` is written whole; ``entry`` is its report.json entry."""
+    def finish_image(self, key: str, record: Mapping[str, object] | None, entry: dict) -> None:
+        """``key`` is written: its ``record`` (resume.py's; None: none) is stored after its
+        arrays, which it marks complete; ``entry`` is its report.json entry."""
 
     def flush(self) -> None:
         """Puts everything written so far in place (a format that packs images closes its pack)."""
 
-    def write_report(self, write: Callable[[BinaryIO], object]) -> None: ...
+    def write_report(self, write: Callable[[BinaryIO], object]) -> None:
+        """report.json (``write(file)``), and the format's index of its images where it has one."""
 
     def write_shard_report(self, index: int, count: int, write: Callable[[BinaryIO], object]) -> None: ...
 
     def read_shard_reports(self, count: int) -> list[dict] | None: ...
 
-    def publish_index(self) -> None:
-        """Writes the index of every complete image, where the format has one."""
+
+class InPlaceStorage(Storage, Protocol):
+    """A :class:`Storage` whose arrays are files of their own (npy): a resume deletes what may not
+    stay, array by array (resume.decide), and a killed run's temporary files are swept per image."""
+
+    def remove_strays(self, key: str) -> None:
+        """Deletes whatever a killed run left half-written of ``key``."""
+
+    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
+        """Records that ``key``'s unchanged input is now found where ``record`` says."""
+
+    def forget(self, key: str) -> None:
+        """Drops every stored array of ``key`` and its record: its input changed."""
+
+    def forget_derived(self, key: str) -> None:
+        """Drops what was derived from ``key``'s levels: a level they came from was wrong."""
+
+    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
+        """Drops the arrays ``names`` of ``key``."""
 
 
 class Features(Mapping[str, dict[str, np.ndarray]]):

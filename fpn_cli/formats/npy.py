@@ -291,14 +291,13 @@ class NpyStore(Store):
     def where(self, key: str) -> str:
         return str(self.root / key)
 
-    def finish_image(self, key: str, entry: dict) -> None:
-        pass  # report.json holds the entries
+    def finish_image(self, key: str, record: Mapping[str, object] | None, entry: dict) -> None:
+        """The record last, which marks the image's files complete (report.json holds ``entry``)."""
+        if record is not None:
+            self.write_record(key, record)
 
     def flush(self) -> None:
         pass  # each file is in place once written
-
-    def publish_index(self) -> None:
-        pass  # the folder tree is the index
 
 
 class NpyFeatures(Features):

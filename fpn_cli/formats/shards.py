@@ -281,16 +281,10 @@ class ShardStore:
     def present(self, key: str) -> bool:
         return key in self._completed()
 
-    def remove_strays(self, key: str) -> None:
-        pass  # an unfinished shard is swept whole (sweep_dead_runs); a complete one holds no strays
-
     def read_record(self, key: str) -> dict | None:
         line = self._completed().get(key)
         record = line.get("record") if line is not None else None
         return record if isinstance(record, dict) else None
-
-    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
-        pass  # a complete shard is never rewritten: the record keeps the place it was made from
 
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
         member = self._member(key, name)
@@ -310,15 +304,6 @@ class ShardStore:
             if shape is not None:
                 found[name] = shape
         return found
-
-    def forget(self, key: str) -> None:
-        pass  # the image's new group replaces the old one, which stays in its tar, unlisted
-
-    def forget_derived(self, key: str) -> None:
-        pass  # as forget: the new group holds only what this run trusts or makes
-
-    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
-        pass  # as forget: the image is written again without them
 
     def read_array(self, key: str, name: str) -> np.ndarray:
         line = self._completed()[key]
@@ -363,12 +348,9 @@ class ShardStore:
     def write_preview(self, key: str, picture) -> None:
         raise UsageError("--preview is for the npy layout")  # Options refuses it first
 
-    def write_record(self, key: str, record: Mapping[str, object]) -> None:
-        _, group = self._group(key)
-        group.record = dict(record)
-
-    def finish_image(self, key: str, entry: dict) -> None:
+    def finish_image(self, key: str, record: Mapping[str, object] | None, entry: dict) -> None:
         shard, group = self._group(key)
+        group.record = dict(record) if record is not None else None
         old = self._completed().get(key)
         extra = {"record": group.record} if group.record is not None else {}
         if old is not None:
@@ -484,7 +466,9 @@ class ShardStore:
     # -- the run's files --------------------------------------------------------------------
 
     def write_report(self, write: Callable[[BinaryIO], object]) -> None:
+        """report.json, then the index of every complete image, published with it."""
         self.folder.write(REPORT_FILE, write)
+        self.publish_index()
 
     def write_shard_report(self, index: int, count: int, write: Callable[[BinaryIO], object]) -> None:
         self.folder.makedirs(REPORTS_DIR)

@@ -308,7 +308,7 @@ def plan(
     What is kept, deleted and recomputed of an image with stored features is resume.py's one
     decision (:func:`resume.decide`), taken here, before anything new is written."""
     present = [image for image in images if image.error is None and store.present(image.key)]
-    for image in present:
+    for image in present if store.in_place else ():  # a whole-image store holds no strays per image
         store.remove_strays(image.key)
     checked = [] if opts.overwrite else [image for image in present if _stores(image, outputs, opts)]
     verdicts = dict(
@@ -327,7 +327,7 @@ def plan(
         if image.error is not None or (verdict is not None and verdict.error is not None):
             jobs.append(Job(image, names, error=image.error or verdict.error))
         elif not _stores(image, outputs, opts):
-            if image.key in stored:  # RoI features of another boxes file go
+            if image.key in stored and store.in_place:  # RoI features of another boxes file go
                 store.forget_arrays(image.key, outputs.unwanted(image.rel))
             jobs.append(Job(image, ()))  # nothing to store: its header, for the report's geometry
         elif verdict is None:  # a new image, or --overwrite
@@ -643,8 +643,7 @@ class Writer:
         if written or job.preview:  # the record last: everything above is in place
             geometry = job.geometry
             record = resume.record(job.image, job.fingerprint, geometry.input_size, geometry.orientation)
-            self.store.write_record(key, record)
-            self.store.finish_image(key, result.to_json())
+            self.store.finish_image(key, record, result.to_json())
         self.results.add(result, job.image, job.geometry, checked)
 
 
@@ -662,7 +661,6 @@ def publish_report(
     barrier. The store's index (shards' index.jsonl) is published with report.json."""
     if shard is None:
         store.write_report(report.write_json)
-        store.publish_index()
         return
     store.write_shard_report(*shard, report.write_json)
     if group is not None:
@@ -674,7 +672,6 @@ def publish_report(
     parts = store.read_shard_reports(shard[1])
     if parts is not None:
         store.write_report(lambda f: write_merged(f, parts))
-        store.publish_index()
 
 
 def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:

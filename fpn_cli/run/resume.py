@@ -186,7 +186,7 @@ def examine(
         now = fingerprint(image.path)
         where = {**where, "mtime_ns": now.mtime_ns, **({"version": now.version} if now.version else {})}
         recorded = Fingerprint(recorded.size, now.mtime_ns, recorded.sha256, now.version)
-    if any(entry.get(k) != v for k, v in where.items()):
+    if store.in_place and any(entry.get(k) != v for k, v in where.items()):
         store.relocate_record(image.key, {**entry, **where})
     try:
         expected = shapes(*size)
@@ -300,10 +300,12 @@ def _kept(
 ) -> dict[str, Shape]:
     """Shapes of the image's arrays that may stay; what may not is deleted (:func:`decide`)."""
     if not verdict.trusted:
-        store.forget(image.key)
+        if store.in_place:  # a whole-image store leaves them out of the image's new group
+            store.forget(image.key)
         return {}
     if verdict.wrong:
-        store.forget_derived(image.key)
+        if store.in_place:
+            store.forget_derived(image.key)
         return dict(verdict.kept)
     derived = outputs.complete(store, image.key, image.rel, shapes(*verdict.input_size))
     return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}

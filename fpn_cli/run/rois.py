@@ -134,8 +134,7 @@ def _rois_for_report(
     store.flush()
     regions = report.setdefault("regions", {"maps": True, "pool": []})
     regions.update({k: v for k, v in outputs.header(result.unknown).items() if k in ("roi", "boxes")})
-    _write_report(store, report)
-    store.publish_index()
+    _write_report(store, report)  # with the format's index
     return result
 
 
@@ -163,10 +162,8 @@ def _rewrite(
             info.update(store.location(key, name))
     if rois is not None:
         entry["rois"] = rois()
-    record = store.read_record(key)
-    if record is not None:  # written last again, as a run does: it marks the image complete
-        store.write_record(key, record)
-    store.finish_image(key, entry)
+    # the record written last again, as a run does: it marks the image complete
+    store.finish_image(key, store.read_record(key), entry)
 
 
 def _roi_spec(
