@@ -111,7 +111,7 @@ class Store:
 
     def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Writes each array to ``key/<name>.npy``, each file atomically, in ``arrays``' order:
-        levels, and the arrays derived from them (pooled vectors, rois, boxes; roi.py)."""
+        levels, and the arrays derived from them (pooled vectors, rois, boxes; regions/outputs.py)."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
         for level, array in arrays.items():
             with replacing(self.level_path(key, level)) as tmp:

@@ -2,7 +2,7 @@
 
     OUT/shards/000000.tar, 000001.tar ...     (I-of-N-000000.tar ... for --shard I/N or a torchrun rank)
         <stem>.p2.npy ... <stem>.json           one image: its arrays (levels, then p3_avg, rois,
-                                                boxes ...: roi.Outputs), then its report.json entry
+                                                boxes ...: regions.outputs), then its report.json entry
                                                 with its input's record (resume.py) in ``record``
     OUT/shards/.index/000000.jsonl ...        one index part per shard: a line per image
     OUT/shards/index.jsonl                    every part merged, sorted by key (publish_report)

@@ -635,7 +635,7 @@ class Writer:
         every = {**levels, **derived}
         written = {name: every[name] for name in job.missing}
         key = job.image.key
-        self.store.write_levels(key, written)  # levels, pooled vectors, rois, then boxes (roi.Outputs)
+        self.store.write_levels(key, written)  # levels, pooled vectors, rois, then boxes (regions.outputs)
         if job.preview:
             self.store.write_preview(key, preview.render(job.rgb, levels))
         shapes = {**job.have, **{name: array.shape for name, array in written.items()}}

@@ -88,7 +88,7 @@ def source(path: str | Readable) -> dict[str, str]:
 
 def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int], orientation: int) -> dict:
     """The record written with ``image``'s features: ``taken`` before its pixels were read,
-    ``input_size`` (H, W) as decoded and the EXIF ``orientation`` applied (roi.Geometry's), so
+    ``input_size`` (H, W) as decoded and the EXIF ``orientation`` applied (regions.geometry.Geometry's), so
     that a resume knows the image's geometry without reading the input again."""
     entry: dict = {
         **source(image.path),
