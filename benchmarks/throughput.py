@@ -170,8 +170,8 @@ def stage_breakdown(
     """ms/image of each stage alone, one after the other on the same images: decode (one thread),
     copy to the device, forward, copy back (to the save dtype), write the .npy files, and write
     the same arrays into tar shards (--format shards; the one stage where the formats differ)."""
+    from fpn_cli.formats.npy import Store
     from fpn_cli.formats.shards import ShardStore
-    from fpn_cli.formats.store import Store
 
     device = engine.device
     start = time.perf_counter()
@@ -221,7 +221,7 @@ def stage_breakdown(
                         store.write_levels(key, arrays)
                     else:
                         shards.write_levels(key, arrays)
-                        shards.finish_image(key, {"path": f"{key}.png", "status": "ok"})
+                        shards.finish_image(key, None, {"path": f"{key}.png", "status": "ok"})
                 written[stage] = time.perf_counter() - start
             n += len(batch)
             timed = {"copy to device": t1 - t0, "forward": t2 - t1, "copy back": t3 - t2, **written}

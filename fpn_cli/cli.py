@@ -754,7 +754,7 @@ def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
     """
     _tolerant_streams()
     try:
-        from fpn_cli.regions.roi import rois_from_folder
+        from fpn_cli.run.rois import rois_from_folder
 
         result = rois_from_folder(
             out,

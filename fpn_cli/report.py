@@ -108,7 +108,7 @@ class ImageResult:
     levels: dict[str, dict] = field(default_factory=dict)  # level -> {"shape": [...], "file": ...}
     preview: str | None = None  # "x/cat/preview.png" when one exists
     recomputed: str | None = None  # why stored features were not kept (the input changed, say)
-    geometry: dict | None = None  # orientation, scale, each level's stride and size (roi.Geometry)
+    geometry: dict | None = None  # orientation, scale, each level's stride and size (regions/geometry.py)
     pooled: dict[str, dict] = field(default_factory=dict)  # "p3_avg" -> {"shape": [C], "file": ...}
     rois: dict | None = None  # shape, files, refused and clipped boxes: with --boxes
 

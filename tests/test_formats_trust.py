@@ -210,12 +210,15 @@ def test_a_damaged_index_line_is_one_line_naming_the_index(images, tmp_path):
     assert f"{index}, line 2, is damaged" in result.output
 
 
-def test_roi_subcommand_refuses_a_shard_folder(images, tmp_path):
+def test_roi_subcommand_on_a_shard_folder_writes_what_an_extraction_with_boxes_does(images, tmp_path):
     folder, csv = images
     run_ok(folder, "-o", tmp_path / "out", *SEED, *SHARDS)
     result = run("roi", tmp_path / "out", "--boxes", csv)
-    assert result.exit_code == 2 and "holds --format shards" in result.output
-    assert "run the extraction again with --boxes FILE" in result.output
+    assert result.exit_code == 1 and "1 refused" in result.output  # the empty box: a NaN row
+    assert run(folder, "-o", tmp_path / "direct", *SEED, *SHARDS, "--boxes", csv).exit_code == 1
+    assert_same_arrays(tmp_path / "out", tmp_path / "direct")
+    assert run("verify", tmp_path / "out").exit_code == 0
+    assert len({line["key"] for line in index_lines(tmp_path / "out")}) == len(index_lines(tmp_path / "out"))
 
 
 def make_tar(path: Path, members: dict[str, bytes], mtimes: dict[str, int] | None = None) -> Path:

@@ -307,7 +307,7 @@ def test_out_of_memory_splits_the_batch_then_fails_only_the_image(tmp_path, monk
 
 
 def test_an_unexpected_error_in_the_writer_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
-    from fpn_cli.formats import store
+    from fpn_cli.formats import npy as store
 
     small_images(tmp_path / "in", 12)
 

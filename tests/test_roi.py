@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
-from fpn_cli import UsageError
+from fpn_cli import UsageError, open_features
 from fpn_cli.inputs.images import Resize, decode_image, probe
 from fpn_cli.regions.boxes import ImageBoxes, check, read_boxes
 
-from conftest import SEED, report_of, run
+from conftest import SEED, assert_same_arrays, report_of, run
 from imagefactory import save_exif_rotated, save_rgb
 
 LEVELS = ("p2", "p3", "p4", "p5")
@@ -448,3 +448,30 @@ def test_roi_subcommand_fails_only_the_images_whose_levels_are_not_stored(tmp_pa
     assert "failed: b.png: b/p3.npy is missing or incomplete: extract it first" in result.stderr
     assert (out / "a" / "rois.npy").is_file() and not (out / "b" / "rois.npy").exists()
     assert "rois" in entry(out, "a.png") and "rois" not in entry(out, "b.png")
+
+
+def test_roi_command_on_a_shards_folder_equals_it_on_an_npy_folder(tmp_path):
+    save_rgb(tmp_path / "in" / "a.png", 37, 53)
+    save_rgb(tmp_path / "in" / "b.png", 30, 24, seed=1)
+    first = write_csv(
+        tmp_path / "first.csv", [("a.png", 2, 2, 30, 20), ("a.png", 1, 1, 60, 40), ("b.png", 0, 0, 9, 9)]
+    )
+    second = write_csv(tmp_path / "second.csv", [("b.png", 3, 3, 20, 20)])
+    outs = {f: tmp_path / f for f in ("npy", "shards")}
+    for format, out in outs.items():
+        run_ok(tmp_path / "in", "-o", out, *SEED, "--format", format, "--pool", "avg")
+        result = run_ok("roi", out, "--boxes", first)
+        assert "2 written, 0 already complete, 0 failed; 3 boxes" in result.output
+        assert run("verify", out).exit_code == 0
+    assert_same_arrays(outs["npy"], outs["shards"])
+    shards = open_features(outs["shards"])
+    assert shards["a"]["rois"].shape == (2, 256, 7, 7) and shards["a"]["boxes"].shape == (2, 4)
+    assert "p2_avg" in shards["a"]  # the arrays the image kept were written again with it
+    again = run_ok("roi", outs["shards"], "--boxes", first)
+    assert "0 written, 2 already complete" in again.output
+    for out in outs.values():  # another boxes file: a's rois (of the first file) go
+        run_ok("roi", out, "--boxes", second)
+        assert run("verify", out).exit_code == 0
+    assert_same_arrays(outs["npy"], outs["shards"])
+    assert "rois" not in open_features(outs["shards"])["a"] and "p2" in open_features(outs["shards"])["a"]
+    assert entry(outs["shards"], "b.png")["rois"]["shape"] == [1, 256, 7, 7]

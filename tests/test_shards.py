@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpn_cli.run.distributed import Launch, combine, is_rank_zero, shard_of, torchrun_launch
+from fpn_cli.inputs.keys import shard_of
+from fpn_cli.run.distributed import Launch, combine, is_rank_zero, torchrun_launch
 
 from conftest import FPN_EXTRACT, SEED, npy_files, report_of, run
 from imagefactory import save_rgb

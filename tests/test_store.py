@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fpn_cli.formats.store import Store, replacing
+from fpn_cli.formats.npy import Store
+from fpn_cli.layout import replacing
 
 
 def test_written_levels_are_complete_and_leave_no_temporary_file(tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fpn_cli.formats.store import check_layout, files_of_a_key
+from fpn_cli.formats.npy import check_layout, files_of_a_key
 from fpn_cli.inputs import images
 from fpn_cli.run import pipeline
 
@@ -278,6 +278,35 @@ def test_with_hash_a_resume_catches_new_content_of_the_same_size_and_time(tmp_pa
     assert listed["b.ppm"]["status"] == "skipped"
     assert (out / "a" / "p2.npy").read_bytes() != old
     assert run("verify", out).exit_code == 0
+
+
+def test_with_hash_a_copied_input_of_the_same_content_keeps_its_features(tmp_path):
+    """Content wins over modification time: ``cp -r`` of the inputs (new mtimes) keeps every
+    feature with --hash, and the records then name the copies' times (a later run needs no hash)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(gradient(24, 32, 1)).save(src / "a.ppm")
+    Image.fromarray(gradient(24, 32, 2)).save(src / "b.ppm")
+    assert run(src, "-o", out, "--hash", *SEED).exit_code == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.npy")}
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy, copy_function=shutil.copyfile)  # contents only: new times
+    for name in ("a.ppm", "b.ppm"):
+        os.utime(copy / name, ns=(1, (src / name).stat().st_mtime_ns + 10**9))
+    result = run(copy, "-o", out, "--hash", *SEED)
+    assert result.exit_code == 0, result.output
+    assert {e["status"] for e in entries(out).values()} == {"skipped"}
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    record = json.loads((out / "a" / "input.json").read_text())
+    assert record["input"] == str(copy / "a.ppm")
+    assert record["mtime_ns"] == (copy / "a.ppm").stat().st_mtime_ns
+    again = run(copy, "-o", out, *SEED)
+    assert again.exit_code == 0 and {e["status"] for e in entries(out).values()} == {"skipped"}
+    assert run("verify", out).exit_code == 0
+    (copy / "b.ppm").write_bytes((copy / "b.ppm").read_bytes()[:-1] + b"\x00")  # same size, new content
+    changed = run(copy, "-o", out, "--hash", *SEED)
+    assert entries(out)["b.ppm"]["recomputed"] == "input changed: different content (sha256)"
+    assert changed.exit_code == 0 and entries(out)["a.ppm"]["status"] == "skipped"
 
 
 # --- 4. verify ---------------------------------------------------------------------------------------

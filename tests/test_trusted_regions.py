@@ -113,7 +113,7 @@ def test_the_record_is_written_after_every_other_file_of_its_image(tmp_path, mon
     """input.json marks the whole image complete: levels, pooled vectors, rois, then boxes (which
     mark the rois current), the preview, and last the record; in a run that computes them, in one
     that derives them from stored levels, and in ``fpn-extract roi``."""
-    from fpn_cli.formats.store import Store
+    from fpn_cli.formats.npy import Store
 
     writes: list[tuple[str, str]] = []
     real = {name: getattr(Store, name) for name in ("write_levels", "write_preview", "write_record")}
@@ -176,7 +176,7 @@ def test_an_interrupted_roi_subcommand_says_so_and_exits_130(tmp_path, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fpn_cli.regions.roi.rois_from_folder", interrupted)  # cli imports it when run
+    monkeypatch.setattr("fpn_cli.run.rois.rois_from_folder", interrupted)  # cli imports it when run
     csv = write_csv(tmp_path / "b.csv", [("a.png", 1, 1, 4, 4)])
     result = run("roi", tmp_path, "--boxes", csv)
     assert result.exit_code == 130

@@ -1,11 +1,12 @@
-"""Storage formats: how a run's features are laid out, behind one interface.
+"""Storage formats: how a run's features are laid out, behind one boundary.
 
-    npy      OUT/<key>/<level>.npy, a file per level and image (formats/npy.py over store.py)
+    npy      OUT/<key>/<level>.npy, a file per array and image (formats/npy.py)
     shards   WebDataset tar shards under OUT/shards/, with an index (formats/shards.py)
 
-Each format is one writer, a :class:`~fpn_cli.formats.base.Storage` the run's steps write through
-(:func:`open_store`), and one reader, a :class:`~fpn_cli.formats.base.Features` mapping
-(:func:`open_features`), plus an ``estimate`` of its bytes and files for ``--summary``.
+A format is one module that defines its :class:`~fpn_cli.formats.base.Format` (``FORMAT``: its
+writer, reader, verify reader, estimate, layout checks and the files it owns) and one line in
+:data:`FORMATS`. Everything else asks the registry through the functions below, never a format
+by name (docs/adding-a-format.md).
 """
 
 from __future__ import annotations
@@ -19,27 +20,35 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from fpn_cli.errors import FPNError, UsageError
-from fpn_cli.formats import npy, shards, store
-from fpn_cli.formats.base import Features, Shape, Storage
+from fpn_cli.formats import npy, shards
+from fpn_cli.formats.base import Features, Format, Shape, Storage, VerifyReader, human_bytes
 from fpn_cli.formats.converted import Converted
-from fpn_cli.formats.npy import NpyFeatures, NpyStore
-from fpn_cli.formats.shards import DEFAULT_SHARD_SIZE, ShardFeatures, ShardStore
-from fpn_cli.formats.store import SETTINGS_FILE
+from fpn_cli.formats.locks import read_settings
+from fpn_cli.formats.shards import DEFAULT_SHARD_SIZE
 from fpn_cli.inputs.urls import Folder, is_url, local_path
+from fpn_cli.layout import SETTINGS_FILE
 
-FORMATS = ("npy", "shards")
-_ESTIMATES = {"npy": npy.estimate, "shards": shards.estimate}
+FORMATS: dict[str, Format] = {"npy": npy.FORMAT, "shards": shards.FORMAT}
+DEFAULT_FORMAT = "npy"  # what a settings record without "format" was written in
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
     "FORMATS",
     "Features",
+    "Format",
     "Storage",
     "check_layout",
     "format_totals",
     "open_features",
     "open_store",
 ]
+
+
+def get_format(name: str) -> Format:
+    """The registry's entry for ``name``; an unknown name is a :class:`UsageError`."""
+    if name not in FORMATS:
+        raise UsageError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
+    return FORMATS[name]
 
 
 def open_store(
@@ -50,35 +59,59 @@ def open_store(
     shard_size: int = DEFAULT_SHARD_SIZE,
     shard: tuple[int, int] | None = None,
 ) -> Storage:
-    """The writer of ``format`` for the output folder ``out`` (a path, or a URL for shards);
-    ``shard`` is the job array's part this run writes."""
+    """The writer of ``format`` for the output folder ``out`` (a path, or a URL where the format
+    takes one); ``shard`` is the job array's part this run writes."""
     check_destination(out, format)
-    if format == "npy":
-        return NpyStore(Path(local_path(str(out))), levels, save_dtype, shard)
-    return ShardStore(out, levels, save_dtype, shard_size, shard)
+    return get_format(format).open_store(out, levels, save_dtype, shard_size, shard, holds_features)
 
 
 def check_destination(out: str | os.PathLike[str], format: str) -> None:
     """A :class:`UsageError` unless ``format`` can be written to ``out``: before any work."""
-    if format not in FORMATS:
-        raise UsageError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
-    if format == "npy" and is_url(str(out)):
-        raise UsageError(f"--out {out}: a URL needs --format shards (npy writes a file per level and image)")
+    if is_url(str(out)) and not get_format(format).urls:
+        takes = ", ".join(f"--format {name}" for name, f in FORMATS.items() if f.urls)
+        raise UsageError(f"--out {out}: a URL needs {takes} ({format} writes to local folders only)")
+    get_format(format)
 
 
 def check_layout(format: str, keyed: Iterable[tuple[str, str]]) -> None:
-    """(key, input path) pairs whose outputs would clash in ``format``, refused before any work:
-    in the npy layout a key against another key's files or the tool's own (store.check_layout);
-    in shards, whose members share no folder, only keys that are no path inside the output."""
-    if format == "npy":
-        store.check_layout(keyed)
-    else:
-        shards.check_keys(keyed)
+    """(key, input path) pairs whose outputs would clash in ``format``, refused before any work
+    (each format's own rule: the npy layout's files against folders, a tar's member names)."""
+    get_format(format).check_layout(keyed)
+
+
+def holds_features(root: Path) -> bool:
+    """Whether the local folder ``root`` holds files of any format."""
+    return any(f.holds(root) for f in FORMATS.values())
+
+
+def record_settings(store: Storage, out: str | os.PathLike[str], settings: dict, overwrite: bool) -> None:
+    """The store records the run's ``settings`` (checked against the folder's); an
+    ``overwrite`` run into a folder of another format removes that format's files (the folder's
+    previous format owns them and knows them; no format knows another's)."""
+    before = store.record_settings(settings, overwrite)
+    previous = (before or {}).get("format", DEFAULT_FORMAT)
+    if overwrite and previous != store.format and previous in FORMATS and not is_url(str(out)):
+        FORMATS[previous].remove(Path(local_path(str(out))))
+
+
+def folder_format(out: str | os.PathLike[str]) -> Format:
+    """The format of the features in ``out`` (its settings record says which)."""
+    folder = Folder(out)
+    raw = folder.read_bytes(SETTINGS_FILE)
+    if raw is None:
+        raise FPNError(f"{out} holds no features made by fpn-extract (no {SETTINGS_FILE})")
+    try:
+        name = json.loads(raw).get("format", DEFAULT_FORMAT)
+    except (ValueError, AttributeError):
+        raise FPNError(f"{folder.url(SETTINGS_FILE)} is not readable JSON") from None
+    if name not in FORMATS:
+        raise FPNError(f"{out} holds features of a format this version does not know ({name!r})")
+    return FORMATS[name]
 
 
 def open_features(out: str | os.PathLike[str], dtype: DTypeLike | None = np.float32) -> Features:
     """The features in the output folder ``out`` (a path or, for shards, a URL), read-only and in
-    either format: key -> {name: array}, memory-mapped where possible. Features come back in
+    any format: key -> {name: array}, memory-mapped where possible. Features come back in
     ``dtype`` (float32 unless asked otherwise; None: as stored), float64 boxes as stored
     (converted.py).
 
@@ -91,21 +124,16 @@ def open_features(out: str | os.PathLike[str], dtype: DTypeLike | None = np.floa
     >>> list(feats), feats["chelsea"]["p3"].shape
     (['chelsea'], (256, 38, 57))
     """
-    folder = Folder(out)
-    raw = folder.read_bytes(SETTINGS_FILE)
-    if raw is None:
-        raise FPNError(f"{out} holds no features made by fpn-extract (no {SETTINGS_FILE})")
-    try:
-        format = json.loads(raw).get("format", "npy")
-    except (ValueError, AttributeError):
-        raise FPNError(f"{folder.url(SETTINGS_FILE)} is not readable JSON") from None
-    if format == "shards":
-        features: Features = ShardFeatures(folder)
-    elif folder.remote:
-        raise FPNError(f"{out}: the npy layout is read from local folders only")
-    else:
-        features = NpyFeatures(Path(folder.root))
+    features = folder_format(out).open_features(Folder(out))
     return features if dtype is None else Converted(features, dtype)
+
+
+def verify_reader(root: Path) -> VerifyReader:
+    """``fpn-extract verify``'s reader of the local folder ``root``, in its format."""
+    name = (read_settings(root) or {}).get("format", DEFAULT_FORMAT)
+    if name not in FORMATS:
+        raise UsageError(f"{root} holds features of a format this version does not know ({name!r})")
+    return FORMATS[name].verify_reader(root)
 
 
 def format_totals(
@@ -121,22 +149,10 @@ def format_totals(
     sizes = f"{len(per_size)} size{'s' if len(per_size) != 1 else ''}"
     skipped = f"; {unreadable:,} unreadable, not counted" if unreadable else ""
     counted = [(count, shapes[size]) for size, count in sorted(per_size.items())]
-    notes = {
-        "npy": "a file per array and image and its record (a folder each), report.json, settings, lock",
-        "shards": f"tar shards of about {_bytes(shard_size)} (--shard-size), an index part each, "
-        "index.jsonl and report.json",
-    }
     lines = [f"dataset: {images:,} images ({sizes}{skipped})", "format  save dtype       bytes    files"]
-    for name in FORMATS:
+    for name, format in FORMATS.items():
         for i, dtype in enumerate(save_dtypes):
-            total, files = _ESTIMATES[name](counted, np.dtype(dtype), shard_size)
-            note = f"  {notes[name]}" if i == 0 else ""
-            lines.append(f"{name:<8}{dtype:<10}{_bytes(total):>12}{files:>9,}{note}")
+            total, files = format.estimate(counted, np.dtype(dtype), shard_size)
+            note = f"  {format.note(shard_size)}" if i == 0 else ""
+            lines.append(f"{name:<8}{dtype:<10}{human_bytes(total):>12}{files:>9,}{note}")
     return "\n".join(lines)
-
-
-def _bytes(count: int) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"

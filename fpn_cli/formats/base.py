@@ -1,18 +1,50 @@
 """What every storage format provides: :class:`Storage`, the writer side that a run's steps use,
-and :class:`Features`, the reader side that ``open_features`` returns. A format is one module
-with one of each (npy.py, shards.py)."""
+:class:`Features`, the reader side that ``open_features`` returns, and :class:`VerifyReader`,
+what ``fpn-extract verify`` reads; :class:`Format` bundles them with the rest (estimate, layout
+checks, the files it owns) as the registry's entry. A format is one module (npy.py, shards.py)
+that defines a ``FORMAT``, and one line in formats/__init__.py's ``FORMATS``."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 
+from fpn_cli.models.levels import LEVELS
+
+if TYPE_CHECKING:
+    from fpn_cli.inputs.urls import Folder
+
+ROIS, BOXES = "rois", "boxes"  # with --boxes: RoI features, and the boxes they came from (regions/)
+POOLS = ("avg", "max")  # with --pool: <level>_<kind>, one vector per level
+BOX_DTYPE = np.dtype(np.float64)  # boxes.npy: coordinates exactly as given, whatever the save dtype
+
 Shape = tuple[int, ...]
 Size = tuple[int, int]  # (H, W)
+
+
+def pool_name(level: str, kind: str) -> str:
+    """``p3_avg``: no dot inside, so the name is one WebDataset member suffix."""
+    return f"{level}_{kind}"
+
+
+def derived_names() -> tuple[str, ...]:
+    """Every array a run may derive from an image's levels, whatever its options: each level's
+    pooled vectors, the RoI features and their boxes."""
+    return (*(pool_name(level, kind) for level in LEVELS for kind in POOLS), ROIS, BOXES)
+
+
+def human_bytes(count: int) -> str:
+    """``1.0 GB``, ``512 B``: a size for messages and --summary."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
 
 
 def npy_size(shape: Shape, dtype: np.dtype) -> int:
@@ -35,17 +67,17 @@ def read_npy_header(f: BinaryIO) -> tuple[Shape, np.dtype]:
 
 class Storage(Protocol):
     """An output folder in one format, as the pipeline uses it: who may write (:meth:`lock`,
-    :meth:`record_settings`), what is stored for an image and what a resume may keep of it
-    (:meth:`present` ... :meth:`forget`; resume.py and roi.Outputs decide, asking these), writing
-    an image (:meth:`write_levels`, :meth:`write_record`, :meth:`finish_image`), and the files of
-    the whole run (reports, :meth:`publish_index`).
+    :meth:`record_settings`), what is stored for an image and where (:meth:`present` ...
+    :meth:`location`; resume.decide settles what a resume keeps, asking these), writing an image
+    whole (:meth:`write_levels`, then :meth:`finish_image` with its record), and the run's
+    reports. A format whose arrays can be changed one by one is an :class:`InPlaceStorage`.
 
     Array names are the levels (``p2``) and every array derived from them (``p3_avg``, ``rois``,
-    ``boxes``: roi.Outputs); each is stored as ``<name>.npy`` in its own dtype (boxes are float64
-    whatever the save dtype). An image's record (resume.py) is stored with its arrays, after them.
-    ``in_place``: whether an image's arrays can be added to or replaced one by one (npy), or an
-    image is written whole each time (shards: a resume that lacks anything writes a new group,
-    reading what it keeps back from the old one).
+    ``boxes``: regions.outputs); each is stored as ``<name>.npy`` in its own dtype (boxes are
+    float64 whatever the save dtype). ``in_place``: whether the store is an
+    :class:`InPlaceStorage` (npy); otherwise an image is written whole each time (shards: a
+    resume that lacks anything writes a new group, reading what it keeps back from the old one,
+    and leaves out what may not stay).
 
     Several writer threads (``--writers``) write images at once, each image whole by one thread,
     from :meth:`write_levels` to :meth:`finish_image`; :meth:`flush` comes after them all."""
@@ -58,9 +90,10 @@ class Storage(Protocol):
     def lock(self) -> AbstractContextManager[None]:
         """Holds the folder against other runs (and makes it) for the length of the run."""
 
-    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
+    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> dict | None:
         """Checks ``settings`` against those the folder's features were made with (a
-        UsageError unless ``overwrite``) and records them."""
+        UsageError unless ``overwrite``) and records them; returns those recorded before (None
+        if none): the registry removes another format's files on ``overwrite``."""
 
     def sweep_dead_runs(self) -> None:
         """Deletes what runs that died on this host left half-written."""
@@ -71,15 +104,8 @@ class Storage(Protocol):
     def present(self, key: str) -> bool:
         """Whether anything is stored for ``key`` (a new image costs no more than this)."""
 
-    def remove_strays(self, key: str) -> None:
-        """Deletes whatever a killed run left half-written of ``key``."""
-
     def read_record(self, key: str) -> dict | None:
         """``key``'s record (resume.py's), or None if there is none."""
-
-    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
-        """Records that ``key``'s unchanged input is now found where ``record`` says, where the
-        format can (a complete shard is never rewritten: its record keeps the old place)."""
 
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
         """The shape of array ``name`` of ``key`` if it is stored complete, in ``dtype``."""
@@ -92,16 +118,6 @@ class Storage(Protocol):
     ) -> dict[str, Shape]:
         """Shapes of the arrays among ``names`` stored complete for ``key``, in the save dtype
         or the one ``dtypes`` gives for the name."""
-
-    def forget(self, key: str) -> None:
-        """Drops every stored array of ``key`` and its record: its input changed."""
-
-    def forget_derived(self, key: str) -> None:
-        """Drops what was derived from ``key``'s levels: a level they came from was wrong."""
-
-    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
-        """Drops the arrays ``names`` of ``key`` (a store that writes an image whole drops them
-        by writing it again without them)."""
 
     def read_array(self, key: str, name: str) -> np.ndarray:
         """Stored array ``name`` of ``key``, memory-mapped where possible."""
@@ -123,23 +139,39 @@ class Storage(Protocol):
 
     def write_preview(self, key: str, picture) -> None: ...
 
-    def write_record(self, key: str, record: Mapping[str, object]) -> None:
-        """Stores ``key``'s record after its arrays: with it, they are complete."""
-
-    def finish_image(self, key: str, entry: dict) -> None:
-        """``key`` is written whole; ``entry`` is its report.json entry."""
+    def finish_image(self, key: str, record: Mapping[str, object] | None, entry: dict) -> None:
+        """``key`` is written: its ``record`` (resume.py's; None: none) is stored after its
+        arrays, which it marks complete; ``entry`` is its report.json entry."""
 
     def flush(self) -> None:
         """Puts everything written so far in place (a format that packs images closes its pack)."""
 
-    def write_report(self, write: Callable[[BinaryIO], object]) -> None: ...
+    def write_report(self, write: Callable[[BinaryIO], object]) -> None:
+        """report.json (``write(file)``), and the format's index of its images where it has one."""
 
     def write_shard_report(self, index: int, count: int, write: Callable[[BinaryIO], object]) -> None: ...
 
     def read_shard_reports(self, count: int) -> list[dict] | None: ...
 
-    def publish_index(self) -> None:
-        """Writes the index of every complete image, where the format has one."""
+
+class InPlaceStorage(Storage, Protocol):
+    """A :class:`Storage` whose arrays are files of their own (npy): a resume deletes what may not
+    stay, array by array (resume.decide), and a killed run's temporary files are swept per image."""
+
+    def remove_strays(self, key: str) -> None:
+        """Deletes whatever a killed run left half-written of ``key``."""
+
+    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
+        """Records that ``key``'s unchanged input is now found where ``record`` says."""
+
+    def forget(self, key: str) -> None:
+        """Drops every stored array of ``key`` and its record: its input changed."""
+
+    def forget_derived(self, key: str) -> None:
+        """Drops what was derived from ``key``'s levels: a level they came from was wrong."""
+
+    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
+        """Drops the arrays ``names`` of ``key``."""
 
 
 class Features(Mapping[str, dict[str, np.ndarray]]):
@@ -175,3 +207,38 @@ class Features(Mapping[str, dict[str, np.ndarray]]):
 
     def _find(self, key: str) -> object | None:
         raise NotImplementedError
+
+
+class VerifyReader(Protocol):
+    """An output folder as ``fpn-extract verify`` reads it (run/verify.py asks, the format answers)."""
+
+    root: Path
+
+    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
+        """For report.json's ``info`` of one of ``key``'s arrays: (how to name it in a message,
+        why it is not there at all or None, its shape if it is complete in ``dtype``)."""
+
+    def boxes(self, rois: dict) -> dict:
+        """report.json's ``info`` of the boxes beside the RoI features listed as ``rois``."""
+
+    def record(self, key: str) -> tuple[dict | None, str]:
+        """(``key``'s record of its input or None, where it is, for messages)."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """One storage format, as the registry (``formats.FORMATS``) holds it: everything the rest of
+    the code asks of a format, so that adding one is its module and one registry line."""
+
+    name: str  # --format's value, and the settings record's "format"
+    # (out, levels, save dtype, shard size, job-array shard, holds_features) -> the run's writer
+    open_store: Callable[..., Storage]
+    open_features: Callable[[Folder], Features]  # the reader of open_features
+    verify_reader: Callable[[Path], VerifyReader]  # fpn-extract verify's reader of a local folder
+    # (per image: (count, {name: shape}), save dtype, shard size) -> (bytes, files), for --summary
+    estimate: Callable[[Sequence[tuple[int, Mapping[str, Shape]]], np.dtype, int], tuple[int, int]]
+    note: Callable[[int], str]  # --summary: what its files are, for a --shard-size
+    check_layout: Callable[[Iterable[tuple[str, str]]], None]  # (key, input) pairs that clash: refused
+    holds: Callable[[Path], bool]  # whether a local output folder holds files of this format
+    remove: Callable[[Path], None]  # deletes them (--overwrite into another format)
+    urls: bool = False  # whether --out may be a URL

@@ -13,20 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
 from fpn_cli.errors import UsageError
-from fpn_cli.formats.store import (
+from fpn_cli.layout import (
     HOST,
     LOCK_FILE,
     OVERWRITE_MARKER,
-    RECORD_FILE,
     REPORT_FILE,
     SETTINGS_FILE,
     SHARDS_DIR,
-    TAR_SHARDS_DIR,
     atomic_write_json,
     create_folder,
 )
@@ -82,15 +80,21 @@ def _take(root: Path, path: Path, exclusive: bool) -> IO[str]:
 
 
 def record_settings(
-    root: Path, settings: Mapping[str, object], overwrite: bool, shard: tuple[int, int] | None
+    root: Path,
+    settings: Mapping[str, object],
+    overwrite: bool,
+    shard: tuple[int, int] | None,
+    holds_features: Callable[[Path], bool] = lambda root: False,
 ) -> dict | None:
     """Records ``settings`` (under :func:`lock_folder`); features made with other settings are a
     usage error unless ``overwrite`` (then they are recomputed). An ``overwrite`` run leaves a
     marker until :func:`finish_overwrite`: until then the folder may mix old and new features, so
-    a run without ``overwrite`` is refused. Returns the settings recorded before (None if none)."""
+    a run without ``overwrite`` is refused. ``holds_features(root)``: whether a format's files are
+    there (the registry asks every format). Returns the settings recorded before (None if none)."""
     pending = sorted(p.name for p in root.glob(OVERWRITE_MARKER + "*"))
     recorded = read_settings(root)
-    check_settings(root, recorded, settings, pending, overwrite, recorded is None and _holds_features(root))
+    unknown = recorded is None and _holds_features(root, holds_features)
+    check_settings(root, recorded, settings, pending, overwrite, unknown)
     try:
         if overwrite:
             _overwrite_marker(root, shard).touch()
@@ -133,15 +137,9 @@ def check_settings(
         )
 
 
-def _holds_features(root: Path) -> bool:
-    """Whether ``root`` holds anything a run wrote: a report, shards, or an image's record."""
-    if (root / REPORT_FILE).exists() or (root / TAR_SHARDS_DIR).is_dir():
-        return True
-    try:
-        with os.scandir(root) as entries:
-            return any(e.is_dir() and os.path.exists(os.path.join(e.path, RECORD_FILE)) for e in entries)
-    except OSError:
-        return False
+def _holds_features(root: Path, holds: Callable[[Path], bool]) -> bool:
+    """Whether ``root`` holds anything a run wrote: a report, or what a format says is its own."""
+    return (root / REPORT_FILE).exists() or holds(root)
 
 
 def settings_to_record(recorded: Mapping[str, object] | None, settings: Mapping[str, object]) -> dict:

@@ -1,6 +1,19 @@
-"""``--format npy`` (the default): one ``.npy`` file per array and image, ``OUT/<key>/<name>.npy``.
-The layout itself, its atomic writes and completion checks are store.py's; this module makes it a
-:class:`~fpn_cli.formats.base.Storage` and reads it back."""
+"""``--format npy`` (the default): one ``.npy`` file per array and image.
+
+    OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype (npyio.py)
+    OUT/<key>/preview.png       with --preview: the image beside its levels
+    OUT/<key>/p2_avg.npy, rois.npy, boxes.npy   with --pool, --boxes: derived arrays (regions/)
+    OUT/<key>/input.json        the input's fingerprint, size and orientation, written last, after
+                                every array and the preview: the image is complete (resume.py
+                                decides what of it a resume may keep)
+    OUT/report.json, OUT/.fpn-extract.json, locks   as every format (layout.py, locks.py)
+
+Every file appears atomically (layout.replacing). :func:`check_layout` refuses, before any work,
+inputs whose files would land on each other's (a key against another key's level, derived array,
+preview or record file, or the tool's own files). :class:`Store` is the layout; :class:`NpyStore`
+the writer a run uses, :class:`NpyFeatures` the reader, :class:`NpyFolder` verify's reader,
+:data:`FORMAT` the registry's entry (formats/__init__.py).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +22,223 @@ import contextlib
 import json
 import mmap
 import os
-import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from fpn_cli.errors import FPNError
-from fpn_cli.formats.base import Features, Shape, npy_size
+from fpn_cli.errors import FPNError, UsageError
+from fpn_cli.formats.base import Features, Format, Shape, derived_names, npy_size
 from fpn_cli.formats.locks import finish_overwrite, lock_folder, record_settings
-from fpn_cli.formats.npyio import npy_shape
-from fpn_cli.formats.store import PREVIEW_FILE, REPORT_FILE, TAR_SHARDS_DIR, Store
+from fpn_cli.formats.npyio import DirectWriter, npy_shape, write_file
+from fpn_cli.inputs.urls import Folder, local_path
+from fpn_cli.layout import (
+    REPORT_FILE,
+    SHARDS_DIR,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_reserved,
+    is_temporary_name,
+    remove_temporary_files,
+    replacing,
+    sweep_dead_writers,
+)
+from fpn_cli.models.levels import LEVELS
+
+PREVIEW_FILE = "preview.png"
+RECORD_FILE = "input.json"  # the input's fingerprint: written last, so it marks the image complete
+
+
+def remove_layout(root: Path) -> None:
+    """Deletes what the npy layout wrote under ``root`` (every image folder's arrays, record and
+    preview, then the folders left empty): an --overwrite run into another format must not leave
+    the old one beside it for readers to find. Nothing else in the folders is touched (a folder
+    is removed only where it is left empty by this)."""
+    ours = {RECORD_FILE, PREVIEW_FILE, *(f"{name}.npy" for name in (*LEVELS, *derived_names()))}
+    cleared: set[str] = set()  # folders that held our files, or folders that did
+    for folder, _, names in os.walk(root, topdown=False):
+        if Path(folder) == root:
+            continue
+        for name in names:
+            if name in ours:
+                os.unlink(os.path.join(folder, name))
+                cleared.add(folder)
+        if folder in cleared:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty
+                cleared.add(os.path.dirname(folder))
+
+
+class Store:
+    """One output folder, for one set of levels stored in one dtype."""
+
+    def __init__(self, root: Path, levels: Iterable[str], save_dtype: str) -> None:
+        self.root = Path(root)
+        self.levels = tuple(levels)
+        self.dtype = np.dtype(save_dtype)
+        self._direct = DirectWriter()
+
+    def sweep_dead_runs(self) -> None:
+        """Deletes the temporary files that runs on this host left at the top of the folder and
+        in ``.shards`` before they died (another run's live ones stay)."""
+        for folder in (self.root, self.root / SHARDS_DIR):
+            sweep_dead_writers(folder)
+
+    def level_path(self, key: str, level: str) -> Path:
+        return self.root / key / f"{level}.npy"
+
+    def existing(self, key: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the requested levels already complete for ``key``."""
+        return self.shapes(key, self.levels)
+
+    def shapes(
+        self, key: str, names: Iterable[str], dtypes: Mapping[str, np.dtype] | None = None
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes of the arrays ``key/<name>.npy`` among ``names`` that are complete: of the save
+        dtype, or the one ``dtypes`` gives for the name (boxes.npy is float64 in any store)."""
+        found = {}
+        for name in names:
+            shape = npy_shape(self.level_path(key, name), (dtypes or {}).get(name, self.dtype))
+            if shape is not None:
+                found[name] = shape
+        return found
+
+    def remove_strays(self, key: str) -> None:
+        """Deletes temporary files that a killed run left in ``key``'s folder (the lock makes this
+        run the folder's only writer)."""
+        remove_temporary_files(self.root / key)
+
+    def write_levels(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Writes each array to ``key/<name>.npy``, each file atomically, in ``arrays``' order:
+        levels, and the arrays derived from them (pooled vectors, rois, boxes; regions/outputs.py)."""
+        (self.root / key).mkdir(parents=True, exist_ok=True)
+        for level, array in arrays.items():
+            with replacing(self.level_path(key, level)) as tmp:
+                write_file(tmp, array, self._direct)
+
+    def preview_path(self, key: str) -> Path:
+        return self.root / key / PREVIEW_FILE
+
+    def record_path(self, key: str) -> Path:
+        return self.root / key / RECORD_FILE
+
+    def read_record(self, key: str) -> dict | None:
+        """``key``'s record (resume.py's), or None if it is absent or unreadable."""
+        try:
+            record = json.loads(self.record_path(key).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def write_record(self, key: str, record: Mapping[str, object]) -> None:
+        """Writes ``key``'s record, atomically; call it after the levels: it marks them complete."""
+        atomic_write_json(self.record_path(key), dict(record))
+
+    def forget(self, key: str) -> None:
+        """Deletes ``key``'s record, every level file, every array derived from them and its
+        preview: features of an input that has changed since (or of one never recorded), which
+        nothing may keep (the lock makes this run the folder's only writer)."""
+        folder = self.root / key
+        for name in (RECORD_FILE, *(f"{level}.npy" for level in LEVELS)):
+            (folder / name).unlink(missing_ok=True)
+        self.forget_derived(key)
+
+    def forget_derived(self, key: str) -> None:
+        """Deletes what was derived from ``key``'s levels (pooled vectors, RoI features and
+        boxes, preview), whatever options made them: a level they came from is not trusted."""
+        folder = self.root / key
+        for name in (PREVIEW_FILE, *(f"{name}.npy" for name in derived_names())):
+            (folder / name).unlink(missing_ok=True)
+
+    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
+        """Deletes the arrays ``key/<name>.npy`` among ``names``."""
+        for name in names:
+            self.level_path(key, name).unlink(missing_ok=True)
+
+    def read_levels(self, key: str) -> dict[str, np.ndarray]:
+        """The requested levels of a complete image, memory-mapped."""
+        return {level: self.read_array(key, level) for level in self.levels}
+
+    def read_array(self, key: str, name: str) -> np.ndarray:
+        """``key/<name>.npy``, memory-mapped."""
+        return np.load(self.level_path(key, name), mmap_mode="r")
+
+    def write_preview(self, key: str, picture) -> None:
+        """Writes a PIL image as ``key/preview.png``, atomically."""
+        atomic_write_bytes(self.preview_path(key), lambda f: picture.save(f, format="PNG"))
+
+    def write_report(self, write: Callable[[BinaryIO], object]) -> None:
+        """``write(file)`` makes report.json, atomically."""
+        atomic_write_bytes(self.root / REPORT_FILE, write)
+
+    def shard_report_path(self, index: int, count: int) -> Path:
+        return self.root / SHARDS_DIR / f"report-{index}-of-{count}.json"
+
+    def write_shard_report(self, index: int, count: int, write: Callable[[BinaryIO], object]) -> None:
+        (self.root / SHARDS_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(self.shard_report_path(index, count), write)
+
+    def read_shard_reports(self, count: int) -> list[dict] | None:
+        """All ``count`` shards' reports, or None while any is missing."""
+        parts = []
+        for index in range(count):
+            try:
+                parts.append(json.loads(self.shard_report_path(index, count).read_text()))
+            except (OSError, ValueError):
+                return None
+        return parts
+
+
+def files_of_a_key() -> frozenset[str]:
+    """The names a run may write in an image's folder, whatever its options: every level's file,
+    every derived array's (pooled vectors, rois, boxes), the preview and the record (their
+    temporary siblings are :func:`is_temporary_name`)."""
+    arrays = (*LEVELS, *derived_names())
+    return frozenset({PREVIEW_FILE, RECORD_FILE, *(f"{name}.npy" for name in arrays)})
+
+
+def check_layout(keyed: Iterable[tuple[str, str]]) -> None:
+    """(key, input path) pairs that would write over each other in the output folder are a
+    :class:`UsageError` naming both, before any work: a key whose folder, or a folder above it, is
+    a file that another key's folder holds (``k/p2.npy`` from ``k/p2.npy.jpg`` against ``k``'s
+    level file), a key with a part named like a temporary file, or one that would leave OUT
+    (``..``) or take the tool's own names (layout.check_reserved). Names are compared
+    casefolded, as macOS and Windows do; two keys that are one folder are find_images' to refuse."""
+    owners: dict[str, str] = {}
+    pairs = list(keyed)
+    for key, source in pairs:
+        owners.setdefault(key.casefold(), source)
+    own_files = {name.casefold() for name in files_of_a_key()}
+    for key, source in pairs:
+        check_reserved(key, source)
+        parts = key.split("/")
+        for i, part in enumerate(parts):
+            if part in ("", ".", ".."):
+                raise UsageError(
+                    f"{source} would write {key}/, which is not a folder inside the output folder"
+                )
+            if is_temporary_name(part):
+                raise UsageError(f"{source} would write {key}/, named like fpn-extract's temporary files")
+            if part.casefold() not in own_files or i == 0:
+                continue
+            parent = "/".join(parts[:i])
+            other = owners.get(parent.casefold())
+            if other is not None:
+                raise UsageError(
+                    f"{other} and {source} would collide in the output folder: {parent}/{part} is a "
+                    f"file of {other} and a folder of {source}; rename one or give them separate "
+                    "input folders"
+                )
+
+
+def holds(root: Path) -> bool:
+    """Whether ``root`` holds an image the npy layout wrote (a folder with its record)."""
+    try:
+        with os.scandir(root) as entries:
+            return any(e.is_dir() and os.path.exists(os.path.join(e.path, RECORD_FILE)) for e in entries)
+    except OSError:
+        return False
 
 
 class NpyStore(Store):
@@ -30,18 +249,23 @@ class NpyStore(Store):
     in_place = True
 
     def __init__(
-        self, root: Path, levels: Iterable[str], save_dtype: str, shard: tuple[int, int] | None = None
+        self,
+        root: Path,
+        levels: Iterable[str],
+        save_dtype: str,
+        shard: tuple[int, int] | None = None,
+        holds_features: Callable[[Path], bool] | None = None,
     ) -> None:
         super().__init__(root, levels, save_dtype)
         self.shard = shard
+        # whether the folder holds any format's features (the registry's answer; else the npy's)
+        self.holds_features = holds_features or holds
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         return lock_folder(self.root, self.shard)
 
-    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
-        before = record_settings(self.root, settings, overwrite, self.shard) or {}
-        if overwrite and before.get("format", "npy") == "shards":  # the other format's files go too
-            shutil.rmtree(self.root / TAR_SHARDS_DIR, ignore_errors=True)
+    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> dict | None:
+        return record_settings(self.root, settings, overwrite, self.shard, self.holds_features)
 
     def finish_overwrite(self) -> None:
         finish_overwrite(self.root, self.shard)
@@ -67,14 +291,13 @@ class NpyStore(Store):
     def where(self, key: str) -> str:
         return str(self.root / key)
 
-    def finish_image(self, key: str, entry: dict) -> None:
-        pass  # report.json holds the entries
+    def finish_image(self, key: str, record: Mapping[str, object] | None, entry: dict) -> None:
+        """The record last, which marks the image's files complete (report.json holds ``entry``)."""
+        if record is not None:
+            self.write_record(key, record)
 
     def flush(self) -> None:
         pass  # each file is in place once written
-
-    def publish_index(self) -> None:
-        pass  # the folder tree is the index
 
 
 class NpyFeatures(Features):
@@ -136,6 +359,26 @@ class NpyFeatures(Features):
         return json.loads(line.strip().rstrip(b","))
 
 
+class NpyFolder:
+    """The npy layout as verify reads it: an array is its file, the record ``<key>/input.json``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
+        shown = str(info["file"])
+        path = self.root / shown
+        if not path.is_file():
+            return shown, f"{shown} is missing", None
+        return shown, None, npy_shape(path, dtype)
+
+    def boxes(self, rois: dict) -> dict:
+        return {"file": rois["boxes"]}
+
+    def record(self, key: str) -> tuple[dict | None, str]:
+        return Store(self.root, (), "float32").read_record(key), f"{key}/{RECORD_FILE}"
+
+
 def estimate(
     per_image: Iterable[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
 ) -> tuple[int, int]:
@@ -147,3 +390,37 @@ def estimate(
         total += count * sum(npy_size(shape, dtype) for shape in shapes.values())
         files += count * (len(shapes) + 1)
     return total, files + 3
+
+
+def _open_store(
+    out: str | os.PathLike[str],
+    levels: Iterable[str],
+    save_dtype: str,
+    shard_size: int,
+    shard: tuple[int, int] | None,
+    holds_features: Callable[[Path], bool] | None = None,
+) -> NpyStore:
+    return NpyStore(Path(local_path(str(out))), levels, save_dtype, shard, holds_features)
+
+
+def _open_features(folder: Folder) -> NpyFeatures:
+    if folder.remote:
+        raise FPNError(f"{folder.url('')}: the npy layout is read from local folders only")
+    return NpyFeatures(Path(folder.root))
+
+
+def _note(shard_size: int) -> str:
+    return "a file per array and image and its record (a folder each), report.json, settings, lock"
+
+
+FORMAT = Format(
+    name="npy",
+    open_store=_open_store,
+    open_features=_open_features,
+    verify_reader=NpyFolder,
+    estimate=estimate,
+    note=_note,
+    check_layout=check_layout,
+    holds=holds,
+    remove=remove_layout,
+)

@@ -2,7 +2,7 @@
 
     OUT/shards/000000.tar, 000001.tar ...     (I-of-N-000000.tar ... for --shard I/N or a torchrun rank)
         <stem>.p2.npy ... <stem>.json           one image: its arrays (levels, then p3_avg, rois,
-                                                boxes ...: roi.Outputs), then its report.json entry
+                                                boxes ...: regions.outputs), then its report.json entry
                                                 with its input's record (resume.py) in ``record``
     OUT/shards/.index/000000.jsonl ...        one index part per shard: a line per image
     OUT/shards/index.jsonl                    every part merged, sorted by key (publish_report)
@@ -58,6 +58,7 @@ import mmap
 import os
 import queue
 import re
+import shutil
 import tarfile
 import tempfile
 import threading
@@ -72,7 +73,7 @@ import numpy as np
 
 from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import tario
-from fpn_cli.formats.base import Features, Shape, npy_size, read_npy_header
+from fpn_cli.formats.base import Features, Format, Shape, human_bytes, npy_size, read_npy_header
 from fpn_cli.formats.locks import (
     check_settings,
     finish_overwrite,
@@ -81,20 +82,20 @@ from fpn_cli.formats.locks import (
     record_settings,
     settings_to_record,
 )
-from fpn_cli.formats.store import (
+from fpn_cli.inputs.keys import shard_of
+from fpn_cli.inputs.urls import Folder
+from fpn_cli.layout import (
     HOST,
     OVERWRITE_MARKER,
     REPORT_FILE,
     SETTINGS_FILE,
     create_folder,
-    remove_npy_layout,
     sweep_dead_writers,
     temporary_name,
 )
-from fpn_cli.formats.store import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
-from fpn_cli.formats.store import TAR_SHARDS_DIR as SHARDS  # under OUT
-from fpn_cli.inputs.urls import Folder
+from fpn_cli.layout import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
 
+SHARDS = "shards"  # under OUT: the tars, their index parts and index.jsonl
 PARTS = f"{SHARDS}/.index"  # one index part per shard
 INDEX = f"{SHARDS}/index.jsonl"
 DEFAULT_SHARD_SIZE = 1_000_000_000
@@ -191,8 +192,11 @@ class ShardStore:
         save_dtype: str,
         shard_size: int = DEFAULT_SHARD_SIZE,
         shard: tuple[int, int] | None = None,
+        holds_features: Callable[[Path], bool] | None = None,
     ) -> None:
         self.folder = Folder(root)
+        # whether a local folder holds any format's features (the registry's answer; else ours)
+        self.holds_features = holds_features or holds
         self.levels = tuple(levels)
         self.dtype = np.dtype(save_dtype)
         self.shard_size = shard_size
@@ -215,7 +219,7 @@ class ShardStore:
             return contextlib.nullcontext()
         return lock_folder(self.folder.path(""), self.shard)
 
-    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> None:
+    def record_settings(self, settings: Mapping[str, object], overwrite: bool) -> dict | None:
         shards = [(name, parsed[0]) for name in self.folder.names(SHARDS) if (parsed := _parse(name))]
         if overwrite:
             self._check_layout(shards)
@@ -235,14 +239,14 @@ class ShardStore:
             text = json.dumps(settings_to_record(recorded, settings), indent=2).encode()
             self.folder.write(SETTINGS_FILE, lambda f: f.write(text))
         else:
-            before = record_settings(self.folder.path(""), settings, overwrite, self.shard) or {}
-            if overwrite and before.get("format", "npy") == "npy":  # the other format's files go too
-                remove_npy_layout(self.folder.path(""))
+            root = self.folder.path("")
+            recorded = record_settings(root, settings, overwrite, self.shard, self.holds_features)
             self.folder.makedirs(PARTS)
         for name, part in shards if overwrite else ():  # this run's part of the shards goes
             if self._owns(part):
                 self.folder.remove(_part_name(name))
                 self.folder.remove(f"{SHARDS}/{name}")
+        return recorded
 
     def finish_overwrite(self) -> None:
         if self.folder.remote:
@@ -277,16 +281,10 @@ class ShardStore:
     def present(self, key: str) -> bool:
         return key in self._completed()
 
-    def remove_strays(self, key: str) -> None:
-        pass  # an unfinished shard is swept whole (sweep_dead_runs); a complete one holds no strays
-
     def read_record(self, key: str) -> dict | None:
         line = self._completed().get(key)
         record = line.get("record") if line is not None else None
         return record if isinstance(record, dict) else None
-
-    def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
-        pass  # a complete shard is never rewritten: the record keeps the place it was made from
 
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
         member = self._member(key, name)
@@ -307,15 +305,6 @@ class ShardStore:
                 found[name] = shape
         return found
 
-    def forget(self, key: str) -> None:
-        pass  # the image's new group replaces the old one, which stays in its tar, unlisted
-
-    def forget_derived(self, key: str) -> None:
-        pass  # as forget: the new group holds only what this run trusts or makes
-
-    def forget_arrays(self, key: str, names: Iterable[str]) -> None:
-        pass  # as forget: the image is written again without them
-
     def read_array(self, key: str, name: str) -> np.ndarray:
         line = self._completed()[key]
         return self._arrays.array(line["shard"], line["members"][f"{name}.npy"])
@@ -330,7 +319,6 @@ class ShardStore:
     def _completed(self) -> dict[str, dict]:
         """Index lines of the images this run owns that are in complete shards (the newest line
         of each key), read once."""
-        from fpn_cli.run.distributed import shard_of  # here: the run's layer, and torch, only when used
 
         with self._reading:
             if self._complete is None:
@@ -361,12 +349,9 @@ class ShardStore:
     def write_preview(self, key: str, picture) -> None:
         raise UsageError("--preview is for the npy layout")  # Options refuses it first
 
-    def write_record(self, key: str, record: Mapping[str, object]) -> None:
-        _, group = self._group(key)
-        group.record = dict(record)
-
-    def finish_image(self, key: str, entry: dict) -> None:
+    def finish_image(self, key: str, record: Mapping[str, object] | None, entry: dict) -> None:
         shard, group = self._group(key)
+        group.record = dict(record) if record is not None else None
         old = self._completed().get(key)
         extra = {"record": group.record} if group.record is not None else {}
         if old is not None:
@@ -482,7 +467,9 @@ class ShardStore:
     # -- the run's files --------------------------------------------------------------------
 
     def write_report(self, write: Callable[[BinaryIO], object]) -> None:
+        """report.json, then the index of every complete image, published with it."""
         self.folder.write(REPORT_FILE, write)
+        self.publish_index()
 
     def write_shard_report(self, index: int, count: int, write: Callable[[BinaryIO], object]) -> None:
         self.folder.makedirs(REPORTS_DIR)
@@ -519,6 +506,17 @@ class ShardStore:
                 f.write((text + "\n").encode())
 
         self.folder.write(INDEX, write)
+
+
+def holds(root: Path) -> bool:
+    """Whether the local folder ``root`` holds shards."""
+    return (root / SHARDS).is_dir()
+
+
+def remove_layout(root: Path) -> None:
+    """Deletes the shards (tars, index parts, index) under the local folder ``root``: an
+    ``--overwrite`` run into another format must not leave them for readers to find."""
+    shutil.rmtree(root / SHARDS, ignore_errors=True)
 
 
 def member_shape(
@@ -839,6 +837,40 @@ def _line_starts(data: bytes | mmap.mmap) -> np.ndarray:
     return starts
 
 
+class ShardFolder:
+    """A local shards folder as verify reads it: an array is a member of the shard its index line
+    names, checked by :func:`member_shape`; the record is the one in the image's index line."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folder = Folder(root)
+        try:
+            self.index = ShardFeatures(self.folder)
+        except (FPNError, OSError, ValueError) as e:
+            raise UsageError(f"cannot read the shard index of {root}: {e}") from None
+        self._sizes: dict[str, int | None] = {}
+
+    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
+        shown = f"{info['file']}:{info.get('member')}"
+        line = self.index.line_for(key)
+        if line is None:
+            return shown, f"{shown}: the image is not in {INDEX}", None
+        name = str(info.get("member", "")).removeprefix(f"{member_stem(key)}.")
+        member = line["members"].get(name)
+        where = f"{SHARDS}/{line['shard']}"
+        if member is None or info["file"] != where or not name.endswith(".npy"):
+            return shown, f"{shown} is missing (the index has the image in {where})", None
+        return shown, None, member_shape(self.folder, line["shard"], member, dtype, self._sizes)
+
+    def boxes(self, rois: dict) -> dict:
+        return {"file": rois.get("file"), "member": rois["boxes"]}
+
+    def record(self, key: str) -> tuple[dict | None, str]:
+        line = self.index.line_for(key)
+        record = line.get("record") if line is not None else None
+        return (record if isinstance(record, dict) else None), f"{member_stem(key)}.json"
+
+
 def estimate(
     per_image: Sequence[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
 ) -> tuple[int, int]:
@@ -856,3 +888,35 @@ def estimate(
     per_shard = -(-shard_size * images // total) if total else 1
     shards = -(-images // per_shard)
     return total, 2 * shards + 2
+
+
+def _open_store(
+    out: str | os.PathLike[str],
+    levels: Iterable[str],
+    save_dtype: str,
+    shard_size: int,
+    shard: tuple[int, int] | None,
+    holds_features: Callable[[Path], bool] | None = None,
+) -> ShardStore:
+    return ShardStore(out, levels, save_dtype, shard_size, shard, holds_features)
+
+
+def _note(shard_size: int) -> str:
+    return (
+        f"tar shards of about {human_bytes(shard_size)} (--shard-size), an index part each, "
+        "index.jsonl and report.json"
+    )
+
+
+FORMAT = Format(
+    name="shards",
+    open_store=_open_store,
+    open_features=ShardFeatures,
+    verify_reader=ShardFolder,
+    estimate=estimate,
+    note=_note,
+    check_layout=check_keys,
+    holds=holds,
+    remove=remove_layout,
+    urls=True,
+)

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fpn_cli.errors import ImageError, UsageError
-from fpn_cli.formats.store import SETTINGS_FILE
 from fpn_cli.inputs.keys import output_key, relative_paths
+from fpn_cli.layout import SETTINGS_FILE
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .jp2".split()

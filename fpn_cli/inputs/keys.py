@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import zlib
 from collections.abc import Sequence
 from urllib.parse import unquote
 
@@ -88,3 +89,10 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return a[:n]
+
+
+def shard_of(key: str, count: int) -> int:
+    """The shard (0..count-1) that owns the image with output key ``key``. A hash of the key, not a
+    position in the list, so an image keeps its shard when other images are added or removed. A
+    name that is not UTF-8 hashes as its bytes on disk (held as surrogates, os.fsdecode's way)."""
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % count

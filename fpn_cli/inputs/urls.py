@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fpn_cli.errors import UsageError
-from fpn_cli.formats.store import atomic_write_bytes
+from fpn_cli.layout import atomic_write_bytes
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # protocol -> the extra of pyproject.toml that installs its fsspec backend
@@ -72,7 +72,7 @@ def join(base: str, rel: str) -> str:
 class Folder:
     """A folder on the local disk or behind an fsspec URL, with the few operations the shard
     format needs. Names are relative, ``/``-separated. Local writes are atomic by rename
-    (store.atomic_write_bytes); remote ones are single uploads, which object stores publish whole
+    (layout.atomic_write_bytes); remote ones are single uploads, which object stores publish whole
     or not at all."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:

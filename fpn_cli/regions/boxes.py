@@ -24,7 +24,7 @@ import io
 import json
 import math
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import numpy as np
 from fpn_cli.errors import UsageError
 
 COLUMNS = ("path", "x1", "y1", "x2", "y2")
+UNKNOWN_SHOWN = 10  # images a boxes file names that have no features: a warning each, up to this
 
 
 @dataclass
@@ -232,3 +233,15 @@ def clip_note(boxes: ImageBoxes, clip: dict, size: tuple[int, int]) -> str:
         f"box {i} ({boxes.sources[i]}) {_show(boxes.boxes[i])} reaches past the {size[0]}x{size[1]} "
         f"image: clipped to {_show(clip['to'])}"
     )
+
+
+def warn_unknown(
+    unknown: Mapping[str, int], warning: Callable[[str, int], str], rest: str, log: Callable[[str], None]
+) -> None:
+    """A warning (``warning(rel, count)``) for each of the first few images a boxes file names
+    without features for them, then one line counting the rest: a dataset's COCO file may name
+    millions."""
+    for rel, count in list(unknown.items())[:UNKNOWN_SHOWN]:
+        log(warning(rel, count))
+    if len(unknown) > UNKNOWN_SHOWN:
+        log(f"warning: ... and {len(unknown) - UNKNOWN_SHOWN} more {rest}")

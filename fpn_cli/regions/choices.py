@@ -1,12 +1,12 @@
 """What the command line offers and checks about region features, without importing torch: the
-pooled vectors' kinds and the bound on the RoI size (roi.py takes them from here)."""
+pooled vectors' kinds and the bound on the RoI size (pooling.py takes them from here)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from fpn_cli.errors import UsageError
-from fpn_cli.formats.store import POOLS
+from fpn_cli.formats.base import POOLS
 
 MAX_ROI_SIZE = 64  # detection heads pool 7x7, mask heads 14x14 or 28x28: 64 bounds (N, 256, 64, 64)
 

@@ -9,7 +9,6 @@ merge when the last shard finishes.
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -43,13 +42,6 @@ def is_rank_zero() -> bool:
     bar) is shown once."""
     launch = torchrun_launch()
     return launch is None or launch.rank == 0
-
-
-def shard_of(key: str, count: int) -> int:
-    """The shard (0..count-1) that owns the image with output key ``key``. A hash of the key, not a
-    position in the list, so an image keeps its shard when other images are added or removed. A
-    name that is not UTF-8 hashes as its bytes on disk (held as surrogates, os.fsdecode's way)."""
-    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % count
 
 
 def combine(shard: tuple[int, int] | None, launch: Launch | None) -> tuple[int, int] | None:

@@ -14,7 +14,7 @@ from fpn_cli.models.builder import RANDOM, ModelSpec
 from fpn_cli.models.levels import parse_levels
 from fpn_cli.models.model import level_info, resolved_levels
 from fpn_cli.regions.choices import parse_pool
-from fpn_cli.regions.roi import RoiSpec
+from fpn_cli.regions.pooling import RoiSpec
 from fpn_cli.run.choices import DEFAULT_TIMEOUT, MAX_TIMEOUT, SAVE_DTYPES
 from fpn_cli.run.engine import DTYPES
 from fpn_cli.version import __version__

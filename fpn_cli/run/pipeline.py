@@ -4,8 +4,8 @@ jobs flow one way through them, and :func:`run` strings them together:
     plan -> decode_ahead -> split_off_failures -> batches -> Forward -> Writer -> publish_report
 
 - :func:`plan`: which images need work and which arrays of each (levels, pooled vectors, RoI
-  features); complete ones are reported skipped (what a resume may keep of the levels is
-  resume.py's decision, of the arrays derived from them roi.py's).
+  features); complete ones are reported skipped (what a resume keeps, deletes and recomputes,
+  of the levels and of the arrays derived from them, is resume.py's one decision).
 - :func:`decode_ahead`: fingerprinting and decoding on a few threads, a bounded look-ahead in
   front of the network, a deadline per image (deadline.py).
 - :func:`split_off_failures`: unreadable images to the report, jobs whose levels are on disk to
@@ -13,7 +13,7 @@ jobs flow one way through them, and :func:`run` strings them together:
 - :func:`batches`: images of equal size grouped (never padded), a bounded number waiting.
 - :class:`Forward`: the network (engine.py); out of memory splits the batch, then fails the image.
 - :class:`Writer`: a background thread, behind a bounded queue, derives pooled vectors and RoI
-  features from the levels (roi.py) and writes them, the levels and previews, then the input's
+  features from the levels (regions/) and writes them, the levels and previews, then the input's
   record (resume.py) last.
 - :func:`publish_report`: report.json, or a shard's part, merged once the set is complete, and
   the storage's index.
@@ -50,17 +50,20 @@ from fpn_cli.formats import (
     format_totals,
     open_store,
 )
+from fpn_cli.formats import record_settings as record_format_settings
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header, warnings_to
+from fpn_cli.inputs.keys import shard_of
 from fpn_cli.inputs.sources import find_inputs
 from fpn_cli.inputs.urls import is_url
 from fpn_cli.models.builder import ModelSpec, build, resolve
-from fpn_cli.models.model import FPN, level_info, output_shapes, parameter_count, resolved_levels
-from fpn_cli.regions.boxes import read_boxes
-from fpn_cli.regions.roi import Geometry, Outputs, tell_boxes, warn_unknown
+from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
+from fpn_cli.regions.boxes import Checked, read_boxes, warn_unknown
+from fpn_cli.regions.geometry import Geometry, LevelSizes
+from fpn_cli.regions.outputs import Outputs, tell_boxes
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
-from fpn_cli.run.distributed import ProcessGroup, combine, shard_of, torchrun_launch
+from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
 from fpn_cli.run.options import Options, report_header, roi_spec, settings_record, with_framework_resize
 
@@ -151,7 +154,7 @@ def extract(
         out, opts.format, resolved_levels(spec.config), opts.save_dtype, opts.shard_size, shard
     )
     outputs = Outputs(
-        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, spec.config.pad_multiple
+        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, LevelSizes(spec.config)
     )
     report: Report | None = None
     began = False  # an interrupt that escapes before the run began found nothing processed
@@ -196,7 +199,7 @@ def _record_settings(store: Storage, settings: dict, overwrite: bool, out: Path 
     """The store's first touch of the output folder. Behind a URL that is where a missing
     bucket, missing credentials or a server that takes no writes shows: one line naming --out."""
     try:
-        store.record_settings(settings, overwrite)
+        record_format_settings(store, out, settings, overwrite)
     except FPNError:
         raise
     except Exception as e:
@@ -274,9 +277,10 @@ def run(
     batch_size = opts.batch_size or (8 if device.type != "cpu" else 1)
     workers = opts.workers or default_workers(device)
     writers = opts.writers or default_writers(device)
-    outputs = outputs or Outputs(store.levels, opts.save_dtype)
+    outputs = outputs or Outputs(store.levels, opts.save_dtype, sizes=LevelSizes(engine.model.config))
     results = Results(store, outputs, report, on_failure, log)
-    shapes = partial(_shapes, engine.model.config, opts.resize)
+    sizes = outputs.sizes or LevelSizes(engine.model.config)
+    shapes = partial(_shapes, sizes, opts.resize)
     jobs = plan(images, store, opts, outputs, results, shapes, workers, log)
     forward = Forward(engine, report, on_failure, log)
     depth = max(2, 2 * batch_size, writers)
@@ -284,7 +288,7 @@ def run(
         decoded = decode_ahead(
             jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
         )
-        readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer)
+        readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer, sizes)
         for batch in batches(readable, batch_size, max_pending=4 * batch_size):
             for job, levels, ready in forward(batch):
                 writer.put(job, levels, ready)
@@ -306,11 +310,10 @@ def plan(
     files, with no forward pass. Inputs that listing or the resume check found unusable are jobs
     with their ``error`` set, to be reported failed in order.
 
-    What is trusted: resume.py checks the record and the levels (:func:`_kept` the rest). A stale
-    image's files are deleted here, before anything new is written. A store that writes an image
-    whole (shards) gets the whole image again when anything is missing (:func:`_resume_job`)."""
+    What is kept, deleted and recomputed of an image with stored features is resume.py's one
+    decision (:func:`resume.decide`), taken here, before anything new is written."""
     present = [image for image in images if image.error is None and store.present(image.key)]
-    for image in present:
+    for image in present if store.in_place else ():  # a whole-image store holds no strays per image
         store.remove_strays(image.key)
     checked = [] if opts.overwrite else [image for image in present if _stores(image, outputs, opts)]
     verdicts = dict(
@@ -329,7 +332,7 @@ def plan(
         if image.error is not None or (verdict is not None and verdict.error is not None):
             jobs.append(Job(image, names, error=image.error or verdict.error))
         elif not _stores(image, outputs, opts):
-            if image.key in stored:  # RoI features of another boxes file go
+            if image.key in stored and store.in_place:  # RoI features of another boxes file go
                 store.forget_arrays(image.key, outputs.unwanted(image.rel))
             jobs.append(Job(image, ()))  # nothing to store: its header, for the report's geometry
         elif verdict is None:  # a new image, or --overwrite
@@ -370,27 +373,16 @@ def _resume_job(
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
     opts: Options,
 ) -> Job:
-    """The job for an image with stored features, after :func:`_kept` has deleted what may not
-    stay; one with nothing missing and no preview to draw is complete. Where the store writes an
-    image whole, one with anything missing writes all its arrays, those it keeps read back."""
-    have = _kept(image, verdict, store, outputs, shapes)
-    missing = tuple(name for name in names if name not in have)
+    """The job for an image with stored features, as :func:`resume.decide` settles it; one with
+    nothing missing and no preview to draw is complete."""
+    decision = resume.decide(image, names, verdict, store, outputs, shapes)
     preview = opts.preview and store.preview_file(image.key) is None
-    from_disk = all(level in have for level in store.levels)
-    unwanted = [name for name in outputs.unwanted(image.rel) if store.is_stored(image.key, name)]
-    if unwanted:  # RoI features of another boxes file
-        if store.in_place:
-            store.forget_arrays(image.key, unwanted)
-        else:
-            missing = missing or names  # the image written again, without them
-    if missing and not store.in_place:
-        missing, have = names, {}
     geometry = _recorded_geometry(verdict, opts.resize) if verdict.trusted else None
     return Job(
         image,
-        missing,
-        have,
-        from_disk,
+        decision.missing,
+        decision.have,
+        decision.from_disk,
         preview,
         geometry=geometry,
         fingerprint=verdict.fingerprint,
@@ -398,37 +390,14 @@ def _resume_job(
     )
 
 
-def _kept(
-    image: InputImage,
-    verdict: resume.Verdict,
-    store: Storage,
-    outputs: Outputs,
-    shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
-) -> dict[str, tuple[int, ...]]:
-    """Shapes of the image's arrays this run keeps: the levels resume.py trusts, and the arrays
-    derived from them that are complete at exactly their shape (roi.Outputs: rois only with
-    boxes.npy equal to the file's boxes). What may not stay is deleted: every file of the image
-    when its input changed or its record is missing (the record this run writes must not vouch
-    for them), every derived file when a stored level was wrong (they were made from it)."""
-    if not verdict.trusted:
-        store.forget(image.key)
-        return {}
-    if verdict.wrong:
-        store.forget_derived(image.key)
-        return dict(verdict.kept)
-    level_shapes = shapes(*verdict.input_size)
-    derived = outputs.complete(store, image.key, image.rel, level_shapes)
-    return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}
-
-
 def _recorded_geometry(verdict: resume.Verdict, resize: Resize) -> Geometry:
     """An image's geometry from its record: the input is the one recorded, so nothing is read."""
     return Geometry(verdict.input_size, resize.target(*verdict.input_size), verdict.orientation)
 
 
-def _shapes(config, resize: Resize, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+def _shapes(sizes: LevelSizes, resize: Resize, height: int, width: int) -> dict[str, tuple[int, ...]]:
     """Each level's (C, h, w) for an input of ``height`` x ``width`` as decoded."""
-    return output_shapes(config, *resize.target(height, width))
+    return sizes(*resize.target(height, width))
 
 
 def decode_ahead(
@@ -476,12 +445,20 @@ def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -
 
 
 def split_off_failures(
-    decoded: Iterable[Job], report: Report, on_failure: OnFailure, fail_fast: bool, writer: Writer
+    decoded: Iterable[Job],
+    report: Report,
+    on_failure: OnFailure,
+    fail_fast: bool,
+    writer: Writer,
+    sizes: LevelSizes | None = None,
 ) -> Iterator[Job]:
-    """Step 3. Images that could not be read are failed inputs (with ``fail_fast``, the first
-    stops the run); jobs whose levels are on disk, or that store nothing, go straight to
-    ``writer``; the rest go on to the network."""
+    """Step 3. Images that could not be read, or that are too small for the network (``sizes``:
+    the model refuses their input size), are failed inputs (with ``fail_fast``, the first stops
+    the run); jobs whose levels are on disk, or that store nothing, go straight to ``writer``;
+    the rest go on to the network."""
     for job in decoded:
+        if job.error is None and sizes is not None and job.geometry is not None:
+            job.error = sizes.refusal(*job.geometry.model_input_size)
         if job.error is not None:
             _fail(job, job.error, report, on_failure)
             if fail_fast:
@@ -658,21 +635,21 @@ class Writer:
         self._finish(job, levels, "ok" if job.missing else "skipped")  # a preview alone: skipped
 
     def _finish(self, job: Job, levels: dict[str, np.ndarray], status: str) -> None:
-        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry)
+        checked = self.outputs.checked(job.image.rel, job.geometry)  # the image's boxes, checked once
+        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry, checked)
         every = {**levels, **derived}
         written = {name: every[name] for name in job.missing}
         key = job.image.key
-        self.store.write_levels(key, written)  # levels, pooled vectors, rois, then boxes (roi.Outputs)
+        self.store.write_levels(key, written)  # levels, pooled vectors, rois, then boxes (regions.outputs)
         if job.preview:
             self.store.write_preview(key, preview.render(job.rgb, levels))
         shapes = {**job.have, **{name: array.shape for name, array in written.items()}}
-        result = self.results.entry(job.image, status, job.geometry, shapes, job.recomputed)
+        result = self.results.entry(job.image, status, job.geometry, shapes, job.recomputed, checked)
         if written or job.preview:  # the record last: everything above is in place
             geometry = job.geometry
             record = resume.record(job.image, job.fingerprint, geometry.input_size, geometry.orientation)
-            self.store.write_record(key, record)
-            self.store.finish_image(key, result.to_json())
-        self.results.add(result, job.image, job.geometry)
+            self.store.finish_image(key, record, result.to_json())
+        self.results.add(result, job.image, job.geometry, checked)
 
 
 def publish_report(
@@ -689,7 +666,6 @@ def publish_report(
     barrier. The store's index (shards' index.jsonl) is published with report.json."""
     if shard is None:
         store.write_report(report.write_json)
-        store.publish_index()
         return
     store.write_shard_report(*shard, report.write_json)
     if group is not None:
@@ -701,7 +677,6 @@ def publish_report(
     parts = store.read_shard_reports(shard[1])
     if parts is not None:
         store.write_report(lambda f: write_merged(f, parts))
-        store.publish_index()
 
 
 def _fail(job: Job, reason: str, report: Report, on_failure: OnFailure) -> None:
@@ -729,7 +704,8 @@ class Results:
         shapes: dict[str, tuple[int, ...]],
         recomputed: str | None = None,
     ) -> None:
-        self.add(self.entry(image, status, geometry, shapes, recomputed), image, geometry)
+        checked = self.outputs.checked(image.rel, geometry)  # the image's boxes, checked once
+        self.add(self.entry(image, status, geometry, shapes, recomputed, checked), image, geometry, checked)
 
     def entry(
         self,
@@ -738,6 +714,7 @@ class Results:
         geometry: Geometry | None,
         shapes: dict[str, tuple[int, ...]],
         recomputed: str | None = None,
+        checked: Checked | None = None,
     ) -> ImageResult:
         """The image's report.json entry, its arrays where the store says they are."""
         key, location = image.key, self.store.location
@@ -753,14 +730,21 @@ class Results:
                 if level in shapes
             },
             preview=self.store.preview_file(key),
-            **self.outputs.entries(key, image.rel, shapes, geometry, location),
+            **self.outputs.entries(key, image.rel, shapes, geometry, location, checked),
         )
 
-    def add(self, result: ImageResult, image: InputImage, geometry: Geometry | None) -> None:
+    def add(
+        self,
+        result: ImageResult,
+        image: InputImage,
+        geometry: Geometry | None,
+        checked: Checked | None = None,
+    ) -> None:
         """``result`` into the report, and a message per refused or clipped box of the image."""
         self.report.add(result)
         if result.rois is not None:
-            tell_boxes(image.rel, str(image.path), self.outputs, geometry, self.log, self.on_failure)
+            tell = (self.log, self.on_failure, checked)
+            tell_boxes(image.rel, str(image.path), self.outputs, geometry, *tell)
 
 
 def summarize(
@@ -780,21 +764,30 @@ def summarize(
     """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
     (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
     dtype, of the arrays a run stores (the levels unless not ``maps``, the ``pool`` vectors);
-    ``on_failure`` (path, reason) for each input whose size cannot be read; ``root`` as extract's."""
+    ``on_failure`` (path, reason) for each input whose size cannot be read or that is too small
+    for the network (an ``input_size`` too small is a :class:`UsageError`). Every size is the
+    model's (:class:`LevelSizes`); ``root`` as extract's."""
     config = spec.config
+    sizes = LevelSizes(config)
     if not inputs and not lists:
-        shapes = [(input_size, output_shapes(config, *input_size))]
+        refusal = sizes.refusal(*input_size)
+        if refusal is not None:
+            raise UsageError(f"--input-size {input_size[0]}x{input_size[1]}: {refusal}")
+        shapes = [(input_size, sizes(*input_size))]
         return format_summary(spec, parameter_count(config), level_info(config), shapes)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
     for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column, root)):
+        if not isinstance(size, str):
+            target = resize.target(*size)
+            size = sizes.refusal(*target) or target
         if isinstance(size, str):
             unreadable += 1
             if on_failure is not None:
                 on_failure(str(image.path), size)
         else:
-            per_size[resize.target(*size)] += 1
-    shapes = [(s, output_shapes(config, *s)) for s in sorted(per_size)]
+            per_size[size] += 1
+    shapes = [(s, sizes(*s)) for s in sorted(per_size)]
     text = format_summary(spec, parameter_count(config), level_info(config), shapes, per_size)
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}

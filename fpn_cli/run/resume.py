@@ -17,9 +17,10 @@ For an image with stored features, :func:`examine` keeps a level
 only if the record is there, the input is the same file (the same name, size in bytes and
 modification time, and content hash where asked), and the level's file is a complete ``.npy`` of
 exactly the shape the recorded input size and this run's settings give. Anything else is
-recomputed, and the report says why. The arrays derived from the levels are the run's to judge
-(pipeline.plan, roi.Outputs): they are kept only where the verdict :attr:`Verdict.trusted` the
-record and found no level wrong.
+recomputed, and the report says why. :func:`decide` then settles, per image and in every format,
+what is kept, what is deleted and what is written: the levels :func:`examine` trusts, and the
+arrays derived from them (regions.outputs.Outputs: complete at exactly their shapes, RoI
+features only for the same boxes) only where the record is trusted and no level was wrong.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fpn_cli.errors import ImageError
+from fpn_cli.errors import FPNError, ImageError
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Readable, open_input, open_regular
 
 if TYPE_CHECKING:
     from fpn_cli.formats.base import Storage
+    from fpn_cli.regions.outputs import Outputs
 
 Shape = tuple[int, ...]
 NO_RECORD = "no fingerprint recorded with its features (an earlier version's, or an unfinished image)"
@@ -86,7 +88,7 @@ def source(path: str | Readable) -> dict[str, str]:
 
 def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int], orientation: int) -> dict:
     """The record written with ``image``'s features: ``taken`` before its pixels were read,
-    ``input_size`` (H, W) as decoded and the EXIF ``orientation`` applied (roi.Geometry's), so
+    ``input_size`` (H, W) as decoded and the EXIF ``orientation`` applied (regions.geometry.Geometry's), so
     that a resume knows the image's geometry without reading the input again."""
     entry: dict = {
         **source(image.path),
@@ -116,11 +118,16 @@ def change(recorded: Fingerprint, path: str | Readable, content_hash: bool) -> s
     """How the file at ``path`` differs from ``recorded``; None when it is the same. Compares the
     content hash when ``content_hash`` (a record without one then counts as changed: it cannot be
     shown to be the same), and whenever the record holds one (a folder made with --hash stays
-    checked by content, as verify checks it). Raises :class:`ImageError` if the file cannot be
-    read now."""
+    checked by content, as verify checks it). With ``content_hash`` and a recorded hash, content
+    wins: a copy of the input (``cp -r`` gives it a new modification time) of the same bytes is
+    the same input. Raises :class:`ImageError` if the file cannot be read now."""
     now = fingerprint(path)
     if now.size != recorded.size:
         return f"input changed: {recorded.size:,} bytes then, {now.size:,} now"
+    if content_hash and recorded.sha256 is not None:
+        if fingerprint(path, content_hash=True).sha256 != recorded.sha256:
+            return "input changed: different content (sha256)"
+        return None
     if now.mtime_ns != recorded.mtime_ns:
         return "input changed: modified since its features were written"
     if now.version != recorded.version:
@@ -175,9 +182,16 @@ def examine(
     if changed:
         return Verdict(recomputed=changed, stale=True)
     where = source(image.path)
-    if any(entry.get(k) != v for k, v in where.items()):
+    if content_hash:  # the same content, perhaps a copy with another modification time
+        now = fingerprint(image.path)
+        where = {**where, "mtime_ns": now.mtime_ns, **({"version": now.version} if now.version else {})}
+        recorded = Fingerprint(recorded.size, now.mtime_ns, recorded.sha256, now.version)
+    if store.in_place and any(entry.get(k) != v for k, v in where.items()):
         store.relocate_record(image.key, {**entry, **where})
-    expected = shapes(*size)
+    try:
+        expected = shapes(*size)
+    except FPNError as e:  # a recorded size the network cannot take (too small for it)
+        return Verdict(error=str(e))
     kept, wrong, reasons = {}, [], []
     for level in store.levels:
         shape = store.stored_shape(image.key, level, store.dtype)
@@ -235,3 +249,63 @@ def examine_all(
 
 def _shape_text(shape: Shape) -> str:
     return "x".join(map(str, shape))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a resume does with an image whose features are stored."""
+
+    have: dict[str, Shape]  # the arrays kept (their shapes): not written again
+    missing: tuple[str, ...]  # the arrays to write, in order
+    from_disk: bool  # every level is kept: the rest is derived from the files, no forward pass
+
+
+def decide(
+    image: InputImage,
+    names: tuple[str, ...],
+    verdict: Verdict,
+    store: Storage,
+    outputs: Outputs,
+    shapes: Callable[[int, int], dict[str, Shape]],
+) -> Decision:
+    """The one decision, per image, of what a resume keeps, deletes and recomputes of the image's
+    arrays ``names`` (levels, pooled vectors, rois and boxes), given :func:`examine`'s
+    ``verdict``. Kept: the levels the verdict trusts, and the derived arrays complete at exactly
+    the shapes the levels give (rois only with boxes equal to the file's). Deleted, here: every
+    file of the image when its input changed or its record is missing (the record written next
+    must not vouch for them), every derived file when a stored level was wrong (they were made
+    from it), RoI features of another boxes file. A store that writes an image whole (not
+    ``in_place``: shards) writes every array again when anything is missing, the kept ones read
+    back, and drops what may not stay by leaving it out."""
+    have = _kept(image, verdict, store, outputs, shapes)
+    missing = tuple(name for name in names if name not in have)
+    from_disk = all(level in have for level in store.levels)
+    unwanted = [name for name in outputs.unwanted(image.rel) if store.is_stored(image.key, name)]
+    if unwanted:  # RoI features of another boxes file
+        if store.in_place:
+            store.forget_arrays(image.key, unwanted)
+        else:
+            missing = missing or names  # the image written again, without them
+    if missing and not store.in_place:
+        missing, have = names, {}
+    return Decision(have, missing, from_disk)
+
+
+def _kept(
+    image: InputImage,
+    verdict: Verdict,
+    store: Storage,
+    outputs: Outputs,
+    shapes: Callable[[int, int], dict[str, Shape]],
+) -> dict[str, Shape]:
+    """Shapes of the image's arrays that may stay; what may not is deleted (:func:`decide`)."""
+    if not verdict.trusted:
+        if store.in_place:  # a whole-image store leaves them out of the image's new group
+            store.forget(image.key)
+        return {}
+    if verdict.wrong:
+        if store.in_place:
+            store.forget_derived(image.key)
+        return dict(verdict.kept)
+    derived = outputs.complete(store, image.key, image.rel, shapes(*verdict.input_size))
+    return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}

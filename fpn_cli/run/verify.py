@@ -7,6 +7,8 @@ For every image report.json lists as ok or skipped:
   report's save dtype, and of the shape listed, which is the shape the report's model gives for
   the image's network input size; every level of the model is listed, unless the run stored
   none (``--no-maps``);
+- its ``geometry``, if listed, gives each level the size the model gives (else, where the model
+  cannot be built here, the size of the level's listed shape) and the level's stride;
 - each listed pooled vector (``--pool``) likewise, of the shape listed, (C,) for its level's C;
 - its RoI features (``--boxes``), if listed: ``rois.npy`` likewise, of the shape listed, and
   ``boxes.npy`` a complete float64 ``.npy`` of one row of 4 per RoI;
@@ -35,16 +37,15 @@ from typing import BinaryIO
 import numpy as np
 
 from fpn_cli.errors import FPNError, ImageError, UsageError
-from fpn_cli.formats.base import Shape
-from fpn_cli.formats.locks import read_settings
-from fpn_cli.formats.npyio import npy_shape
-from fpn_cli.formats.shards import INDEX, SHARDS, ShardFeatures, member_shape, member_stem
-from fpn_cli.formats.store import REPORT_FILE, SHARDS_DIR, Store
+from fpn_cli.formats import verify_reader
+from fpn_cli.formats.base import BOX_DTYPE, VerifyReader
 from fpn_cli.inputs.images import Readable, output_key
 from fpn_cli.inputs.sources import RemoteFile, tar_members
-from fpn_cli.inputs.urls import Folder, filesystem, is_url
-from fpn_cli.models.model import FPNConfig, output_shapes
-from fpn_cli.regions.roi import BOX_DTYPE
+from fpn_cli.inputs.urls import filesystem, is_url
+from fpn_cli.layout import REPORT_FILE, SHARDS_DIR
+from fpn_cli.models.levels import LEVELS
+from fpn_cli.models.model import FPNConfig
+from fpn_cli.regions.geometry import LevelSizes
 from fpn_cli.run.resume import change, recorded_fingerprint
 
 STATUSES = ("ok", "skipped", "failed")
@@ -73,7 +74,8 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
         raise UsageError(f"{out}: verify reads local folders; copy the folder here to verify it")
     root = Path(out)
     report = _read_report(root)
-    folder = _folder(root)
+    folder = verify_reader(root)
+    tars: dict[str, dict[str, Readable]] = {}  # tar -> its image members, listed once
     result = Verification()
     model = report.get("model") if isinstance(report.get("model"), dict) else {}
     entries = report.get("images")
@@ -97,7 +99,7 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
             continue
         result.images += 1
         path = str(entry.get("path"))
-        problems = _check_image(folder, entry, dtype, model, config, maps)
+        problems = _check_image(folder, entry, dtype, model, config, maps, tars)
         result.problems += [f"{path}: {p}" for p in problems]
     if isinstance(report.get("counts"), dict) and report["counts"] != counts:
         result.problems.append(f"{REPORT_FILE}: counts {report['counts']} but its entries give {counts}")
@@ -138,76 +140,14 @@ def _config(report: dict) -> FPNConfig | None:
         return None
 
 
-class _NpyFolder:
-    """The npy layout as verify reads it: an array is its file, the record ``<key>/input.json``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tars: dict[str, dict[str, Readable]] = {}  # tar -> its image members, listed once
-
-    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
-        """(how to name it, why it is not there at all or None, its shape if complete in ``dtype``)."""
-        shown = str(info["file"])
-        path = self.root / shown
-        if not path.is_file():
-            return shown, f"{shown} is missing", None
-        return shown, None, npy_shape(path, dtype)
-
-    def boxes(self, rois: dict) -> dict:
-        return {"file": rois["boxes"]}
-
-    def record(self, key: str) -> tuple[dict | None, str]:
-        return Store(self.root, (), "float32").read_record(key), f"{key}/input.json"
-
-
-class _ShardFolder:
-    """A shards folder as verify reads it: an array is a member of the shard its index line names."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.folder = Folder(root)
-        self.index = ShardFeatures(self.folder)
-        self.tars: dict[str, dict[str, Readable]] = {}  # tar -> its image members, listed once
-        self._sizes: dict[str, int | None] = {}
-
-    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
-        shown = f"{info['file']}:{info.get('member')}"
-        line = self.index.line_for(key)
-        if line is None:
-            return shown, f"{shown}: the image is not in {INDEX}", None
-        name = str(info.get("member", "")).removeprefix(f"{member_stem(key)}.")
-        member = line["members"].get(name)
-        where = f"{SHARDS}/{line['shard']}"
-        if member is None or info["file"] != where or not name.endswith(".npy"):
-            return shown, f"{shown} is missing (the index has the image in {where})", None
-        return shown, None, member_shape(self.folder, line["shard"], member, dtype, self._sizes)
-
-    def boxes(self, rois: dict) -> dict:
-        return {"file": rois.get("file"), "member": rois["boxes"]}
-
-    def record(self, key: str) -> tuple[dict | None, str]:
-        line = self.index.line_for(key)
-        record = line.get("record") if line is not None else None
-        return (record if isinstance(record, dict) else None), f"{member_stem(key)}.json"
-
-
-def _folder(root: Path) -> _NpyFolder | _ShardFolder:
-    """The reader for the folder's format (its settings say which)."""
-    if (read_settings(root) or {}).get("format", "npy") != "shards":
-        return _NpyFolder(root)
-    try:
-        return _ShardFolder(root)
-    except (FPNError, OSError, ValueError) as e:
-        raise UsageError(f"cannot read the shard index of {root}: {e}") from None
-
-
 def _check_image(
-    folder: _NpyFolder | _ShardFolder,
+    folder: VerifyReader,
     entry: dict,
     dtype: np.dtype,
     model: dict,
     config: FPNConfig | None,
     maps: bool = True,
+    tars: dict[str, dict[str, Readable]] | None = None,
 ) -> list[str]:
     problems = []
     key = output_key(str(entry.get("path")))
@@ -219,6 +159,7 @@ def _check_image(
     expected = _expected(config, entry.get("model_input_size"))
     for level, info in levels.items():
         problems += _check_level(folder, key, level, info, dtype, expected.get(level))
+    problems += _check_geometry(entry.get("geometry"), expected, levels)
     pooled = entry.get("pooled") if isinstance(entry.get("pooled"), dict) else {}
     for name, info in pooled.items():
         channels = expected.get(name.rsplit("_", 1)[0])
@@ -229,20 +170,43 @@ def _check_image(
         problems.append(f"its preview {entry['preview']} is missing")
     if not (levels or pooled or entry.get("rois") is not None or entry.get("preview")):
         return problems  # nothing stored for it (--no-maps, no boxes for it): no record vouches
-    return problems + _check_input(folder, key, entry)
+    return problems + _check_input(folder, key, entry, {} if tars is None else tars)
 
 
 def _expected(config: FPNConfig | None, size: object) -> dict[str, tuple[int, ...]]:
+    """Each level's (C, h, w) as the model gives it for the network input ``size``."""
     if config is None or not (isinstance(size, list) and len(size) == 2):
         return {}
     try:
-        return output_shapes(config, int(size[0]), int(size[1]))
-    except (FPNError, RuntimeError, TypeError, ValueError):
+        return LevelSizes(config)(int(size[0]), int(size[1]))
+    except (FPNError, TypeError, ValueError):
         return {}
 
 
+def _check_geometry(geometry: object, expected: dict[str, tuple[int, ...]], levels: dict) -> list[str]:
+    """report.json's ``geometry`` of an image against the model's level sizes (or, where the model
+    cannot be built here, against the shapes listed)."""
+    if geometry is None:
+        return []
+    per_level = geometry.get("levels") if isinstance(geometry, dict) else None
+    if not isinstance(per_level, dict):
+        return ["its geometry lists no levels"]
+    problems = []
+    for level, info in per_level.items():
+        listed = levels.get(level) if isinstance(levels.get(level), dict) else {}
+        size = expected.get(level, tuple(listed.get("shape") or ()))[1:]
+        found = tuple(info.get("size") or ()) if isinstance(info, dict) else ()
+        if size and found != tuple(size):
+            model = _text(tuple(size))
+            problems.append(f"its geometry gives {level} as {_text(found)}, but the model gives {model}")
+        stride = LEVELS[level].stride if level in LEVELS else None
+        if isinstance(info, dict) and info.get("stride") != stride:
+            problems.append(f"its geometry gives {level} stride {info.get('stride')}, not {stride}")
+    return problems
+
+
 def _check_level(
-    folder: _NpyFolder | _ShardFolder,
+    folder: VerifyReader,
     key: str,
     level: str,
     info: object,
@@ -265,7 +229,7 @@ def _check_level(
     return problems
 
 
-def _check_rois(folder: _NpyFolder | _ShardFolder, key: str, rois: object, dtype: np.dtype) -> list[str]:
+def _check_rois(folder: VerifyReader, key: str, rois: object, dtype: np.dtype) -> list[str]:
     """rois.npy as listed, and boxes.npy beside it: (N, 4) float64 for its N rows."""
     if not isinstance(rois, dict) or "boxes" not in rois:
         return ["rois: no boxes file listed"]
@@ -281,7 +245,9 @@ def _check_rois(folder: _NpyFolder | _ShardFolder, key: str, rois: object, dtype
     return problems
 
 
-def _check_input(folder: _NpyFolder | _ShardFolder, key: str, entry: dict) -> list[str]:
+def _check_input(
+    folder: VerifyReader, key: str, entry: dict, tars: dict[str, dict[str, Readable]]
+) -> list[str]:
     record, where = folder.record(key)
     if record is None:
         return [f"no record of its input ({where})"]
@@ -293,7 +259,7 @@ def _check_input(folder: _NpyFolder | _ShardFolder, key: str, entry: dict) -> li
         return [f"{where} is the record of {record.get('path')}"]
     shown = source if "member" not in record else f"{source}#{record['member']}"
     try:
-        found = _input(source, record.get("member"), folder.tars)
+        found = _input(source, record.get("member"), tars)
         if found is None:
             return [f"its input {shown} no longer exists"]
         changed = change(recorded, found, content_hash=recorded.sha256 is not None)

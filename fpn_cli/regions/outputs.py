@@ -1,0 +1,227 @@
+"""The arrays an image owns, besides its levels, and how they are named, shaped and reported:
+
+    <key>.<level>          (C, h, w) a level, unless --no-maps
+    <key>.p3_avg           (C,) a level averaged (or ``_max``: maximum) over its valid area
+    <key>.rois             (N, C, h, w) RoI features of the image's N boxes, in the file's order
+    <key>.boxes            (N, 4) float64: those boxes as given (x1, y1, x2, y2, original pixels)
+
+(as ``OUT/<key>/<name>.npy`` in the npy layout, members ``<stem>.<name>.npy`` in shards).
+:class:`Outputs` says which an image gets, which are complete in a store, computes the derived
+ones from the levels (pooling.py) and writes the report fields; each image's boxes are checked
+against its size once (:meth:`Outputs.checked`), and that check is passed on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fpn_cli.formats.base import BOX_DTYPE, BOXES, ROIS, pool_name
+from fpn_cli.regions.boxes import BoxFile, Checked, check, clip_note
+from fpn_cli.regions.geometry import Geometry, LevelSizes
+from fpn_cli.regions.pooling import RoiSpec, pooled, roi_features
+
+if TYPE_CHECKING:
+    from fpn_cli.formats.base import Storage
+
+Location = Callable[[str, str], dict]  # (key, array name) -> where report.json says it is
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The arrays a run writes for each image: its levels (unless ``maps`` is off), pooled vectors,
+    and for an image with boxes its RoI features with the boxes they came from.
+
+    Every one is a named array of the image, handed to the store like a level (``write_levels``
+    takes {name: array} in :meth:`names` order) and found again by name (``shapes``,
+    ``read_array``): a storage format that stores ``<key>.<name>.npy`` members stores these too.
+    """
+
+    levels: tuple[str, ...]  # the levels the run computes
+    save_dtype: str = "float32"
+    maps: bool = True  # store the levels themselves (--no-maps: only what is derived from them)
+    pool: tuple[str, ...] = ()
+    roi: RoiSpec | None = None
+    boxes: BoxFile | None = None
+    sizes: LevelSizes | None = None  # the model's level sizes, for report.json's geometry
+
+    def unwanted(self, rel: str) -> tuple[str, ...]:
+        """Arrays the image ``rel`` must not keep: with a boxes file, the RoI features of an
+        image it does not name (they were made for boxes of another file). After a run with
+        ``--boxes FILE``, rois.npy exists exactly for the images FILE names."""
+        return (ROIS, BOXES) if self.boxes is not None and self.boxes.of(rel) is None else ()
+
+    def names(self, rel: str) -> tuple[str, ...]:
+        """Every array the image ``rel`` gets, in the order they are written: rois before boxes,
+        since boxes.npy matching the file's boxes is what marks rois.npy complete."""
+        names = list(self.levels) if self.maps else []
+        names += [pool_name(level, kind) for level in self.levels for kind in self.pool]
+        if self.boxes is not None and self.boxes.of(rel) is not None:
+            names += [ROIS, BOXES]
+        return tuple(names)
+
+    def complete(
+        self,
+        store: Storage,
+        key: str,
+        rel: str,
+        level_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes of the image's arrays complete on disk: every level (stored or not this run, so
+        that derived arrays can come from the files), its other names. RoI features count only
+        with boxes.npy equal to the file's boxes for the image and of its row count. Given the
+        levels' (C, h, w) for the image (``level_shapes``), an array counts only at exactly the
+        shape they give it (:meth:`shapes`)."""
+        names = dict.fromkeys([*self.levels, *self.names(rel)])
+        have = store.shapes(key, names, {BOXES: BOX_DTYPE})
+        if level_shapes is not None:
+            expected = self.shapes(rel, level_shapes)
+            have = {name: shape for name, shape in have.items() if expected.get(name) == shape}
+        if ROIS in names and not self._rois_current(store, key, rel, have):
+            have.pop(ROIS, None)
+            have.pop(BOXES, None)
+        return have
+
+    def shapes(self, rel: str, level_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The shape of each of the image's arrays, from its levels' {name: (C, h, w)}: levels as
+        given, pooled vectors (C,), rois (N, C, *output_size) for its N boxes, boxes (N, 4)."""
+        out = {level: tuple(level_shapes[level]) for level in self.levels}
+        for level in self.levels:
+            for kind in self.pool:
+                out[pool_name(level, kind)] = (level_shapes[level][0],)
+        boxes = self.boxes.of(rel) if self.boxes is not None else None
+        if boxes is not None:
+            count, channels = len(boxes.boxes), level_shapes[self.roi.levels[0]][0]
+            out[ROIS] = (count, channels, *self.roi.output_size)
+            out[BOXES] = (count, 4)
+        return out
+
+    def _rois_current(self, store: Storage, key: str, rel: str, have: Mapping[str, tuple[int, ...]]) -> bool:
+        wanted = self.boxes.of(rel).array()
+        rois, boxes = have.get(ROIS), have.get(BOXES)
+        if (
+            rois is None
+            or boxes != wanted.shape
+            or rois[0] != len(wanted)
+            or rois[2:] != self.roi.output_size
+        ):
+            return False
+        return np.array_equal(store.read_array(key, BOXES), wanted, equal_nan=True)  # refused rows: NaN
+
+    def compute(
+        self,
+        levels: Mapping[str, np.ndarray],
+        names: Sequence[str],
+        rel: str,
+        geometry: Geometry,
+        checked: Checked | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The derived arrays among ``names`` (pooled vectors, rois and boxes), from the image's
+        ``levels`` {name: (C, h, w)} as stored, in the save dtype; ``checked``: the image's boxes
+        as :meth:`checked` found them (checked here if not given)."""
+        dtype = np.dtype(self.save_dtype)
+        out = {}
+        for level in self.levels:
+            for kind in self.pool:
+                name = pool_name(level, kind)
+                if name in names:
+                    out[name] = pooled(levels[level], kind).astype(dtype)
+        if ROIS in names:
+            boxes = self.boxes.of(rel)
+            checked = checked or check(boxes, geometry.input_size)
+            out[ROIS] = self._rois(levels, checked, geometry).astype(dtype)
+            out[BOXES] = boxes.array()
+        return out
+
+    def _rois(self, levels: Mapping[str, np.ndarray], checked: Checked, geometry: Geometry) -> np.ndarray:
+        """(N, C, h, w): refused boxes' rows are NaN, so row i stays the file's i-th box."""
+        channels = levels[self.roi.levels[0]].shape[0]
+        out = np.full((len(checked.boxes), channels, *self.roi.output_size), np.nan, np.float32)
+        if checked.pooled.any():
+            boxes = geometry.to_model_input(checked.boxes[checked.pooled])
+            out[checked.pooled] = roi_features(levels, boxes, self.roi)
+        return out
+
+    def checked(self, rel: str, geometry: Geometry | None) -> Checked | None:
+        """The image's boxes checked against its size; None without boxes or a size. The one
+        check of an image's boxes: its callers pass the result on (compute, entries, tell_boxes)."""
+        boxes = self.boxes.of(rel) if self.boxes is not None else None
+        if boxes is None or geometry is None:
+            return None
+        return check(boxes, geometry.input_size)
+
+    def entries(
+        self,
+        key: str,
+        rel: str,
+        shapes: Mapping[str, tuple[int, ...]],
+        geometry: Geometry | None,
+        location: Location,
+        checked: Checked | None = None,
+    ) -> dict:
+        """report.json fields of an image with these arrays stored: ``geometry``, ``pooled``
+        {name: shape and where} and ``rois`` (shape, where, refused and clipped boxes: ``checked``,
+        else checked here). ``location(key, name)`` says where an array is (the storage
+        format's). ``rois["boxes"]`` names the boxes where rois are: their file, or their member
+        of the same shard."""
+        fields: dict = {
+            "geometry": self.sizes.geometry_json(geometry) if geometry and self.sizes else None,
+            "pooled": {
+                name: {"shape": list(shapes[name]), **location(key, name)}
+                for name in (pool_name(level, kind) for level in self.levels for kind in self.pool)
+                if name in shapes
+            },
+        }
+        if ROIS in shapes:
+            boxes = location(key, BOXES)
+            rois: dict = {
+                "shape": list(shapes[ROIS]),
+                **location(key, ROIS),
+                "boxes": boxes.get("member", boxes["file"]),
+            }
+            checked = checked or self.checked(rel, geometry)
+            if checked is not None and checked.refused:
+                rois["refused"] = checked.refused
+            if checked is not None and checked.clipped:
+                rois["clipped"] = checked.clipped
+            fields["rois"] = rois
+        return fields
+
+    def header(self, unknown: Mapping[str, int]) -> dict:
+        """report.json's ``regions``: what is stored, the RoI settings, the boxes file and the
+        images it names that are not among the inputs (with their box counts)."""
+        regions: dict = {"maps": self.maps, "pool": list(self.pool)}
+        if self.roi is not None and self.boxes is not None:
+            regions["roi"] = self.roi.record()
+            regions["boxes"] = {
+                "file": self.boxes.path,
+                "images": len(self.boxes.images),
+                "boxes": self.boxes.count,
+                "not_among_inputs": dict(unknown),
+            }
+        return regions
+
+
+def tell_boxes(
+    rel: str,
+    shown: str,
+    outputs: Outputs,
+    geometry: Geometry | None,
+    log: Callable[[str], None],
+    on_failure: Callable[[str, str], None],
+    checked: Checked | None = None,
+) -> Checked | None:
+    """One message per refused box of the image ``rel`` (``on_failure``) and per clipped box
+    (``log``), naming the image as ``shown`` (its path as the user gave it); the check told
+    (``checked``, else checked here)."""
+    checked = checked or outputs.checked(rel, geometry)
+    if checked is None:
+        return None
+    for refusal in checked.refused:
+        on_failure(shown, refusal["error"] + "; its row of rois.npy is NaN")
+    for clip in checked.clipped:
+        log(f"note: {shown}: {clip_note(outputs.boxes.of(rel), clip, geometry.input_size)}")
+    return checked

@@ -1,0 +1,120 @@
+"""RoI maths: torchvision's ``MultiScaleRoIAlign`` over an image's levels (:class:`RoiSpec`,
+:func:`roi_features`), and a level pooled to one vector (:func:`pooled`, ``--pool``).
+
+Computed on the CPU from the levels as stored (in the save dtype, widened to float32), during a
+run and by ``fpn-extract roi`` alike: both give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fpn_cli.errors import UsageError
+from fpn_cli.models.levels import LEVELS, parse_levels
+from fpn_cli.regions.choices import MAX_ROI_SIZE, parse_pool  # noqa: F401  (parse_pool: re-exported)
+
+ROI_LEVELS = ("p2", "p3", "p4", "p5")  # torchvision's Faster R-CNN box pooler's
+CANONICAL_SCALE, CANONICAL_LEVEL = 224, 4  # FPN paper eq. 1: a 224x224 box pools from P4
+
+
+@dataclass(frozen=True)
+class RoiSpec:
+    """How RoI features are pooled: torchvision's ``MultiScaleRoIAlign(levels, output_size,
+    sampling_ratio)`` with its level rule (FPN eq. 1, canonical 224 at level 4, clamped to the
+    levels) and ``aligned=False``."""
+
+    levels: tuple[str, ...] = ROI_LEVELS  # consecutive pyramid levels, finest first
+    output_size: tuple[int, int] = (7, 7)  # (h, w) of each box's features
+    sampling_ratio: int = 2  # bilinear samples per output cell along each axis
+
+    @classmethod
+    def resolve(
+        cls, size: int | tuple[int, int], levels: Sequence[str] | None, run_levels: Sequence[str]
+    ) -> RoiSpec:
+        """``--roi-size`` and ``--roi-levels`` for a run of ``run_levels``; ``levels`` None is
+        those of P2-P5 the run extracts. A level the run lacks, a backbone level, or a gap (p2,p4)
+        is a :class:`UsageError`: the level rule needs one level per stride."""
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if not 1 <= min(size) <= max(size) <= MAX_ROI_SIZE:
+            raise UsageError(f"--roi-size must be from 1 to {MAX_ROI_SIZE}")
+        if levels is None:
+            chosen = tuple(name for name in ROI_LEVELS if name in run_levels)
+            if not chosen:
+                raise UsageError(
+                    f"RoI features pool from P2-P5 and this run extracts none of them "
+                    f"({','.join(run_levels)}); choose levels with --roi-levels"
+                )
+        else:
+            chosen = tuple(sorted(parse_levels(levels), key=lambda n: LEVELS[n].stride))
+        lacking = [n for n in chosen if n not in run_levels]
+        if lacking:
+            raise UsageError(
+                f"--roi-levels {lacking[0]} is not among the levels extracted ({','.join(run_levels)})"
+            )
+        if any(LEVELS[n].kind != "pyramid" for n in chosen):
+            raise UsageError("--roi-levels takes pyramid levels (p2..p7): backbone levels differ in channels")
+        strides = [LEVELS[n].stride for n in chosen]
+        if any(b != 2 * a for a, b in zip(strides, strides[1:], strict=False)):
+            raise UsageError(f"--roi-levels {','.join(chosen)} must be consecutive (strides doubling)")
+        return cls(chosen, size)
+
+    def record(self) -> dict:
+        """What decides the numbers in rois.npy: the settings record's ``roi`` and report.json's."""
+        return {
+            "levels": list(self.levels),
+            "output_size": list(self.output_size),
+            "sampling_ratio": self.sampling_ratio,
+            "canonical_scale": CANONICAL_SCALE,
+            "canonical_level": CANONICAL_LEVEL,
+            "aligned": False,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> RoiSpec:
+        return cls(tuple(record["levels"]), tuple(record["output_size"]), record["sampling_ratio"])
+
+
+def roi_features(levels: Mapping[str, np.ndarray], boxes: np.ndarray, spec: RoiSpec) -> np.ndarray:
+    """One image's levels {name: (C, h, w)} and (N, 4) boxes in model-input pixels (x1, y1, x2, y2)
+    -> (N, C, *spec.output_size) float32, by torchvision's ``MultiScaleRoIAlign``."""
+    # imported here: torchvision.ops pulls in torch._dynamo, a second of every command's start-up
+    # that only runs with boxes need
+    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops.poolers import LevelMapper
+
+    pooler = MultiScaleRoIAlign(list(spec.levels), list(spec.output_size), spec.sampling_ratio)
+    # The pooler would infer each level's scale as its height over the image's, rounded to a power
+    # of two: for small images that is wrong (P5 of a 37-row image: 2/37 rounds to 1/16, not 1/32).
+    # The strides are known, so they are given; where its inference is right, the result is the same.
+    pooler.scales = [1.0 / LEVELS[name].stride for name in spec.levels]
+    k_min, k_max = (int(math.log2(LEVELS[spec.levels[i]].stride)) for i in (0, -1))
+    pooler.map_levels = LevelMapper(k_min, k_max, CANONICAL_SCALE, CANONICAL_LEVEL)
+    feats = {name: _as_tensor(levels[name])[None] for name in spec.levels}
+    with torch.inference_mode():
+        out = pooler(
+            feats, [torch.from_numpy(boxes.astype(np.float32))], [(1, 1)]
+        )  # sizes unused: scales are set
+    return out.numpy()
+
+
+def _as_tensor(level: np.ndarray) -> torch.Tensor:
+    """A level as float32 for torchvision: widened from float16; a read-only memory map copied
+    (torch wants writable memory; the file's pages are read once either way)."""
+    if level.dtype != np.float32 or not level.flags.writeable:
+        level = level.astype(np.float32)
+    return torch.from_numpy(level)
+
+
+def pooled(level: np.ndarray, kind: str) -> np.ndarray:
+    """(C, h, w) -> (C,): the average (summed in float64) or the maximum over the level, which is
+    its valid area: padding is cropped before a level is stored."""
+    if kind == "max":
+        return level.max(axis=(1, 2))
+    # numpy's summation order follows the memory layout: in C order, as in the file, a channels-last
+    # level from the network sums exactly as the stored one does later
+    return np.ascontiguousarray(level).mean(axis=(1, 2), dtype=np.float64)
