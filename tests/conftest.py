@@ -4,6 +4,7 @@ wrote, and torchvision reference models with non-trivial BatchNorm statistics.""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fpn_cli import open_features
 from fpn_cli.cli import main
+
+from imagefactory import save_rgb
 
 SEED = ["--arch", "seed", "--device", "cpu", "-q"]  # the small architecture, quietly
 
@@ -57,6 +60,17 @@ def report_of(out: Path) -> dict:
 def index_lines(out: Path) -> list[dict]:
     """A shard folder's index entries (``shards/index.jsonl`` after its header line)."""
     return [json.loads(line) for line in (out / "shards" / "index.jsonl").read_text().splitlines()[1:]]
+
+
+def entries(out: Path) -> dict[str, dict]:
+    return {e["path"]: e for e in report_of(out)["images"]}
+
+
+def assert_report_matches_files(out: Path) -> None:
+    """Every level report.json lists is on disk with the shape it lists."""
+    for entry in report_of(out)["images"]:
+        for level in entry["levels"].values():
+            assert list(np.load(out / level["file"], mmap_mode="r").shape) == level["shape"], entry["path"]
 
 
 def assert_same_arrays(a: Path | str, b: Path | str) -> None:
@@ -148,3 +162,34 @@ def built_engines():
     mp.setattr(pipeline, "Engine", prepared)
     yield
     mp.undo()
+
+
+# seven sizes, for resume and verify tests on a finished folder
+FINISHED_SIZES = {
+    "a": (64, 96),
+    "b": (48, 80),
+    "c": (40, 40),
+    "d": (56, 72),
+    "e": (36, 52),
+    "f": (44, 60),
+    "g": (32, 48),
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """A folder of seven PNGs of different sizes and its complete output, made once: tests copy
+    both (copy2 keeps modification times, so the copies' fingerprints match)."""
+    root = tmp_path_factory.mktemp("finished")
+    for name, (h, w) in FINISHED_SIZES.items():
+        save_rgb(root / "in" / f"{name}.png", h, w, seed=ord(name))
+    assert run(root / "in", "-o", root / "out", *SEED).exit_code == 0
+    return root / "in", root / "out"
+
+
+@pytest.fixture
+def copied(finished, tmp_path) -> tuple[Path, Path]:
+    src, out = finished
+    shutil.copytree(src, tmp_path / "in")
+    shutil.copytree(out, tmp_path / "out")
+    return tmp_path / "in", tmp_path / "out"

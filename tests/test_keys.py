@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fpn_cli.formats.npy import check_layout, files_of_a_key
+
 from conftest import SEED, report_of, run
 from imagefactory import save_rgb
 
@@ -124,3 +126,58 @@ def test_listed_urls_share_their_common_folder_per_host(data, tmp_path):
         assert paths("o") == ["train/a.jpg", "val/a.jpg"]
     finally:
         fs.rm("/keys", recursive=True)
+
+
+def clash_cases() -> list[tuple[str, str]]:
+    """Pairs of input files whose outputs would land on each other, one per file a key writes."""
+    cases = [("k.jpg", f"k/{name}.jpg") for name in sorted(files_of_a_key())]
+    cases += [
+        ("K.png", "k/P2.NPY.png"),  # casefolded, as on macOS and Windows
+        ("k.png", "k/p2.npy/deeper.png"),  # a folder above the key
+        ("sub/k.png", "sub/k/preview.png.jpg"),
+        ("k.png", "k/input.json/x.png"),
+    ]
+    return cases
+
+
+def test_inputs_whose_outputs_would_collide_are_refused_before_any_work(tmp_path):
+    for i, (first, second) in enumerate(clash_cases()):
+        folder = tmp_path / f"in{i}"
+        save_rgb(folder / first, 8, 8)
+        save_rgb(folder / second, 8, 8)
+        result = run(folder, "-o", tmp_path / f"out{i}", *SEED)
+        assert result.exit_code == 2, (first, second, result.output)
+        assert str(folder / first) in result.stderr and str(folder / second) in result.stderr, result.stderr
+        assert not (tmp_path / f"out{i}").exists()
+
+
+@pytest.mark.parametrize("name", [".p2.npy~host~12.tmp.png", ".report.json~h~1.tmp.jpg"])
+def test_an_input_named_like_a_temporary_file_is_refused(tmp_path, name):
+    save_rgb(tmp_path / "in" / "k" / name, 8, 8)
+    result = run(tmp_path / "in", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 2 and "named like fpn-extract's temporary files" in result.stderr
+
+
+def test_a_glob_that_climbs_out_of_its_root_cannot_write_outside_out(tmp_path):
+    save_rgb(tmp_path / "a" / "x.png", 8, 8)
+    (tmp_path / "a" / "b").mkdir()
+    result = run(str(tmp_path / "a" / "*" / ".." / "*.png"), "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 2 and "not a folder inside the output folder" in result.stderr
+
+
+def test_keys_that_only_look_alike_do_not_clash():
+    check_layout(
+        [("k", "k.jpg"), ("k/p2", "k/p2.jpg"), ("k/p2.npy.x", "k/p2.npy.x.png"), ("p2.npy", "p2.npy.jpg")]
+    )
+
+
+def test_a_folder_search_never_enters_another_runs_output_folder(tmp_path):
+    """OUT inside the input folder: a second run into another OUT there does not take the first
+    run's previews (or anything else in an fpn-extract output folder) as inputs."""
+    for i in range(2):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    assert run(tmp_path / "in", "-o", tmp_path / "in" / "first", "--preview", *SEED).exit_code == 0
+    assert list((tmp_path / "in" / "first").rglob("preview.png"))
+    result = run(tmp_path / "in", "-o", tmp_path / "in" / "second", *SEED)
+    assert result.exit_code == 0, result.output
+    assert [e["path"] for e in report_of(tmp_path / "in" / "second")["images"]] == ["im0.png", "im1.png"]
