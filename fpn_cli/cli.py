@@ -11,6 +11,7 @@ import click
 from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import FORMATS
 from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize, read_names
+from fpn_cli.inputs.urls import local_path
 from fpn_cli.models import zoo
 from fpn_cli.models.backbones import ARCHS, TIMM_PREFIX, get_arch
 from fpn_cli.models.builder import RANDOM, SEED_RANGE, resolve
@@ -123,6 +124,19 @@ class ByteSizeType(click.ParamType):
         if size < 1:
             self.fail(f"{value!r}: must be at least 1 byte", param, ctx)
         return size
+
+
+class LocalFile(click.Path):
+    """An existing file, named by a path or a ``file://`` URL (urls.local_path)."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(local_path(os.fspath(value)), param, ctx)
+        except FPNError as e:
+            self.fail(str(e), param, ctx)
 
 
 class ProgressBar:
@@ -440,7 +454,7 @@ SECTIONS = {
 )
 @click.option(
     "--boxes",
-    type=click.Path(exists=True, dir_okay=False),
+    type=LocalFile(),
     default=None,
     help="CSV (path,x1,y1,x2,y2) or COCO JSON of boxes in original pixels: OUT/<image>/rois.npy, "
     "each box's features by torchvision's MultiScaleRoIAlign.",
@@ -660,7 +674,7 @@ def verify(out: str) -> None:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--boxes",
-    type=click.Path(exists=True, dir_okay=False),
+    type=LocalFile(),
     required=True,
     help="CSV (path,x1,y1,x2,y2) or COCO JSON, paths as in OUT/report.json.",
 )

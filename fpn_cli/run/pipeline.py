@@ -53,7 +53,7 @@ from fpn_cli.formats import (
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header, warnings_to
 from fpn_cli.inputs.sources import find_inputs
-from fpn_cli.inputs.urls import is_url
+from fpn_cli.inputs.urls import is_url, local_path
 from fpn_cli.models.builder import ModelSpec, build, resolve
 from fpn_cli.models.model import FPN, level_info, output_shapes, parameter_count, resolved_levels
 from fpn_cli.regions.boxes import read_boxes
@@ -62,7 +62,14 @@ from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
-from fpn_cli.run.options import Options, report_header, roi_spec, settings_record, with_framework_resize
+from fpn_cli.run.options import (
+    Options,
+    check_shard,
+    report_header,
+    roi_spec,
+    settings_record,
+    with_framework_resize,
+)
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
@@ -134,10 +141,10 @@ def extract(
     on_failure = on_failure or (lambda path, reason: None)
     if not os.fspath(out):
         raise UsageError("--out is empty: name an output folder")
-    out = str(out) if is_url(str(out)) else Path(out)
+    out = str(out) if is_url(str(out)) else Path(local_path(os.fspath(out)))
     check_destination(out, opts.format)
     launch = torchrun_launch()
-    shard = combine(shard, launch)
+    shard = combine(check_shard(shard), launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
     found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format, root)
     spec = _resolve_model(opts)

@@ -1,0 +1,129 @@
+"""Trust: what the tool checks before and after it computes (docs/guarantees-outputs.md):
+file:// URLs are local paths, and the Python API validates its options as the CLI does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fpn_cli import Options, UsageError, extract
+from fpn_cli.inputs.urls import is_url, local_path
+from tests.conftest import SEED, report_of, run
+from tests.imagefactory import save_rgb
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    save_rgb(folder / "a.png", 32, 40)
+    save_rgb(folder / "b.png", 24, 32, seed=1)
+    return folder
+
+
+# --- file:// URLs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [("file:///abs/x", "/abs/x"), ("file://localhost/abs/x", "/abs/x"), ("FILE:///a%20b/c", "/a b/c")],
+)
+def test_file_url_is_the_local_path(url: str, path: str) -> None:
+    assert not is_url(url)
+    assert local_path(url) == path
+
+
+@pytest.mark.parametrize("url", ["file://otherhost/x", "file://"])
+def test_file_url_of_another_host_is_refused_in_one_line(url: str) -> None:
+    with pytest.raises(UsageError, match="file:///path"):
+        local_path(url)
+
+
+def test_file_url_output_writes_to_the_path_not_a_file_colon_folder(images, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    result = run(images, "-o", f"file://{out}", *SEED)
+    assert result.exit_code == 0, result.output
+    assert (out / "a" / "p2.npy").is_file() and (out / "report.json").is_file()
+    assert not (tmp_path / "file:").exists()
+
+
+def test_file_url_inputs_list_and_boxes_are_local_paths(images, tmp_path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{images / 'b.png'}\n")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x1,y1,x2,y2\na.png,0,0,16,16\n")
+    out = tmp_path / "out"
+    result = run(
+        f"file://{images / 'a.png'}", "--list", f"file://{listing}", "--boxes", f"file://{boxes}",
+        "--root", images, "-o", out, *SEED,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(image["path"] for image in report_of(out)["images"]) == ["a.png", "b.png"]
+    assert (out / "a" / "rois.npy").is_file()
+
+
+def test_file_url_output_of_another_host_is_exit_2(images, tmp_path) -> None:
+    result = run(images, "-o", "file://host/x", *SEED)
+    assert result.exit_code == 2
+    assert "file://host/x" in result.output and "Traceback" not in result.output
+    assert not Path("file:").exists()
+
+
+# --- the Python API validates like the CLI ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("writers", -1, "--writers -1: must be at least 1"),
+        ("workers", 0, "--workers 0: must be at least 1"),
+        ("batch_size", 0, "--batch-size 0: must be at least 1"),
+        ("batch_size", 1.5, "--batch-size 1.5: must be a whole number"),
+        ("seed", -1, "--seed -1: must be from 0 to"),
+        ("max_pixels", 0, "--max-pixels 0: must be at least 1"),
+        ("shard_size", 0, "--shard-size 0: must be at least 1"),
+        ("pad_multiple", 0, "--pad-multiple 0: must be from 1 to"),
+        ("timeout", float("nan"), "--timeout must be more than 0"),
+        ("timeout", -1, "--timeout must be more than 0"),
+    ],
+)
+def test_api_options_out_of_range_are_one_line_usage_errors(field, value, message, images, tmp_path) -> None:
+    with pytest.raises(UsageError, match="^" + message.replace(".", r"\.")) as info:
+        extract([images], tmp_path / "out", **{field: value}, arch="seed", device="cpu")
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError):
+        Options(**{field: value})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--writers", "0"), ("--workers", "0"), ("--batch-size", "0"), ("--seed", "-1"), ("--shard", "3/2")],
+)
+def test_cli_options_out_of_range_are_exit_2(option, value, images, tmp_path) -> None:
+    result = run(images, "-o", tmp_path / "out", option, value, *SEED)
+    assert result.exit_code == 2
+    assert option in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("shard", [(3, 2), (0, 0), (-1, 2), (1,), "0/2", (0.5, 2)])
+def test_api_bad_shard_is_a_usage_error(shard, images, tmp_path) -> None:
+    with pytest.raises(UsageError, match="^--shard "):
+        extract([images], tmp_path / "out", shard=shard, arch="seed", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_good_shard_processes_its_part(images, tmp_path) -> None:
+    reports = [extract([images], tmp_path / "out", shard=(i, 2), arch="seed", device="cpu") for i in (0, 1)]
+    assert sum(r.counts["ok"] for r in reports) == 2
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_api_single_string_or_path_is_one_input(as_path, images, tmp_path) -> None:
+    spec = images / "a.png" if as_path else os.fspath(images / "a.png")
+    report = extract(spec, tmp_path / "out", arch="seed", device="cpu")
+    assert report.counts == {"ok": 1, "skipped": 0, "failed": 0}
+    assert [image["path"] for image in report_of(tmp_path / "out")["images"]] == ["a.png"]
