@@ -3,13 +3,20 @@ file:// URLs are local paths, and the Python API validates its options as the CL
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from fpn_cli import Options, UsageError, extract
+from fpn_cli import Options, UsageError, WeightsError, build_fpn, extract
+from fpn_cli.formats.store import SETTINGS_FILE
 from fpn_cli.inputs.urls import is_url, local_path
+from fpn_cli.models.frameworks.own import FORMAT_KEY, save
+from fpn_cli.report import ImageResult, Report
 from tests.conftest import SEED, report_of, run
 from tests.imagefactory import save_rgb
 
@@ -127,3 +134,108 @@ def test_api_single_string_or_path_is_one_input(as_path, images, tmp_path) -> No
     report = extract(spec, tmp_path / "out", arch="seed", device="cpu")
     assert report.counts == {"ok": 1, "skipped": 0, "failed": 0}
     assert [image["path"] for image in report_of(tmp_path / "out")["images"]] == ["a.png"]
+
+
+# --- weights that would make every feature wrong are refused at load --------------------------
+
+
+def _own_file(tmp_path: Path, name: str = "w.pt", **meta) -> Path:
+    """A seed-architecture checkpoint in fpn-extract's own format, its record's fields replaced."""
+    path = tmp_path / name
+    save(build_fpn(arch="seed"), path)
+    saved = torch.load(path, weights_only=True)
+    saved[FORMAT_KEY].update(meta)
+    torch.save(saved, path)
+    return path
+
+
+def _assert_refused_then_fixed_rerun_works(tmp_path: Path, images: Path, weights: Path, message: str) -> None:
+    out = tmp_path / "out"
+    result = run(images, "-o", out, "--weights", weights, "--device", "cpu", "-q")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (out / SETTINGS_FILE).exists()  # nothing recorded that would refuse the fixed rerun
+    fixed = _own_file(tmp_path, "fixed.pt")
+    result = run(images, "-o", out, "--weights", fixed, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    assert report_of(out)["counts"] == {"ok": 2, "skipped": 0, "failed": 0}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("bn_eps", float("nan"), "is out of range"),
+        ("bn_eps", -1.0, "is out of range"),
+        ("bn_eps", float("inf"), "is out of range"),
+        ("bn_eps", 5.0, "is out of range"),
+        ("bn_eps", "1e-5", "is not a number"),
+        ("bn_eps", True, "is not a number"),
+        ("arch", 7, "is not an architecture name"),
+        ("arch", "resnet9000", "is no known architecture"),
+        ("fpn_style", "sideways", "is no known FPN style"),
+    ],
+)
+def test_own_checkpoint_metadata_is_validated_naming_the_field(field, value, why, images, tmp_path) -> None:
+    weights = _own_file(tmp_path, **{field: value})
+    message = f"fpn_extract.{field} = {value!r} {why}"
+    _assert_refused_then_fixed_rerun_works(tmp_path, images, weights, message)
+
+
+def _tampered(tmp_path: Path, key: str, change) -> Path:
+    path = _own_file(tmp_path)
+    saved = torch.load(path, weights_only=True)
+    saved["state_dict"][key] = change(saved["state_dict"][key])
+    torch.save(saved, path)
+    return path
+
+
+def test_negative_batchnorm_variance_is_refused_naming_it(images, tmp_path) -> None:
+    key = "body.layer1.0.bn2.running_var"
+    weights = _tampered(tmp_path, key, lambda v: -v)
+    _assert_refused_then_fixed_rerun_works(tmp_path, images, weights, f"{key} hold negative variances")
+
+
+def test_integer_tensor_where_floats_belong_is_refused_naming_it(images, tmp_path) -> None:
+    key = "body.conv1.weight"
+    weights = _tampered(tmp_path, key, lambda v: (v * 100).to(torch.int64))
+    _assert_refused_then_fixed_rerun_works(tmp_path, images, weights, f"{key} hold int64 values where")
+
+
+def test_finite_weights_that_overflow_the_network_are_refused(images, tmp_path) -> None:
+    key = "body.layer2.0.conv1.weight"
+    weights = _tampered(tmp_path, key, lambda v: torch.full_like(v, 1e38))
+    message = "come out NaN or infinite for any image"
+    _assert_refused_then_fixed_rerun_works(tmp_path, images, weights, message)
+    assert key in run(images, "-o", tmp_path / "o2", "--weights", weights, "--device", "cpu").output
+
+
+def test_detectron2_pickle_with_a_non_numeric_array_is_one_line(tmp_path) -> None:
+    path = tmp_path / "model_final.pkl"
+    arrays = {"backbone.bottom_up.stem.conv1.weight": np.array(["not", "numbers"])}
+    path.write_bytes(pickle.dumps({"model": arrays, "__author__": "x"}))
+    with pytest.raises(WeightsError, match=r"stem\.conv1\.weight hold no numbers") as info:
+        build_fpn(weights=path)
+    assert "\n" not in str(info.value)
+
+
+def test_every_json_written_is_strict(images, tmp_path) -> None:
+    """report.json, the settings record and a shard folder's json parse with NaN/Infinity refused."""
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"non-strict JSON constant {constant}")
+
+    for fmt in ("npy", "shards"):
+        out = tmp_path / fmt
+        assert run(images, "-o", out, "--format", fmt, "--pool", "avg", *SEED).exit_code == 0
+        written = [p for p in out.rglob("*") if p.suffix in (".json", ".jsonl")]
+        assert written
+        for p in written:
+            for line in [p.read_text()] if p.suffix == ".json" else p.read_text().splitlines():
+                json.loads(line, parse_constant=strict)
+
+
+def test_a_non_finite_value_never_reaches_a_report_as_bare_nan(tmp_path) -> None:
+    report = Report({})
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        report.add(ImageResult("x.png", "ok", geometry={"scale": float("nan")}))
