@@ -11,12 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fpn_cli import Options, UsageError, WeightsError, build_fpn, extract
 from fpn_cli.formats.store import SETTINGS_FILE
 from fpn_cli.inputs.urls import is_url, local_path
 from fpn_cli.models.frameworks.own import FORMAT_KEY, save
 from fpn_cli.report import ImageResult, Report
+from fpn_cli.run import pipeline
+from fpn_cli.run.finite import NonFinite, check_finite
 from tests.conftest import SEED, report_of, run
 from tests.imagefactory import save_rgb
 
@@ -239,3 +242,61 @@ def test_a_non_finite_value_never_reaches_a_report_as_bare_nan(tmp_path) -> None
     report = Report({})
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         report.add(ImageResult("x.png", "ok", geometry={"scale": float("nan")}))
+
+
+# --- a NaN or infinite level fails its image, not the run --------------------------------------
+
+
+def _refuse(constant: str) -> None:
+    raise AssertionError(f"non-strict JSON constant {constant}")
+
+
+def _poison_bright_images(monkeypatch) -> None:
+    """The run's network, made to put NaN into P3 and infinity into P5 of every image whose mean
+    normalised value is above 1.5 (a white image), as a real overflow would for some inputs."""
+    real = pipeline._build_model
+
+    def build(spec):
+        model = real(spec)
+
+        def hook(module, inputs, feats):
+            bright = inputs[0].flatten(1).mean(1) > 1.5
+            feats["p3"][bright] = float("nan")
+            feats["p5"][bright] = float("inf")
+            return feats
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(pipeline, "_build_model", build)
+
+
+@pytest.mark.parametrize("batch_size", ["1", "4"])
+def test_non_finite_levels_fail_that_image_and_the_others_are_written(
+    batch_size, images, tmp_path, monkeypatch
+) -> None:
+    Image.new("RGB", (40, 32), "white").save(images / "white.png")
+    _poison_bright_images(monkeypatch)
+    out = tmp_path / "out"
+    result = run(images, "-o", out, "--batch-size", batch_size, "--size", "32x40", *SEED)
+    assert result.exit_code == 1, result.output
+    failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "white.png" in failed[0] and "P3, P5 came out NaN or infinite" in failed[0]
+    report = json.loads((out / "report.json").read_text(), parse_constant=_refuse)
+    assert report["counts"] == {"ok": 2, "skipped": 0, "failed": 1}
+    entry = next(image for image in report["images"] if image["path"] == "white.png")
+    assert entry["status"] == "failed" and "P3, P5 came out NaN or infinite" in entry["error"]
+    assert not (out / "white").exists()  # nothing of it stored
+    for key in ("a", "b"):
+        assert np.isfinite(np.load(out / key / "p3.npy")).all()
+
+
+def test_finite_outputs_pass_the_check_unchanged() -> None:
+    feats = {"p2": torch.randn(3, 4, 5, 5), "p3": torch.randn(3, 4, 2, 2)}
+    check_finite(feats)  # returns: nothing raised
+    feats["p3"][1, 0, 0, 0] = float("nan")
+    feats["p2"][2, 3, 4, 4] = float("-inf")
+    with pytest.raises(NonFinite) as info:
+        check_finite(feats)
+    assert sorted(info.value.images) == [1, 2]
+    assert info.value.images[1].startswith("P3 came out") and info.value.images[2].startswith("P2 came out")

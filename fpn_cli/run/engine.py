@@ -17,6 +17,7 @@ from fpn_cli.errors import UsageError
 from fpn_cli.formats import codecs
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
+from fpn_cli.run.finite import check_finite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # What --save-dtype offers until the writers, readers and verify store bfloat16 and int8; the Engine
@@ -185,6 +186,7 @@ class Engine:
         x = x.contiguous(memory_format=self.memory_format)
         with self._precision():
             feats = self.network(x)
+        check_finite(feats)  # a NaN or infinite level fails its image (finite.py)
         stored = {}
         for level, v in feats.items():
             stored.update(codecs.encode(level, v, self.save_dtype_name))

@@ -62,6 +62,7 @@ from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, shard_of, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
+from fpn_cli.run.finite import NonFinite
 from fpn_cli.run.options import (
     Options,
     check_shard,
@@ -530,6 +531,9 @@ class Forward:
         """(job, its levels {level: (C, h, w) on the CPU}, an event that fires when the device's
         copies into them are done, or None) for each image of ``batch`` that fits."""
         result = self._try(batch)
+        if isinstance(result, dict):  # images with NaN or infinite levels fail; the rest run again
+            yield from self._without(batch, result)
+            return
         if isinstance(result, str):
             yield from self._split(batch, result)
             return
@@ -547,12 +551,25 @@ class Forward:
             return short
         try:
             return self.engine(np.stack([job.rgb for job in batch]))
+        except NonFinite as e:
+            return e.images
         except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
             pass
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
         return ""
+
+    def _without(
+        self, batch: list[Job], bad: dict[int, str]
+    ) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
+        """Fails the images ``bad`` names (finite.py) and runs the rest of ``batch`` again."""
+        for i, job in enumerate(batch):
+            if i in bad:
+                _fail(job, bad[i], self.report, self.on_failure)
+        rest = [job for i, job in enumerate(batch) if i not in bad]
+        if rest:
+            yield from self(rest)
 
     def _split(self, batch: list[Job], short: str) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
         device = self.engine.device
