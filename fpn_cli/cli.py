@@ -22,7 +22,7 @@ from fpn_cli.regions.roi import MAX_ROI_SIZE, parse_pool, rois_from_folder
 from fpn_cli.run import signals
 from fpn_cli.run.distributed import is_rank_zero
 from fpn_cli.run.engine import DTYPES, SAVE_DTYPES
-from fpn_cli.run.options import DEFAULT_TIMEOUT, MAX_TIMEOUT, Options
+from fpn_cli.run.options import DEFAULT_TIMEOUT, MAX_TIMEOUT, Options, shard_problem
 from fpn_cli.run.pipeline import extract, summarize
 from fpn_cli.run.verify import verify_folder
 from fpn_cli.version import __version__
@@ -102,7 +102,7 @@ class ShardType(_IntPair):
     name, separator, example = "I/N", "/", "0/4"
 
     def problem(self, a: int, b: int) -> str | None:
-        return "need 0 <= I < N" if b < 1 or not 0 <= a < b else None
+        return shard_problem(a, b)
 
 
 class ByteSizeType(click.ParamType):

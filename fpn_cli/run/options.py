@@ -66,23 +66,30 @@ def check_int(name: str, value: object) -> None:
     """``value`` is an integer within ``INT_RANGES[name]``, or a :class:`UsageError` naming the option."""
     least, most = INT_RANGES[name]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{_option(name)} {value!r}: must be a whole number")
+        raise UsageError(f"{_option(name)} must be a whole number (got {value!r})")
     if (least is not None and value < least) or (most is not None and value > most):
         bound = f"at least {least}" if most is None else f"from {least} to {most}"
-        raise UsageError(f"{_option(name)} {value}: must be {bound}")
+        raise UsageError(f"{_option(name)} must be {bound} (got {value})")
+
+
+def shard_problem(index: object, count: object) -> str | None:
+    """What is wrong with shard ``index`` of ``count``, or None: the rule the CLI's ``--shard I/N``
+    and the Python API's ``shard=(I, N)`` share."""
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (index, count))
+    return None if whole and 0 <= index < count else "need 0 <= I < N"  # type: ignore[operator]
 
 
 def check_shard(shard: object) -> tuple[int, int] | None:
-    """``--shard I/N`` as (I, N) with 0 <= I < N, or None; anything else is a :class:`UsageError`."""
+    """``shard=(I, N)`` as (I, N) with 0 <= I < N, or None; anything else is a :class:`UsageError`."""
     if shard is None:
         return None
     try:
         index, count = shard  # type: ignore[misc]
     except (TypeError, ValueError):
         raise UsageError(f"--shard {shard!r}: give (I, N), e.g. (0, 4)") from None
-    ok = all(isinstance(n, int) and not isinstance(n, bool) for n in (index, count))
-    if not ok or count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {shard!r}: need whole numbers 0 <= I < N")
+    problem = shard_problem(index, count)
+    if problem:
+        raise UsageError(f"--shard {shard!r}: {problem} (whole numbers)")
     return index, count
 
 
