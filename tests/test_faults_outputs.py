@@ -294,6 +294,7 @@ def test_non_finite_levels_fail_that_image_and_the_others_are_written(
 def test_finite_outputs_pass_the_check_unchanged() -> None:
     feats = {"p2": torch.randn(3, 4, 5, 5), "p3": torch.randn(3, 4, 2, 2)}
     check_finite(feats)  # returns: nothing raised
+    check_finite({"p2": torch.full((2, 4, 3, 3), 3e38)})  # finite values whose sum overflows pass
     feats["p3"][1, 0, 0, 0] = float("nan")
     feats["p2"][2, 3, 4, 4] = float("-inf")
     with pytest.raises(NonFinite) as info:
