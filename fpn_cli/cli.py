@@ -11,6 +11,7 @@ import click
 from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import FORMATS
 from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS
+from fpn_cli.inputs.urls import local_path
 from fpn_cli.models.choices import (
     ARCH_NAMES,
     MAX_PAD_MULTIPLE,
@@ -23,7 +24,7 @@ from fpn_cli.models.choices import (
 from fpn_cli.models.levels import LEVELS, parse_levels
 from fpn_cli.regions.choices import MAX_ROI_SIZE, parse_pool
 from fpn_cli.run import signals
-from fpn_cli.run.choices import DEFAULT_TIMEOUT, DTYPE_NAMES, MAX_TIMEOUT, SAVE_DTYPES
+from fpn_cli.run.choices import DEFAULT_TIMEOUT, DTYPE_NAMES, MAX_TIMEOUT, SAVE_DTYPES, shard_problem
 from fpn_cli.version import __version__
 
 # torch is imported only by a command that computes (the library modules below it), inside the
@@ -110,7 +111,7 @@ class ShardType(_IntPair):
     name, separator, example = "I/N", "/", "0/4"
 
     def problem(self, a: int, b: int) -> str | None:
-        return "need 0 <= I < N" if b < 1 or not 0 <= a < b else None
+        return shard_problem(a, b)
 
 
 class ByteSizeType(click.ParamType):
@@ -132,6 +133,19 @@ class ByteSizeType(click.ParamType):
         if size < 1:
             self.fail(f"{value!r}: must be at least 1 byte", param, ctx)
         return size
+
+
+class LocalFile(click.Path):
+    """An existing file, named by a path or a ``file://`` URL (urls.local_path)."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(local_path(os.fspath(value)), param, ctx)
+        except FPNError as e:
+            self.fail(str(e), param, ctx)
 
 
 class ProgressBar:
@@ -503,7 +517,7 @@ SECTIONS = {
 )
 @click.option(
     "--boxes",
-    type=click.Path(exists=True, dir_okay=False),
+    type=LocalFile(),
     default=None,
     help="CSV (path,x1,y1,x2,y2) or COCO JSON of boxes in original pixels: OUT/<image>/rois.npy, "
     "each box's features by torchvision's MultiScaleRoIAlign.",
@@ -733,7 +747,7 @@ def verify(out: str) -> None:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--boxes",
-    type=click.Path(exists=True, dir_okay=False),
+    type=LocalFile(),
     required=True,
     help="CSV (path,x1,y1,x2,y2) or COCO JSON, paths as in OUT/report.json.",
 )

@@ -90,7 +90,7 @@ def atomic_write_bytes(target: Path, write: Callable[[BinaryIO], object]) -> Non
 
 
 def atomic_write_json(target: Path, data: object) -> None:
-    text = (json.dumps(data, indent=2) + "\n").encode()
+    text = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
     atomic_write_bytes(target, lambda f: f.write(text))
 
 

@@ -159,7 +159,7 @@ class Report:
         self._lock = threading.Lock()
 
     def add(self, result: ImageResult) -> None:
-        line = json.dumps(result.to_json())
+        line = json.dumps(result.to_json(), allow_nan=False)
         with self._lock:
             self._entries.append((result.path, result.status, line))
             self._counts[result.status] += 1
@@ -252,7 +252,9 @@ def dump_report(f: BinaryIO, header: dict, image_lines: Iterable[str], counts: d
     """report.json, streamed: the header indented, then ``"images"`` one JSON object per line."""
 
     def field(key: str, value: object) -> str:
-        return f"  {json.dumps(key)}: " + json.dumps(value, indent=2).replace("\n", "\n  ")
+        return f"  {json.dumps(key, allow_nan=False)}: " + json.dumps(
+            value, indent=2, allow_nan=False
+        ).replace("\n", "\n  ")
 
     f.write(("{\n" + "".join(field(k, v) + ",\n" for k, v in header.items()) + '  "images": [').encode())
     for i, line in enumerate(image_lines):
@@ -269,4 +271,4 @@ def write_merged(f: BinaryIO, parts: Sequence[dict]) -> None:
     extra = {"shards": len(parts)}
     if any(part.get("interrupted") for part in parts):
         extra["interrupted"] = True
-    dump_report(f, header, (json.dumps(image) for image in images), counts, extra)
+    dump_report(f, header, (json.dumps(image, allow_nan=False) for image in images), counts, extra)

@@ -236,7 +236,7 @@ class ShardStore:
             check_settings(self.folder, recorded, settings, pending, overwrite, unknown)
             if overwrite:
                 self.folder.write(overwrite_marker_name(self.shard), lambda f: None)
-            text = json.dumps(settings_to_record(recorded, settings), indent=2).encode()
+            text = json.dumps(settings_to_record(recorded, settings), indent=2, allow_nan=False).encode()
             self.folder.write(SETTINGS_FILE, lambda f: f.write(text))
         else:
             root = self.folder.path("")
@@ -356,7 +356,9 @@ class ShardStore:
         extra = {"record": group.record} if group.record is not None else {}
         if old is not None:
             extra["replaces"] = old["shard"]
-        member = shard.writer.add_bytes(f"{member_stem(key)}.json", json.dumps({**entry, **extra}).encode())
+        member = shard.writer.add_bytes(
+            f"{member_stem(key)}.json", json.dumps({**entry, **extra}, allow_nan=False).encode()
+        )
         group.members["json"] = {"offset": member.offset, "size": member.size}
         shard.writer.flush()  # a write error fails this image, before it is indexed
         shard.lines.append(_line(key, entry, shard.name, group.members, extra))
@@ -444,7 +446,7 @@ class ShardStore:
         if not shard.lines:
             shard.writer.abort()
             return
-        part = "".join(json.dumps(line) + "\n" for line in shard.lines).encode()
+        part = "".join(json.dumps(line, allow_nan=False) + "\n" for line in shard.lines).encode()
         try:
             shard.writer.close()
             if not self.folder.remote:
@@ -489,7 +491,7 @@ class ShardStore:
         """index.jsonl from every complete shard's part: a header line, then one line per image,
         sorted by key."""
         chosen = newest(complete_lines(self.folder, repair=True), self.folder.url(SHARDS))
-        lines = sorted((key, json.dumps(line)) for key, line in chosen.items())
+        lines = sorted((key, json.dumps(line, allow_nan=False)) for key, line in chosen.items())
         shards = len({json.loads(text)["shard"] for _, text in lines}) if lines else 0
         header = {
             "format": INDEX_FORMAT,
@@ -501,7 +503,7 @@ class ShardStore:
         }
 
         def write(f: BinaryIO) -> None:
-            f.write((json.dumps(header) + "\n").encode())
+            f.write((json.dumps(header, allow_nan=False) + "\n").encode())
             for _, text in lines:
                 f.write((text + "\n").encode())
 
@@ -611,7 +613,7 @@ def complete_lines(
                     os.replace(folder.path(f"{SHARDS}/{name}"), folder.path(f"{SHARDS}/{name}.unreadable"))
                 continue
             if repair:
-                text = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                text = "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines).encode()
                 folder.write(_part_name(name), lambda f, text=text: f.write(text))
         yield from lines
 
@@ -712,8 +714,8 @@ class ShardFeatures(Features):
             raw = folder.read_bytes(INDEX)
         if raw is None:  # no run has published one yet: what the complete shards hold
             chosen = newest(complete_lines(folder), folder.url(SHARDS))
-            lines = sorted((key, json.dumps(line)) for key, line in chosen.items())
-            header = json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION})
+            lines = sorted((key, json.dumps(line, allow_nan=False)) for key, line in chosen.items())
+            header = json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION}, allow_nan=False)
             raw = "".join(text + "\n" for text in [header, *(text for _, text in lines)]).encode()
         self._data = raw
         self._starts = _line_starts(raw)

@@ -62,6 +62,7 @@ def find_inputs(
     globs and stdin (``-``), plus the lines of each list file, the members of tar shards and URLs.
     Files and URLs named one by one share ``root`` or else their deepest common folder (keys.py).
     Clashing keys are a :class:`UsageError` (images.unique_images)."""
+    inputs, lists = as_list(inputs), as_list(lists)
     specs: list[tuple[str, bool]] = []  # (spec, listed): a listed path is taken verbatim
     for spec, listed in input_specs(inputs, stdin_lines):
         if listed or os.path.lexists(spec):  # a name with braces in it is that name
@@ -74,6 +75,13 @@ def find_inputs(
     exclude = exclude.resolve() if exclude is not None else None
     found = [pair for spec, listed in specs for pair in _expand(spec, exclude, listed)]
     return unique_images(share_root(found, root))
+
+
+def as_list(specs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list:
+    """``specs`` as a list: a single string or path is one input, never its characters."""
+    if isinstance(specs, (str, bytes, os.PathLike)):
+        return [os.fsdecode(specs)]
+    return list(specs)
 
 
 def _expand(spec: str, exclude: Path | None, listed: bool) -> list[tuple[InputImage, bool]]:

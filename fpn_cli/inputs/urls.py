@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import unquote
 
 from fpn_cli.errors import UsageError
 from fpn_cli.layout import atomic_write_bytes
@@ -35,12 +36,19 @@ EXTRAS = {
 
 def is_url(spec: object) -> bool:
     """True for ``protocol://...`` other than ``file://`` (which is a local path)."""
-    return isinstance(spec, str) and bool(_URL.match(spec)) and not spec.startswith("file://")
+    return isinstance(spec, str) and bool(_URL.match(spec)) and spec[:7].lower() != "file://"
 
 
 def local_path(spec: str) -> str:
-    """``file:///x`` -> ``/x``; any other spec unchanged."""
-    return spec[len("file://") :] if spec.startswith("file://") else spec
+    """``file:///x`` (or ``file://localhost/x``, percent-escapes decoded) -> ``/x``; any other spec
+    unchanged. A ``file://`` URL of another host, or of no absolute path, is a :class:`UsageError`:
+    it never becomes a folder named ``file:``."""
+    if not spec[:7].lower() == "file://":
+        return spec
+    host, slash, path = spec[7:].partition("/")
+    if host.lower() not in ("", "localhost") or not slash:
+        raise UsageError(f"{spec}: a file:// URL names a local absolute path, file:///path (no host)")
+    return unquote("/" + path)
 
 
 def protocol(url: str) -> str:

@@ -228,6 +228,9 @@ def unwrap(raw: object, source: str) -> RawCheckpoint:
                 raw = raw[wrapper]
                 break
     if isinstance(raw, Mapping):
+        odd = [str(k) for k, v in raw.items() if isinstance(v, np.ndarray) and v.dtype.kind not in "biuf"]
+        if odd:  # strings, objects: torch has no tensor of them
+            raise WeightsError(f"weights file {source}: {name_keys(odd)} hold no numbers (not a state dict)")
         raw = {
             k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
             for k, v in raw.items()
@@ -308,8 +311,52 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, fpn_required: bool) -> N
             f"{ckpt.source}: {k} has shape {tuple(state[k].shape)}, {describe} needs "
             f"{tuple(own[k].shape)} (does --arch match the checkpoint?)"
         )
-    values = {k: v for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"}
-    broken = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]  # meta: shapes only
-    if broken:  # every feature would be NaN: a diverged training run's checkpoint
-        raise WeightsError(f"{ckpt.source}: {name_keys(broken)} hold NaN or infinite values")
+    check_values(state, own, ckpt.source)
     model.load_state_dict(state, strict=False)
+    check_output(model, ckpt.source)
+
+
+def check_values(state: Mapping[str, Tensor], own: Mapping[str, Tensor], source: str) -> None:
+    """Refuses, naming the tensors, values that would make every feature wrong: integers where the
+    model holds floats (load_state_dict would cast them silently), NaN or infinity, and negative
+    BatchNorm variances (whose square root is NaN). Tensors on the meta device carry shapes only."""
+    integer = [k for k, v in state.items() if own[k].is_floating_point() and not v.is_floating_point()]
+    if integer:
+        dtypes = sorted({str(state[k].dtype).removeprefix("torch.") for k in integer})
+        raise WeightsError(
+            f"{source}: {name_keys(integer)} hold {'/'.join(dtypes)} values where the model's are floats"
+        )
+    values = {k: v for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"}
+    broken = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+    if broken:  # every feature would be NaN: a diverged training run's checkpoint
+        raise WeightsError(f"{source}: {name_keys(broken)} hold NaN or infinite values")
+    negative = [k for k, v in values.items() if k.endswith("running_var") and bool((v < 0).any())]
+    if negative:  # a variance is never below 0: a damaged file
+        raise WeightsError(f"{source}: {name_keys(negative)} hold negative variances")
+
+
+_PROBE_SIZE = 64  # a multiple of every stride (P2-P7: 4-128 rounds up): all levels, in milliseconds
+
+
+def check_output(model: torch.nn.Module, source: str) -> None:
+    """Runs ``model`` once on a seeded (1, 3, 64, 64) input: weights that are finite but make
+    its levels NaN or infinite (a value of 1e38, a BatchNorm eps of 0 beside a zero variance)
+    would do so for every image, so they are refused here, naming the levels and the tensor of
+    the largest magnitude, before anything is written. Models on the meta device are skipped."""
+    params = [*model.parameters(), *model.buffers()]
+    if not params or any(p.device.type == "meta" for p in params):
+        return
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, _PROBE_SIZE, _PROBE_SIZE, generator=generator)
+    with torch.inference_mode():
+        levels = model(x.to(params[0].device))
+    bad = [name.upper() for name, v in levels.items() if not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    state = model.state_dict()
+    sizes = {k: float(v.abs().max()) for k, v in state.items() if v.is_floating_point() and v.numel()}
+    largest = max(sizes, key=sizes.__getitem__)
+    raise WeightsError(
+        f"{source}: the network's {', '.join(bad)} come out NaN or infinite for any image "
+        f"(largest value: {largest} = {sizes[largest]:.3g})"
+    )

@@ -18,6 +18,7 @@ from fpn_cli.formats import codecs
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
 from fpn_cli.run.choices import DTYPE_NAMES
+from fpn_cli.run.finite import check_finite
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # What --save-dtype offers until the writers, readers and verify store bfloat16 and int8 (run/choices.py);
@@ -185,6 +186,7 @@ class Engine:
         x = x.contiguous(memory_format=self.memory_format)
         with self._precision():
             feats = self.network(x)
+        check_finite(feats)  # a NaN or infinite level fails its image (finite.py)
         stored = {}
         for level, v in feats.items():
             stored.update(codecs.encode(level, v, self.save_dtype_name))

@@ -3,6 +3,7 @@ recorded: the settings record checked on resume, and report.json's header."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -10,12 +11,14 @@ import torch
 from fpn_cli.errors import UsageError
 from fpn_cli.formats import DEFAULT_SHARD_SIZE, FORMATS
 from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS, Resize
-from fpn_cli.models.builder import RANDOM, ModelSpec
+from fpn_cli.inputs.urls import local_path
+from fpn_cli.models.builder import RANDOM, SEED_RANGE, ModelSpec
+from fpn_cli.models.choices import MAX_PAD_MULTIPLE
 from fpn_cli.models.levels import parse_levels
 from fpn_cli.models.model import level_info, resolved_levels
 from fpn_cli.regions.choices import parse_pool
 from fpn_cli.regions.pooling import RoiSpec
-from fpn_cli.run.choices import DEFAULT_TIMEOUT, MAX_TIMEOUT, SAVE_DTYPES
+from fpn_cli.run.choices import DEFAULT_TIMEOUT, MAX_TIMEOUT, SAVE_DTYPES, shard_problem
 from fpn_cli.run.engine import DTYPES
 from fpn_cli.version import __version__
 
@@ -40,6 +43,74 @@ def check_resize(resize: Resize, max_pixels: int) -> None:
             f"{what} makes {h * w:,}-pixel inputs, over --max-pixels {max_pixels:,}: choose a smaller size "
             "(or raise --max-pixels if this machine has the memory)"
         )
+
+
+# option -> (least, most) of an integer setting; None: unbounded. The CLI's click types and
+# :func:`check_options` (which the Python API goes through) both read this one table.
+INT_RANGES: dict[str, tuple[int | None, int | None]] = {
+    "seed": SEED_RANGE,
+    "batch_size": (1, None),
+    "workers": (1, None),
+    "writers": (1, None),
+    "max_pixels": (1, None),
+    "shard_size": (1, None),
+    "pad_multiple": (1, MAX_PAD_MULTIPLE),
+}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_int(name: str, value: object) -> None:
+    """``value`` is an integer within ``INT_RANGES[name]``, or a :class:`UsageError` naming the option."""
+    least, most = INT_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{_option(name)} must be a whole number (got {value!r})")
+    if (least is not None and value < least) or (most is not None and value > most):
+        bound = f"at least {least}" if most is None else f"from {least} to {most}"
+        raise UsageError(f"{_option(name)} must be {bound} (got {value})")
+
+
+def check_shard(shard: object) -> tuple[int, int] | None:
+    """``shard=(I, N)`` as (I, N) with 0 <= I < N, or None; anything else is a :class:`UsageError`."""
+    if shard is None:
+        return None
+    try:
+        index, count = shard  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise UsageError(f"--shard {shard!r}: give (I, N), e.g. (0, 4)") from None
+    problem = shard_problem(index, count)
+    if problem:
+        raise UsageError(f"--shard {shard!r}: {problem} (whole numbers)")
+    return index, count
+
+
+def check_options(opts: Options) -> None:
+    """Every range and choice of ``opts``: the one validation of a run's settings, for the CLI and
+    the Python API alike; the first problem is a one-line :class:`UsageError` naming the option."""
+    for name in INT_RANGES:
+        value = getattr(opts, name)
+        if value is not None or name not in ("batch_size", "workers", "writers", "pad_multiple"):
+            check_int(name, value)
+    if not isinstance(opts.resize, Resize):
+        raise UsageError(f"resize {opts.resize!r}: give a Resize(size, short_side, max_side)")
+    check_resize(opts.resize, opts.max_pixels)
+    timeout = opts.timeout
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise UsageError(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:,} seconds")
+    if opts.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {opts.dtype!r}; choose from {', '.join(DTYPES)}")
+    if opts.save_dtype not in SAVE_DTYPES:
+        raise UsageError(f"unknown save dtype {opts.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
+    if opts.format not in FORMATS:
+        raise UsageError(f"unknown format {opts.format!r}; choose from {', '.join(FORMATS)}")
+    if opts.no_maps and not (opts.pool or opts.boxes):
+        raise UsageError("--no-maps stores only pooled vectors and RoI features: add --pool or --boxes")
+    if opts.preview and opts.format != "npy":
+        raise UsageError("--preview draws PNG files into the npy layout; it is not for --format shards")
 
 
 @dataclass(frozen=True)
@@ -78,29 +149,13 @@ class Options:
     def __post_init__(self) -> None:
         if self.levels is not None:
             object.__setattr__(self, "levels", parse_levels(self.levels))
-        check_resize(self.resize, self.max_pixels)
-        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
-            raise UsageError(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:,} seconds")
         if self.roi_levels is not None:
             object.__setattr__(self, "roi_levels", parse_levels(self.roi_levels))
         object.__setattr__(self, "pool", parse_pool(self.pool or ()))
         if self.boxes is not None:
-            object.__setattr__(self, "boxes", str(self.boxes))
-        if self.no_maps and not (self.pool or self.boxes):
-            raise UsageError("--no-maps stores only pooled vectors and RoI features: add --pool or --boxes")
+            object.__setattr__(self, "boxes", local_path(os.fspath(self.boxes)))
         object.__setattr__(self, "weights", str(self.weights))
-        if self.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise UsageError(f"unknown save dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-        if self.format not in FORMATS:
-            raise UsageError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
-        if self.shard_size < 1:
-            raise UsageError("--shard-size must be at least 1 byte")
-        if self.preview and self.format != "npy":
-            raise UsageError("--preview draws PNG files into the npy layout; it is not for --format shards")
+        check_options(self)
 
 
 def with_framework_resize(opts: Options, spec: ModelSpec) -> Options:

@@ -55,7 +55,7 @@ from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header, warnings_to
 from fpn_cli.inputs.keys import shard_of
 from fpn_cli.inputs.sources import find_inputs
-from fpn_cli.inputs.urls import is_url
+from fpn_cli.inputs.urls import is_url, local_path
 from fpn_cli.models.builder import ModelSpec, build, resolve
 from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
 from fpn_cli.regions.boxes import Checked, read_boxes, warn_unknown
@@ -65,7 +65,15 @@ from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
-from fpn_cli.run.options import Options, report_header, roi_spec, settings_record, with_framework_resize
+from fpn_cli.run.finite import NonFinite
+from fpn_cli.run.options import (
+    Options,
+    check_shard,
+    report_header,
+    roi_spec,
+    settings_record,
+    with_framework_resize,
+)
 
 Levels = dict[str, np.ndarray | torch.Tensor]  # level -> (C, h, w), one image's
 OnFailure = Callable[[str, str], None]  # (path as given, reason)
@@ -137,10 +145,10 @@ def extract(
     on_failure = on_failure or (lambda path, reason: None)
     if not os.fspath(out):
         raise UsageError("--out is empty: name an output folder")
-    out = str(out) if is_url(str(out)) else Path(out)
+    out = str(out) if is_url(str(out)) else Path(local_path(os.fspath(out)))
     check_destination(out, opts.format)
     launch = torchrun_launch()
-    shard = combine(shard, launch)
+    shard = combine(check_shard(shard), launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
     found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format, root)
     spec = _resolve_model(opts)
@@ -500,6 +508,9 @@ class Forward:
         """(job, its levels {level: (C, h, w) on the CPU}, an event that fires when the device's
         copies into them are done, or None) for each image of ``batch`` that fits."""
         result = self._try(batch)
+        if isinstance(result, dict):  # images with NaN or infinite levels fail; the rest run again
+            yield from self._without(batch, result)
+            return
         if isinstance(result, str):
             yield from self._split(batch, result)
             return
@@ -517,12 +528,25 @@ class Forward:
             return short
         try:
             return self.engine(np.stack([job.rgb for job in batch]))
+        except NonFinite as e:
+            return e.images
         except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
             pass
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
         return ""
+
+    def _without(
+        self, batch: list[Job], bad: dict[int, str]
+    ) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
+        """Fails the images ``bad`` names (finite.py) and runs the rest of ``batch`` again."""
+        for i, job in enumerate(batch):
+            if i in bad:
+                _fail(job, bad[i], self.report, self.on_failure)
+        rest = [job for i, job in enumerate(batch) if i not in bad]
+        if rest:
+            yield from self(rest)
 
     def _split(self, batch: list[Job], short: str) -> Iterator[tuple[Job, Levels, torch.cuda.Event | None]]:
         device = self.engine.device

@@ -243,5 +243,5 @@ def _write_report(store: Storage, report: Mapping) -> None:
     tail = ("images", "counts", "shards", "interrupted")
     header = {k: v for k, v in report.items() if k not in tail}
     extra = {k: report[k] for k in ("shards", "interrupted") if k in report}
-    lines = (json.dumps(entry) for entry in report["images"])
+    lines = (json.dumps(entry, allow_nan=False) for entry in report["images"])
     store.write_report(lambda f: dump_report(f, header, lines, report["counts"], extra))

@@ -176,6 +176,11 @@ def detect(raw: RawCheckpoint) -> Framework:
     return next(fw for fw in FRAMEWORKS.values() if fw.fallback)
 
 
+def fpn_styles() -> list[str]:
+    """Every FPN variant's name, of every framework."""
+    return [name for fw in FRAMEWORKS.values() for name in fw.styles]
+
+
 def fpn_spec(style: str | FPNSpec) -> FPNSpec:
     """The FPN variant named ``style``, from the framework that owns it."""
     if isinstance(style, FPNSpec):

@@ -1,0 +1,44 @@
+"""Finite outputs: a level with NaN or infinity fails its image, never reaches a file.
+
+The check runs on the device right after the forward: one sum per level (finite only when every
+value is), joined into a single host sync per batch; only a batch that fails is examined image by
+image with ``isfinite``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+class NonFinite(Exception):
+    """Some images of a batch have levels with NaN or infinity: ``images`` maps each one's index
+    in the batch to why it failed (the engine raises it; the pipeline fails those images)."""
+
+    def __init__(self, images: dict[int, str]) -> None:
+        super().__init__(f"{len(images)} image(s) with NaN or infinite levels")
+        self.images = images
+
+
+def check_finite(feats: Mapping[str, torch.Tensor]) -> None:
+    """``feats``: {level: (N, C, h, w)} on the device. Returns when every value is finite; otherwise
+    raises :class:`NonFinite` naming, per image, the levels that are not."""
+    if not feats:
+        return
+    # a sum is finite only if every term is: one reduction per level, no mask the size of the
+    # level, and one host sync per batch; a finite level whose sum overflows is cleared below
+    sums = torch.stack([v.sum(dtype=torch.float32) for v in feats.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    per_level = {name: torch.isfinite(v).flatten(1).all(1).tolist() for name, v in feats.items()}
+    count = len(next(iter(per_level.values())))
+    bad = {}
+    for i in range(count):
+        levels = [name.upper() for name, ok in per_level.items() if not ok[i]]
+        if levels:
+            bad[i] = (
+                f"{', '.join(levels)} came out NaN or infinite (an overflow in the network for this "
+                "input: try --dtype float32, or check the weights); nothing of it was stored"
+            )
+    if bad:
+        raise NonFinite(bad)
