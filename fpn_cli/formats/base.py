@@ -84,7 +84,8 @@ class Storage(Protocol):
 
     format: str
     levels: tuple[str, ...]
-    dtype: np.dtype
+    save_dtype: str  # one of codecs.SAVE_DTYPES: what each array is stored as (codecs.array_dtype)
+    dtype: np.dtype  # the levels' own arrays (codecs.code_dtype: uint16 for bfloat16)
     in_place: bool
 
     def lock(self) -> AbstractContextManager[None]:

@@ -72,7 +72,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from fpn_cli.errors import FPNError, UsageError
-from fpn_cli.formats import tario
+from fpn_cli.formats import codecs, tario
 from fpn_cli.formats.base import Features, Format, Shape, human_bytes, npy_size, read_npy_header
 from fpn_cli.formats.locks import (
     check_settings,
@@ -198,7 +198,8 @@ class ShardStore:
         # whether a local folder holds any format's features (the registry's answer; else ours)
         self.holds_features = holds_features or holds
         self.levels = tuple(levels)
-        self.dtype = np.dtype(save_dtype)
+        self.save_dtype = codecs.check_save_dtype(save_dtype)
+        self.dtype = codecs.code_dtype(save_dtype)  # the levels' own arrays (codecs.py's code dtype)
         self.shard_size = shard_size
         self.shard = shard
         self._prefix = _prefix(shard)
@@ -300,7 +301,8 @@ class ShardStore:
     ) -> dict[str, Shape]:
         found = {}
         for name in names:
-            shape = self.stored_shape(key, name, (dtypes or {}).get(name, self.dtype))
+            dtype = (dtypes or {}).get(name) or codecs.array_dtype(self.save_dtype, name, self.levels)
+            shape = self.stored_shape(key, name, dtype)
             if shape is not None:
                 found[name] = shape
         return found
@@ -310,7 +312,8 @@ class ShardStore:
         return self._arrays.array(line["shard"], line["members"][f"{name}.npy"])
 
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
-        return {level: self.read_array(key, level) for level in self.levels}
+        names = [name for level in self.levels for name in codecs.array_names(level, self.save_dtype)]
+        return {name: self.read_array(key, name) for name in names}
 
     def _member(self, key: str, name: str) -> dict | None:
         line = self._completed().get(key)
@@ -497,7 +500,7 @@ class ShardStore:
             "images": len(lines),
             "shards": shards,
             "levels": list(self.levels),
-            "save_dtype": self.dtype.name,
+            "save_dtype": self.save_dtype,
         }
 
         def write(f: BinaryIO) -> None:
