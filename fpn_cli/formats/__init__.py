@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from fpn_cli.errors import FPNError, UsageError
-from fpn_cli.formats import npy, shards
+from fpn_cli.formats import codecs, npy, shards
 from fpn_cli.formats.base import Features, Format, Shape, Storage, VerifyReader, human_bytes
 from fpn_cli.formats.converted import Converted
 from fpn_cli.formats.locks import read_settings
@@ -94,16 +94,24 @@ def record_settings(store: Storage, out: str | os.PathLike[str], settings: dict,
         FORMATS[previous].remove(Path(local_path(str(out))))
 
 
-def folder_format(out: str | os.PathLike[str]) -> Format:
-    """The format of the features in ``out`` (its settings record says which)."""
+def folder_settings(out: str | os.PathLike[str]) -> dict:
+    """The settings record of the features in ``out`` (format, save dtype, model...)."""
     folder = Folder(out)
     raw = folder.read_bytes(SETTINGS_FILE)
     if raw is None:
         raise FPNError(f"{out} holds no features made by fpn-extract (no {SETTINGS_FILE})")
     try:
-        name = json.loads(raw).get("format", DEFAULT_FORMAT)
-    except (ValueError, AttributeError):
-        raise FPNError(f"{folder.url(SETTINGS_FILE)} is not readable JSON") from None
+        settings = json.loads(raw)
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise FPNError(f"{folder.url(SETTINGS_FILE)} is not readable JSON")
+    return settings
+
+
+def folder_format(out: str | os.PathLike[str], settings: dict | None = None) -> Format:
+    """The format of the features in ``out`` (its settings record, ``settings`` if read, says which)."""
+    name = (settings or folder_settings(out)).get("format", DEFAULT_FORMAT)
     if name not in FORMATS:
         raise FPNError(f"{out} holds features of a format this version does not know ({name!r})")
     return FORMATS[name]
@@ -112,8 +120,10 @@ def folder_format(out: str | os.PathLike[str]) -> Format:
 def open_features(out: str | os.PathLike[str], dtype: DTypeLike | None = np.float32) -> Features:
     """The features in the output folder ``out`` (a path or, for shards, a URL), read-only and in
     any format: key -> {name: array}, memory-mapped where possible. Features come back in
-    ``dtype`` (float32 unless asked otherwise; None: as stored), float64 boxes as stored
-    (converted.py).
+    ``dtype`` (float32 unless asked otherwise), float64 boxes as stored (converted.py): levels
+    stored as bfloat16 or int8 are decoded (formats/codecs.py), int8 with their scales, which
+    then are not among the arrays. ``dtype=None``: every array as stored, the raw codes (uint16
+    bfloat16 bits, int8 codes) and int8's scales (``p2_scale``, (C,) float32) among them.
 
     >>> import tempfile
     >>> from fpn_cli import extract
@@ -124,8 +134,11 @@ def open_features(out: str | os.PathLike[str], dtype: DTypeLike | None = np.floa
     >>> list(feats), feats["chelsea"]["p3"].shape
     (['chelsea'], (256, 38, 57))
     """
-    features = folder_format(out).open_features(Folder(out))
-    return features if dtype is None else Converted(features, dtype)
+    settings = folder_settings(out)
+    features = folder_format(out, settings).open_features(Folder(out))
+    if dtype is None:
+        return features
+    return Converted(features, dtype, codecs.check_save_dtype(settings.get("save_dtype", "float32")))
 
 
 def verify_reader(root: Path) -> VerifyReader:
