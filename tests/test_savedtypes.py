@@ -204,3 +204,41 @@ def test_roi_on_an_int8_folder_pools_the_decoded_levels(images, tmp_path, fmt):
         bound = np.max([raw[key][f"{v}_scale"] for v in LEVELS], axis=0)[None, :, None, None]
         error = np.abs(rois - reference[key]["rois"])
         assert np.all(error <= bound * (0.5 + 2**-20) + 1e-6) and error.max() > 0
+
+
+@pytest.mark.parametrize("fmt", ["npy", "shards"])
+def test_verify_passes_a_clean_int8_folder(runs, fmt):
+    result = run("verify", runs["int8", fmt])
+    assert result.exit_code == 0, result.output
+    assert "verified 2 images: all as reported" in result.output
+
+
+def test_verify_fails_when_an_int8_levels_scales_are_deleted(images, tmp_path):
+    out = extract(images, tmp_path / "out", "--save-dtype", "int8")
+    (out / "b" / "p4_scale.npy").unlink()
+    result = run("verify", out)
+    assert result.exit_code == 1
+    assert "b.png: b/p4_scale.npy is missing" in result.output
+
+
+def test_verify_fails_when_scales_have_the_wrong_shape(images, tmp_path):
+    out = extract(images, tmp_path / "out", "--save-dtype", "int8")
+    np.save(out / "a" / "p2_scale.npy", np.ones(255, np.float32))
+    result = run("verify", out)
+    assert result.exit_code == 1
+    assert "a.png: a/p2_scale.npy has shape 255, the report lists 256" in result.output
+
+
+def test_summary_lists_the_bytes_of_every_save_dtype(images, runs):
+    result = run(images / "a.png", images / "b.png", "--summary", "--arch", "seed", "--pool", "avg")
+    assert result.exit_code == 0, result.output
+    on_disk = {
+        save_dtype: sum(p.stat().st_size for p in runs[save_dtype, "npy"].rglob("*.npy"))
+        for save_dtype in ("int8", "bfloat16")
+    }
+    assert on_disk["int8"] == 250_112 and on_disk["bfloat16"] == 471_552  # as the rows below give
+    assert "npy     int8          250.1 kB       29" in result.output
+    assert "npy     bfloat16      471.6 kB       21" in result.output
+    assert "shards  int8          274.4 kB        4" in result.output
+    p2 = (256, 18, 23)  # a.png's; the codec's bytes: 1 per value, and 4 per channel's scale
+    assert codecs.stored_bytes("int8", {"p2": p2}) == 256 * 18 * 23 + 256 * 4

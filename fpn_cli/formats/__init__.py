@@ -27,6 +27,7 @@ from fpn_cli.formats.locks import read_settings
 from fpn_cli.formats.shards import DEFAULT_SHARD_SIZE
 from fpn_cli.inputs.urls import Folder, is_url, local_path
 from fpn_cli.layout import SETTINGS_FILE
+from fpn_cli.models.levels import LEVELS
 
 FORMATS: dict[str, Format] = {"npy": npy.FORMAT, "shards": shards.FORMAT}
 DEFAULT_FORMAT = "npy"  # what a settings record without "format" was written in
@@ -157,15 +158,26 @@ def format_totals(
     shard_size: int,
 ) -> str:
     """``--summary``'s dataset totals: the images, and the bytes and files of each format in each
-    save dtype, for ``per_size[size]`` images of each network input size."""
+    save dtype, for ``per_size[size]`` images of each network input size whose arrays (levels,
+    pooled vectors) have the ``shapes[size]``: each level stored as codecs.stored_arrays says."""
     images = sum(per_size.values())
     sizes = f"{len(per_size)} size{'s' if len(per_size) != 1 else ''}"
     skipped = f"; {unreadable:,} unreadable, not counted" if unreadable else ""
-    counted = [(count, shapes[size]) for size, count in sorted(per_size.items())]
     lines = [f"dataset: {images:,} images ({sizes}{skipped})", "format  save dtype       bytes    files"]
     for name, format in FORMATS.items():
         for i, dtype in enumerate(save_dtypes):
-            total, files = format.estimate(counted, np.dtype(dtype), shard_size)
+            counted = [(count, _stored(shapes[size], dtype)) for size, count in sorted(per_size.items())]
+            total, files = format.estimate(counted, dtype, shard_size)
             note = f"  {format.note(shard_size)}" if i == 0 else ""
             lines.append(f"{name:<8}{dtype:<10}{human_bytes(total):>12}{files:>9,}{note}")
     return "\n".join(lines)
+
+
+def _stored(shapes: Mapping[str, Shape], save_dtype: str) -> dict[str, Shape]:
+    """An image's arrays {name: shape} as a ``save_dtype`` run stores them: each level as the
+    codec's arrays (int8: its codes and scales), the rest as they are."""
+    out: dict[str, Shape] = {}
+    for name, shape in shapes.items():
+        arrays = codecs.stored_arrays(name, save_dtype, shape) if name in LEVELS else ()
+        out.update({a.name: a.shape for a in arrays} if arrays else {name: shape})
+    return out

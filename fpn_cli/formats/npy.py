@@ -390,14 +390,16 @@ class NpyFolder:
 
 
 def estimate(
-    per_image: Iterable[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
+    per_image: Iterable[tuple[int, Mapping[str, Shape]]], save_dtype: str, shard_size: int
 ) -> tuple[int, int]:
     """(bytes, files) that ``count`` images of each set of array shapes take in the npy layout:
     the arrays' bytes (headers included; the small JSON files are not counted), and the files: one
     per array and image, each image's record, and the run's report.json, settings and lock."""
     total = files = 0
     for count, shapes in per_image:
-        total += count * sum(npy_size(shape, dtype) for shape in shapes.values())
+        total += count * sum(
+            npy_size(shape, codecs.array_dtype(save_dtype, name, LEVELS)) for name, shape in shapes.items()
+        )
         files += count * (len(shapes) + 1)
     return total, files + 3
 

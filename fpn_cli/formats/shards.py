@@ -94,6 +94,7 @@ from fpn_cli.layout import (
     temporary_name,
 )
 from fpn_cli.layout import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
+from fpn_cli.models.levels import LEVELS
 
 SHARDS = "shards"  # under OUT: the tars, their index parts and index.jsonl
 PARTS = f"{SHARDS}/.index"  # one index part per shard
@@ -875,7 +876,7 @@ class ShardFolder:
 
 
 def estimate(
-    per_image: Sequence[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
+    per_image: Sequence[tuple[int, Mapping[str, Shape]]], save_dtype: str, shard_size: int
 ) -> tuple[int, int]:
     """(bytes, files) that ``count`` images of each set of level shapes take as shards: tar
     headers and padding included; files are the tars (about total / ``shard_size``), an index
@@ -883,7 +884,8 @@ def estimate(
     total = 0
     for count, shapes in per_image:
         group = 3 * tario.BLOCK  # the json member: a header, and an entry of under 1 kB
-        for shape in shapes.values():
+        for name, shape in shapes.items():
+            dtype = codecs.array_dtype(save_dtype, name, LEVELS)
             group += tario.BLOCK + tario.padded(npy_size(shape, dtype))
         total += count * group
     images = sum(count for count, _ in per_image)

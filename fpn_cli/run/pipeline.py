@@ -803,7 +803,7 @@ def summarize(
     text = format_summary(spec, parameter_count(config), level_info(config), shapes, per_size)
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
-    totals = format_totals(per_size, stored, unreadable, ("float32", "float16"), shard_size)
+    totals = format_totals(per_size, stored, unreadable, codecs.SAVE_DTYPES, shard_size)
     return f"{text}\n\n{totals}"
 
 
