@@ -463,7 +463,7 @@ SECTIONS = {
     type=click.Choice(SAVE_DTYPES),
     default="float32",
     show_default=True,
-    help="Stored precision.",
+    help="Stored precision; int8 adds per-channel scales (p2_scale.npy). Readers decode to float32.",
 )
 @click.option("--overwrite", is_flag=True, help="Recompute images whose outputs exist (default: skip them).")
 @click.option(

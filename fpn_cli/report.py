@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from fpn_cli.formats import codecs
 from fpn_cli.models.backbones import LevelInfo
 from fpn_cli.run.signals import interrupted_status
 
@@ -61,8 +62,8 @@ def _size_block(
     lines.append(f"{'level':<6}{'stride':>7}{'channels':>10}{'height':>8}{'width':>7}")
     for name, (c, lh, lw) in shapes.items():
         lines.append(f"{name.upper():<6}{info[name].stride:>7}{c:>10}{lh:>8}{lw:>7}")
-    megabytes = _values(shapes) / 1e6
-    lines.append(f"output per image: {megabytes * 4:.1f} MB float32, {megabytes * 2:.1f} MB float16")
+    per_dtype = (f"{codecs.stored_bytes(d, shapes) / 1e6:.1f} MB {d}" for d in codecs.SAVE_DTYPES)
+    lines.append(f"output per image: {', '.join(per_dtype)}")
     return lines
 
 

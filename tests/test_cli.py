@@ -151,7 +151,9 @@ def test_python_dash_m_runs_the_cli():
 def test_library_options_are_validated():
     with pytest.raises(UsageError, match="unknown dtype 'float8'"):
         Options(dtype="float8")
-    with pytest.raises(UsageError, match="unknown save dtype 'bfloat16'"):
-        Options(save_dtype="bfloat16")
+    with pytest.raises(
+        UsageError, match="unknown save dtype 'int4'; choose from float32, float16, bfloat16, int8"
+    ):
+        Options(save_dtype="int4")
     with pytest.raises(UsageError, match="--batch-size must be at least 1"):
         Options(batch_size=0)

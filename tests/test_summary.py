@@ -18,7 +18,7 @@ P2          4       256     150    225
 P3          8       256      75    113
 P4         16       256      38     57
 P5         32       256      19     29
-output per image: 46.0 MB float32, 23.0 MB float16
+output per image: 46.0 MB float32, 23.0 MB float16, 23.0 MB bfloat16, 11.5 MB int8
 """
 
 
@@ -102,7 +102,7 @@ P2          4       256      36     12
 P3          8       256      18      6
 P4         16       256       9      3
 P5         32       256       5      2
-output per image: 0.6 MB float32, 0.3 MB float16
+output per image: 0.6 MB float32, 0.3 MB float16, 0.3 MB bfloat16, 0.2 MB int8
 
 input 140x48 (a largest; 1 image)
 """
@@ -120,7 +120,7 @@ def test_many_sizes_give_a_row_each_and_the_largest_in_full(tmp_path):
     assert COMPACT_ROWS in result.output
     assert result.output.count("\nlevel  stride") == 2 and "input 32x48" not in result.output
     assert "\ndataset: 32 images (30 sizes)\n" in result.output
-    assert len(result.output.splitlines()) == 39
+    assert len(result.output.splitlines()) == 43  # the totals: 2 formats x 4 save dtypes
 
 
 def test_a_few_sizes_keep_a_block_each(tmp_path):

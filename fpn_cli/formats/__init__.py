@@ -20,13 +20,14 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from fpn_cli.errors import FPNError, UsageError
-from fpn_cli.formats import npy, shards
+from fpn_cli.formats import codecs, npy, shards
 from fpn_cli.formats.base import Features, Format, Shape, Storage, VerifyReader, human_bytes
 from fpn_cli.formats.converted import Converted
 from fpn_cli.formats.locks import read_settings
 from fpn_cli.formats.shards import DEFAULT_SHARD_SIZE
 from fpn_cli.inputs.urls import Folder, is_url, local_path
 from fpn_cli.layout import SETTINGS_FILE
+from fpn_cli.models.levels import LEVELS
 
 FORMATS: dict[str, Format] = {"npy": npy.FORMAT, "shards": shards.FORMAT}
 DEFAULT_FORMAT = "npy"  # what a settings record without "format" was written in
@@ -94,16 +95,24 @@ def record_settings(store: Storage, out: str | os.PathLike[str], settings: dict,
         FORMATS[previous].remove(Path(local_path(str(out))))
 
 
-def folder_format(out: str | os.PathLike[str]) -> Format:
-    """The format of the features in ``out`` (its settings record says which)."""
+def folder_settings(out: str | os.PathLike[str]) -> dict:
+    """The settings record of the features in ``out`` (format, save dtype, model...)."""
     folder = Folder(out)
     raw = folder.read_bytes(SETTINGS_FILE)
     if raw is None:
         raise FPNError(f"{out} holds no features made by fpn-extract (no {SETTINGS_FILE})")
     try:
-        name = json.loads(raw).get("format", DEFAULT_FORMAT)
-    except (ValueError, AttributeError):
-        raise FPNError(f"{folder.url(SETTINGS_FILE)} is not readable JSON") from None
+        settings = json.loads(raw)
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise FPNError(f"{folder.url(SETTINGS_FILE)} is not readable JSON")
+    return settings
+
+
+def folder_format(out: str | os.PathLike[str], settings: dict | None = None) -> Format:
+    """The format of the features in ``out`` (its settings record, ``settings`` if read, says which)."""
+    name = (settings or folder_settings(out)).get("format", DEFAULT_FORMAT)
     if name not in FORMATS:
         raise FPNError(f"{out} holds features of a format this version does not know ({name!r})")
     return FORMATS[name]
@@ -112,8 +121,10 @@ def folder_format(out: str | os.PathLike[str]) -> Format:
 def open_features(out: str | os.PathLike[str], dtype: DTypeLike | None = np.float32) -> Features:
     """The features in the output folder ``out`` (a path or, for shards, a URL), read-only and in
     any format: key -> {name: array}, memory-mapped where possible. Features come back in
-    ``dtype`` (float32 unless asked otherwise; None: as stored), float64 boxes as stored
-    (converted.py).
+    ``dtype`` (float32 unless asked otherwise), float64 boxes as stored (converted.py): levels
+    stored as bfloat16 or int8 are decoded (formats/codecs.py), int8 with their scales, which
+    then are not among the arrays. ``dtype=None``: every array as stored, the raw codes (uint16
+    bfloat16 bits, int8 codes) and int8's scales (``p2_scale``, (C,) float32) among them.
 
     >>> import tempfile
     >>> from fpn_cli import extract
@@ -124,8 +135,11 @@ def open_features(out: str | os.PathLike[str], dtype: DTypeLike | None = np.floa
     >>> list(feats), feats["chelsea"]["p3"].shape
     (['chelsea'], (256, 38, 57))
     """
-    features = folder_format(out).open_features(Folder(out))
-    return features if dtype is None else Converted(features, dtype)
+    settings = folder_settings(out)
+    features = folder_format(out, settings).open_features(Folder(out))
+    if dtype is None:
+        return features
+    return Converted(features, dtype, codecs.check_save_dtype(settings.get("save_dtype", "float32")))
 
 
 def verify_reader(root: Path) -> VerifyReader:
@@ -144,15 +158,26 @@ def format_totals(
     shard_size: int,
 ) -> str:
     """``--summary``'s dataset totals: the images, and the bytes and files of each format in each
-    save dtype, for ``per_size[size]`` images of each network input size."""
+    save dtype, for ``per_size[size]`` images of each network input size whose arrays (levels,
+    pooled vectors) have the ``shapes[size]``: each level stored as codecs.stored_arrays says."""
     images = sum(per_size.values())
     sizes = f"{len(per_size)} size{'s' if len(per_size) != 1 else ''}"
     skipped = f"; {unreadable:,} unreadable, not counted" if unreadable else ""
-    counted = [(count, shapes[size]) for size, count in sorted(per_size.items())]
     lines = [f"dataset: {images:,} images ({sizes}{skipped})", "format  save dtype       bytes    files"]
     for name, format in FORMATS.items():
         for i, dtype in enumerate(save_dtypes):
-            total, files = format.estimate(counted, np.dtype(dtype), shard_size)
+            counted = [(count, _stored(shapes[size], dtype)) for size, count in sorted(per_size.items())]
+            total, files = format.estimate(counted, dtype, shard_size)
             note = f"  {format.note(shard_size)}" if i == 0 else ""
             lines.append(f"{name:<8}{dtype:<10}{human_bytes(total):>12}{files:>9,}{note}")
     return "\n".join(lines)
+
+
+def _stored(shapes: Mapping[str, Shape], save_dtype: str) -> dict[str, Shape]:
+    """An image's arrays {name: shape} as a ``save_dtype`` run stores them: each level as the
+    codec's arrays (int8: its codes and scales), the rest as they are."""
+    out: dict[str, Shape] = {}
+    for name, shape in shapes.items():
+        arrays = codecs.stored_arrays(name, save_dtype, shape) if name in LEVELS else ()
+        out.update({a.name: a.shape for a in arrays} if arrays else {name: shape})
+    return out

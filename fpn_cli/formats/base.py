@@ -84,7 +84,8 @@ class Storage(Protocol):
 
     format: str
     levels: tuple[str, ...]
-    dtype: np.dtype
+    save_dtype: str  # one of codecs.SAVE_DTYPES: what each array is stored as (codecs.array_dtype)
+    dtype: np.dtype  # the levels' own arrays (codecs.code_dtype: uint16 for bfloat16)
     in_place: bool
 
     def lock(self) -> AbstractContextManager[None]:
@@ -236,7 +237,7 @@ class Format:
     open_features: Callable[[Folder], Features]  # the reader of open_features
     verify_reader: Callable[[Path], VerifyReader]  # fpn-extract verify's reader of a local folder
     # (per image: (count, {name: shape}), save dtype, shard size) -> (bytes, files), for --summary
-    estimate: Callable[[Sequence[tuple[int, Mapping[str, Shape]]], np.dtype, int], tuple[int, int]]
+    estimate: Callable[[Sequence[tuple[int, Mapping[str, Shape]]], str, int], tuple[int, int]]
     note: Callable[[int], str]  # --summary: what its files are, for a --shard-size
     check_layout: Callable[[Iterable[tuple[str, str]]], None]  # (key, input) pairs that clash: refused
     holds: Callable[[Path], bool]  # whether a local output folder holds files of this format

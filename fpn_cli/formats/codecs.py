@@ -33,22 +33,25 @@ No error is raised.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is encoded: the storage layer reads without it
+    import torch
 
 SAVE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 SCALE_SUFFIX = "_scale"
 
 # The dtype of a level's main array, numpy's and torch's: bfloat16 travels and is stored as its bits.
 _CODE_DTYPES = {
-    "float32": (np.dtype(np.float32), torch.float32),
-    "float16": (np.dtype(np.float16), torch.float16),
-    "bfloat16": (np.dtype(np.uint16), torch.uint16),
-    "int8": (np.dtype(np.int8), torch.int8),
+    "float32": (np.dtype(np.float32), "float32"),
+    "float16": (np.dtype(np.float16), "float16"),
+    "bfloat16": (np.dtype(np.uint16), "uint16"),
+    "int8": (np.dtype(np.int8), "int8"),
 }
 # 1.5 * 2**52: adding it to a float64 of magnitude below 2**51 rounds it to an integer (to nearest,
 # ties to even) held in the low bits of the mantissa, whose low byte is then the int8 code.
@@ -88,7 +91,9 @@ def code_dtype(save_dtype: str) -> np.dtype:
 
 def torch_code_dtype(save_dtype: str) -> torch.dtype:
     """:func:`code_dtype` in torch: float32, float16, uint16 (bfloat16 bits) or int8."""
-    return _CODE_DTYPES[check_save_dtype(save_dtype)][1]
+    import torch
+
+    return getattr(torch, _CODE_DTYPES[check_save_dtype(save_dtype)][1])
 
 
 def stored_arrays(level: str, save_dtype: str, shape: tuple[int, int, int]) -> tuple[StoredArray, ...]:
@@ -98,6 +103,44 @@ def stored_arrays(level: str, save_dtype: str, shape: tuple[int, int, int]) -> t
     if save_dtype != "int8":
         return (main,)
     return main, StoredArray(scale_name(level), np.dtype(np.float32), (shape[0],))
+
+
+def array_names(level: str, save_dtype: str) -> tuple[str, ...]:
+    """The names of :func:`stored_arrays` of ``level``: ``("p2",)``, for int8 ``("p2", "p2_scale")``."""
+    return (level, scale_name(level)) if check_save_dtype(save_dtype) == "int8" else (level,)
+
+
+def derived_dtype(save_dtype: str) -> np.dtype:
+    """The dtype of the arrays derived from the levels (pooled vectors, RoI features): float16 for
+    a float16 run, else float32. bfloat16 and int8 runs store them in float32: they are small next
+    to the maps, and rounding them again would add a second error on top of the codec's."""
+    return np.dtype(np.float16) if check_save_dtype(save_dtype) == "float16" else np.dtype(np.float32)
+
+
+def array_dtype(save_dtype: str, name: str, levels: Collection[str]) -> np.dtype:
+    """The stored dtype of an image's array ``name`` in a ``save_dtype`` run: a level among
+    ``levels`` in the code dtype, an int8 level's scales float32, anything else (pooled vectors,
+    RoI features) :func:`derived_dtype`."""
+    if name in levels:
+        return code_dtype(save_dtype)
+    if save_dtype == "int8" and name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in levels:
+        return np.dtype(np.float32)
+    return derived_dtype(save_dtype)
+
+
+def decode_levels(
+    save_dtype: str,
+    arrays: Mapping[str, np.ndarray],
+    levels: Iterable[str],
+    dtype: npt.DTypeLike = np.float32,
+) -> dict[str, np.ndarray]:
+    """``{level: (C, H, W) floats}`` of the ``levels`` present in the stored ``arrays`` (their
+    codes and, for int8, ``<level>_scale``)."""
+    return {
+        level: decode(save_dtype, arrays[level], arrays.get(scale_name(level)), dtype)
+        for level in levels
+        if level in arrays
+    }
 
 
 def stored_bytes(save_dtype: str, shapes: Mapping[str, tuple[int, int, int]]) -> int:
@@ -110,6 +153,7 @@ def encode(level: str, x: torch.Tensor, save_dtype: str) -> dict[str, torch.Tens
     :func:`stored_arrays` with the batch in front, on the same device: ``{"p2": (N, C, H, W)}`` in
     the code dtype, and for int8 also ``{"p2_scale": (N, C) float32}``. float32 and float16 are
     ``x.to(dtype)`` (the same tensor when it is that dtype already); the memory layout follows ``x``."""
+
     if check_save_dtype(save_dtype) == "int8":
         codes, scale = encode_int8(x)
         return {level: codes, scale_name(level): scale}
@@ -121,6 +165,8 @@ def encode(level: str, x: torch.Tensor, save_dtype: str) -> dict[str, torch.Tens
 def encode_bfloat16(x: torch.Tensor) -> torch.Tensor:
     """(..., ) float -> (..., ) uint16: the bits of ``x.to(torch.bfloat16)`` (round to nearest even;
     infinities and NaN kept, values past bfloat16's range become infinities, as torch does)."""
+    import torch
+
     return x.to(torch.bfloat16).view(torch.uint16)
 
 
@@ -128,6 +174,8 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) float -> (codes (N, C, H, W) int8, scale (N, C) float32), symmetric per image
     and channel: ``scale = max|x[n, c]| / 127``, ``codes = round(x / scale)`` (ties to even), 0 where
     the scale is 0; NaN scales for channels with a non-finite value (see the module docstring)."""
+    import torch
+
     # channels last: the reductions and the per-channel division run along the contiguous axis when
     # x is channels-last (the Engine's layout on CPU and CUDA); a view, never a copy
     v = x.permute(0, 2, 3, 1)
@@ -179,9 +227,13 @@ def decode_torch(
     save_dtype: str,
     codes: torch.Tensor,
     scale: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """:func:`decode` for tensors, on their device: (..., C, H, W) codes and (..., C) int8 scales."""
+    """:func:`decode` for tensors, on their device: (..., C, H, W) codes and (..., C) int8 scales;
+    ``dtype`` float32 unless asked."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     check_save_dtype(save_dtype)
     if save_dtype == "int8":
         if scale is None:

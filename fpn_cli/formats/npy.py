@@ -29,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 
 from fpn_cli.errors import FPNError, UsageError
+from fpn_cli.formats import codecs
 from fpn_cli.formats.base import Features, Format, Shape, derived_names, npy_size
 from fpn_cli.formats.locks import finish_overwrite, lock_folder, record_settings
 from fpn_cli.formats.npyio import DirectWriter, npy_shape, write_file
@@ -55,7 +56,8 @@ def remove_layout(root: Path) -> None:
     preview, then the folders left empty): an --overwrite run into another format must not leave
     the old one beside it for readers to find. Nothing else in the folders is touched (a folder
     is removed only where it is left empty by this)."""
-    ours = {RECORD_FILE, PREVIEW_FILE, *(f"{name}.npy" for name in (*LEVELS, *derived_names()))}
+    scales = (codecs.scale_name(level) for level in LEVELS)
+    ours = {RECORD_FILE, PREVIEW_FILE, *(f"{name}.npy" for name in (*LEVELS, *scales, *derived_names()))}
     cleared: set[str] = set()  # folders that held our files, or folders that did
     for folder, _, names in os.walk(root, topdown=False):
         if Path(folder) == root:
@@ -76,7 +78,8 @@ class Store:
     def __init__(self, root: Path, levels: Iterable[str], save_dtype: str) -> None:
         self.root = Path(root)
         self.levels = tuple(levels)
-        self.dtype = np.dtype(save_dtype)
+        self.save_dtype = codecs.check_save_dtype(save_dtype)
+        self.dtype = codecs.code_dtype(save_dtype)  # the levels' own arrays (codes.py's code dtype)
         self._direct = DirectWriter()
 
     def sweep_dead_runs(self) -> None:
@@ -96,10 +99,12 @@ class Store:
         self, key: str, names: Iterable[str], dtypes: Mapping[str, np.dtype] | None = None
     ) -> dict[str, tuple[int, ...]]:
         """Shapes of the arrays ``key/<name>.npy`` among ``names`` that are complete: of the save
-        dtype, or the one ``dtypes`` gives for the name (boxes.npy is float64 in any store)."""
+        dtype's array of that name (codecs.array_dtype), or the one ``dtypes`` gives for the name
+        (boxes.npy is float64 in any store)."""
         found = {}
         for name in names:
-            shape = npy_shape(self.level_path(key, name), (dtypes or {}).get(name, self.dtype))
+            dtype = (dtypes or {}).get(name) or codecs.array_dtype(self.save_dtype, name, self.levels)
+            shape = npy_shape(self.level_path(key, name), dtype)
             if shape is not None:
                 found[name] = shape
         return found
@@ -113,6 +118,8 @@ class Store:
         """Writes each array to ``key/<name>.npy``, each file atomically, in ``arrays``' order:
         levels, and the arrays derived from them (pooled vectors, rois, boxes; regions/outputs.py)."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
+        if self.save_dtype != "int8":  # an int8 run's scales would pair with codes they do not belong to
+            self.forget_arrays(key, [codecs.scale_name(name) for name in arrays if name in self.levels])
         for level, array in arrays.items():
             with replacing(self.level_path(key, level)) as tmp:
                 write_file(tmp, array, self._direct)
@@ -140,7 +147,8 @@ class Store:
         preview: features of an input that has changed since (or of one never recorded), which
         nothing may keep (the lock makes this run the folder's only writer)."""
         folder = self.root / key
-        for name in (RECORD_FILE, *(f"{level}.npy" for level in LEVELS)):
+        scales = (codecs.scale_name(level) for level in LEVELS)
+        for name in (RECORD_FILE, *(f"{level}.npy" for level in (*LEVELS, *scales))):
             (folder / name).unlink(missing_ok=True)
         self.forget_derived(key)
 
@@ -157,8 +165,10 @@ class Store:
             self.level_path(key, name).unlink(missing_ok=True)
 
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
-        """The requested levels of a complete image, memory-mapped."""
-        return {level: self.read_array(key, level) for level in self.levels}
+        """The stored arrays of the requested levels of a complete image (codes, and int8's
+        scales), memory-mapped."""
+        names = [name for level in self.levels for name in codecs.array_names(level, self.save_dtype)]
+        return {name: self.read_array(key, name) for name in names}
 
     def read_array(self, key: str, name: str) -> np.ndarray:
         """``key/<name>.npy``, memory-mapped."""
@@ -194,7 +204,7 @@ def files_of_a_key() -> frozenset[str]:
     """The names a run may write in an image's folder, whatever its options: every level's file,
     every derived array's (pooled vectors, rois, boxes), the preview and the record (their
     temporary siblings are :func:`is_temporary_name`)."""
-    arrays = (*LEVELS, *derived_names())
+    arrays = (*LEVELS, *(codecs.scale_name(level) for level in LEVELS), *derived_names())
     return frozenset({PREVIEW_FILE, RECORD_FILE, *(f"{name}.npy" for name in arrays)})
 
 
@@ -380,14 +390,16 @@ class NpyFolder:
 
 
 def estimate(
-    per_image: Iterable[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
+    per_image: Iterable[tuple[int, Mapping[str, Shape]]], save_dtype: str, shard_size: int
 ) -> tuple[int, int]:
     """(bytes, files) that ``count`` images of each set of array shapes take in the npy layout:
     the arrays' bytes (headers included; the small JSON files are not counted), and the files: one
     per array and image, each image's record, and the run's report.json, settings and lock."""
     total = files = 0
     for count, shapes in per_image:
-        total += count * sum(npy_size(shape, dtype) for shape in shapes.values())
+        total += count * sum(
+            npy_size(shape, codecs.array_dtype(save_dtype, name, LEVELS)) for name, shape in shapes.items()
+        )
         files += count * (len(shapes) + 1)
     return total, files + 3
 

@@ -72,7 +72,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from fpn_cli.errors import FPNError, UsageError
-from fpn_cli.formats import tario
+from fpn_cli.formats import codecs, tario
 from fpn_cli.formats.base import Features, Format, Shape, human_bytes, npy_size, read_npy_header
 from fpn_cli.formats.locks import (
     check_settings,
@@ -94,6 +94,7 @@ from fpn_cli.layout import (
     temporary_name,
 )
 from fpn_cli.layout import SHARDS_DIR as REPORTS_DIR  # job arrays' report parts: OUT/.shards
+from fpn_cli.models.levels import LEVELS
 
 SHARDS = "shards"  # under OUT: the tars, their index parts and index.jsonl
 PARTS = f"{SHARDS}/.index"  # one index part per shard
@@ -198,7 +199,8 @@ class ShardStore:
         # whether a local folder holds any format's features (the registry's answer; else ours)
         self.holds_features = holds_features or holds
         self.levels = tuple(levels)
-        self.dtype = np.dtype(save_dtype)
+        self.save_dtype = codecs.check_save_dtype(save_dtype)
+        self.dtype = codecs.code_dtype(save_dtype)  # the levels' own arrays (codecs.py's code dtype)
         self.shard_size = shard_size
         self.shard = shard
         self._prefix = _prefix(shard)
@@ -300,7 +302,8 @@ class ShardStore:
     ) -> dict[str, Shape]:
         found = {}
         for name in names:
-            shape = self.stored_shape(key, name, (dtypes or {}).get(name, self.dtype))
+            dtype = (dtypes or {}).get(name) or codecs.array_dtype(self.save_dtype, name, self.levels)
+            shape = self.stored_shape(key, name, dtype)
             if shape is not None:
                 found[name] = shape
         return found
@@ -310,7 +313,8 @@ class ShardStore:
         return self._arrays.array(line["shard"], line["members"][f"{name}.npy"])
 
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
-        return {level: self.read_array(key, level) for level in self.levels}
+        names = [name for level in self.levels for name in codecs.array_names(level, self.save_dtype)]
+        return {name: self.read_array(key, name) for name in names}
 
     def _member(self, key: str, name: str) -> dict | None:
         line = self._completed().get(key)
@@ -499,7 +503,7 @@ class ShardStore:
             "images": len(lines),
             "shards": shards,
             "levels": list(self.levels),
-            "save_dtype": self.dtype.name,
+            "save_dtype": self.save_dtype,
         }
 
         def write(f: BinaryIO) -> None:
@@ -874,7 +878,7 @@ class ShardFolder:
 
 
 def estimate(
-    per_image: Sequence[tuple[int, Mapping[str, Shape]]], dtype: np.dtype, shard_size: int
+    per_image: Sequence[tuple[int, Mapping[str, Shape]]], save_dtype: str, shard_size: int
 ) -> tuple[int, int]:
     """(bytes, files) that ``count`` images of each set of level shapes take as shards: tar
     headers and padding included; files are the tars (about total / ``shard_size``), an index
@@ -882,7 +886,8 @@ def estimate(
     total = 0
     for count, shapes in per_image:
         group = 3 * tario.BLOCK  # the json member: a header, and an entry of under 1 kB
-        for shape in shapes.values():
+        for name, shape in shapes.items():
+            dtype = codecs.array_dtype(save_dtype, name, LEVELS)
             group += tario.BLOCK + tario.padded(npy_size(shape, dtype))
         total += count * group
     images = sum(count for count, _ in per_image)

@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fpn_cli.formats import codecs
 from fpn_cli.formats.base import BOX_DTYPE, BOXES, ROIS, pool_name
 from fpn_cli.regions.boxes import BoxFile, Checked, check, clip_note
 from fpn_cli.regions.geometry import Geometry, LevelSizes
 from fpn_cli.regions.pooling import RoiSpec, pooled, roi_features
 
 if TYPE_CHECKING:
-    from fpn_cli.formats.base import Storage
+    from fpn_cli.formats import codecs
+from fpn_cli.formats.base import Storage
 
 Location = Callable[[str, str], dict]  # (key, array name) -> where report.json says it is
 
@@ -57,11 +59,22 @@ class Outputs:
     def names(self, rel: str) -> tuple[str, ...]:
         """Every array the image ``rel`` gets, in the order they are written: rois before boxes,
         since boxes.npy matching the file's boxes is what marks rois.npy complete."""
-        names = list(self.levels) if self.maps else []
+        names = [name for level in self.levels for name in self.stored(level)] if self.maps else []
         names += [pool_name(level, kind) for level in self.levels for kind in self.pool]
         if self.boxes is not None and self.boxes.of(rel) is not None:
             names += [ROIS, BOXES]
         return tuple(names)
+
+    def stored(self, level: str) -> tuple[str, ...]:
+        """The arrays that store ``level`` in the save dtype: ``p2``, and for int8 ``p2_scale``."""
+        return codecs.array_names(level, self.save_dtype)
+
+    def floats(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The levels among the stored ``arrays`` as floats: float32 and float16 levels as they
+        are, bfloat16 and int8 ones decoded to float32 (with their scales)."""
+        if self.save_dtype in ("float32", "float16"):
+            return {level: arrays[level] for level in self.levels if level in arrays}
+        return codecs.decode_levels(self.save_dtype, arrays, self.levels)
 
     def complete(
         self,
@@ -87,8 +100,12 @@ class Outputs:
 
     def shapes(self, rel: str, level_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """The shape of each of the image's arrays, from its levels' {name: (C, h, w)}: levels as
-        given, pooled vectors (C,), rois (N, C, *output_size) for its N boxes, boxes (N, 4)."""
+        given (int8 scales (C,)), pooled vectors (C,), rois (N, C, *output_size) for its N boxes,
+        boxes (N, 4)."""
         out = {level: tuple(level_shapes[level]) for level in self.levels}
+        for level in self.levels:
+            for name in self.stored(level)[1:]:
+                out[name] = (level_shapes[level][0],)
         for level in self.levels:
             for kind in self.pool:
                 out[pool_name(level, kind)] = (level_shapes[level][0],)
@@ -120,9 +137,9 @@ class Outputs:
         checked: Checked | None = None,
     ) -> dict[str, np.ndarray]:
         """The derived arrays among ``names`` (pooled vectors, rois and boxes), from the image's
-        ``levels`` {name: (C, h, w)} as stored, in the save dtype; ``checked``: the image's boxes
-        as :meth:`checked` found them (checked here if not given)."""
-        dtype = np.dtype(self.save_dtype)
+        ``levels`` {name: (C, h, w)} as floats (:meth:`floats`), in codecs.derived_dtype;
+        ``checked``: the image's boxes as :meth:`checked` found them (checked here if not given)."""
+        dtype = codecs.derived_dtype(self.save_dtype)
         out = {}
         for level in self.levels:
             for kind in self.pool:

@@ -4,7 +4,7 @@ and the read timeout's default and bound (engine.py and options.py take them fro
 from __future__ import annotations
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # --dtype: compute precision (autocast below float32)
-SAVE_DTYPES = ("float32", "float16")  # --save-dtype
+SAVE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # --save-dtype: formats/codecs.py's (a test checks)
 DEFAULT_TIMEOUT = 300.0  # a local read takes milliseconds, the largest decode seconds; a hung mount forever
 MAX_TIMEOUT = 1_000_000.0  # 11.6 days; the platform's timers overflow far beyond
 

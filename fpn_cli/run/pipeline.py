@@ -47,6 +47,7 @@ from fpn_cli.formats import (
     Storage,
     check_destination,
     check_layout,
+    codecs,
     format_totals,
     open_store,
 )
@@ -660,13 +661,14 @@ class Writer:
 
     def _finish(self, job: Job, levels: dict[str, np.ndarray], status: str) -> None:
         checked = self.outputs.checked(job.image.rel, job.geometry)  # the image's boxes, checked once
-        derived = self.outputs.compute(levels, job.missing, job.image.rel, job.geometry, checked)
+        floats = self.outputs.floats(levels)  # bfloat16, int8: decoded, as a reader would see them
+        derived = self.outputs.compute(floats, job.missing, job.image.rel, job.geometry, checked)
         every = {**levels, **derived}
         written = {name: every[name] for name in job.missing}
         key = job.image.key
         self.store.write_levels(key, written)  # levels, pooled vectors, rois, then boxes (regions.outputs)
         if job.preview:
-            self.store.write_preview(key, preview.render(job.rgb, levels))
+            self.store.write_preview(key, preview.render(job.rgb, floats))
         shapes = {**job.have, **{name: array.shape for name, array in written.items()}}
         result = self.results.entry(job.image, status, job.geometry, shapes, job.recomputed, checked)
         if written or job.preview:  # the record last: everything above is in place
@@ -749,7 +751,7 @@ class Results:
             input_size=geometry.input_size if geometry else None,
             model_input_size=tuple(geometry.model_input_size) if geometry else None,
             levels={
-                level: {"shape": list(shapes[level]), **location(key, level)}
+                level: _level_entry(key, level, shapes, location)
                 for level in self.store.levels
                 if level in shapes
             },
@@ -769,6 +771,16 @@ class Results:
         if result.rois is not None:
             tell = (self.log, self.on_failure, checked)
             tell_boxes(image.rel, str(image.path), self.outputs, geometry, *tell)
+
+
+def _level_entry(key: str, level: str, shapes: dict[str, tuple[int, ...]], location: Callable) -> dict:
+    """A level's report.json entry: its shape and where it is, and for int8 where its scales are
+    (``"scale": {"shape": [C], "file": ...}``)."""
+    entry = {"shape": list(shapes[level]), **location(key, level)}
+    scale = codecs.scale_name(level)
+    if scale in shapes:
+        entry["scale"] = {"shape": list(shapes[scale]), **location(key, scale)}
+    return entry
 
 
 def summarize(
@@ -815,7 +827,7 @@ def summarize(
     text = format_summary(spec, parameter_count(config), level_info(config), shapes, per_size)
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
-    totals = format_totals(per_size, stored, unreadable, ("float32", "float16"), shard_size)
+    totals = format_totals(per_size, stored, unreadable, codecs.SAVE_DTYPES, shard_size)
     return f"{text}\n\n{totals}"
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fpn_cli.errors import FPNError, ImageError
+from fpn_cli.formats import codecs
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Readable, open_input, open_regular
 
@@ -196,9 +197,12 @@ def examine(
     for level in store.levels:
         shape = store.stored_shape(image.key, level, store.dtype)
         if shape == expected[level]:
-            kept[level] = shape
-            continue
-        if shape is not None:
+            scales = _scales(image.key, level, store, shape[0])
+            if isinstance(scales, dict):
+                kept.update({level: shape, **scales})
+                continue
+            reasons.append(scales)
+        elif shape is not None:
             reasons.append(f"{level}.npy is {_shape_text(shape)}, not {_shape_text(expected[level])}")
         elif store.is_stored(image.key, level):
             reasons.append(f"{level}.npy is not a complete {store.dtype} .npy file")
@@ -207,6 +211,18 @@ def examine(
         wrong.append(level)
     reason = "; ".join(reasons) or None
     return Verdict(kept, size, reason, orientation=orientation, fingerprint=recorded, wrong=tuple(wrong))
+
+
+def _scales(key: str, level: str, store: Storage, channels: int) -> dict[str, Shape] | str:
+    """The shapes of ``level``'s other stored arrays (int8: its scales, (C,) float32), or why they
+    do not count: a level counts only with its codes and its scales, each at its exact shape."""
+    found = {}
+    for name in codecs.array_names(level, store.save_dtype)[1:]:
+        shape = store.stored_shape(key, name, codecs.array_dtype(store.save_dtype, name, store.levels))
+        if shape != (channels,):
+            return f"{name}.npy is not a complete ({channels},) float32 .npy file"
+        found[name] = shape
+    return found
 
 
 def _input_size(entry: dict) -> tuple[int, int] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fpn_cli.errors import UsageError
-from fpn_cli.formats import DEFAULT_SHARD_SIZE, get_format
+from fpn_cli.formats import DEFAULT_SHARD_SIZE, codecs, get_format
 from fpn_cli.formats.base import BOX_DTYPE, BOXES, ROIS, Storage, derived_names
 from fpn_cli.formats.locks import finish_overwrite, read_settings, record_settings
 from fpn_cli.inputs.images import output_key
@@ -112,7 +112,7 @@ def _rois_for_report(
 ) -> RoiRun:
     """RoI features for every image of ``report`` that ``table`` has boxes for; report.json
     rewritten with their entries, the store's index with its images."""
-    outputs = Outputs(spec.levels, store.dtype.name, maps=False, roi=spec, boxes=table)
+    outputs = Outputs(spec.levels, store.save_dtype, maps=False, roi=spec, boxes=table)
     result = RoiRun(boxes=table.count)
     entries = {entry["path"]: entry for entry in report["images"]}
     result.unknown = table.unknown(p for p, e in entries.items() if e["status"] != "failed")
@@ -154,12 +154,15 @@ def _rewrite(
         store.forget_arrays(key, drop)
         store.write_levels(key, add)
     else:
-        stored = store.shapes(key, (*LEVELS, *derived_names()), {BOXES: BOX_DTYPE})
+        scales = (codecs.scale_name(level) for level in LEVELS)
+        stored = store.shapes(key, (*LEVELS, *scales, *derived_names()), {BOXES: BOX_DTYPE})
         kept = {name: store.read_array(key, name) for name in stored if name not in add and name not in drop}
         store.write_levels(key, {**kept, **add})
     for field_name in ("levels", "pooled"):
         for name, info in (entry.get(field_name) or {}).items():
             info.update(store.location(key, name))
+            if "scale" in info:  # an int8 level's scales
+                info["scale"].update(store.location(key, codecs.scale_name(name)))
     if rois is not None:
         entry["rois"] = rois()
     # the record written last again, as a run does: it marks the image complete
@@ -208,7 +211,8 @@ def _rois_of(
             result.failed += 1
             on_failure(rel, f"{key}/{lacking[0]}.npy is missing or incomplete: extract it first")
             return
-        levels = {level: store.read_array(key, level) for level in outputs.levels}
+        names = [name for level in outputs.levels for name in outputs.stored(level)]
+        levels = outputs.floats({name: store.read_array(key, name) for name in names})  # decoded
         arrays = outputs.compute(levels, (ROIS, BOXES), rel, geometry, checked)
         have = {name: arrays[name].shape for name in (ROIS, BOXES)}
 

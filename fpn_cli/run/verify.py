@@ -37,7 +37,7 @@ from typing import BinaryIO
 import numpy as np
 
 from fpn_cli.errors import FPNError, ImageError, UsageError
-from fpn_cli.formats import verify_reader
+from fpn_cli.formats import codecs, verify_reader
 from fpn_cli.formats.base import BOX_DTYPE, VerifyReader
 from fpn_cli.inputs.images import Readable, output_key
 from fpn_cli.inputs.sources import RemoteFile, tar_members
@@ -82,10 +82,10 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
     if not isinstance(entries, list):
         result.problems.append(f"{REPORT_FILE}: lists no images")
         return result
-    try:
-        dtype = np.dtype(model.get("save_dtype", "float32"))
-    except TypeError:
-        dtype = np.dtype("float32")
+    save_dtype = str(model.get("save_dtype", "float32"))
+    if save_dtype not in codecs.SAVE_DTYPES:
+        result.problems.append(f"{REPORT_FILE}: unknown save dtype {save_dtype!r}; read as float32")
+        save_dtype = "float32"
     config = _config(report)
     regions = report.get("regions") if isinstance(report.get("regions"), dict) else {}
     maps = regions.get("maps", True) is not False
@@ -99,7 +99,7 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
             continue
         result.images += 1
         path = str(entry.get("path"))
-        problems = _check_image(folder, entry, dtype, model, config, maps, tars)
+        problems = _check_image(folder, entry, save_dtype, model, config, maps, tars)
         result.problems += [f"{path}: {p}" for p in problems]
     if isinstance(report.get("counts"), dict) and report["counts"] != counts:
         result.problems.append(f"{REPORT_FILE}: counts {report['counts']} but its entries give {counts}")
@@ -143,13 +143,16 @@ def _config(report: dict) -> FPNConfig | None:
 def _check_image(
     folder: VerifyReader,
     entry: dict,
-    dtype: np.dtype,
+    save_dtype: str,
     model: dict,
     config: FPNConfig | None,
     maps: bool = True,
     tars: dict[str, dict[str, Readable]] | None = None,
 ) -> list[str]:
+    """The problems of one image's entry: each array as listed, in the dtype ``save_dtype``
+    stores it (codecs.array_dtype: codes, int8 scales, float derived arrays)."""
     problems = []
+    dtype = codecs.derived_dtype(save_dtype)  # pooled vectors and rois
     key = output_key(str(entry.get("path")))
     levels = entry.get("levels") if isinstance(entry.get("levels"), dict) else {}
     required = (model.get("levels") or ()) if maps else ()  # --no-maps stores no levels
@@ -158,7 +161,8 @@ def _check_image(
             problems.append(f"lists no {level}")
     expected = _expected(config, entry.get("model_input_size"))
     for level, info in levels.items():
-        problems += _check_level(folder, key, level, info, dtype, expected.get(level))
+        problems += _check_level(folder, key, level, info, codecs.code_dtype(save_dtype), expected.get(level))
+        problems += _check_scales(folder, key, level, info, save_dtype, expected.get(level))
     problems += _check_geometry(entry.get("geometry"), expected, levels)
     pooled = entry.get("pooled") if isinstance(entry.get("pooled"), dict) else {}
     for name, info in pooled.items():
@@ -227,6 +231,24 @@ def _check_level(
     if expected is not None and listed != expected:
         problems.append(f"{level} is listed as {_text(listed)}, but the model gives {_text(expected)}")
     return problems
+
+
+def _check_scales(
+    folder: VerifyReader,
+    key: str,
+    level: str,
+    info: object,
+    save_dtype: str,
+    expected: tuple[int, ...] | None,
+) -> list[str]:
+    """An int8 level's scales, listed as its entry's ``scale``: (C,) float32 for its C channels."""
+    names = codecs.array_names(level, save_dtype)[1:]
+    if not names or not isinstance(info, dict):
+        return []
+    if not isinstance(info.get("scale"), dict):
+        return [f"{level}: no scales listed (an int8 level's codes need them)"]
+    channels = (expected or tuple(info.get("shape") or ()))[:1]
+    return _check_level(folder, key, names[0], info["scale"], np.dtype(np.float32), channels or None)
 
 
 def _check_rois(folder: VerifyReader, key: str, rois: object, dtype: np.dtype) -> list[str]:
