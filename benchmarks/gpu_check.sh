@@ -30,7 +30,7 @@ summary=()
 step env "$PY" -c "import torch, torchvision, sys; print(sys.version.split()[0], 'torch', torch.__version__, \
 'torchvision', torchvision.__version__); print(torch.cuda.get_device_name(0), \
 f'{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB')"
-step cuda-tests "$PY" -m pytest -q -m cuda -p no:cacheprovider -s tests/test_cuda.py
+step cuda-tests "$PY" -m pytest -q -m cuda -p no:cacheprovider -s tests/test_cuda.py tests/test_codecs.py
 step decode "$PY" benchmarks/decode.py --count 64
 step throughput "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --save-dtype float16 \
     --size 800x1333 --small 48 --large 160 --writers 1,4 --out-dir "${BENCH_DIR:-/tmp}"
