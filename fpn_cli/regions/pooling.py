@@ -16,7 +16,7 @@ import torch
 
 from fpn_cli.errors import UsageError
 from fpn_cli.models.levels import LEVELS, parse_levels
-from fpn_cli.regions.choices import MAX_ROI_SIZE, parse_pool  # noqa: F401  (parse_pool: re-exported)
+from fpn_cli.regions.choices import MAX_ROI_SIZE
 
 ROI_LEVELS = ("p2", "p3", "p4", "p5")  # torchvision's Faster R-CNN box pooler's
 CANONICAL_SCALE, CANONICAL_LEVEL = 224, 4  # FPN paper eq. 1: a 224x224 box pools from P4

@@ -21,8 +21,6 @@ from fpn_cli.run.choices import DTYPE_NAMES
 from fpn_cli.run.finite import check_finite
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-# What --save-dtype offers until the writers, readers and verify store bfloat16 and int8 (run/choices.py);
-# the Engine itself encodes every one of codecs.SAVE_DTYPES.
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
