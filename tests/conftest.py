@@ -4,6 +4,7 @@ wrote, and torchvision reference models with non-trivial BatchNorm statistics.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,15 @@ from fpn_cli.cli import main
 from imagefactory import save_rgb
 
 SEED = ["--arch", "seed", "--device", "cpu", "-q"]  # the small architecture, quietly
+
+# Under pytest-xdist (`make test` runs a worker per core) each worker's torch gets its share of the
+# cores: two workers with a thread per core each would contend for them and run slower than one.
+# The subprocesses a test starts get the same share (OMP_NUM_THREADS), so their float sums are
+# bit-identical to this process's runs.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 
 def console_script() -> list[str]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import pty
-import subprocess
+import sys
 
 import pytest
 
-from fpn_cli.cli import ProgressBar, ProgressLines
+from fpn_cli.cli import ProgressBar, ProgressLines, main
 
-from conftest import FPN_EXTRACT, run
+from conftest import run
 from imagefactory import save_rgb
 
 
@@ -23,34 +23,39 @@ def test_progress_bar_shows_done_total_and_rate(capsys):
     assert "2/2" in err and "img/s" in err and err.endswith("\n")
 
 
-def run_with_tty_stderr(args: list[str]) -> str:
+def run_with_tty_stderr(args: list[str], monkeypatch) -> str:
+    """The CLI in this process with a real terminal (a pty) as its stderr: the terminal is the
+    point here, not the process."""
     parent, child = pty.openpty()
-    proc = subprocess.Popen(
-        [*FPN_EXTRACT, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=child,
-    )
-    os.close(child)
+    with open(child, "w", closefd=True) as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        try:
+            with pytest.raises(SystemExit) as ended:
+                main(args)
+            assert ended.value.code == 0
+        finally:
+            terminal.flush()
+            monkeypatch.undo()
     chunks = []
     while True:
         try:
             data = os.read(parent, 4096)
-        except OSError:
+        except OSError:  # EIO: the terminal's other end is closed and everything was read
             break
         if not data:
             break
         chunks.append(data)
-    proc.wait()
     os.close(parent)
     return b"".join(chunks).decode()
 
 
-def test_progress_bar_on_a_terminal_and_not_with_quiet(tmp_path):
+def test_progress_bar_on_a_terminal_and_not_with_quiet(tmp_path, monkeypatch):
     save_rgb(tmp_path / "in" / "a.png", 16, 16)
     common = [str(tmp_path / "in"), "--arch", "seed", "--device", "cpu"]
-    shown = run_with_tty_stderr([*common, "-o", str(tmp_path / "o1")])
+    shown = run_with_tty_stderr([*common, "-o", str(tmp_path / "o1")], monkeypatch)
     assert "1/1" in shown and "[###" in shown and "progress:" not in shown
-    assert "img/s" not in run_with_tty_stderr([*common, "-o", str(tmp_path / "o2"), "--quiet"])
+    quiet = run_with_tty_stderr([*common, "-o", str(tmp_path / "o2"), "--quiet"], monkeypatch)
+    assert "img/s" not in quiet and (tmp_path / "o2" / "a" / "p5.npy").is_file()
 
 
 class Clock:
