@@ -699,9 +699,9 @@ def models(pattern: str) -> None:
 
     PATTERN keeps the entries whose name contains it, e.g. retinanet or detectron2:.
     """
-    from fpn_cli.models import zoo  # torch (and torchvision, whose weights' table it reads)
+    from fpn_cli.models import zoo  # the declared table: no torch
 
-    entries = [e for e in zoo.zoo().values() if pattern.lower() in e.name.lower()]
+    entries = [e for e in zoo.listing() if pattern.lower() in e.name.lower()]
     if not entries:
         raise click.UsageError(f"no zoo entry matches {pattern!r}")
     rows = [("name", "backbone", "levels", "preprocessing", "test-time resize", "download", "cached")]
