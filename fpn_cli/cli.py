@@ -589,7 +589,7 @@ def main(
         # torch from here on, inside the try: a Ctrl-C while it loads ends as any interrupt does
         from fpn_cli.models.builder import resolve
         from fpn_cli.run.distributed import is_rank_zero
-        from fpn_cli.run.options import Options
+        from fpn_cli.run.options import Options, with_framework_resize
         from fpn_cli.run.pipeline import extract, summarize
 
         if summary:
@@ -597,6 +597,8 @@ def main(
                 options["arch"], options["weights"], options["fpn_style"], options["levels"],
                 options["seed"], options["pad_multiple"],
             )  # fmt: skip
+            # the resize a run of this command line would apply, the framework's included: one owner
+            resize = with_framework_resize(Options(resize=resize, **options), spec).resize
             text = summarize(
                 inputs, spec, resize, input_size, stdin_lines, on_failure, lists, list_column,
                 options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"], root,
