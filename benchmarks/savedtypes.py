@@ -10,7 +10,10 @@ resized to ``--size`` and, on those real features, prints for each save dtype an
 - the error of the decoded float32 against the float32 features: max and RMS, relative to the
   level's largest value, and for int8 also in steps (|error| / the channel's scale, bound 0.5);
 - the conversion's cost on the CPU (``codecs.encode`` of the whole pyramid, channels-last as the
-  Engine holds it, best of ``--repeats``), and its ratio to float16's;
+  Engine holds it, best of ``--repeats``), and its ratio to float16's, on those features and on
+  random ones of the same P2-P5 shapes at batch 1 and 4 (int8/float16 and bfloat16/float16 side by
+  side, measured in the same rounds); ``--threads N`` sets torch's CPU threads, ``--cpu-time`` times
+  in the thread's CPU time (with ``--threads 1``: steady figures on a shared machine);
 - whether lossless compression pays on the stored bytes: zlib (levels 1 and 6, stdlib) and zstd
   where the ``zstandard`` package is installed, as ratio (stored / compressed) and MB/s.
 """
@@ -77,15 +80,37 @@ def errors(feats: list[dict[str, torch.Tensor]], save_dtype: str) -> dict[str, t
     return result
 
 
-def conversion_cost(image: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+def conversion_cost(image: dict[str, torch.Tensor], repeats: int, cpu_time: bool = False) -> dict[str, float]:
     """{save dtype: fastest seconds to encode ``image``'s levels}, the dtypes taking turns in each of
-    ``repeats`` rounds so that a busy machine's drift hits all alike."""
+    ``repeats`` rounds so that a busy machine's drift hits all alike; with ``cpu_time`` the CPU time
+    of this thread (steady on a shared machine, meaningful with ``--threads 1``), else wall time."""
     best = dict.fromkeys(SAVE_DTYPES, math.inf)
     for _ in range(repeats):
         for save_dtype in SAVE_DTYPES:
-            seconds = best_of(lambda s=save_dtype: [encode(k, v, s) for k, v in image.items()], 1)
+            convert = lambda s=save_dtype: [encode(k, v, s) for k, v in image.items()]  # noqa: E731
+            if cpu_time:
+                convert()
+                start = time.thread_time()
+                convert()
+                seconds = time.thread_time() - start
+            else:
+                seconds = best_of(convert, 1)
             best[save_dtype] = min(best[save_dtype], seconds)
     return best
+
+
+def synthetic_pyramid(batch: int, height: int, width: int) -> dict[str, torch.Tensor]:
+    """Random float32 P2-P5 {level: (batch, 256, ceil(H / s), ceil(W / s))}, channels last."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        level: torch.randn((batch, *shape), generator=generator).contiguous(memory_format=torch.channels_last)
+        for level, shape in pyramid_shapes(height, width).items()
+    }
+
+
+def print_cost(cost: dict[str, float]) -> None:
+    for save_dtype, seconds in cost.items():
+        print(f"  {save_dtype:9s} {1000 * seconds:8.1f} ms   {seconds / cost['float16']:5.2f} x float16's")
 
 
 def compression(feats: list[dict[str, torch.Tensor]], save_dtype: str) -> dict[str, tuple[float, float]]:
@@ -119,7 +144,11 @@ def main() -> None:
     parser.add_argument("--size", default="800x1333", help="HxW the example photos are resized to")
     parser.add_argument("--images", type=int, default=5, help="example photos used (at most 5)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: its own)")
+    parser.add_argument("--cpu-time", action="store_true", help="time conversions in this thread's CPU time")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     shapes = pyramid_shapes(800, 1333)
     print("bytes per image, 800x1333 resnet50 P2-P5 (arrays only, no .npy headers):")
@@ -139,9 +168,11 @@ def main() -> None:
 
     print(f"\nconversion on the CPU ({torch.get_num_threads()} threads), one image's P2-P5 at {args.size}, "
           f"best of {args.repeats}:")  # fmt: skip
-    cost = conversion_cost(feats[0], args.repeats)
-    for save_dtype, seconds in cost.items():
-        print(f"  {save_dtype:9s} {1000 * seconds:8.1f} ms   {seconds / cost['float16']:5.2f} x float16's")
+    print_cost(conversion_cost(feats[0], args.repeats, args.cpu_time))
+    height, width = (int(v) for v in args.size.split("x"))
+    for batch in (1, 4):
+        print(f"random P2-P5 of {batch} x {args.size}, channels last, best of {args.repeats}:")
+        print_cost(conversion_cost(synthetic_pyramid(batch, height, width), args.repeats, args.cpu_time))
 
     print("\nlossless compression of the stored bytes (stored / compressed, MB/s of stored bytes):")
     for save_dtype in ("float16", "bfloat16", "int8"):

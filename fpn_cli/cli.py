@@ -149,7 +149,8 @@ class LocalFile(click.Path):
 
 
 class ProgressBar:
-    """``[#####.....] 12/100  3.4 img/s`` on stderr, redrawn at most ten times a second."""
+    """``[#####.....] 12/100  3.4 img/s`` on stderr, redrawn at most ten times a second; the rate
+    counts the images computed in this run, not those skipped as complete."""
 
     width = 30
 
@@ -157,15 +158,15 @@ class ProgressBar:
         self.started = time.perf_counter()
         self.last_draw = 0.0
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, skipped: int = 0) -> None:
         now = time.perf_counter()
         if done < total and now - self.last_draw < 0.1:
             return
         self.last_draw = now
         filled = self.width * done // max(total, 1)
         elapsed = now - self.started
-        rate = done / max(elapsed, 1e-9)
-        eta = f", ETA {_clock((total - done) / rate)}" if 0 < done < total else ""
+        rate = (done - skipped) / max(elapsed, 1e-9)  # computed now: skipped ones took no time
+        eta = f", ETA {_clock((total - done) / rate)}" if 0 < done < total and rate > 0 else ""
         bar = "#" * filled + "." * (self.width - filled)
         line = f"\r[{bar}] {done}/{total}  {rate:.1f} img/s  {_clock(elapsed)} elapsed{eta}  "
         click.echo(line, err=True, nl=done >= total)
@@ -176,7 +177,8 @@ class ProgressLines:
     ``progress: 120/1000 (12%), 3.4 img/s, 0:35 elapsed, ETA 4:18``. A line once ``interval``
     seconds have passed since the last, or sooner when another tenth of the images is done (but
     not within a second of the last line), and one when all are done: a long job logs twice a
-    minute, not per image; a short one logs its tenths. ``interval`` defaults to
+    minute, not per image; a short one logs its tenths. The rate counts the images computed in
+    this run, not those skipped as complete (a resume). ``interval`` defaults to
     ``$FPN_EXTRACT_PROGRESS_SECONDS``, else 30; ``clock`` is injectable for tests."""
 
     default_interval = 30.0
@@ -200,7 +202,7 @@ class ProgressLines:
             raise UsageError(f"{self.env}={text!r}: give the seconds between progress lines, e.g. 30")
         return seconds
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, skipped: int = 0) -> None:
         now = self.clock()
         tenth = 10 * done // max(total, 1)
         since = now - self.last_line
@@ -208,7 +210,7 @@ class ProgressLines:
             return
         self.last_line, self.last_tenth = now, tenth
         elapsed = now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = (done - skipped) / elapsed if elapsed > 0 else 0.0  # skipped ones took no time
         eta = f", ETA {_clock((total - done) / rate)}" if 0 < done < total and rate > 0 else ""
         percent = 100 * done // max(total, 1)
         _echo_err(f"progress: {done}/{total} ({percent}%), {rate:.1f} img/s, {_clock(elapsed)} elapsed{eta}")
@@ -587,7 +589,7 @@ def main(
         # torch from here on, inside the try: a Ctrl-C while it loads ends as any interrupt does
         from fpn_cli.models.builder import resolve
         from fpn_cli.run.distributed import is_rank_zero
-        from fpn_cli.run.options import Options
+        from fpn_cli.run.options import Options, with_framework_resize
         from fpn_cli.run.pipeline import extract, summarize
 
         if summary:
@@ -595,6 +597,8 @@ def main(
                 options["arch"], options["weights"], options["fpn_style"], options["levels"],
                 options["seed"], options["pad_multiple"],
             )  # fmt: skip
+            # the resize a run of this command line would apply, the framework's included: one owner
+            resize = with_framework_resize(Options(resize=resize, **options), spec).resize
             text = summarize(
                 inputs, spec, resize, input_size, stdin_lines, on_failure, lists, list_column,
                 options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"], root,
@@ -699,9 +703,9 @@ def models(pattern: str) -> None:
 
     PATTERN keeps the entries whose name contains it, e.g. retinanet or detectron2:.
     """
-    from fpn_cli.models import zoo  # torch (and torchvision, whose weights' table it reads)
+    from fpn_cli.models import zoo  # the declared table: no torch
 
-    entries = [e for e in zoo.zoo().values() if pattern.lower() in e.name.lower()]
+    entries = [e for e in zoo.listing() if pattern.lower() in e.name.lower()]
     if not entries:
         raise click.UsageError(f"no zoo entry matches {pattern!r}")
     rows = [("name", "backbone", "levels", "preprocessing", "test-time resize", "download", "cached")]

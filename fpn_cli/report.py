@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import inspect
 import json
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -137,6 +138,19 @@ class ImageResult:
         return entry
 
 
+def _takes_skipped(on_add: Callable | None) -> bool:
+    """Whether a progress callback takes a third argument, the images skipped so far (complete
+    from before, not computed: the CLI's displays leave them out of the rate); a plain
+    ``(done, total)`` callback, as the API documents, keeps getting two."""
+    if on_add is None:
+        return False
+    try:
+        inspect.signature(on_add).bind(0, 0, 0)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class Report:
     """Collects per-image results (from any thread), counts them and owns the exit-status policy.
 
@@ -150,6 +164,7 @@ class Report:
         self.header = header  # version, model, preprocess, device
         self.total = total  # images this run is responsible for
         self.on_add = on_add  # called with (done, total) after each result: a progress display
+        self._with_skipped = _takes_skipped(on_add)  # ...and with skipped, where it takes a third
         self._interrupted_status: int | None = None  # set by interrupt()
         self._entries: list[tuple[str, str, str]] = []  # (path, status, JSON line)
         self._counts = {"ok": 0, "skipped": 0, "failed": 0}
@@ -175,8 +190,10 @@ class Report:
                 group[0] += 1
                 bisect.insort(group[1], result.path)
                 del group[1][_NAMES_SHOWN:]
-            done = len(self._entries)
-        if self.on_add is not None:
+            done, skipped = len(self._entries), self._counts["skipped"]
+        if self._with_skipped:
+            self.on_add(done, self.total, skipped)
+        elif self.on_add is not None:
             self.on_add(done, self.total)
 
     def interrupt(self, interrupt: KeyboardInterrupt) -> None:

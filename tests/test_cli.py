@@ -77,6 +77,44 @@ def test_a_bad_option_value_is_refused_without_importing_torch(args):
     assert probe_torch(*args)[1] == "no torch 2"
 
 
+# every form of `fpn-extract models` in one fresh interpreter: each one's exit status, stdout's line
+# count and its first row's last column (cached?), then whether torch or torchvision was imported
+MODELS_PROBE = """
+import contextlib, io, sys
+from fpn_cli.console import main
+for args in (["models"], ["models", "fcos"], ["models", "detectron2:"], ["models", "nope"], ["models", "-h"]):
+    sys.argv = ["fpn-extract", *args]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            main()
+    except SystemExit as e:
+        lines = out.getvalue().splitlines()
+        print(" ".join(args), e.code, len(lines), (lines[1].split() or ["-"])[-1] if len(lines) > 1 else "-")
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchvision"}))
+"""
+
+
+def test_models_in_all_its_forms_imports_neither_torch_nor_torchvision(torch_home):
+    from fpn_cli.models import zoo
+
+    cached = torch_home / "hub" / "checkpoints" / "fcos_resnet50_fpn_coco-99b0c9b7.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # found in $TORCH_HOME by torch.hub's rule, without torch
+    proc = subprocess.run([sys.executable, "-c", MODELS_PROBE], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    table = len(zoo.zoo())  # the rows: a header, one per entry, a blank line and the note
+    detectron2 = sum(name.startswith("detectron2:") for name in zoo.zoo())
+    assert proc.stdout.splitlines() == [
+        f"models 0 {table + 3} no",
+        "models fcos 0 4 yes",
+        f"models detectron2: 0 {detectron2 + 3} no",
+        "models nope 2 0 -",
+        f"models -h 0 {len(run('models', '-h').output.splitlines())} -",  # as in-process
+        "[]",
+    ]
+
+
 def test_the_probe_sees_torch_when_a_command_computes():
     out, verdict = probe_torch("--summary", "--arch", "seed")
     assert "P5         32       256      19     29" in out

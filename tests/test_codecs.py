@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fpn_cli import build_fpn
+from fpn_cli.formats import codecs
 from fpn_cli.formats.codecs import (
     SAVE_DTYPES,
     StoredArray,
@@ -81,10 +82,13 @@ def test_int8_codes_are_the_exactly_rounded_quotients_near_and_at_ties():
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
-def test_int8_of_a_level_larger_than_one_cpu_block(layout):
-    """(2, 256, 37, 41): 12 rows a block, the last block one row; codes as numpy rounds them."""
+def test_int8_of_a_level_larger_than_one_cpu_block(layout, monkeypatch):
+    """(2, 256, 37, 41) image by image, 12 rows a block, each image's last block one row: scales
+    as one amax over the level, codes as numpy rounds them."""
+    monkeypatch.setattr(codecs, "_CPU_BLOCK", 12 * 41 * 256)
     x = features(8, (2, 256, 37, 41)).contiguous(memory_format=layout)
     out = encode("p2", x, "int8")
+    assert torch.equal(out["p2_scale"], x.abs().amax(dim=(2, 3)) / 127)
     scale = (x.abs().amax(dim=(2, 3)) / 127).double().numpy()[:, :, None, None]
     assert np.array_equal(out["p2"].numpy(), np.rint(x.double().numpy() / scale).astype(np.int8))
     assert int8_error_in_steps(x, out).max() <= 0.5
@@ -101,6 +105,15 @@ def test_int8_of_float16_features_from_autocast():
     x = features(1).half()
     out = encode("p2", x, "int8")
     assert int8_error_in_steps(x.float(), out).max() <= 0.5
+
+
+def test_int8_scale_of_a_negative_zero_channel_is_positive_zero_in_blocks_and_at_once(monkeypatch):
+    x = features(2, (1, 4, 6, 5)).contiguous(memory_format=torch.channels_last)
+    x[0, 2] = -0.0
+    for block in (5 * 4, 2**18):  # a row a block; the level in one block
+        monkeypatch.setattr(codecs, "_CPU_BLOCK", block)
+        scale = encode("p2", x, "int8")["p2_scale"]
+        assert scale[0, 2].item() == 0 and not torch.signbit(scale[0, 2])
 
 
 def test_int8_zero_channel_has_scale_zero_codes_zero_and_decodes_to_zero():

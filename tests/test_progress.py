@@ -124,3 +124,53 @@ def test_a_bad_progress_interval_is_a_usage_error(tmp_path, monkeypatch, value):
     result = run(tmp_path / "a.png", "-o", tmp_path / "o", "--arch", "seed", "--device", "cpu")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"Error: FPN_EXTRACT_PROGRESS_SECONDS={value!r}: give the seconds" in result.stderr
+
+
+def test_the_rate_counts_only_images_computed_now_not_those_skipped(capsys):
+    """A resume: 900 of 1000 images complete from before are skipped at once, then 100 are
+    computed at 2 s each: the rate is 0.5 img/s, and the ETA follows from it."""
+    clock = Clock()
+    progress = ProgressLines(30, clock)
+    for done in range(1, 901):
+        progress(done, 1000, done)  # skipped as they are planned, in no time
+    for done in range(901, 1001):
+        clock.now += 2.0
+        progress(done, 1000, 900)
+    lines = capsys.readouterr().err.splitlines()
+    # no line within the first second (the skipped ones), then one every 30 s: 450 img/s if they counted
+    assert lines[:2] == [
+        "progress: 901/1000 (90%), 0.5 img/s, 0:02 elapsed, ETA 3:18",
+        "progress: 916/1000 (91%), 0.5 img/s, 0:32 elapsed, ETA 2:48",
+    ]
+    assert lines[-1] == "progress: 1000/1000 (100%), 0.5 img/s, 3:20 elapsed"
+
+
+def test_the_bar_rate_leaves_skipped_images_out(capsys, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("fpn_cli.cli.time.perf_counter", lambda: now[0])
+    bar = ProgressBar()
+    now[0] += 4.0
+    bar(10, 10, 8)  # 2 computed in 4 s; 8 skipped
+    assert "10/10  0.5 img/s  0:04 elapsed" in capsys.readouterr().err
+
+
+def test_a_resumed_run_reports_skipped_to_a_display_and_two_arguments_to_a_plain_callback(tmp_path):
+    from fpn_cli import extract
+
+    save_rgb(tmp_path / "in" / "a.png", 16, 16)
+    first = extract([tmp_path / "in"], tmp_path / "out", arch="seed", device="cpu")
+    assert first.counts == {"ok": 1, "skipped": 0, "failed": 0}
+    save_rgb(tmp_path / "in" / "b.png", 16, 16)
+    three, two = [], []
+    extract(
+        [tmp_path / "in"], tmp_path / "out", arch="seed", device="cpu", progress=lambda *a: three.append(a)
+    )
+    assert three == [(1, 2, 1), (2, 2, 1)]  # a.png skipped, then b.png computed
+    extract(
+        [tmp_path / "in"],
+        tmp_path / "out",
+        arch="seed",
+        device="cpu",
+        progress=lambda d, t: two.append((d, t)),
+    )
+    assert two == [(1, 2), (2, 2)]  # the documented (done, total) callback is unchanged

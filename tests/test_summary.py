@@ -132,3 +132,42 @@ def test_a_few_sizes_keep_a_block_each(tmp_path):
     assert blocks == ["input 32x48", "input 64x96", "input 96x64"]
     assert "most common" not in result.output
     assert "\nP2          4       256       8     12\n" in result.output  # 32x48: DESIGN.md's row
+
+
+@pytest.mark.parametrize(
+    ("resize", "network", "p2"),
+    [
+        (["--size", "40x60"], "40x60", (10, 15)),
+        (["--short-side", "30", "--max-side", "40"], "27x40", (7, 10)),
+    ],
+)
+def test_summary_without_inputs_shows_the_sizes_a_run_would_resize_to(tmp_path, resize, network, p2):
+    """--input-size is the image's size: the summary resizes it as the run resizes such an image, and
+    says that its sizes are the network's; a run of a 48x72 image agrees."""
+    import numpy as np
+
+    result = run("--summary", "--arch", "seed", "--input-size", "48x72", *resize)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[2].startswith("input sizes below are the network's, after resizing the images (")
+    assert f"input {network}" in lines and f"P2          4       256{p2[0]:>8}{p2[1]:>7}" in lines
+    save_rgb(tmp_path / "in" / "a.png", 48, 72)
+    done = run(tmp_path / "in", "-o", tmp_path / "out", "--arch", "seed", "--device", "cpu", "-q", *resize)
+    assert done.exit_code == 0, done.output
+    assert np.load(tmp_path / "out" / "a" / "p2.npy").shape == (256, *p2)
+
+
+def test_summary_applies_the_framework_resize_where_the_run_would(torch_home):
+    """One owner: options.with_framework_resize gives the run's resize and the summary's (the CLI's
+    --summary asks it too); the detector's 800/1333 turns a 600x900 image into 800x1200."""
+    from fpn_cli.models.builder import resolve
+    from fpn_cli.run.options import Options, with_framework_resize
+    from fpn_cli.run.pipeline import summarize
+
+    name = "torchvision:fasterrcnn_resnet50_fpn"
+    spec = resolve(weights=name)  # describes the model without its file
+    for applied, network in ((False, "600x900"), (True, "800x1200")):
+        opts = with_framework_resize(Options(weights=name, framework_resize=applied), spec)
+        text = summarize([], spec, opts.resize, (600, 900))
+        assert f"input {network}" in text.splitlines()
+        assert ("shorter side 800, longer side at most 1333" in text) is applied

@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -25,13 +26,14 @@ from fpn_cli.models import zoo as zoo_mod
 from fpn_cli.models.backbones import ARCHS
 from fpn_cli.models.builder import resolve
 from fpn_cli.models.frameworks import FRAMEWORKS, Framework, detect, read_file, register
-from fpn_cli.models.frameworks.torchvision import DETECTORS
-from fpn_cli.models.hub import ResizePolicy, WeightsWarning, ZooEntry
+from fpn_cli.models.hub import ResizePolicy, WeightsWarning, ZooEntry, cache_root
 from fpn_cli.models.levels import LEVELS
 from fpn_cli.models.model import FPNConfig, build_model, level_info, output_shapes
 from fpn_cli.models.preprocess import Preprocess
 from fpn_cli.models.pyramid import FPNSpec, MaxPool
 from fpn_cli.models.weights import KeyFormat, RawCheckpoint, load_into
+from fpn_cli.models.zoo_table import TABLE
+from fpn_cli.models.zoo_table import TORCHVISION as DETECTORS
 from fpn_cli.run.engine import Engine
 
 from conftest import randomize_batchnorm, rel_diff
@@ -70,6 +72,46 @@ TV_OUTPUTS = {  # our levels, in the order of torchvision's backbone outputs
 
 def test_every_torchvision_detector_builder_is_in_the_zoo():
     assert set(TV_OUTPUTS) == set(DETECTORS)
+
+
+@pytest.mark.parametrize("builder", list(TV_OUTPUTS))
+def test_the_declared_torchvision_rows_agree_with_torchvisions_weights_and_builders(builder):
+    """zoo_table.py restates torchvision's facts so that `fpn-extract models` needs no torch: each
+    one against torchvision's weights enum and its builder's transform (built on the meta device)."""
+    from torchvision.models import get_model, get_model_weights
+
+    weights = get_model_weights(builder).DEFAULT
+    entry = zoo_mod.entry(f"torchvision:{builder}")
+    assert entry.url == weights.url
+    assert entry.cache_name == os.path.basename(weights.url)  # torch.hub's name, with its SHA-256 prefix
+    assert entry.size_mb == weights.meta["_file_size"] and not entry.size_estimated
+    assert DETECTORS[builder][-1] == len(weights.meta["categories"])
+    with torch.device("meta"):
+        detector = get_model(builder, weights=None, weights_backbone=None)
+    # in eval mode GeneralizedRCNNTransform resizes the shorter side to min_size[-1]
+    resize = (detector.transform.min_size[-1], detector.transform.max_size)
+    assert (entry.resize.short_side, entry.resize.max_side) == resize == (800, 1333)
+
+
+def test_the_declared_table_is_what_the_registered_frameworks_serve():
+    declared = [e for entries in TABLE.values() for e in entries]
+    assert declared == list(zoo_mod.zoo().values())
+    assert [e.name for e in zoo_mod.listing()] == [e.name for e in declared]  # frameworks loaded: theirs
+    for entry in declared:
+        framework = FRAMEWORKS[entry.family]
+        assert (entry.resize, entry.pad_multiple) == (framework.resize, framework.pad_multiple)
+
+
+def test_the_cache_folder_is_torch_hubs_with_or_without_torch(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    for env in ({"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {"TORCH_HOME": str(tmp_path / "th")}):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        expected = os.path.join(torch.hub.get_dir(), "checkpoints")
+        assert str(cache_root()) == expected
+        with monkeypatch.context() as m:
+            m.delitem(sys.modules, "torch.hub")  # as before torch is imported
+            assert str(cache_root()) == expected
 
 
 @pytest.mark.parametrize("builder", list(TV_OUTPUTS))

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from fpn_cli.errors import WeightsError
 from fpn_cli.inputs.images import Resize
 from fpn_cli.models.preprocess import Preprocess
@@ -32,7 +30,14 @@ def offline() -> bool:
 
 
 def cache_root() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch.hub's ``checkpoints`` folder. Until torch is imported, by ``torch.hub.get_dir``'s own
+    rule ($TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub), so that
+    ``fpn-extract models`` needs no torch; once it is, torch's answer (``torch.hub.set_dir`` wins)."""
+    hub = sys.modules.get("torch.hub")
+    if hub is not None:
+        return Path(hub.get_dir()) / "checkpoints"
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,8 @@ def fetch(url: str, path: Path, what: str, md5_prefix: str | None = None) -> Pat
     hint = f"download {url} and place it at {path}"
     if offline():
         raise WeightsError(f"{what} weights are not in the cache and {OFFLINE_ENV} is set: {hint}")
+    import torch.hub
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(

@@ -3,19 +3,21 @@
 An entry (:class:`~fpn_cli.models.hub.ZooEntry`) is everything a framework's config says about its
 backbone: architecture, FPN variant, BatchNorm eps, levels, preprocessing, padding and test-time
 resize, plus where its file lives. Choosing one sets them all. The tables are the frameworks'
-(frameworks/<name>.py); this module only gathers them and finds one by name.
+(frameworks/<name>.py, the built-in ones declared in zoo_table.py); this module only gathers them
+and finds one by name. :func:`listing` needs no torch while the frameworks are not loaded.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import sys
 
 from fpn_cli.errors import UsageError
-from fpn_cli.models.frameworks import FRAMEWORKS
 from fpn_cli.models.hub import ZooEntry
+from fpn_cli.models.zoo_table import TABLE
 
-__all__ = ["COCO_ALIAS", "ZooEntry", "entry", "is_zoo_name", "suggest", "zoo"]
+__all__ = ["COCO_ALIAS", "ZooEntry", "entry", "is_zoo_name", "listing", "suggest", "zoo"]
 
 COCO_ALIAS = "coco"
 COCO_ENTRY = "torchvision:fasterrcnn_resnet50_fpn"
@@ -23,12 +25,24 @@ COCO_ENTRY = "torchvision:fasterrcnn_resnet50_fpn"
 
 def zoo() -> dict[str, ZooEntry]:
     """Every entry by name, in the registry's order of frameworks."""
+    from fpn_cli.models.frameworks import FRAMEWORKS  # torch: the frameworks read checkpoints
+
     return _gather(tuple(FRAMEWORKS))
+
+
+def listing() -> list[ZooEntry]:
+    """Every entry, for ``fpn-extract models``: the declared table, read without importing torch;
+    once the frameworks are loaded (the API, a test), every registered framework's, as :func:`zoo`."""
+    if "fpn_cli.models.frameworks" in sys.modules:
+        return list(zoo().values())
+    return [e for entries in TABLE.values() for e in entries]
 
 
 @functools.lru_cache(maxsize=4)
 def _gather(names: tuple[str, ...]) -> dict[str, ZooEntry]:
     """Once per set of registered frameworks (a test may register its own)."""
+    from fpn_cli.models.frameworks import FRAMEWORKS
+
     return {e.name: e for name in names for e in FRAMEWORKS[name].entries()}
 
 
@@ -37,7 +51,7 @@ def is_zoo_name(spec: str) -> bool:
     family = spec.split(":", 1)[0]
     if spec == COCO_ALIAS:
         return True
-    return ":" in spec and family in FRAMEWORKS and any(e.family == family for e in zoo().values())
+    return ":" in spec and any(e.family == family for e in zoo().values())
 
 
 def entry(spec: str) -> ZooEntry:

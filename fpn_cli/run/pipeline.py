@@ -806,11 +806,12 @@ def summarize(
     config = spec.config
     sizes = LevelSizes(config)
     if not inputs and not lists:
-        refusal = sizes.refusal(*input_size)
+        target = resize.target(*input_size)  # the network's input, as a run's for such an image
+        refusal = sizes.refusal(*target)
         if refusal is not None:
             raise UsageError(f"--input-size {input_size[0]}x{input_size[1]}: {refusal}")
-        shapes = [(input_size, sizes(*input_size))]
-        return format_summary(spec, parameter_count(config), level_info(config), shapes)
+        shapes = [(target, sizes(*target))]
+        return _resized(format_summary(spec, parameter_count(config), level_info(config), shapes), resize)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
     for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column, root)):
@@ -824,11 +825,32 @@ def summarize(
         else:
             per_size[size] += 1
     shapes = [(s, sizes(*s)) for s in sorted(per_size)]
-    text = format_summary(spec, parameter_count(config), level_info(config), shapes, per_size)
+    text = _resized(
+        format_summary(spec, parameter_count(config), level_info(config), shapes, per_size), resize
+    )
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
     totals = format_totals(per_size, stored, unreadable, codecs.SAVE_DTYPES, shard_size)
     return f"{text}\n\n{totals}"
+
+
+def _resized(text: str, resize: Resize) -> str:
+    """The summary ``text`` with a line after its header that says which resize its input sizes
+    are after (the caller's, with the framework's test-time resize where a run applies it:
+    options.with_framework_resize), if any: its sizes are the network's inputs, not the images'."""
+    if resize == Resize():
+        return text
+    if resize.size is not None:
+        how = f"to {resize.size[0]}x{resize.size[1]}"
+    else:
+        how = ", ".join(
+            f"{name} {value}"
+            for name, value in (("shorter side", resize.short_side), ("longer side at most", resize.max_side))
+            if value
+        )
+    lines = text.split("\n")
+    lines.insert(2, f"input sizes below are the network's, after resizing the images ({how})")
+    return "\n".join(lines)
 
 
 def _stored_shapes(outputs: Outputs, level_shapes: dict) -> dict[str, tuple[int, ...]]:

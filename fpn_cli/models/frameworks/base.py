@@ -40,6 +40,7 @@ from fpn_cli.models.weights import (
     read_raw,
     resnet_shape,
 )
+from fpn_cli.models.zoo_table import TABLE
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,9 @@ class Framework:
     # --- the zoo ---
 
     def entries(self) -> list[ZooEntry]:
-        """The framework's zoo table; names start with ``<name>:``."""
-        return []
+        """The framework's zoo table; names start with ``<name>:``. Default: its rows of the
+        declared table (models/zoo_table.py), which ``fpn-extract models`` reads without torch."""
+        return list(TABLE.get(self.name, ()))
 
 
 FRAMEWORKS: dict[str, Framework] = {}

@@ -11,7 +11,8 @@ into conv1 and put the stride on the 1x1 conv; FAIR's X-101 is torchvision-like)
 top-down x2 nearest, P6 max-pool (R-CNN) or P6/P7 from C5 (RetinaNet), input zero-padded at the
 bottom/right to a multiple of 32 after normalisation (its ImageList), levels cropped back.
 Test-time resize: ``ResizeShortestEdge(800, max_size=1333)`` (INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST).
-Files are cached at ``detectron2/<config>/<id>/model_final_<md5>.pkl``, the URL's path.
+Files are cached at ``detectron2/<config>/<id>/model_final_<md5>.pkl``, the URL's path. The zoo
+table and the preprocessing constants are declared in models/zoo_table.py.
 """
 
 from __future__ import annotations
@@ -22,41 +23,11 @@ from collections.abc import Callable, Mapping
 from torch import Tensor
 
 from fpn_cli.models.backbones import get_arch
-from fpn_cli.models.frameworks.base import Framework, read_file, register
-from fpn_cli.models.hub import ResizePolicy, ZooEntry
+from fpn_cli.models.frameworks.base import Framework, register
 from fpn_cli.models.preprocess import Preprocess
 from fpn_cli.models.pyramid import P6P7, FPNSpec, MaxPool
 from fpn_cli.models.weights import Checkpoint, KeyFormat, RawCheckpoint, fpn_shape, has_fpn
-
-# MSRA's R-50/R-101 (detectron2; mmdetection's caffe style): the std is folded into conv1
-MSRA_BGR = Preprocess((103.530, 116.280, 123.675), (1.0, 1.0, 1.0), "BGR", 1.0, "BGR 0-255, minus mean")
-# FAIR's X-101 (converted from Caffe2): BGR with the std applied
-FAIR_X101 = Preprocess(
-    (103.530, 116.280, 123.675), (57.375, 57.120, 58.395), "BGR", 1.0, "BGR 0-255, mean/std"
-)
-
-URL = "https://dl.fbaipublicfiles.com/detectron2/"
-# config: (model id, file md5 prefix, backbone "R50" | "R101" | "X101", RetinaNet?, estimated MB)
-CONFIGS: dict[str, tuple[str, str, str, bool, float]] = {
-    "COCO-Detection/faster_rcnn_R_50_FPN_1x": ("137257794", "b275ba", "R50", False, 167),
-    "COCO-Detection/faster_rcnn_R_50_FPN_3x": ("137849458", "280758", "R50", False, 167),
-    "COCO-Detection/faster_rcnn_R_101_FPN_3x": ("137851257", "f6e8b1", "R101", False, 243),
-    "COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x": ("139173657", "68b088", "X101", False, 421),
-    "COCO-Detection/retinanet_R_50_FPN_1x": ("190397773", "bfca0b", "R50", True, 152),
-    "COCO-Detection/retinanet_R_50_FPN_3x": ("190397829", "5bd44e", "R50", True, 152),
-    "COCO-Detection/retinanet_R_101_FPN_3x": ("190397697", "971ab9", "R101", True, 228),
-    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x": ("137849600", "f10217", "R50", False, 178),
-    "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x": ("138205316", "a3ec72", "R101", False, 254),
-    "COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x": ("139653917", "2d9806", "X101", False, 431),
-    "COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x": ("137849621", "a6e10b", "R50", False, 237),
-}
-BACKBONES = {
-    "R50": ("resnet50_msra", MSRA_BGR),
-    "R101": ("resnet101_msra", MSRA_BGR),
-    "X101": ("resnext101_32x8d", FAIR_X101),
-}
-_R_CNN = ("p2", "p3", "p4", "p5")
-_ONE_STAGE = ("p3", "p4", "p5", "p6", "p7")
+from fpn_cli.models.zoo_table import DETECTRON2_PAD, DETECTRON2_RESIZE, FAIR_X101, MSRA_BGR
 
 
 def _stage(m: re.Match, _: Mapping[str, int]) -> str:
@@ -92,8 +63,8 @@ class Detectron2(Framework):
         ),
     }
     preprocess = MSRA_BGR
-    pad_multiple = 32
-    resize = ResizePolicy(800, 1333, "ResizeShortestEdge(800, max_size=1333)")
+    pad_multiple = DETECTRON2_PAD
+    resize = DETECTRON2_RESIZE
 
     def claims(self, raw: RawCheckpoint) -> bool:
         return any(k.startswith("backbone.bottom_up.") for k in raw.state)
@@ -112,18 +83,3 @@ class Detectron2(Framework):
 
     def file_preprocess(self, ckpt: Checkpoint, arch: str) -> Preprocess:
         return FAIR_X101 if get_arch(arch).groups > 1 else MSRA_BGR
-
-    def entries(self) -> list[ZooEntry]:
-        entries = []
-        for config, (model_id, md5, backbone, retinanet, mb) in CONFIGS.items():
-            arch, preprocess = BACKBONES[backbone]
-            rel = f"{config}/{model_id}/model_final_{md5}.pkl"
-            entries.append(
-                ZooEntry(
-                    f"detectron2:{config}", arch, "detectron2_retinanet" if retinanet else "detectron2",
-                    _ONE_STAGE if retinanet else _R_CNN, preprocess, URL + rel, f"detectron2/{rel}", mb,
-                    read_file, size_estimated=True, pad_multiple=self.pad_multiple, md5_prefix=md5,
-                    resize=self.resize,
-                )
-            )  # fmt: skip
-        return entries

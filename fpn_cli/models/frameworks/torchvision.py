@@ -15,7 +15,8 @@ ours without the ``.0``; with a BatchNorm (the v2 detectors: ``.0.1.running_var`
 Detectors run as their builders run them with the default COCO weights: FrozenBatchNorm, eps 0 where
 the builder calls ``overwrite_eps(model, 0.0)``, BatchNorm in the v2 FPNs, P6 max-pool or P6/P7 convs,
 RGB / 255 with ImageNet mean/std, no padding (``BackboneWithFPN`` needs none). Test-time resize:
-``GeneralizedRCNNTransform(min_size=800, max_size=1333)``, for every detector here.
+``GeneralizedRCNNTransform(min_size=800, max_size=1333)``, for every detector here. The zoo table
+(builders, eps, levels, files) is declared in models/zoo_table.py.
 """
 
 from __future__ import annotations
@@ -28,27 +29,11 @@ from torch import Tensor
 from fpn_cli.errors import WeightsError
 from fpn_cli.models.backbones import get_arch
 from fpn_cli.models.frameworks.base import Framework, Pretrained, read_file, register
-from fpn_cli.models.hub import ResizePolicy, WeightsOrigin, ZooEntry, cache_root, fetch
+from fpn_cli.models.hub import WeightsOrigin, cache_root, fetch
 from fpn_cli.models.preprocess import IMAGENET
 from fpn_cli.models.pyramid import P6P7, FPNSpec, MaxPool
 from fpn_cli.models.weights import Checkpoint, KeyFormat, fpn_shape, has_fpn
-
-_R_CNN = ("p2", "p3", "p4", "p5")
-_ONE_STAGE = ("p3", "p4", "p5", "p6", "p7")
-
-# builder: (arch, FPN style, BatchNorm eps as the builder runs its default weights, levels)
-DETECTORS: dict[str, tuple[str, str, float, tuple[str, ...]]] = {
-    # the v1 builders call overwrite_eps(model, 0.0) for their COCO weights
-    "fasterrcnn_resnet50_fpn": ("resnet50", "torchvision", 0.0, _R_CNN),
-    "fasterrcnn_resnet50_fpn_v2": ("resnet50", "torchvision_v2", 1e-5, _R_CNN),
-    "maskrcnn_resnet50_fpn": ("resnet50", "torchvision", 0.0, _R_CNN),
-    "maskrcnn_resnet50_fpn_v2": ("resnet50", "torchvision_v2", 1e-5, _R_CNN),
-    "retinanet_resnet50_fpn": ("resnet50", "torchvision_retinanet", 0.0, _ONE_STAGE),
-    "retinanet_resnet50_fpn_v2": ("resnet50", "torchvision_retinanet_v2", 1e-5, _ONE_STAGE),
-    "keypointrcnn_resnet50_fpn": ("resnet50", "torchvision", 0.0, _R_CNN),
-    "fcos_resnet50_fpn": ("resnet50", "torchvision_retinanet", 1e-5, _ONE_STAGE),  # no overwrite_eps
-    "fasterrcnn_mobilenet_v3_large_fpn": ("mobilenet_v3_large", "torchvision", 1e-5, ("p5a", "p5", "p6")),
-}
+from fpn_cli.models.zoo_table import TORCHVISION_RESIZE
 
 _NESTED = re.compile(r"^fpn\.(inner_blocks|layer_blocks)\.(\d+)\.0\.(weight|bias)$")
 
@@ -79,7 +64,7 @@ class Torchvision(Framework):
         ),
     }
     preprocess = IMAGENET
-    resize = ResizePolicy(800, 1333, "GeneralizedRCNNTransform(min_size=800, max_size=1333)")
+    resize = TORCHVISION_RESIZE
     fallback = True  # a state dict in no other layout is read as torchvision's
 
     def migrate(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -112,21 +97,6 @@ class Torchvision(Framework):
             return Pretrained(IMAGENET, found.imagenet_bn_eps, lambda: _no_imagenet(arch))
         origin = _imagenet_origin(name)
         return Pretrained(IMAGENET, found.imagenet_bn_eps, lambda: _imagenet_file(name, origin), origin)
-
-    def entries(self) -> list[ZooEntry]:
-        from torchvision.models import get_model_weights
-
-        entries = []
-        for builder, (arch, style, eps, levels) in DETECTORS.items():
-            weights = get_model_weights(builder).DEFAULT
-            entries.append(
-                ZooEntry(
-                    f"torchvision:{builder}", arch, style, levels, IMAGENET, weights.url,
-                    os.path.basename(weights.url), weights.meta.get("_file_size"), read_file,
-                    bn_eps=eps, resize=self.resize,
-                )
-            )  # fmt: skip
-        return entries
 
 
 def _imagenet_origin(torchvision_name: str) -> WeightsOrigin:
