@@ -16,7 +16,9 @@ its name; an object by the size and modification time its store reports and its 
 For an image with stored features, :func:`examine` keeps a level
 only if the record is there, the input is the same file (the same name, size in bytes and
 modification time, and content hash where asked), and the level's file is a complete ``.npy`` of
-exactly the shape the recorded input size and this run's settings give. Anything else is
+exactly the shape the recorded input size and this run's settings give, holding the array
+recorded for it (its checksum, recorded with the image by the storage format; an earlier
+version's record has none, and its arrays are kept by their shape alone). Anything else is
 recomputed, and the report says why. :func:`decide` then settles, per image and in every format,
 what is kept, what is deleted and what is written: the levels :func:`examine` trusts, and the
 arrays derived from them (regions.outputs.Outputs: complete at exactly their shapes, RoI
@@ -196,7 +198,9 @@ def examine(
     kept, wrong, reasons = {}, [], []
     for level in store.levels:
         shape = store.stored_shape(image.key, level, store.dtype)
-        if shape == expected[level]:
+        if shape == expected[level] and not store.content_matches(image.key, level):
+            reasons.append(f"{level}.npy does not hold the array recorded for it (its checksum differs)")
+        elif shape == expected[level]:
             scales = _scales(image.key, level, store, shape[0])
             if isinstance(scales, dict):
                 kept.update({level: shape, **scales})
@@ -221,6 +225,8 @@ def _scales(key: str, level: str, store: Storage, channels: int) -> dict[str, Sh
         shape = store.stored_shape(key, name, codecs.array_dtype(store.save_dtype, name, store.levels))
         if shape != (channels,):
             return f"{name}.npy is not a complete ({channels},) float32 .npy file"
+        if not store.content_matches(key, name):
+            return f"{name}.npy does not hold the array recorded for it (its checksum differs)"
         found[name] = shape
     return found
 
