@@ -704,7 +704,7 @@ def complete_lines(
     for name in tars:
         # a part that is no regular file (a FIFO) is not listed: it counts as missing, never read
         part = _part_name(name)
-        lines = _read_part(folder.read_bytes(part)) if part.rsplit("/", 1)[1] in parts else None
+        lines = _read_part(folder.read_bytes(part), name) if part.rsplit("/", 1)[1] in parts else None
         if lines is None:  # no index part, or one that is not ours: the tar is scanned
             try:
                 lines = scan_shard(folder, name)
@@ -720,18 +720,30 @@ def complete_lines(
         yield from lines
 
 
-def _read_part(raw: bytes | None) -> list[dict] | None:
+def _read_part(raw: bytes | None, shard: str) -> list[dict] | None:
     """An index part's lines; None if there is none or it is damaged (not JSON lines of objects
-    with a string key)."""
+    with a string key, each of ``shard``: a part copied over another's is not this tar's)."""
     if raw is None:
         return None
     try:
         lines = [json.loads(text) for text in raw.decode().splitlines() if text]
     except ValueError:
         return None
-    if not all(isinstance(line, dict) and isinstance(line.get("key"), str) for line in lines):
+    if not all(_whole_line(line, shard) for line in lines):
         return None
     return lines
+
+
+def _whole_line(line: object, shard: str) -> bool:
+    """Whether an index part's ``line`` is one of ``shard``'s, whole: a string key, the shard's
+    name, members that are each an object with an integer offset and size."""
+    if not (isinstance(line, dict) and isinstance(line.get("key"), str) and line.get("shard") == shard):
+        return False
+    members = line.get("members")
+    return isinstance(members, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("offset"), int) and isinstance(m.get("size"), int)
+        for m in members.values()
+    )
 
 
 def scan_shard(folder: Folder, name: str, log: Callable[[str], None] | None = None) -> list[dict]:
@@ -822,6 +834,11 @@ def newest(lines: Iterable[dict], where: str) -> dict[str, dict]:
             found = [line for line in found if line["shard"] not in replaced]
             if len(found) != 1:
                 tars = sorted({str(line["shard"]) for line in found})
+                if len(tars) == 1:  # an index part edited by hand: the tar is scanned once it goes
+                    raise FPNError(
+                        f"image {key!r} is listed twice in the index part of {where}/{tars[0]}: delete "
+                        f"{PARTS}/{tars[0][: -len('.tar')]}.jsonl (the tar is indexed again), then run again"
+                    )
                 raise FPNError(
                     f"image {key!r} is in {len(tars)} shards of {where} ({', '.join(tars)}), none of "
                     "which replaces the other: one is a copy. Move the copy (the tar, and its index "
@@ -995,6 +1012,8 @@ class ShardFolder:
         self.folder = Folder(root)
         try:
             self.index = ShardFeatures(self.folder)
+            for i in range(len(self.index)):  # every line whole: readers iterate them all
+                self.index.line(i)
         except (FPNError, OSError, ValueError) as e:
             raise UsageError(f"cannot read the shard index of {root}: {e}") from None
         self._sizes: dict[str, int | None] = {}

@@ -329,5 +329,24 @@ def _kept(
         if store.in_place:
             store.forget_derived(image.key)
         return dict(verdict.kept)
-    derived = outputs.complete(store, image.key, image.rel, shapes(*verdict.input_size))
+    checked = _Examined(store, image.key, verdict.kept)  # the kept levels are not read again
+    derived = outputs.complete(checked, image.key, image.rel, shapes(*verdict.input_size))
     return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}
+
+
+class _Examined:
+    """``store`` as :func:`decide` asks it about one image, after :func:`examine`: the arrays it
+    kept (``kept``: shape and recorded checksum checked, nothing changed since under the lock)
+    are answered from the verdict, so a resume reads each kept level's bytes once, not twice."""
+
+    def __init__(self, store: Storage, key: str, kept: dict[str, Shape]) -> None:
+        self._store, self._key, self._kept = store, key, kept
+
+    def shapes(self, key: str, names, dtypes=None) -> dict[str, Shape]:
+        names = list(names)
+        known = self._kept if key == self._key else {}
+        found = self._store.shapes(key, [n for n in names if n not in known], dtypes)
+        return {n: known[n] if n in known else found[n] for n in names if n in known or n in found}
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
