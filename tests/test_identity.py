@@ -170,7 +170,9 @@ def test_a_stray_copy_of_a_shard_stops_the_run_naming_both_tars_and_keeps_the_re
     assert f"image 'b' is in 2 shards of {shards / 'shards'} ({held}, 000009.tar)" in result.output
     assert "Move the copy" in result.output and "Traceback" not in result.output
     assert (shards / "report.json").read_bytes() == report
-    assert run("verify", shards).exit_code == 0
+    checked = run("verify", shards)
+    assert checked.exit_code == 1
+    assert checked.stdout.startswith(f"image 'b' is in 2 shards of shards ({held}, 000009.tar)")
     (shards / "shards" / "000009.tar").unlink()
     (shards / "shards" / ".index" / "000009.jsonl").unlink()
     again = run(src, "-o", shards, *SEED, *SHARDS)

@@ -234,6 +234,9 @@ class VerifyReader(Protocol):
     def record(self, key: str) -> tuple[dict | None, str]:
         """(``key``'s record of its input or None, where it is, for messages)."""
 
+    def folder_problems(self) -> list[str]:
+        """Problems of the folder as a whole, one line each (shards: a stray copy of a tar)."""
+
 
 @dataclass(frozen=True)
 class Format:

@@ -442,6 +442,9 @@ class NpyFolder:
     def boxes(self, rois: dict) -> dict:
         return {"file": rois["boxes"]}
 
+    def folder_problems(self) -> list[str]:
+        return []
+
     def record(self, key: str) -> tuple[dict | None, str]:
         return Store(self.root, (), "float32").read_record(key), f"{key}/{RECORD_FILE}"
 

@@ -1049,6 +1049,15 @@ class ShardFolder:
     def boxes(self, rois: dict) -> dict:
         return {"file": rois.get("file"), "member": rois["boxes"]}
 
+    def folder_problems(self) -> list[str]:
+        """A key that two complete shards hold (a stray copy of a tar), which the next run
+        refuses: found as a run finds it, without writing anything."""
+        try:
+            newest(complete_lines(self.folder), SHARDS)
+        except FPNError as e:
+            return [str(e)]
+        return []
+
     def record(self, key: str) -> tuple[dict | None, str]:
         line = self.index.line_for(key)
         record = line.get("record") if line is not None else None

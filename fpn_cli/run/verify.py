@@ -114,6 +114,7 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
         path = str(entry.get("path"))
         problems = _check_image(folder, entry, save_dtype, model, config, maps, tars, result)
         result.problems += [f"{path}: {p}" for p in problems]
+    result.problems += folder.folder_problems()
     if isinstance(report.get("counts"), dict) and report["counts"] != counts:
         result.problems.append(f"{REPORT_FILE}: counts {report['counts']} but its entries give {counts}")
     return result
