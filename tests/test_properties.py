@@ -1,18 +1,24 @@
-"""Property: whatever the options, file names and inputs, fpn-extract ends with exit status 0, 1
-or 2, never prints a traceback, and writes nothing outside its output folder."""
+"""Properties: whatever the options, file names and inputs, fpn-extract ends with exit status 0, 1
+or 2, never prints a traceback, and writes nothing outside its output folder; whatever edits hit
+a finished folder, verify never passes a wrong array and a resume never keeps one."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
+import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fpn_cli import open_features
 from fpn_cli.run import engine, pipeline
 
 from conftest import run
@@ -207,3 +213,126 @@ def test_any_options_names_and_inputs_end_in_0_1_or_2_without_traceback_or_stray
         assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
         after = snapshot(root, out)
         assert after == before, (args, set(after) ^ set(before))
+
+
+# -- edits to a finished folder: verify never passes a wrong array, a resume never keeps one ---------
+
+EDIT_KEYS = ("a", "b", "c")
+EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["truncate", "swap", "duplicate", "append", "member", "flip"]),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
+        st.integers(1, 255),
+    ),
+    min_size=1,
+    max_size=3,
+)
+EDIT_RUN = ["--arch", "seed", "--device", "cpu", "-q", "--batch-size", "1"]  # one image a forward: exact
+FORMAT_ARGS = {"npy": ["--format", "npy"], "shards": ["--format", "shards", "--shard-size", "1"]}
+
+
+@pytest.fixture(scope="module")
+def edited_folders(tmp_path_factory) -> tuple[Path, dict[str, dict[str, dict[str, np.ndarray]]]]:
+    """Three tiny images extracted once in each format (shards: one image a tar), and the arrays
+    each format holds, as stored: what every edited copy is compared with."""
+    root = tmp_path_factory.mktemp("edited")
+    for i, key in enumerate(EDIT_KEYS):
+        save_rgb(root / "in" / f"{key}.png", 16, 16, seed=i)
+    truth = Arrays()
+    for fmt in ("npy", "shards"):
+        result = run(root / "in", "-o", root / fmt, *EDIT_RUN, *FORMAT_ARGS[fmt])
+        assert result.exit_code == 0, result.output
+        truth[fmt] = stored_arrays(root / fmt)
+    return root, truth
+
+
+class Arrays(dict):
+    """The stored arrays of each format, shown short in hypothesis' reports."""
+
+    def __repr__(self) -> str:
+        return "<the stored arrays>"
+
+
+def stored_arrays(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    feats = open_features(out, dtype=None)
+    return {key: {name: np.array(a) for name, a in feats[key].items()} for key in feats}
+
+
+def edit_targets(out: Path) -> list[Path]:
+    """The files an edit may hit: arrays, records, tars and index parts (not the settings, lock or
+    report.json, whose damage is another test's)."""
+    skip = ("report.json", ".fpn-extract.json", ".lock")
+    return sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith(skip))
+
+
+def apply_edit(out: Path, kind: str, i: int, j: int, k: int) -> None:
+    files = edit_targets(out)
+    a, b = files[i % len(files)], files[j % len(files)]
+    size = a.stat().st_size
+    if kind == "truncate":
+        os.truncate(a, size * (j % 100) // 100)
+    elif kind == "swap" and a != b:
+        os.replace(a, out / "swap.tmp")
+        os.replace(b, a)
+        os.replace(out / "swap.tmp", b)
+    elif kind == "duplicate" and (a != b or a.suffix == ".tar"):
+        shutil.copyfile(a, a.with_name(f"{9 + k % 3:06d}.tar") if a.suffix == ".tar" else b)
+    elif kind == "append":
+        with open(a, "ab") as f:
+            f.write(bytes([k]) * (j % 600 + 1))
+    elif kind == "member" and a.suffix == ".tar":
+        name = [f"{EDIT_KEYS[k % 3]}.p2.npy", "../../x.p2.npy", f"{EDIT_KEYS[k % 3]}.json"][j % 3]
+        data = io.BytesIO()
+        np.save(data, np.full((256, 4, 4), float(k), np.float32))
+        with contextlib.suppress(tarfile.TarError, OSError), tarfile.open(a, "a") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(data.getvalue())
+            tar.addfile(info, io.BytesIO(data.getvalue()))
+    elif size:
+        with open(a, "r+b") as f:
+            f.seek(j % size)
+            byte = f.read(1)
+            f.seek(j % size)
+            f.write(bytes([byte[0] ^ k]))
+
+
+def assert_arrays(out: Path, truth: dict[str, dict[str, np.ndarray]], what: str) -> None:
+    found = stored_arrays(out)
+    assert sorted(found) == sorted(truth), what
+    for key, arrays in truth.items():
+        assert sorted(found[key]) == sorted(arrays), (what, key)
+        for name, array in arrays.items():
+            assert found[key][name].dtype == array.dtype and np.array_equal(found[key][name], array), (
+                what,
+                key,
+                name,
+            )
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(fmt=st.sampled_from(["npy", "shards"]), edits=EDITS)
+def test_edits_to_a_finished_folder_never_pass_verify_or_a_resume_with_a_wrong_array(
+    edited_folders, fmt, edits
+):
+    root, truth = edited_folders
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        shutil.copytree(root / fmt, out)
+        for edit in edits:
+            apply_edit(out, *edit)
+        report = (out / "report.json").read_bytes()
+        checked = run("verify", out)
+        assert checked.exit_code in (0, 1, 2) and "Traceback" not in checked.output, checked.output
+        event(f"{fmt} verify exit {checked.exit_code}")
+        if checked.exit_code == 0:  # verify passed: every array is the image's own, unaltered
+            assert_arrays(out, truth[fmt], f"verify passed after {edits}")
+        resumed = run(root / "in", "-o", out, *EDIT_RUN, *FORMAT_ARGS[fmt])
+        assert resumed.exit_code in (0, 1) and "Traceback" not in resumed.output, resumed.output
+        event(f"{fmt} resume exit {resumed.exit_code}")
+        if resumed.exit_code == 1:  # a stray copy of a shard: the run stops, the report stays
+            assert resumed.output.startswith("Error: image '") and "shards" in resumed.output, resumed.output
+            assert (out / "report.json").read_bytes() == report
+            return
+        assert_arrays(out, truth[fmt], f"resumed after {edits}")
+        assert run("verify", out).exit_code == 0

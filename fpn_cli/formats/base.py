@@ -111,6 +111,10 @@ class Storage(Protocol):
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
         """The shape of array ``name`` of ``key`` if it is stored complete, in ``dtype``."""
 
+    def content_matches(self, key: str, name: str) -> bool:
+        """Whether stored array ``name`` of ``key`` has the checksum recorded with the image
+        (True where none is recorded: an earlier version's, checked by its shape alone)."""
+
     def is_stored(self, key: str, name: str) -> bool:
         """Whether anything named ``name`` is stored for ``key``, complete or not."""
 
@@ -118,7 +122,7 @@ class Storage(Protocol):
         self, key: str, names: Iterable[str], dtypes: Mapping[str, np.dtype] | None = None
     ) -> dict[str, Shape]:
         """Shapes of the arrays among ``names`` stored complete for ``key``, in the save dtype
-        or the one ``dtypes`` gives for the name."""
+        or the one ``dtypes`` gives for the name, of their recorded checksums."""
 
     def read_array(self, key: str, name: str) -> np.ndarray:
         """Stored array ``name`` of ``key``, memory-mapped where possible."""
@@ -219,11 +223,19 @@ class VerifyReader(Protocol):
         """For report.json's ``info`` of one of ``key``'s arrays: (how to name it in a message,
         why it is not there at all or None, its shape if it is complete in ``dtype``)."""
 
+    def content(self, key: str, info: dict) -> bool | None:
+        """Whether the array listed as ``info`` has the checksum recorded with ``key`` (its
+        record, its index line): True, False, or None where none is recorded (an earlier
+        version's folder: the array is checked by its shape alone)."""
+
     def boxes(self, rois: dict) -> dict:
         """report.json's ``info`` of the boxes beside the RoI features listed as ``rois``."""
 
     def record(self, key: str) -> tuple[dict | None, str]:
         """(``key``'s record of its input or None, where it is, for messages)."""
+
+    def folder_problems(self) -> list[str]:
+        """Problems of the folder as a whole, one line each (shards: a stray copy of a tar)."""
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
     OUT/<key>/p2.npy ...        one (C, H, W) array per level, in the save dtype (npyio.py)
     OUT/<key>/preview.png       with --preview: the image beside its levels
     OUT/<key>/p2_avg.npy, rois.npy, boxes.npy   with --pool, --boxes: derived arrays (regions/)
-    OUT/<key>/input.json        the input's fingerprint, size and orientation, written last, after
-                                every array and the preview: the image is complete (resume.py
-                                decides what of it a resume may keep)
+    OUT/<key>/input.json        the input's fingerprint, size and orientation, and each array's
+                                checksum (``"checksums": {"p2": "crc32:..."}``, npyio.py), written
+                                last, after every array and the preview: the image is complete
+                                (resume.py decides what of it a resume may keep)
     OUT/report.json, OUT/.fpn-extract.json, locks   as every format (layout.py, locks.py)
 
 Every file appears atomically (layout.replacing). :func:`check_layout` refuses, before any work,
@@ -22,6 +23,7 @@ import contextlib
 import json
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -32,7 +34,15 @@ from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import codecs
 from fpn_cli.formats.base import Features, Format, Shape, derived_names, npy_size
 from fpn_cli.formats.locks import finish_overwrite, lock_folder, record_settings
-from fpn_cli.formats.npyio import DirectWriter, npy_shape, write_file
+from fpn_cli.formats.npyio import (
+    DirectWriter,
+    check_regular,
+    file_checksum,
+    is_checksum,
+    npy_shape,
+    open_regular,
+    write_file,
+)
 from fpn_cli.inputs.urls import Folder, local_path
 from fpn_cli.layout import (
     REPORT_FILE,
@@ -49,6 +59,7 @@ from fpn_cli.models.levels import LEVELS
 
 PREVIEW_FILE = "preview.png"
 RECORD_FILE = "input.json"  # the input's fingerprint: written last, so it marks the image complete
+CHECKSUMS = "checksums"  # the record's {array name: checksum} of the image's arrays
 
 
 def remove_layout(root: Path) -> None:
@@ -81,6 +92,8 @@ class Store:
         self.save_dtype = codecs.check_save_dtype(save_dtype)
         self.dtype = codecs.code_dtype(save_dtype)  # the levels' own arrays (codes.py's code dtype)
         self._direct = DirectWriter()
+        self._written: dict[str, dict[str, str]] = {}  # key -> checksums of what write_levels wrote
+        self._writing = threading.Lock()  # writer threads write images at once
 
     def sweep_dead_runs(self) -> None:
         """Deletes the temporary files that runs on this host left at the top of the folder and
@@ -104,10 +117,26 @@ class Store:
         found = {}
         for name in names:
             dtype = (dtypes or {}).get(name) or codecs.array_dtype(self.save_dtype, name, self.levels)
-            shape = npy_shape(self.level_path(key, name), dtype)
-            if shape is not None:
+            shape = self.stored_shape(key, name, dtype)
+            if shape is not None and self.content_matches(key, name):
                 found[name] = shape
         return found
+
+    def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
+        """The shape of ``key/<name>.npy`` if it is a complete ``.npy`` of ``dtype``."""
+        return npy_shape(self.level_path(key, name), dtype)
+
+    def content_matches(self, key: str, name: str) -> bool:
+        """Whether ``key/<name>.npy``'s array has the checksum ``key``'s record gives it (True
+        where the record gives none: an earlier version's, checked by shape alone)."""
+        recorded = self.checksum(key, name)
+        return recorded is None or file_checksum(self.level_path(key, name)) == recorded
+
+    def checksum(self, key: str, name: str) -> str | None:
+        """The checksum ``key``'s record gives array ``name``; None if it gives none."""
+        recorded = (self.read_record(key) or {}).get(CHECKSUMS)
+        value = recorded.get(name) if isinstance(recorded, dict) else None
+        return value if is_checksum(value) else None
 
     def remove_strays(self, key: str) -> None:
         """Deletes temporary files that a killed run left in ``key``'s folder (the lock makes this
@@ -120,9 +149,12 @@ class Store:
         (self.root / key).mkdir(parents=True, exist_ok=True)
         if self.save_dtype != "int8":  # an int8 run's scales would pair with codes they do not belong to
             self.forget_arrays(key, [codecs.scale_name(name) for name in arrays if name in self.levels])
+        written = {}
         for level, array in arrays.items():
             with replacing(self.level_path(key, level)) as tmp:
-                write_file(tmp, array, self._direct)
+                written[level] = write_file(tmp, array, self._direct)
+        with self._writing:
+            self._written.setdefault(key, {}).update(written)
 
     def preview_path(self, key: str) -> Path:
         return self.root / key / PREVIEW_FILE
@@ -133,8 +165,9 @@ class Store:
     def read_record(self, key: str) -> dict | None:
         """``key``'s record (resume.py's), or None if it is absent or unreadable."""
         try:
-            record = json.loads(self.record_path(key).read_bytes())
-        except (OSError, ValueError):
+            with open_regular(self.record_path(key)) as f:
+                record = json.loads(f.read())
+        except (OSError, ValueError, FPNError):
             return None
         return record if isinstance(record, dict) else None
 
@@ -172,6 +205,7 @@ class Store:
 
     def read_array(self, key: str, name: str) -> np.ndarray:
         """``key/<name>.npy``, memory-mapped."""
+        check_regular(self.level_path(key, name))
         return np.load(self.level_path(key, name), mmap_mode="r")
 
     def write_preview(self, key: str, picture) -> None:
@@ -286,9 +320,6 @@ class NpyStore(Store):
     def relocate_record(self, key: str, record: Mapping[str, object]) -> None:
         self.write_record(key, record)
 
-    def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
-        return npy_shape(self.level_path(key, name), dtype)
-
     def is_stored(self, key: str, name: str) -> bool:
         return self.level_path(key, name).exists()
 
@@ -302,9 +333,20 @@ class NpyStore(Store):
         return str(self.root / key)
 
     def finish_image(self, key: str, record: Mapping[str, object] | None, entry: dict) -> None:
-        """The record last, which marks the image's files complete (report.json holds ``entry``)."""
-        if record is not None:
-            self.write_record(key, record)
+        """The record last, which marks the image's files complete (report.json holds ``entry``),
+        with the checksum of every array: those written now, and those the old record gives for
+        the arrays a resume kept (resume.py checked them against it)."""
+        with self._writing:
+            written = self._written.pop(key, {})
+        if record is None:
+            return
+        old = (self.read_record(key) or {}).get(CHECKSUMS)
+        kept = {
+            name: value
+            for name, value in (old.items() if isinstance(old, dict) else ())
+            if name not in written and is_checksum(value) and self.level_path(key, name).is_file()
+        }
+        self.write_record(key, {**record, CHECKSUMS: {**kept, **written}})
 
     def flush(self) -> None:
         pass  # each file is in place once written
@@ -320,7 +362,7 @@ class NpyFeatures(Features):
         self.root = root
         path = root / REPORT_FILE
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 self._report = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise FPNError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
@@ -356,7 +398,8 @@ class NpyFeatures(Features):
         with os.scandir(self.root / key) as entries:
             for entry in sorted(entries, key=lambda e: e.name):
                 name, ext = os.path.splitext(entry.name)
-                if ext == ".npy" and (wanted is None or name in wanted) and entry.is_file():
+                if ext == ".npy" and (wanted is None or name in wanted):
+                    check_regular(entry.path)  # a FIFO in its place would block np.load forever
                     arrays[name] = np.load(entry.path, mmap_mode="r")
         return arrays
 
@@ -378,12 +421,29 @@ class NpyFolder:
     def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, Shape | None]:
         shown = str(info["file"])
         path = self.root / shown
+        try:
+            check_regular(path)
+        except FPNError:
+            return shown, f"{shown} is not a regular file", None
         if not path.is_file():
             return shown, f"{shown} is missing", None
         return shown, None, npy_shape(path, dtype)
 
+    def content(self, key: str, info: dict) -> bool | None:
+        """Whether the listed file's array has the checksum ``key``'s record gives it (None: the
+        record gives none, an earlier version's). The file is ``key``'s own only if it does."""
+        shown = str(info["file"])
+        name = os.path.basename(shown)[: -len(".npy")]
+        recorded = Store(self.root, (), "float32").checksum(key, name)
+        if recorded is None:
+            return None
+        return file_checksum(self.root / shown) == recorded
+
     def boxes(self, rois: dict) -> dict:
         return {"file": rois["boxes"]}
+
+    def folder_problems(self) -> list[str]:
+        return []
 
     def record(self, key: str) -> tuple[dict | None, str]:
         return Store(self.root, (), "float32").read_record(key), f"{key}/{RECORD_FILE}"

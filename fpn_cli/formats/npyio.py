@@ -2,8 +2,17 @@
 cache-sized blocks, and O_DIRECT writes from one reusable aligned buffer with their fallbacks.
 Every file is byte for byte what ``np.save`` writes for the same array (C order, version 1.0).
 
-    write_file(path, array, direct)   O_DIRECT where the filesystem takes it, else buffered
+    write_file(path, array, direct)   O_DIRECT where the filesystem takes it, else buffered;
+                                      returns the array's checksum
     npy_shape(path, dtype)            the shape of a complete file of that dtype, else None
+    file_checksum(path)               the checksum of a ``.npy`` file's array bytes, as written
+
+**Checksums.** Every array's bytes (C order, as stored after the header) get a CRC-32, written
+``"crc32:1a2b3c4d"``, recorded with the image (the npy record, the shard index): what verify and
+a resume check the content against. CRC-32 because it is the fastest check numpy's host has
+built in (zlib's: about 3 GB/s here, against blake2b's 0.6 GB/s; benchmarks/checksum.py), and it
+catches every burst of up to 32 flipped bits and any single edited value; it guards against
+accidents (a sync tool, a cut copy, a slip of the hand), not against someone forging features.
 """
 
 from __future__ import annotations
@@ -12,14 +21,98 @@ import errno
 import io
 import mmap
 import os
+import stat
 import threading
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from fpn_cli.errors import FPNError
+
 TRANSPOSE_BLOCK = 32  # positions per block when writing channels-last levels in C order (fastest measured)
 DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: multiples of the logical block size
+CHECKSUM = "crc32"  # the prefix of every recorded checksum: another algorithm would be another name
+_CHUNK = 1 << 22  # bytes hashed at a time when reading a file back
+
+
+def checksum(data) -> str:
+    """``"crc32:1a2b3c4d"``: the checksum of ``data`` (bytes or any C-contiguous buffer)."""
+    return f"{CHECKSUM}:{zlib.crc32(data):08x}"
+
+
+def array_checksum(array: np.ndarray) -> str:
+    """The checksum of ``array``'s bytes as a ``.npy`` file stores them (C order)."""
+    return checksum(memoryview(c_order(array)).cast("B") if array.size else b"")
+
+
+def is_checksum(value: object) -> bool:
+    """Whether ``value`` is a checksum this version can check (other values count as none)."""
+    return isinstance(value, str) and value.startswith(f"{CHECKSUM}:") and len(value) == len(CHECKSUM) + 9
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """An output file opened for reading without ever blocking: a FIFO, socket or device in its
+    place is an :class:`FPNError` naming it at once (a FIFO's open would wait for a writer
+    forever). FileNotFoundError and other OSErrors pass through."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise FPNError(f"{path} is {_kind(mode)}, not a regular file: move it away and run again")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path: str | os.PathLike[str]) -> None:
+    """An :class:`FPNError` naming ``path`` if it exists and is no regular file (stat follows links)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise FPNError(f"{path} is {_kind(mode)}, not a regular file: move it away and run again")
+
+
+def range_checksum(f: BinaryIO, offset: int, length: int) -> str:
+    """The checksum of ``length`` bytes of the open file ``f`` from ``offset`` (short: a cut file
+    gives another checksum)."""
+    crc = 0
+    fd = f.fileno()
+    done = 0
+    while done < length:
+        block = os.pread(fd, min(_CHUNK, length - done), offset + done)
+        if not block:
+            break
+        crc = zlib.crc32(block, crc)
+        done += len(block)
+    return f"{CHECKSUM}:{crc:08x}"
+
+
+def file_checksum(path: str | os.PathLike[str]) -> str | None:
+    """The checksum of the array bytes of the ``.npy`` file ``path`` (after its header); None if
+    it cannot be read as one."""
+    try:
+        with open_regular(path) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                np.lib.format.read_array_header_1_0(f)
+            else:
+                np.lib.format.read_array_header_2_0(f)
+            start = f.tell()
+            return range_checksum(f, start, os.fstat(f.fileno()).st_size - start)
+    except (OSError, ValueError, FPNError):
+        return None
 
 
 def npy_header(array: np.ndarray) -> bytes:
@@ -82,9 +175,11 @@ class DirectWriter:
         self.enabled = hasattr(os, "O_DIRECT")
         self._local = threading.local()  # one buffer per writer thread, so writers never wait on each other
 
-    def write(self, path: Path, array: np.ndarray) -> bool:
+    def write(self, path: Path, array: np.ndarray) -> str | None:
+        """Writes the file; returns the array's checksum (taken from the buffer, while its bytes
+        are in cache), or None where O_DIRECT is not to be had (nothing written)."""
         if not self.enabled:
-            return False
+            return None
         header = npy_header(array)
         length = len(header) + array.nbytes
         padded = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
@@ -95,13 +190,15 @@ class DirectWriter:
             buffer = self._local.buffer = mmap.mmap(-1, padded)  # page-aligned, as O_DIRECT needs
         buffer[: len(header)] = header
         copy_c_order(np.ndarray(array.shape, array.dtype, buffer=buffer, offset=len(header)), array)
+        with memoryview(buffer) as view:
+            digest = checksum(view[len(header) : length])
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             self.enabled = False  # this filesystem refuses O_DIRECT
-            return False
+            return None
         try:
             with memoryview(buffer)[:padded] as view:
                 try:
@@ -119,13 +216,13 @@ class DirectWriter:
             os.ftruncate(fd, length)  # the padding goes; the file is exactly the .npy
         finally:
             os.close(fd)
-        return True
+        return digest
 
 
 def npy_shape(path: Path, dtype: np.dtype) -> tuple[int, ...] | None:
     """The shape stored in a complete ``.npy`` of ``dtype``; None if absent, of another dtype, or short."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             version = np.lib.format.read_magic(f)
             read_header = (
                 np.lib.format.read_array_header_1_0
@@ -135,16 +232,22 @@ def npy_shape(path: Path, dtype: np.dtype) -> tuple[int, ...] | None:
             shape, fortran, stored = read_header(f)
             data_start = f.tell()
             size = os.fstat(f.fileno()).st_size
-    except (OSError, ValueError):
+    except (OSError, ValueError, FPNError):
         return None
     if stored != dtype or fortran or size != data_start + int(np.prod(shape)) * dtype.itemsize:
         return None
     return tuple(shape)
 
 
-def write_file(path: Path, array: np.ndarray, direct: DirectWriter | None = None) -> None:
+def write_file(path: Path, array: np.ndarray, direct: DirectWriter | None = None) -> str:
     """Writes ``array`` as the ``.npy`` file ``path``: with O_DIRECT through ``direct`` where the
-    filesystem takes it, buffered otherwise. The bytes are ``np.save``'s either way."""
-    if direct is None or not direct.write(path, array):
+    filesystem takes it, buffered otherwise. The bytes are ``np.save``'s either way. Returns the
+    array's checksum."""
+    digest = direct.write(path, array) if direct is not None else None
+    if digest is None:
+        data = c_order(array)
         with open(path, "wb") as f:
-            write_npy(f, array)
+            f.write(npy_header(data))
+            f.write(memoryview(data).cast("B"))
+        digest = array_checksum(data)
+    return digest

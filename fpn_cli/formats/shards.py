@@ -17,8 +17,12 @@ json member holds the real path too).
 **Index lines.** ``{"key", "path", "shard", "input_size", "model_input_size", "members", "record"}``
 (and ``replaces``, below), where ``members`` maps each member's suffix (``p2.npy``, ``json``) to
 the ``offset`` of its data in the tar and its ``size``; an ``.npy`` member adds ``shape``,
-``dtype`` (each its own: ``boxes.npy`` is float64 whatever the save dtype) and ``data``, the
-offset of the array's first byte, so a level is memory-mapped with no other read. ``record`` is
+``dtype`` (each its own: ``boxes.npy`` is float64 whatever the save dtype), ``data``, the
+offset of the array's first byte, so a level is memory-mapped with no other read, and
+``checksum``, its array's (npyio.py; also in the json member's ``checksums``, so that an index
+rebuilt from the tar has them). Readers, verify and a resume take a member only where the tar
+header just before ``offset`` names it (``<stem>.p2.npy``) with the listed size: a tar swapped for
+another, or a member moved, is never read as the image's. ``record`` is
 the input's fingerprint the image was made from, as ``OUT/<key>/input.json`` holds it in the npy
 layout; it is in the json member too, which is the group's last. Tar data starts on 512-byte
 boundaries, and the ``.npy`` header is a multiple of 64 bytes, so arrays are 64-byte aligned.
@@ -59,6 +63,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import threading
@@ -73,7 +78,15 @@ import numpy as np
 
 from fpn_cli.errors import FPNError, UsageError
 from fpn_cli.formats import codecs, tario
-from fpn_cli.formats.base import Features, Format, Shape, human_bytes, npy_size, read_npy_header
+from fpn_cli.formats.base import (
+    Features,
+    Format,
+    Shape,
+    derived_names,
+    human_bytes,
+    npy_size,
+    read_npy_header,
+)
 from fpn_cli.formats.locks import (
     check_settings,
     finish_overwrite,
@@ -82,6 +95,7 @@ from fpn_cli.formats.locks import (
     record_settings,
     settings_to_record,
 )
+from fpn_cli.formats.npyio import check_regular, checksum, is_checksum, open_regular, range_checksum
 from fpn_cli.inputs.keys import shard_of
 from fpn_cli.inputs.urls import Folder
 from fpn_cli.layout import (
@@ -128,6 +142,22 @@ def check_keys(keyed: Iterable[tuple[str, str]]) -> None:
 
 def key_of(stem: str) -> str:
     return unquote(stem)
+
+
+def safe_key(stem: str) -> str | None:
+    """The key of a member stem that fpn-extract writes (the stem :func:`member_stem` gives it):
+    a path inside the output folder. None for any other stem (``../../x``, ``/etc/x``, ``a//b``)."""
+    key = key_of(stem)
+    if any(part in ("", ".", "..") for part in key.split("/")) or member_stem(key) != stem:
+        return None
+    return key
+
+
+def array_suffixes() -> frozenset[str]:
+    """The member suffixes an image's group may hold: ``json`` and ``<array>.npy`` for every
+    array a run may store (levels, int8 scales, pooled vectors, rois, boxes)."""
+    arrays = (*LEVELS, *(codecs.scale_name(level) for level in LEVELS), *derived_names())
+    return frozenset({"json", *(f"{name}.npy" for name in arrays)})
 
 
 def stem_of(member: str) -> tuple[str, str] | None:
@@ -257,12 +287,16 @@ class ShardStore:
             finish_overwrite(self.folder.path(""), self.shard)
 
     def sweep_dead_runs(self) -> None:
+        """Deletes what dead runs left, then reads the complete shards once, before the run
+        begins: a key that two shards hold (a stray copy of a tar) stops it here, with the
+        tars named, and report.json stays as it was."""
         if self.folder.remote:
             sweep_dead_writers(_staging())
-            return
-        root = self.folder.path("")
-        for rel in ("", REPORTS_DIR, SHARDS, PARTS):
-            sweep_dead_writers(root / rel)
+        else:
+            root = self.folder.path("")
+            for rel in ("", REPORTS_DIR, SHARDS, PARTS):
+                sweep_dead_writers(root / rel)
+        self._completed()
 
     def _check_layout(self, shards: list[tuple[str, tuple[int, int] | None]]) -> None:
         """``--overwrite`` replaces this run's part of the shards; shards of another ``--shard``
@@ -289,10 +323,21 @@ class ShardStore:
         return record if isinstance(record, dict) else None
 
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
+        """The member's shape if it is whole and ``key``'s own (:func:`member_shape`)."""
         member = self._member(key, name)
         if member is None:
             return None
-        return member_shape(self.folder, self._completed()[key]["shard"], member, dtype, self._sizes)
+        shard = self._completed()[key]["shard"]
+        named = f"{member_stem(key)}.{name}.npy"
+        return member_shape(self.folder, shard, member, dtype, self._sizes, named)
+
+    def content_matches(self, key: str, name: str) -> bool:
+        """Whether the member's array has the checksum its index line gives (True where the line
+        gives none: an earlier version's, checked by shape alone)."""
+        member = self._member(key, name)
+        if member is None:
+            return False
+        return member_content(self.folder, self._completed()[key]["shard"], member) is not False
 
     def is_stored(self, key: str, name: str) -> bool:
         return self._member(key, name) is not None
@@ -304,13 +349,14 @@ class ShardStore:
         for name in names:
             dtype = (dtypes or {}).get(name) or codecs.array_dtype(self.save_dtype, name, self.levels)
             shape = self.stored_shape(key, name, dtype)
-            if shape is not None:
+            if shape is not None and self.content_matches(key, name):
                 found[name] = shape
         return found
 
     def read_array(self, key: str, name: str) -> np.ndarray:
         line = self._completed()[key]
-        return self._arrays.array(line["shard"], line["members"][f"{name}.npy"])
+        member = line["members"][f"{name}.npy"]
+        return self._arrays.array(line["shard"], member, f"{member_stem(key)}.{name}.npy")
 
     def read_levels(self, key: str) -> dict[str, np.ndarray]:
         names = [name for level in self.levels for name in codecs.array_names(level, self.save_dtype)]
@@ -348,6 +394,7 @@ class ShardStore:
                 "shape": list(array.shape),
                 "dtype": array.dtype.str,
                 "data": member.offset + header,
+                "checksum": member.checksum,
             }
 
     def write_preview(self, key: str, picture) -> None:
@@ -360,8 +407,10 @@ class ShardStore:
         extra = {"record": group.record} if group.record is not None else {}
         if old is not None:
             extra["replaces"] = old["shard"]
+        sums = {suffix: m["checksum"] for suffix, m in group.members.items() if "checksum" in m}
         member = shard.writer.add_bytes(
-            f"{member_stem(key)}.json", json.dumps({**entry, **extra}, allow_nan=False).encode()
+            f"{member_stem(key)}.json",
+            json.dumps({**entry, **extra, "checksums": sums}, allow_nan=False).encode(),
         )
         group.members["json"] = {"offset": member.offset, "size": member.size}
         shard.writer.flush()  # a write error fails this image, before it is indexed
@@ -525,13 +574,37 @@ def remove_layout(root: Path) -> None:
     shutil.rmtree(root / SHARDS, ignore_errors=True)
 
 
+def header_names(before: bytes, name: str, size: int) -> bool:
+    """Whether ``before``, the tar's bytes just before a member's data, end with the header of a
+    regular member ``name`` of ``size`` bytes: byte for byte the header fpn-extract writes
+    (tario.member_header, PAX blocks for long names included), or else (a tar from another tool)
+    a ustar header block that names it and its size."""
+    header = tario.member_header(name, size)
+    if before[-len(header) :] == header:
+        return True
+    if len(before) < tario.BLOCK:
+        return False
+    try:
+        info = tarfile.TarInfo.frombuf(bytes(before[-tario.BLOCK :]), "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return False
+    return info.isreg() and info.name == name and info.size == size
+
+
 def member_shape(
-    folder: Folder, shard: str, member: Mapping, dtype: np.dtype, sizes: dict[str, int | None]
+    folder: Folder,
+    shard: str,
+    member: Mapping,
+    dtype: np.dtype,
+    sizes: dict[str, int | None],
+    name: str | None = None,
 ) -> Shape | None:
     """The shape of an index line's ``.npy`` member if it is whole in its tar: its data lies
-    within the tar (a cut copy ends short), its header in the tar gives the dtype and shape the
-    index lists, and its data starts where the index says; else None. ``sizes`` caches each
-    tar's length. The one check of a member, for a resume and for verify."""
+    within the tar (a cut copy ends short), the tar header before it names it ``name`` with the
+    listed size (:func:`header_names`; not checked without ``name``), its ``.npy`` header gives the
+    dtype and shape the index lists, and its data starts where the index says; else None.
+    ``sizes`` caches each tar's length (None: no regular file). The one check of a member, for a
+    resume and for verify (the content is :func:`member_content`'s)."""
     rel = f"{SHARDS}/{shard}"
     if rel not in sizes:
         sizes[rel] = folder.size(rel)
@@ -540,6 +613,11 @@ def member_shape(
         offset, length, listed = int(member["offset"]), int(member["size"]), tuple(member["shape"])
         if size is None or offset + length > size or np.dtype(member["dtype"]) != dtype:
             return None
+        if name is not None:
+            before = len(tario.member_header(name, length))
+            start = max(0, offset - before)
+            if not header_names(folder.read_range(rel, start, offset - start), name, length):
+                return None
         shape, found = read_npy_header(io.BytesIO(folder.read_range(rel, offset, min(length, 4096))))
     except (OSError, ValueError, TypeError, KeyError):
         return None
@@ -547,6 +625,24 @@ def member_shape(
     if shape != listed or found != dtype or data != member.get("data"):
         return None
     return shape
+
+
+def member_content(folder: Folder, shard: str, member: Mapping) -> bool | None:
+    """Whether an index line's ``.npy`` member's array bytes have the checksum the line gives
+    (None: it gives none, an index of an earlier version)."""
+    recorded = member.get("checksum")
+    if not is_checksum(recorded):
+        return None
+    rel = f"{SHARDS}/{shard}"
+    try:
+        start = int(member["data"])
+        length = int(member["offset"]) + int(member["size"]) - start
+        if folder.remote:
+            return checksum(folder.read_range(rel, start, length)) == recorded
+        with open_regular(folder.path(rel)) as f:
+            return range_checksum(f, start, length) == recorded
+    except (OSError, ValueError, TypeError, KeyError, FPNError):
+        return False
 
 
 def _staging() -> Path:
@@ -606,7 +702,9 @@ def complete_lines(
         if clean is not None and parsed is not None and clean(parsed[0]):
             folder.remove(f"{PARTS}/{stray}")
     for name in tars:
-        lines = _read_part(folder.read_bytes(_part_name(name)))
+        # a part that is no regular file (a FIFO) is not listed: it counts as missing, never read
+        part = _part_name(name)
+        lines = _read_part(folder.read_bytes(part), name) if part.rsplit("/", 1)[1] in parts else None
         if lines is None:  # no index part, or one that is not ours: the tar is scanned
             try:
                 lines = scan_shard(folder, name)
@@ -622,37 +720,69 @@ def complete_lines(
         yield from lines
 
 
-def _read_part(raw: bytes | None) -> list[dict] | None:
+def _read_part(raw: bytes | None, shard: str) -> list[dict] | None:
     """An index part's lines; None if there is none or it is damaged (not JSON lines of objects
-    with a string key)."""
+    with a string key, each of ``shard``: a part copied over another's is not this tar's)."""
     if raw is None:
         return None
     try:
         lines = [json.loads(text) for text in raw.decode().splitlines() if text]
     except ValueError:
         return None
-    if not all(isinstance(line, dict) and isinstance(line.get("key"), str) for line in lines):
+    if not all(_whole_line(line, shard) for line in lines):
         return None
     return lines
 
 
-def scan_shard(folder: Folder, name: str) -> list[dict]:
+def _whole_line(line: object, shard: str) -> bool:
+    """Whether an index part's ``line`` is one of ``shard``'s, whole: a string key, the shard's
+    name, members that are each an object with an integer offset and size."""
+    if not (isinstance(line, dict) and isinstance(line.get("key"), str) and line.get("shard") == shard):
+        return False
+    members = line.get("members")
+    return isinstance(members, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("offset"), int) and isinstance(m.get("size"), int)
+        for m in members.values()
+    )
+
+
+def scan_shard(folder: Folder, name: str, log: Callable[[str], None] | None = None) -> list[dict]:
     """A shard's index lines, rebuilt from the tar: members grouped by stem, each image's json
-    member read for its path and sizes, each ``.npy`` header for its array. A group without its
-    json member was never finished and is left out."""
+    member read for its path and sizes (and its arrays' checksums), each ``.npy`` header for its
+    array. A group without its json member was never finished and is left out. Members that no
+    run writes are never taken for an image's: a name that is not ``<stem>.<array>.npy`` or
+    ``<stem>.json`` of a safe key (:func:`safe_key`: no ``../x.p2.npy``), a group whose json
+    member is not the entry of that key; ``log`` (stderr by default) names each one skipped."""
+    where = folder.url(f"{SHARDS}/{name}")
+    say = log or _warn
+    suffixes = array_suffixes()
     with folder.open(f"{SHARDS}/{name}") as f:
         members = list(tario.scan(f))
         groups: dict[str, dict[str, tario.Member]] = {}
         for member in members:
             parsed = stem_of(member.name)
-            if parsed is not None:
-                groups.setdefault(parsed[0], {})[parsed[1]] = member
+            if parsed is None or safe_key(parsed[0]) is None or parsed[1] not in suffixes:
+                say(f"warning: {where}: skipped member {member.name!r}: not a member fpn-extract writes")
+                continue
+            group = groups.setdefault(parsed[0], {})
+            if parsed[1] in group:  # appended after the group: the first is the one written with it
+                say(f"warning: {where}: skipped member {member.name!r}: a second member of that name")
+                continue
+            group[parsed[1]] = member
         lines = []
         for stem, group in groups.items():
             if "json" not in group:
                 continue
             f.seek(group["json"].offset)
-            entry = json.loads(f.read(group["json"].size))
+            try:
+                entry = json.loads(f.read(group["json"].size))
+            except ValueError:
+                entry = None
+            key = key_of(stem)
+            if not isinstance(entry, dict) or os.path.splitext(str(entry.get("path")))[0] != key:
+                say(f"warning: {where}: skipped the members of {stem!r}: its json member is not its entry")
+                continue
+            sums = entry.get("checksums") if isinstance(entry.get("checksums"), dict) else {}
             described = {}
             for suffix, member in group.items():
                 described[suffix] = {"offset": member.offset, "size": member.size}
@@ -664,9 +794,16 @@ def scan_shard(folder: Folder, name: str) -> list[dict]:
                         "dtype": dtype.str,
                         "data": f.tell(),
                     }
+                    if is_checksum(sums.get(suffix)):
+                        described[suffix]["checksum"] = sums[suffix]
             extra = {k: entry[k] for k in ("record", "replaces") if k in entry}
-            lines.append(_line(key_of(stem), entry, name, described, extra))
+            lines.append(_line(key, entry, name, described, extra))
     return lines
+
+
+def _warn(line: str) -> None:
+    """What an index rebuild skipped, on stderr: one line each."""
+    sys.stderr.write(line + "\n")
 
 
 def _line(key: str, entry: dict, shard: str, members: dict[str, dict], extra: dict) -> dict:
@@ -696,7 +833,17 @@ def newest(lines: Iterable[dict], where: str) -> dict[str, dict]:
             replaced = {line.get("replaces") for line in found}
             found = [line for line in found if line["shard"] not in replaced]
             if len(found) != 1:
-                raise FPNError(f"image {key!r} is in two shards of {where}")
+                tars = sorted({str(line["shard"]) for line in found})
+                if len(tars) == 1:  # an index part edited by hand: the tar is scanned once it goes
+                    raise FPNError(
+                        f"image {key!r} is listed twice in the index part of {where}/{tars[0]}: delete "
+                        f"{PARTS}/{tars[0][: -len('.tar')]}.jsonl (the tar is indexed again), then run again"
+                    )
+                raise FPNError(
+                    f"image {key!r} is in {len(tars)} shards of {where} ({', '.join(tars)}), none of "
+                    "which replaces the other: one is a copy. Move the copy (the tar, and its index "
+                    f"part in {PARTS}/) out of {where}, then run again"
+                )
         chosen[key] = found[0]
     return chosen
 
@@ -712,7 +859,8 @@ class ShardFeatures(Features):
         self.folder = folder
         raw = None
         if not folder.remote:
-            with contextlib.suppress(FileNotFoundError, ValueError), open(folder.path(INDEX), "rb") as f:
+            # open_regular: a FIFO in the index's place is refused at once, not waited on
+            with contextlib.suppress(FileNotFoundError, ValueError), open_regular(folder.path(INDEX)) as f:
                 raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         else:
             raw = folder.read_bytes(INDEX)
@@ -777,10 +925,11 @@ class ShardFeatures(Features):
         line = self._line_of(key)
         wanted = None if names is None else set(names)
         arrays = {}
+        stem = member_stem(key)
         for suffix, member in line["members"].items():
             name = suffix[: -len(".npy")]
             if suffix.endswith(".npy") and (wanted is None or name in wanted):
-                arrays[name] = self._array(line["shard"], member)
+                arrays[name] = self._arrays.array(line["shard"], member, f"{stem}.{suffix}")
         return arrays
 
     def entry(self, key: str) -> dict:
@@ -789,9 +938,6 @@ class ShardFeatures(Features):
         return json.loads(
             self.folder.read_range(f"{SHARDS}/{line['shard']}", member["offset"], member["size"])
         )
-
-    def _array(self, shard: str, member: dict) -> np.ndarray:
-        return self._arrays.array(shard, member)
 
 
 class _Arrays:
@@ -803,25 +949,39 @@ class _Arrays:
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
         self._lock = threading.Lock()  # a reader may be shared by threads
 
-    def array(self, shard: str, member: dict) -> np.ndarray:
-        """The ``.npy`` member (an index line's entry) of ``shard``."""
+    def array(self, shard: str, member: dict, name: str) -> np.ndarray:
+        """The ``.npy`` member (an index line's entry) of ``shard``, which must be the member
+        ``name`` (:func:`header_names`): else an :class:`FPNError`, never another's array."""
         shape, dtype = tuple(member["shape"]), np.dtype(member["dtype"])
+        where = self.folder.url(f"{SHARDS}/{shard}")
+        offset, size = int(member["offset"]), int(member["size"])
+        header = tario.member_header(name, size)
         try:
-            if self.folder.remote:
-                data = self.folder.read_range(f"{SHARDS}/{shard}", member["offset"], member["size"])
-                return np.load(io.BytesIO(data))
-            count = int(np.prod(shape))
-            return np.frombuffer(self._map(shard), dtype, count, member["data"]).reshape(shape)
+            if self.folder.remote:  # the header and the data in one request
+                start = max(0, offset - len(header))
+                data = self.folder.read_range(f"{SHARDS}/{shard}", start, offset + size - start)
+                named = header_names(data[: offset - start], name, size)
+                array = np.load(io.BytesIO(data[offset - start :])) if named else None
+            else:
+                mapped = self._map(shard)
+                named = header_names(mapped[max(0, offset - len(header)) : offset], name, size)
+                count = int(np.prod(shape))
+                array = np.frombuffer(mapped, dtype, count, member["data"]).reshape(shape) if named else None
         except (ValueError, EOFError) as e:  # the tar ends before the member: a cut copy
-            where = self.folder.url(f"{SHARDS}/{shard}")
             raise FPNError(f"{where} is cut short or damaged where the index puts a member ({e})") from None
+        if array is None:
+            raise FPNError(
+                f"{where} does not hold {name} where the index puts it (a tar swapped, replaced or "
+                "edited since it was indexed): verify the folder, or run the extraction again"
+            )
+        return array
 
     def _map(self, shard: str) -> mmap.mmap:
         """The shard mapped, from a bounded set (arrays keep their own map alive when it leaves)."""
         with self._lock:
             mapped = self._maps.get(shard)
             if mapped is None:
-                with open(self.folder.path(f"{SHARDS}/{shard}"), "rb") as f:
+                with open_regular(self.folder.path(f"{SHARDS}/{shard}")) as f:  # a FIFO: refused
                     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._maps[shard] = mapped
                 if len(self._maps) > _MAPS_KEPT:
@@ -852,6 +1012,8 @@ class ShardFolder:
         self.folder = Folder(root)
         try:
             self.index = ShardFeatures(self.folder)
+            for i in range(len(self.index)):  # every line whole: readers iterate them all
+                self.index.line(i)
         except (FPNError, OSError, ValueError) as e:
             raise UsageError(f"cannot read the shard index of {root}: {e}") from None
         self._sizes: dict[str, int | None] = {}
@@ -866,10 +1028,35 @@ class ShardFolder:
         where = f"{SHARDS}/{line['shard']}"
         if member is None or info["file"] != where or not name.endswith(".npy"):
             return shown, f"{shown} is missing (the index has the image in {where})", None
-        return shown, None, member_shape(self.folder, line["shard"], member, dtype, self._sizes)
+        try:
+            check_regular(self.root / where)
+        except FPNError:
+            return shown, f"{where} is not a regular file", None
+        named = f"{member_stem(key)}.{name}"
+        shape = member_shape(self.folder, line["shard"], member, dtype, self._sizes, named)
+        if shape is None and member_shape(self.folder, line["shard"], member, dtype, self._sizes):
+            return shown, f"{where} holds another member where the index puts {named}", None
+        return shown, None, shape
+
+    def content(self, key: str, info: dict) -> bool | None:
+        """Whether the listed member's array has the checksum the index gives it (None: it
+        gives none, an earlier version's index)."""
+        line = self.index.line_for(key)
+        name = str(info.get("member", "")).removeprefix(f"{member_stem(key)}.")
+        member = line["members"].get(name) if line is not None else None
+        return member_content(self.folder, line["shard"], member) if member is not None else None
 
     def boxes(self, rois: dict) -> dict:
         return {"file": rois.get("file"), "member": rois["boxes"]}
+
+    def folder_problems(self) -> list[str]:
+        """A key that two complete shards hold (a stray copy of a tar), which the next run
+        refuses: found as a run finds it, without writing anything."""
+        try:
+            newest(complete_lines(self.folder), SHARDS)
+        except FPNError as e:
+            return [str(e)]
+        return []
 
     def record(self, key: str) -> tuple[dict | None, str]:
         line = self.index.line_for(key)

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fpn_cli.formats.npyio import DIRECT_ALIGN, copy_c_order, npy_header
+from fpn_cli.formats.npyio import DIRECT_ALIGN, checksum, copy_c_order, npy_header
 
 BLOCK = 512  # tar's block: headers and data start on multiples of it
 _MIN_BUFFER = 1 << 20
@@ -48,11 +48,13 @@ def member_header(name: str, size: int) -> bytes:
 
 @dataclass(frozen=True)
 class Member:
-    """Where a member's data is in its tar: ``offset`` of its first byte, ``size`` in bytes."""
+    """Where a member's data is in its tar: ``offset`` of its first byte, ``size`` in bytes;
+    an ``.npy`` member written by :meth:`TarWriter.add_array` tells its array's ``checksum``."""
 
     name: str
     offset: int
     size: int
+    checksum: str | None = None
 
 
 class TarWriter:
@@ -106,7 +108,9 @@ class TarWriter:
         self._buffer[start - len(header) : start] = header
         self._buffer[start : start + len(npy)] = npy
         copy_c_order(np.ndarray(array.shape, array.dtype, self._buffer, start + len(npy)), array)
-        return self._end_member(name, start, size)
+        with memoryview(self._buffer) as view:  # hashed while the bytes are in cache
+            digest = checksum(view[start + len(npy) : start + size])
+        return self._end_member(name, start, size, digest)
 
     def flush(self) -> None:
         """Writes what is buffered (but for less than one block with O_DIRECT): a write error
@@ -156,8 +160,8 @@ class TarWriter:
             self._buffer = grown
         return self._fill
 
-    def _end_member(self, name: str, start: int, size: int) -> Member:
-        member = Member(name, self._written + start, size)
+    def _end_member(self, name: str, start: int, size: int, digest: str | None = None) -> Member:
+        member = Member(name, self._written + start, size, digest)
         end = start + size
         tail = (-end) % BLOCK
         self._buffer[end : end + tail] = bytes(tail)

@@ -16,7 +16,9 @@ its name; an object by the size and modification time its store reports and its 
 For an image with stored features, :func:`examine` keeps a level
 only if the record is there, the input is the same file (the same name, size in bytes and
 modification time, and content hash where asked), and the level's file is a complete ``.npy`` of
-exactly the shape the recorded input size and this run's settings give. Anything else is
+exactly the shape the recorded input size and this run's settings give, holding the array
+recorded for it (its checksum, recorded with the image by the storage format; an earlier
+version's record has none, and its arrays are kept by their shape alone). Anything else is
 recomputed, and the report says why. :func:`decide` then settles, per image and in every format,
 what is kept, what is deleted and what is written: the levels :func:`examine` trusts, and the
 arrays derived from them (regions.outputs.Outputs: complete at exactly their shapes, RoI
@@ -196,7 +198,9 @@ def examine(
     kept, wrong, reasons = {}, [], []
     for level in store.levels:
         shape = store.stored_shape(image.key, level, store.dtype)
-        if shape == expected[level]:
+        if shape == expected[level] and not store.content_matches(image.key, level):
+            reasons.append(f"{level}.npy does not hold the array recorded for it (its checksum differs)")
+        elif shape == expected[level]:
             scales = _scales(image.key, level, store, shape[0])
             if isinstance(scales, dict):
                 kept.update({level: shape, **scales})
@@ -221,6 +225,8 @@ def _scales(key: str, level: str, store: Storage, channels: int) -> dict[str, Sh
         shape = store.stored_shape(key, name, codecs.array_dtype(store.save_dtype, name, store.levels))
         if shape != (channels,):
             return f"{name}.npy is not a complete ({channels},) float32 .npy file"
+        if not store.content_matches(key, name):
+            return f"{name}.npy does not hold the array recorded for it (its checksum differs)"
         found[name] = shape
     return found
 
@@ -323,5 +329,24 @@ def _kept(
         if store.in_place:
             store.forget_derived(image.key)
         return dict(verdict.kept)
-    derived = outputs.complete(store, image.key, image.rel, shapes(*verdict.input_size))
+    checked = _Examined(store, image.key, verdict.kept)  # the kept levels are not read again
+    derived = outputs.complete(checked, image.key, image.rel, shapes(*verdict.input_size))
     return {**verdict.kept, **{n: s for n, s in derived.items() if n not in store.levels}}
+
+
+class _Examined:
+    """``store`` as :func:`decide` asks it about one image, after :func:`examine`: the arrays it
+    kept (``kept``: shape and recorded checksum checked, nothing changed since under the lock)
+    are answered from the verdict, so a resume reads each kept level's bytes once, not twice."""
+
+    def __init__(self, store: Storage, key: str, kept: dict[str, Shape]) -> None:
+        self._store, self._key, self._kept = store, key, kept
+
+    def shapes(self, key: str, names, dtypes=None) -> dict[str, Shape]:
+        names = list(names)
+        known = self._kept if key == self._key else {}
+        found = self._store.shapes(key, [n for n in names if n not in known], dtypes)
+        return {n: known[n] if n in known else found[n] for n in names if n in known or n in found}
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)

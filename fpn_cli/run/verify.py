@@ -3,10 +3,11 @@ inputs as they are now?
 
 For every image report.json lists as ok or skipped:
 
-- each listed level's file is present, a complete ``.npy`` (valid header, full length) of the
-  report's save dtype, and of the shape listed, which is the shape the report's model gives for
-  the image's network input size; every level of the model is listed, unless the run stored
-  none (``--no-maps``);
+- each listed level's file is present, a regular file, a complete ``.npy`` (valid header, full
+  length) of the report's save dtype, its array of the checksum recorded with the image (the
+  image's own, unaltered: formats/npyio.py), and of the shape listed, which is the shape the
+  report's model gives for the image's network input size; every level of the model is listed,
+  unless the run stored none (``--no-maps``);
 - its ``geometry``, if listed, gives each level the size the model gives (else, where the model
   cannot be built here, the size of the level's listed shape) and the level's stride;
 - each listed pooled vector (``--pool``) likewise, of the shape listed, (C,) for its level's C;
@@ -17,11 +18,15 @@ For every image report.json lists as ok or skipped:
   names is still there, a regular file of the recorded size and modification time, and of the
   recorded SHA-256 where one was recorded (``--hash``).
 
-The counts must match the entries. Every problem is one line, ``PATH: what is wrong``.
+The counts must match the entries. Every problem is one line, ``PATH: what is wrong``. Arrays of
+a folder made before checksums were recorded are checked by their shape alone, and the summary
+says how many.
 
 A ``--format shards`` folder is checked the same way through its index (formats/shards.py): each
-listed array is a member of the shard the index has for the image, where report.json says, its
-``.npy`` header in the tar of the dtype and shape the index and the report list, within the tar;
+listed array is a member of the shard the index has for the image, where report.json says, the
+tar header just before it naming it (``<stem>.p2.npy``, the image's own) with the listed size, its
+``.npy`` header in the tar of the dtype and shape the index and the report list, within the tar,
+its bytes of the checksum in the index;
 the record is the one in the image's index line (from its json member). An input that was a tar
 member is found again by listing its tar, one behind a URL by asking its store.
 """
@@ -57,14 +62,22 @@ class Verification:
 
     images: int = 0  # entries checked (ok and skipped)
     problems: list[str] = field(default_factory=list)
+    shape_only: int = 0  # arrays without a recorded checksum: checked by their shape alone
 
     def summary(self) -> str:
         found = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        return (
+        line = (
             f"verified {self.images} images: {found}"
             if self.problems
             else f"verified {self.images} images: all as reported"
         )
+        if self.shape_only:
+            plural = "s" if self.shape_only != 1 else ""
+            line += (
+                f"; {self.shape_only} array{plural} checked by shape only (no checksum recorded: "
+                "made by an earlier version)"
+            )
+        return line
 
 
 def verify_folder(out: str | os.PathLike[str]) -> Verification:
@@ -99,8 +112,9 @@ def verify_folder(out: str | os.PathLike[str]) -> Verification:
             continue
         result.images += 1
         path = str(entry.get("path"))
-        problems = _check_image(folder, entry, save_dtype, model, config, maps, tars)
+        problems = _check_image(folder, entry, save_dtype, model, config, maps, tars, result)
         result.problems += [f"{path}: {p}" for p in problems]
+    result.problems += folder.folder_problems()
     if isinstance(report.get("counts"), dict) and report["counts"] != counts:
         result.problems.append(f"{REPORT_FILE}: counts {report['counts']} but its entries give {counts}")
     return result
@@ -148,10 +162,13 @@ def _check_image(
     config: FPNConfig | None,
     maps: bool = True,
     tars: dict[str, dict[str, Readable]] | None = None,
+    result: Verification | None = None,
 ) -> list[str]:
     """The problems of one image's entry: each array as listed, in the dtype ``save_dtype``
-    stores it (codecs.array_dtype: codes, int8 scales, float derived arrays)."""
+    stores it (codecs.array_dtype: codes, int8 scales, float derived arrays); ``result`` counts
+    the arrays checked by shape alone."""
     problems = []
+    folder = _Counted(folder, result if result is not None else Verification())
     dtype = codecs.derived_dtype(save_dtype)  # pooled vectors and rois
     key = output_key(str(entry.get("path")))
     levels = entry.get("levels") if isinstance(entry.get("levels"), dict) else {}
@@ -175,6 +192,31 @@ def _check_image(
     if not (levels or pooled or entry.get("rois") is not None or entry.get("preview")):
         return problems  # nothing stored for it (--no-maps, no boxes for it): no record vouches
     return problems + _check_input(folder, key, entry, {} if tars is None else tars)
+
+
+class _Counted:
+    """A verify reader that also checks an array's content against its recorded checksum
+    (:meth:`content_problems`), counting in ``result`` the arrays that have none."""
+
+    def __init__(self, reader: VerifyReader, result: Verification) -> None:
+        self.reader, self.result, self.root = reader, result, reader.root
+
+    def array(self, key: str, info: dict, dtype: np.dtype) -> tuple[str, str | None, tuple[int, ...] | None]:
+        return self.reader.array(key, info, dtype)
+
+    def content_problems(self, key: str, info: dict, shown: str) -> list[str]:
+        same = self.reader.content(key, info)
+        if same is None:
+            self.result.shape_only += 1
+        elif not same:
+            return [f"{shown} does not hold the array recorded for it (its checksum differs)"]
+        return []
+
+    def boxes(self, rois: dict) -> dict:
+        return self.reader.boxes(rois)
+
+    def record(self, key: str) -> tuple[dict | None, str]:
+        return self.reader.record(key)
 
 
 def _expected(config: FPNConfig | None, size: object) -> dict[str, tuple[int, ...]]:
@@ -230,6 +272,8 @@ def _check_level(
         problems.append(f"{shown} has shape {_text(shape)}, the report lists {_text(listed)}")
     if expected is not None and listed != expected:
         problems.append(f"{level} is listed as {_text(listed)}, but the model gives {_text(expected)}")
+    if not problems and isinstance(folder, _Counted):
+        problems += folder.content_problems(key, info, shown)
     return problems
 
 
@@ -264,6 +308,8 @@ def _check_rois(folder: VerifyReader, key: str, rois: object, dtype: np.dtype) -
         problems.append(f"{shown} is not a complete {BOX_DTYPE} .npy file (header, dtype or length)")
     elif shape != (count, 4):
         problems.append(f"{shown} has shape {_text(shape)}, not {count}x4 for the RoIs listed")
+    elif isinstance(folder, _Counted):
+        problems += folder.content_problems(key, folder.boxes(rois), shown)
     return problems
 
 

@@ -1,0 +1,255 @@
+"""Features checked by identity and content: each array's checksum recorded with its image, tar
+members named where the index puts them, stray shard copies, foreign tar members, and output
+files that are not regular files (docs/guarantees.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fpn_cli import FeatureDataset, open_features
+from fpn_cli.errors import FPNError
+
+from conftest import SEED, index_lines, report_of, run
+from imagefactory import save_rgb
+
+SHARDS = ["--format", "shards", "--shard-size", 1]  # one image a shard
+LOUD = ["--arch", "seed", "--device", "cpu"]
+KEYS = ("a", "b", "c", "d")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """Four images of one size, extracted once in each format."""
+    root = tmp_path_factory.mktemp("made")
+    for i, key in enumerate(KEYS):
+        save_rgb(root / "in" / f"{key}.png", 24, 32, seed=i)
+    assert run(root / "in", "-o", root / "npy", *SEED).exit_code == 0
+    assert run(root / "in", "-o", root / "shards", *SEED, *SHARDS).exit_code == 0
+    return root
+
+
+@pytest.fixture
+def folders(made, tmp_path) -> tuple[Path, Path, Path]:
+    """Copies of the inputs and of both output folders (copytree keeps modification times)."""
+    for name in ("in", "npy", "shards"):
+        shutil.copytree(made / name, tmp_path / name)
+    return tmp_path / "in", tmp_path / "npy", tmp_path / "shards"
+
+
+def crc(array: np.ndarray) -> str:
+    return f"crc32:{zlib.crc32(np.ascontiguousarray(array).tobytes()):08x}"
+
+
+def by_key(out: Path) -> dict[str, dict]:
+    return {line["key"]: line for line in index_lines(out)}
+
+
+def arrays(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    feats = open_features(out)
+    return {key: {name: np.array(a) for name, a in feats[key].items()} for key in feats}
+
+
+def flip_a_float(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        value = f.read(4)
+        f.seek(at)
+        f.write(bytes(b ^ 0x40 for b in value))
+
+
+def test_every_array_is_recorded_with_the_checksum_of_its_bytes(folders):
+    _, npy, shards = folders
+    for key in KEYS:
+        sums = json.loads((npy / key / "input.json").read_text())["checksums"]
+        assert sums == {level: crc(np.load(npy / key / f"{level}.npy")) for level in ("p2", "p3", "p4", "p5")}
+    raw = open_features(shards, dtype=None)
+    for key, line in by_key(shards).items():
+        assert {s: m["checksum"] for s, m in line["members"].items() if s != "json"} == {
+            f"{name}.npy": crc(array) for name, array in raw[key].items()
+        }
+
+
+def test_one_float_edited_in_an_npy_file_fails_verify_and_is_recomputed(folders):
+    src, npy, _ = folders
+    before = (npy / "a" / "p3.npy").read_bytes()
+    flip_a_float(npy / "a" / "p3.npy", 200)
+    result = run("verify", npy)
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        "a.png: a/p3.npy does not hold the array recorded for it (its checksum differs)"
+    ]
+    rerun = run(src, "-o", npy, *LOUD)
+    assert rerun.exit_code == 0, rerun.output
+    assert f"recomputing {src / 'a.png'}: p3.npy does not hold the array recorded for it" in rerun.output
+    assert report_of(npy)["counts"] == {"ok": 1, "skipped": 3, "failed": 0}
+    assert (npy / "a" / "p3.npy").read_bytes() == before
+    assert run("verify", npy).exit_code == 0
+
+
+def test_two_npy_files_swapped_between_images_fail_verify_and_are_recomputed(folders):
+    src, npy, _ = folders
+    before = {key: (npy / key / "p4.npy").read_bytes() for key in ("b", "c")}
+    os.replace(npy / "b" / "p4.npy", npy / "tmp")
+    os.replace(npy / "c" / "p4.npy", npy / "b" / "p4.npy")
+    os.replace(npy / "tmp", npy / "c" / "p4.npy")
+    result = run("verify", npy)
+    assert result.exit_code == 1
+    assert sorted(result.stdout.splitlines()) == [
+        f"{key}.png: {key}/p4.npy does not hold the array recorded for it (its checksum differs)"
+        for key in ("b", "c")
+    ]
+    assert run(src, "-o", npy, *SEED).exit_code == 0
+    assert report_of(npy)["counts"] == {"ok": 2, "skipped": 2, "failed": 0}
+    assert {key: (npy / key / "p4.npy").read_bytes() for key in ("b", "c")} == before
+
+
+def test_two_shard_tars_swapped_are_refused_by_readers_verify_and_resume(folders):
+    src, _, shards = folders
+    expected = arrays(shards)
+    lines = by_key(shards)
+    first, second = (shards / "shards" / lines[key]["shard"] for key in ("a", "b"))
+    assert first.stat().st_size == second.stat().st_size  # equal-size tars: every offset lines up
+    os.replace(first, shards / "tmp")
+    os.replace(second, first)
+    os.replace(shards / "tmp", second)
+    feats = open_features(shards)
+    with pytest.raises(FPNError, match=rf"shards/{first.name} does not hold a\.p2\.npy where the index"):
+        feats["a"]["p2"]
+    np.testing.assert_array_equal(feats["c"]["p2"], expected["c"]["p2"])  # the others read as before
+    result = run("verify", shards)
+    assert result.exit_code == 1
+    assert sorted(result.stdout.splitlines()) == [
+        f"{key}.png: shards/{tar.name} holds another member where the index puts {key}.{level}.npy"
+        for key, tar in (("a", first), ("b", second))
+        for level in ("p2", "p3", "p4", "p5")
+    ]
+    rerun = run(src, "-o", shards, *LOUD, *SHARDS)
+    assert rerun.exit_code == 0, rerun.output
+    assert report_of(shards)["counts"] == {"ok": 2, "skipped": 2, "failed": 0}
+    after = arrays(shards)
+    for key in KEYS:
+        for name in expected[key]:
+            np.testing.assert_array_equal(after[key][name], expected[key][name])
+    assert run("verify", shards).exit_code == 0
+
+
+def test_one_float_edited_inside_a_shard_fails_verify_and_is_recomputed(folders):
+    src, _, shards = folders
+    expected = arrays(shards)
+    line = by_key(shards)["c"]
+    flip_a_float(shards / "shards" / line["shard"], line["members"]["p2.npy"]["data"] + 64)
+    result = run("verify", shards)
+    assert result.exit_code == 1
+    shown = f"shards/{line['shard']}:c.p2.npy"
+    assert result.stdout.splitlines() == [
+        f"c.png: {shown} does not hold the array recorded for it (its checksum differs)"
+    ]
+    rerun = run(src, "-o", shards, *LOUD, *SHARDS)
+    assert rerun.exit_code == 0
+    assert f"recomputing {src / 'c.png'}: p2.npy does not hold the array recorded for it" in rerun.output
+    np.testing.assert_array_equal(open_features(shards)["c"]["p2"], expected["c"]["p2"])
+    assert run("verify", shards).exit_code == 0
+
+
+def test_a_stray_copy_of_a_shard_stops_the_run_naming_both_tars_and_keeps_the_report(folders):
+    src, _, shards = folders
+    report = (shards / "report.json").read_bytes()
+    held = by_key(shards)["b"]["shard"]
+    shutil.copy2(shards / "shards" / held, shards / "shards" / "000009.tar")
+    result = run(src, "-o", shards, *SEED, *SHARDS)
+    assert result.exit_code == 1
+    assert f"image 'b' is in 2 shards of {shards / 'shards'} ({held}, 000009.tar)" in result.output
+    assert "Move the copy" in result.output and "Traceback" not in result.output
+    assert (shards / "report.json").read_bytes() == report
+    checked = run("verify", shards)
+    assert checked.exit_code == 1
+    assert checked.stdout.startswith(f"image 'b' is in 2 shards of shards ({held}, 000009.tar)")
+    (shards / "shards" / "000009.tar").unlink()
+    (shards / "shards" / ".index" / "000009.jsonl").unlink()
+    again = run(src, "-o", shards, *SEED, *SHARDS)
+    assert again.exit_code == 0 and report_of(shards)["counts"]["skipped"] == 4
+
+
+def test_an_index_rebuild_skips_and_names_members_no_run_writes(folders):
+    src, _, shards = folders
+    line = by_key(shards)["a"]
+    tar_path = shards / "shards" / line["shard"]
+    foreign = {"../../x.p2.npy": io.BytesIO(), "../../x.json": b'{"path": "../../x.png"}', "a.p2.npy": None}
+    np.save(foreign["../../x.p2.npy"], np.ones((256, 6, 8), np.float32))
+    with tarfile.open(tar_path, "a") as tar:
+        for name, data in foreign.items():
+            if data is None:  # a second member of a name the image has: appended after it
+                data = io.BytesIO()
+                np.save(data, np.zeros((256, 6, 8), np.float32))
+            raw = data.getvalue() if isinstance(data, io.BytesIO) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    (shards / "shards" / ".index" / line["shard"].replace(".tar", ".jsonl")).unlink()
+    (shards / "shards" / "index.jsonl").unlink()
+    result = run(src, "-o", shards, *SEED, *SHARDS)
+    assert result.exit_code == 0, result.output
+    where = shards / "shards" / line["shard"]
+    for name in ("../../x.p2.npy", "../../x.json"):
+        assert f"warning: {where}: skipped member {name!r}: not a member fpn-extract writes" in result.output
+    assert f"warning: {where}: skipped member 'a.p2.npy': a second member of that name" in result.output
+    assert sorted(by_key(shards)) == list(KEYS)
+    assert report_of(shards)["counts"]["skipped"] == 4
+    assert len(FeatureDataset(shards)) == 4
+    assert float(np.abs(open_features(shards)["a"]["p2"]).sum()) > 0  # the image's own, not the zeros
+    assert run("verify", shards).exit_code == 0
+
+
+def test_folders_without_checksums_are_checked_by_shape_and_say_how_many(folders):
+    src, npy, shards = folders
+    for key in KEYS:
+        record = json.loads((npy / key / "input.json").read_text())
+        del record["checksums"]
+        (npy / key / "input.json").write_text(json.dumps(record))
+    index = (shards / "shards" / "index.jsonl").read_text().splitlines()
+    lines = [json.loads(text) for text in index[1:]]
+    for line in lines:
+        for member in line["members"].values():
+            member.pop("checksum", None)
+    (shards / "shards" / "index.jsonl").write_text("\n".join([index[0], *map(json.dumps, lines)]) + "\n")
+    for out in (npy, shards):
+        result = run("verify", out)
+        assert result.exit_code == 0, result.output
+        assert (
+            "verified 4 images: all as reported; 16 arrays checked by shape only (no checksum recorded: "
+            "made by an earlier version)"
+        ) in result.stderr
+        assert open_features(out)["a"]["p5"].shape == (256, 1, 1)
+    assert run(src, "-o", npy, *SEED).exit_code == 0
+    assert report_of(npy)["counts"]["skipped"] == 4  # kept, as before
+
+
+def test_a_fifo_in_place_of_an_output_file_is_refused_at_once_naming_it(folders):
+    src, npy, shards = folders
+    os.unlink(npy / "a" / "p2.npy")
+    os.mkfifo(npy / "a" / "p2.npy")
+    with pytest.raises(FPNError, match=rf"{npy / 'a' / 'p2.npy'} is a FIFO, not a regular file"):
+        open_features(npy)["a"]
+    result = run("verify", npy)
+    assert result.stdout.splitlines() == ["a.png: a/p2.npy is not a regular file"]
+    rerun = run(src, "-o", npy, *LOUD, "--timeout", "60")
+    assert rerun.exit_code == 0, rerun.output
+    assert f"recomputing {src / 'a.png'}: p2.npy is not a complete float32 .npy file" in rerun.output
+    assert "timed out" not in rerun.output
+    assert np.load(npy / "a" / "p2.npy").shape == (256, 6, 8)
+    tar = shards / "shards" / by_key(shards)["d"]["shard"]
+    tar.unlink()
+    os.mkfifo(tar)
+    with pytest.raises(FPNError, match=rf"{tar} is a FIFO, not a regular file"):
+        open_features(shards)["d"]["p3"]
+    with pytest.raises(FPNError, match=rf"{tar} is a FIFO"):
+        FeatureDataset(shards)[3]
