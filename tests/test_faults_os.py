@@ -5,6 +5,8 @@ the report is one line naming the path and the reason, never a traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import threading
 import time
@@ -84,3 +86,100 @@ def test_a_list_file_behind_a_server_that_never_answers_is_one_line_after_timeou
         result.output
         == f"Error: cannot read --list {silent_server}/urls.txt: timed out after 1 s (--timeout)\n"
     )
+
+
+# --- every OS error one line ------------------------------------------------------------------------
+
+
+class _FullDisk:
+    """A file whose writes reach a full disk: its flush fails with ENOSPC."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_the_lock_is_one_line_naming_the_lock_file(tmp_path, monkeypatch):
+    from fpn_cli.formats import locks
+
+    save_rgb(tmp_path / "a.png", 32, 32)
+    monkeypatch.setattr(locks, "open", lambda *a, **kw: _FullDisk(open(*a, **kw)), raising=False)
+    result = run(tmp_path / "a.png", "-o", tmp_path / "out", *SEED)
+    assert result.exit_code == 2
+    lock = tmp_path / "out" / ".lock"
+    assert result.output == f"Error: cannot write the lock file {lock}: No space left on device\n"
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        ("report.json", "{out}/report.json: Is a directory"),
+        (".fpn-extract.json", "output folder {out} is not writable: {out}/.fpn-extract.json: Is a directory"),
+        ("shards/index.jsonl", "{out}/shards/index.jsonl: Is a directory"),
+    ],
+)
+def test_a_folder_where_the_settings_report_or_index_goes_is_one_line(damage, said, tmp_path):
+    save_rgb(tmp_path / "a.png", 32, 32)
+    out = tmp_path / "out"
+    (out / damage).mkdir(parents=True)
+    shards = ["--format", "shards"] if damage.startswith("shards/") else []
+    result = run(tmp_path / "a.png", "-o", out, "--overwrite", *shards, *SEED)
+    assert result.exit_code in (1, 2)
+    assert result.output == "Error: " + said.format(out=out) + "\n"
+
+
+COCO_FILE = "hub/checkpoints/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+
+
+@pytest.mark.parametrize(
+    "blocked, said",
+    [
+        (COCO_FILE, "cannot be cached: {home}/" + COCO_FILE + " is a folder, not a file"),
+        ("hub", "cannot be cached at {home}/" + COCO_FILE + ": {home}/hub is a file, not a folder"),
+        ("hub/checkpoints", "cannot be cached at {home}/" + COCO_FILE + ": {home}/hub/checkpoints is a file"),
+    ],
+)
+def test_a_cache_path_that_is_a_folder_or_under_a_file_says_which(
+    blocked, said, torch_home, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("FPN_EXTRACT_OFFLINE")  # online too: checked before any download
+    save_rgb(tmp_path / "a.png", 32, 32)
+    if blocked == COCO_FILE:
+        (torch_home / blocked).mkdir(parents=True)
+    else:
+        (torch_home / blocked).parent.mkdir(parents=True, exist_ok=True)
+        (torch_home / blocked).write_text("")
+    result = run(tmp_path / "a.png", "-o", tmp_path / "out", "--weights", "coco", "--device", "cpu")
+    assert result.exit_code == 2
+    assert len(result.output.splitlines()) == 1
+    assert said.format(home=torch_home) in result.output
+    assert "remove it, or set $TORCH_HOME to another folder" in result.output
+
+
+@pytest.mark.parametrize("name", ["timm:../../x", "timm:/etc/passwd", "timm:hf-hub:../x", "timm:a b"])
+def test_a_timm_name_that_is_no_model_name_is_refused_in_one_line(name, tmp_path):
+    result = run(tmp_path / "a.png", "-o", tmp_path / "out", "--arch", name, *SEED[2:])
+    assert result.exit_code == 2
+    assert f"Error: Invalid value for '--arch': {name!r} is not a timm model name" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_timm_hub_model_offline_is_one_line_in_seconds_naming_repository_and_file(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("FPN_EXTRACT_OFFLINE", "1")
+    save_rgb(tmp_path / "a.png", 32, 32)
+    began = time.monotonic()
+    result = run(
+        tmp_path / "a.png", "-o", tmp_path / "out", "--arch", "timm:hf-hub:timm/resnet18.a1_in1k", "-q"
+    )
+    assert time.monotonic() - began < 10  # the hub's client retries for half a minute
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert "config.json of the Hugging Face repository timm/resnet18.a1_in1k" in result.output
+    assert str(tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k") in result.output

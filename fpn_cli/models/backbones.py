@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError
 from fpn_cli.models.choices import TIMM_PREFIX, check_arch
+from fpn_cli.models.hub import hf_hub_model
 from fpn_cli.models.levels import LEVELS
 
 
@@ -278,9 +279,19 @@ class TimmBody(nn.Module):
     def __init__(self, model_name: str, pretrained: bool = False) -> None:
         super().__init__()
         timm = import_timm()
+        with hf_hub_model(model_name, pretrained):
+            self.net, wanted = self._create(timm, model_name, pretrained)
+        channels = self.net.feature_info.channels()
+        self.feature_info = tuple(
+            LevelInfo(f"c{k}", c, s) for k, c, s in zip((2, 3, 4, 5), channels, wanted, strict=True)
+        )
+
+    @staticmethod
+    def _create(timm, model_name: str, pretrained: bool) -> tuple[nn.Module, list[int]]:
+        """timm's ``features_only`` network with the last output at each stride 4, 8, 16, 32."""
         try:
             probe = timm.create_model(model_name, pretrained=False, features_only=True)
-        except RuntimeError as e:  # timm's "Unknown model"
+        except (RuntimeError, ValueError) as e:  # timm's "Unknown model", a name it cannot parse
             raise UsageError(f"--arch timm:{model_name}: {str(e).splitlines()[0]}") from None
         reductions = list(probe.feature_info.reduction())
         wanted = [LEVELS[f"c{k}"].stride for k in (2, 3, 4, 5)]
@@ -292,13 +303,10 @@ class TimmBody(nn.Module):
             )
         # the last output at each stride: the deepest features of that resolution
         indices = [len(reductions) - 1 - reductions[::-1].index(r) for r in wanted]
-        self.net = timm.create_model(
+        net = timm.create_model(
             model_name, pretrained=pretrained, features_only=True, out_indices=tuple(indices)
         )
-        channels = self.net.feature_info.channels()
-        self.feature_info = tuple(
-            LevelInfo(f"c{k}", c, s) for k, c, s in zip((2, 3, 4, 5), channels, wanted, strict=True)
-        )
+        return net, wanted
 
     def forward(self, x: Tensor, count: int | None = None) -> list[Tensor]:
         outs = self.net(x)
@@ -336,6 +344,6 @@ ARCHS: dict[str, Arch] = {
 @functools.lru_cache(maxsize=64)
 def get_arch(name: str) -> Arch:
     """A registered architecture, or ``timm:<model>`` for any timm model."""
-    if name.startswith(TIMM_PREFIX):
+    if check_arch(name).startswith(TIMM_PREFIX):
         return TimmArch(name[len(TIMM_PREFIX) :])
-    return ARCHS[check_arch(name)]
+    return ARCHS[name]
