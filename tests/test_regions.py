@@ -673,3 +673,23 @@ def test_rois_exist_exactly_for_the_images_the_last_boxes_file_names(tmp_path):
     assert sorted(p.parent.name for p in out.glob("*/rois.npy")) == ["im1", "im2"]
     assert {np.load(p).shape[2:] for p in out.glob("*/rois.npy")} == {(5, 5)}
     assert run("verify", out).exit_code == 0
+
+
+def test_roi_and_boxes_runs_say_which_images_lose_rois_of_an_earlier_boxes_file(tmp_path):
+    """The images an earlier boxes file gave rois.npy that the new file names no box of lose
+    them: the roi command and a --boxes run say how many and which (the first three), on stderr."""
+    for i in range(5):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    old = write_csv(tmp_path / "old.csv", [(f"im{i}.png", 1, 1, 9, 9) for i in (1, 2, 3, 4)])
+    new = write_csv(tmp_path / "new.csv", [("im0.png", 1, 1, 20, 16)])
+    out = tmp_path / "out"
+    run_ok(tmp_path / "in", "-o", out, *SEED, "--boxes", old)
+    result = run_ok("roi", out, "--boxes", new)
+    lost = "RoI features of an earlier boxes file and have none in the new one"
+    assert f"roi: 4 images had {lost}: im1.png, im2.png, im3.png and 1 more\n" in result.stderr
+    assert sorted(p.parent.name for p in out.glob("*/rois.npy")) == ["im0"]
+    again = run_ok(tmp_path / "in", "-o", out, *LOUD, "--boxes", old)
+    assert f"--boxes {old}: 1 image had {lost}: im0.png\n" in again.stderr
+    assert sorted(p.parent.name for p in out.glob("*/rois.npy")) == ["im1", "im2", "im3", "im4"]
+    quiet = run_ok("roi", out, "--boxes", old)  # nothing lost: nothing said
+    assert "earlier boxes file" not in quiet.output

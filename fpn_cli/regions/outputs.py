@@ -222,6 +222,25 @@ class Outputs:
         return regions
 
 
+def tell_lost_rois(lost: Sequence[str], who: str, log: Callable[[str], None], few: int = 3) -> None:
+    """Says how many images lose the RoI features of an earlier boxes file, because the new one
+    names none of their boxes, and which (up to ``few``): ``who`` begins the line ("roi")."""
+    if not lost:
+        return
+    shown = ", ".join(sorted(lost)[:few]) + (f" and {len(lost) - few} more" if len(lost) > few else "")
+    had = "image had" if len(lost) == 1 else "images had"
+    new = "have none in the new one"
+    log(f"{who}: {len(lost)} {had} RoI features of an earlier boxes file and {new}: {shown}")
+
+
+def lost_rois(
+    images: Sequence[tuple[str, str]], outputs: Outputs, is_stored: Callable[[str, str], bool]
+) -> list[str]:
+    """Of ``images`` ((rel, key) pairs, with features stored), those whose rois.npy goes: the
+    boxes file of ``outputs`` names none of their boxes (:meth:`Outputs.unwanted`)."""
+    return [rel for rel, key in images if ROIS in outputs.unwanted(rel) and is_stored(key, ROIS)]
+
+
 def tell_boxes(
     rel: str,
     shown: str,

@@ -61,7 +61,7 @@ from fpn_cli.models.builder import ModelSpec, build, resolve
 from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
 from fpn_cli.regions.boxes import Checked, read_boxes, warn_unknown
 from fpn_cli.regions.geometry import Geometry, LevelSizes
-from fpn_cli.regions.outputs import Outputs, tell_boxes
+from fpn_cli.regions.outputs import Outputs, lost_rois, tell_boxes, tell_lost_rois
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
@@ -334,6 +334,9 @@ def plan(
             strict=True,
         )
     )
+    if outputs.boxes is not None:
+        pairs = [(image.rel, image.key) for image in present]
+        tell_lost_rois(lost_rois(pairs, outputs, store.is_stored), f"--boxes {opts.boxes}", log)
     unrecorded = 0
     jobs = []
     stored = {image.key for image in present}
