@@ -4,6 +4,9 @@ Every file is byte for byte what ``np.save`` writes for the same array (C order,
 
     write_file(path, array, direct)   O_DIRECT where the filesystem takes it, else buffered
     npy_shape(path, dtype)            the shape of a complete file of that dtype, else None
+
+An array too large to hold whole (the RoI features of 100,000 boxes: 5 GB) comes as a
+:class:`ChunkedArray`, made and written a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import mmap
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,6 +24,43 @@ import numpy as np
 
 TRANSPOSE_BLOCK = 32  # positions per block when writing channels-last levels in C order (fastest measured)
 DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: multiples of the logical block size
+
+
+class ChunkedArray:
+    """An array of ``shape`` and ``dtype`` made a block of rows (its first axis) at a time, never
+    whole: ``make(start, stop)`` returns rows ``start:stop``. The writers stream it (a file holds
+    the header, then each block as it is made); ``np.asarray`` makes it whole."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        make: Callable[[int, int], np.ndarray],
+        rows_per_chunk: int,
+    ) -> None:
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+        self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        self._make, self.rows_per_chunk = make, max(1, rows_per_chunk)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) for each block, in order, each made when asked for."""
+        for start in range(0, self.shape[0], self.rows_per_chunk):
+            stop = min(start + self.rows_per_chunk, self.shape[0])
+            chunk = np.ascontiguousarray(self._make(start, stop), self.dtype)
+            if chunk.shape != (stop - start, *self.shape[1:]):
+                raise ValueError(
+                    f"rows {start}:{stop} came as {chunk.shape}, not {(stop - start, *self.shape[1:])}"
+                )
+            yield start, chunk
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        for start, chunk in self.chunks():
+            out[start : start + len(chunk)] = chunk
+        return out if dtype is None else out.astype(dtype)
 
 
 def npy_header(array: np.ndarray) -> bytes:
@@ -33,8 +74,12 @@ def npy_header(array: np.ndarray) -> bytes:
 def copy_c_order(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src`` for a C-order ``dst``. A channels-last (C, H, W) ``src``, the network's
     layout, is transposed in blocks of positions that stay in cache: 3.0 ms against numpy's
-    6.7 ms for a 256x128x128 float32 level (benchmarks/writes.py)."""
-    if src.ndim == 3 and not src.flags.c_contiguous and src.transpose(1, 2, 0).flags.c_contiguous:
+    6.7 ms for a 256x128x128 float32 level (benchmarks/writes.py). A :class:`ChunkedArray` is
+    copied a block at a time."""
+    if isinstance(src, ChunkedArray):
+        for start, chunk in src.chunks():
+            dst[start : start + len(chunk)] = chunk
+    elif src.ndim == 3 and not src.flags.c_contiguous and src.transpose(1, 2, 0).flags.c_contiguous:
         channels = src.shape[0]
         positions = src.transpose(1, 2, 0).reshape(-1, channels)  # (H*W, C), a view
         out = dst.reshape(channels, -1)
@@ -55,8 +100,13 @@ def c_order(array: np.ndarray) -> np.ndarray:
 def write_npy(f: BinaryIO, array: np.ndarray) -> None:
     """``np.save`` through ``f.write``, so a full disk raises ENOSPC (numpy's ``tofile`` reports
     only a short count). Always C order: a (C, 1, W) slice can be Fortran-contiguous, and readers
-    that memory-map the file expect the usual layout."""
+    that memory-map the file expect the usual layout. A :class:`ChunkedArray` is written a block
+    at a time, as it is made."""
     f.write(npy_header(array))
+    if isinstance(array, ChunkedArray):
+        for _, chunk in array.chunks():
+            f.write(memoryview(chunk).cast("B"))
+        return
     f.write(memoryview(c_order(array)).cast("B"))
 
 
@@ -83,7 +133,7 @@ class DirectWriter:
         self._local = threading.local()  # one buffer per writer thread, so writers never wait on each other
 
     def write(self, path: Path, array: np.ndarray) -> bool:
-        if not self.enabled:
+        if not self.enabled or isinstance(array, ChunkedArray):  # that one is never whole: buffered
             return False
         header = npy_header(array)
         length = len(header) + array.nbytes
