@@ -163,8 +163,10 @@ class Outputs:
         shape = (len(checked.boxes), pooler.channels, *self.roi.output_size)
 
         def rows(start: int, stop: int) -> np.ndarray:
-            out = np.full((stop - start, *shape[1:]), np.nan, np.float32)
             pooled = checked.pooled[start:stop]
+            if pooled.all():  # the pooler's own output is the chunk: no second copy of it
+                return pooler(geometry.to_model_input(checked.boxes[start:stop])).astype(dtype, copy=False)
+            out = np.full((stop - start, *shape[1:]), np.nan, np.float32)
             if pooled.any():
                 out[pooled] = pooler(geometry.to_model_input(checked.boxes[start:stop][pooled]))
             return out.astype(dtype, copy=False)
