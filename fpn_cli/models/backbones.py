@@ -50,6 +50,9 @@ class Arch(Protocol):
     torchvision_name: str | None  # the torchvision builder whose ImageNet weights fit, if any
     imagenet_bn_eps: float  # the BatchNorm eps those weights run with
     init_covered: bool  # every parameter is a conv's or a BatchNorm's (see model.build_model)
+    # host bytes a CPU forward takes per input pixel, per float per pixel of the model's levels
+    # (run/engine.py's memory guard), measured by benchmarks/memory_guard.py with a margin
+    host_bytes_per_level_float: float
 
     def build(self) -> Backbone: ...
 
@@ -62,6 +65,9 @@ class BasicBlock(nn.Module):
     only for a shared constructor signature; anything but the defaults is refused, as torchvision does."""
 
     expansion = 1
+    # peak RSS measured 9.2-9.8 B per level float (resnet18/34, 2000x2000 and 3000x3000): their
+    # activations inside the blocks are large beside their 64..512-channel outputs
+    host_bytes_per_level_float = 11.0
 
     def __init__(
         self,
@@ -98,6 +104,7 @@ class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (grouped for ResNeXt, wider for Wide ResNet), 1x1 expand; one class for all."""
 
     expansion = 4
+    host_bytes_per_level_float = 8.0  # measured 6.8-7.3 (seed, resnet50; 2000x2000, 3000x3000)
 
     def __init__(
         self,
@@ -156,6 +163,12 @@ class ResNetArch:
     init_covered = True  # every parameter is a conv's or a BatchNorm's (see model.build_model)
 
     @property
+    def host_bytes_per_level_float(self) -> float:
+        """The block's measured figure; grouped or wide 3x3 convs (ResNeXt, Wide ResNet: not
+        measured) scaled by how much wider they are, an upper bound."""
+        return self.block.host_bytes_per_level_float * max(1.0, self.groups * self.width_per_group / 64)
+
+    @property
     def channels(self) -> tuple[int, int, int, int]:
         """Channels of C2..C5."""
         return tuple(w * self.block.expansion for w in (64, 128, 256, 512))  # type: ignore[return-value]
@@ -212,6 +225,9 @@ class MobileNetV3Arch:
     framework = "torchvision"
     imagenet_bn_eps = 1e-3  # torchvision's classifier; its detector runs FrozenBatchNorm2d at 1e-5
     init_covered = True
+    # its levels are few (1.7 floats per pixel, all at stride 32) beside its stride-2..16 activations:
+    # measured 35.7 and 48.7 B per level float (2000x2000, 3000x3000)
+    host_bytes_per_level_float = 60.0
     returned: tuple[tuple[int, str], ...] = ((13, "c5a"), (16, "c5"))
 
     def build(self) -> MobileNetV3Body:
@@ -258,6 +274,7 @@ class TimmArch:
     framework = "timm"
     imagenet_bn_eps = 1e-5
     init_covered = False  # LayerNorms, layer scales: timm initialises them
+    host_bytes_per_level_float = 7.0
 
     def build(self) -> TimmBody:
         return TimmBody(self.model_name)
