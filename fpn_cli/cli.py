@@ -8,7 +8,7 @@ import time
 
 import click
 
-from fpn_cli.errors import FPNError, UsageError
+from fpn_cli.errors import FPNError, UsageError, describe_os_error
 from fpn_cli.formats import FORMATS
 from fpn_cli.inputs.images import DEFAULT_MAX_PIXELS
 from fpn_cli.inputs.urls import local_path
@@ -626,6 +626,9 @@ def main(
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
+    except OSError as e:  # a step with no message of its own (a full disk, a folder where a file goes)
+        _echo_err(f"Error: {describe_os_error(e)}")
+        sys.exit(1)
     except MemoryError:
         _echo_err("Error: out of memory; try a smaller --batch-size, --max-side or --workers")
         sys.exit(1)
@@ -741,6 +744,9 @@ def verify(out: str) -> None:
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
+    except OSError as e:  # a step with no message of its own (a full disk, a folder where a file goes)
+        _echo_err(f"Error: {describe_os_error(e)}")
+        sys.exit(1)
     for problem in result.problems:
         _echo(problem)
     _echo_err(result.summary())
@@ -786,6 +792,9 @@ def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
     except FPNError as e:
         _echo_err(f"Error: {e}")
         sys.exit(e.exit_code)
+    except OSError as e:  # a step with no message of its own (a full disk, a folder where a file goes)
+        _echo_err(f"Error: {describe_os_error(e)}")
+        sys.exit(1)
     except KeyboardInterrupt as e:  # every file is whole (atomic writes); report.json not yet updated
         _echo_err(f"Interrupted: {out}/report.json is as it was; run the command again to finish")
         sys.exit(signals.interrupted_status(e))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 
@@ -23,6 +24,14 @@ class WeightsError(UsageError):
 
 class ImageError(FPNError):
     """One input image could not be decoded; the run carries on with the others."""
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OS error as one line, the path and the reason: ``out/report.json: Is a directory``. Of a
+    rename, the path is the target (the source is a temporary file of ours)."""
+    path = e.filename2 if e.filename2 is not None else e.filename
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{os.fsdecode(path)}: {reason}" if path is not None else reason
 
 
 class Interrupted(KeyboardInterrupt):

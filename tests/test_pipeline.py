@@ -103,4 +103,4 @@ def test_a_batch_past_the_hosts_free_memory_is_never_run(monkeypatch):
     assert [j.image.key for j, _, _ in out] == ["a", "b", "c", "d"] and ran == [2, 2]
     assert list(forward([job("e", 128, 128)])) == [] and ran == [2, 2]  # 4x the pixels: never run
     assert failures[0][0] == "/in/e.png" and "GiB of memory" in failures[0][1]
-    assert counting.host_bytes(1, 2000, 2000) / 4e6 == pytest.approx(376, abs=5)  # 351-357 measured
+    assert counting.host_bytes(1, 2000, 2000) / 4e6 == pytest.approx(427, abs=5)  # 366-389 measured

@@ -673,3 +673,51 @@ def test_rois_exist_exactly_for_the_images_the_last_boxes_file_names(tmp_path):
     assert sorted(p.parent.name for p in out.glob("*/rois.npy")) == ["im1", "im2"]
     assert {np.load(p).shape[2:] for p in out.glob("*/rois.npy")} == {(5, 5)}
     assert run("verify", out).exit_code == 0
+
+
+def test_roi_and_boxes_runs_say_which_images_lose_rois_of_an_earlier_boxes_file(tmp_path):
+    """The images an earlier boxes file gave rois.npy that the new file names no box of lose
+    them: the roi command and a --boxes run say how many and which (the first three), on stderr."""
+    for i in range(5):
+        save_rgb(tmp_path / "in" / f"im{i}.png", 24, 32, seed=i)
+    old = write_csv(tmp_path / "old.csv", [(f"im{i}.png", 1, 1, 9, 9) for i in (1, 2, 3, 4)])
+    new = write_csv(tmp_path / "new.csv", [("im0.png", 1, 1, 20, 16)])
+    out = tmp_path / "out"
+    run_ok(tmp_path / "in", "-o", out, *SEED, "--boxes", old)
+    result = run_ok("roi", out, "--boxes", new)
+    lost = "RoI features of an earlier boxes file and have none in the new one"
+    assert f"roi: 4 images had {lost}: im1.png, im2.png, im3.png and 1 more\n" in result.stderr
+    assert sorted(p.parent.name for p in out.glob("*/rois.npy")) == ["im0"]
+    again = run_ok(tmp_path / "in", "-o", out, *LOUD, "--boxes", old)
+    assert f"--boxes {old}: 1 image had {lost}: im0.png\n" in again.stderr
+    assert sorted(p.parent.name for p in out.glob("*/rois.npy")) == ["im1", "im2", "im3", "im4"]
+    quiet = run_ok("roi", out, "--boxes", old)  # nothing lost: nothing said
+    assert "earlier boxes file" not in quiet.output
+
+
+def test_rois_are_pooled_and_written_a_bounded_chunk_at_a_time_with_the_same_bytes(tmp_path, monkeypatch):
+    """With chunks of 3 boxes, no pooling call takes more, a refused box's row stays NaN in
+    place, and rois.npy holds the bytes of pooling every box at once (npy and shards alike)."""
+    from fpn_cli.regions import outputs, pooling
+
+    save_rgb(tmp_path / "in" / "a.png", 48, 64, seed=3)
+    rows = [("a.png", i, i, 20 + 2 * i, 16 + i) for i in range(7)] + [("a.png", 5, 5, 5, 9)]  # last: empty
+    boxes = write_csv(tmp_path / "boxes.csv", rows)
+    assert run(tmp_path / "in", "-o", tmp_path / "whole", *SEED, "--boxes", boxes).exit_code == 1  # refused
+    calls: list[int] = []
+    call = pooling.RoiPooler.__call__
+    monkeypatch.setattr(pooling.RoiPooler, "__call__", lambda self, b: calls.append(len(b)) or call(self, b))
+    monkeypatch.setattr(outputs, "ROI_CHUNK_BYTES", 3 * 256 * 7 * 7 * 4)
+    for fmt in ("npy", "shards"):
+        calls.clear()
+        assert (
+            run(tmp_path / "in", "-o", tmp_path / fmt, *SEED, "--boxes", boxes, "--format", fmt).exit_code
+            == 1
+        )
+        assert calls == [3, 3, 1], fmt  # 8 rows in chunks of 3; the refused one is not pooled
+        got = open_features(tmp_path / fmt)["a"]["rois"]
+        assert got.shape == (8, 256, 7, 7) and np.isnan(got[7]).all()
+        assert np.array_equal(got, np.load(tmp_path / "whole" / "a" / "rois.npy"), equal_nan=True)
+    assert (tmp_path / "npy" / "a" / "rois.npy").read_bytes() == (
+        tmp_path / "whole" / "a" / "rois.npy"
+    ).read_bytes()

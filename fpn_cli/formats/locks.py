@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
-from fpn_cli.errors import UsageError
+from fpn_cli.errors import UsageError, describe_os_error
 from fpn_cli.layout import (
     HOST,
     LOCK_FILE,
@@ -46,7 +46,10 @@ def lock_folder(root: Path, shard: tuple[int, int] | None) -> Iterator[None]:
     try:
         files.append(_take(root, root / LOCK_FILE, exclusive=shard is None))
         if shard is not None:
-            (root / SHARDS_DIR).mkdir(exist_ok=True)
+            try:
+                (root / SHARDS_DIR).mkdir(exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cannot create {root / SHARDS_DIR}: {e.strerror or e}") from None
             files.append(_take(root, root / SHARDS_DIR / f"lock-{shard[0]}-of-{shard[1]}", True))
         yield
     finally:
@@ -60,7 +63,7 @@ def _take(root: Path, path: Path, exclusive: bool) -> IO[str]:
     try:
         f = open(path, "a+")
     except OSError as e:
-        raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
+        raise UsageError(f"output folder {root} is not writable: {describe_os_error(e)}") from None
     try:
         fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -71,11 +74,16 @@ def _take(root: Path, path: Path, exclusive: bool) -> IO[str]:
             f"another fpn-extract run ({holder}) is writing to {root}; "
             "wait for it to finish, or choose another --out"
         ) from None
-    if exclusive:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {HOST}")
-        f.flush()
+    if exclusive:  # who holds it, for the message of a run refused; a full disk refuses the run
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {HOST}")
+            f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # its flush fails again; the file is closed all the same
+                f.close()
+            raise UsageError(f"cannot write the lock file {path}: {e.strerror or e}") from None
     return f
 
 
@@ -100,7 +108,7 @@ def record_settings(
             _overwrite_marker(root, shard).touch()
         atomic_write_json(root / SETTINGS_FILE, settings_to_record(recorded, settings))
     except OSError as e:
-        raise UsageError(f"output folder {root} is not writable: {e.strerror or e}") from None
+        raise UsageError(f"output folder {root} is not writable: {describe_os_error(e)}") from None
     return recorded
 
 

@@ -13,6 +13,9 @@ a resume check the content against. CRC-32 because it is the fastest check numpy
 built in (zlib's: about 3 GB/s here, against blake2b's 0.6 GB/s; benchmarks/checksum.py), and it
 catches every burst of up to 32 flipped bits and any single edited value; it guards against
 accidents (a sync tool, a cut copy, a slip of the hand), not against someone forging features.
+
+An array too large to hold whole (the RoI features of 100,000 boxes: 5 GB) comes as a
+:class:`ChunkedArray`, made and written a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import stat
 import threading
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -115,6 +119,43 @@ def file_checksum(path: str | os.PathLike[str]) -> str | None:
         return None
 
 
+class ChunkedArray:
+    """An array of ``shape`` and ``dtype`` made a block of rows (its first axis) at a time, never
+    whole: ``make(start, stop)`` returns rows ``start:stop``. The writers stream it (a file holds
+    the header, then each block as it is made); ``np.asarray`` makes it whole."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        make: Callable[[int, int], np.ndarray],
+        rows_per_chunk: int,
+    ) -> None:
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+        self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        self._make, self.rows_per_chunk = make, max(1, rows_per_chunk)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) for each block, in order, each made when asked for."""
+        for start in range(0, self.shape[0], self.rows_per_chunk):
+            stop = min(start + self.rows_per_chunk, self.shape[0])
+            chunk = np.ascontiguousarray(self._make(start, stop), self.dtype)
+            if chunk.shape != (stop - start, *self.shape[1:]):
+                raise ValueError(
+                    f"rows {start}:{stop} came as {chunk.shape}, not {(stop - start, *self.shape[1:])}"
+                )
+            yield start, chunk
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        for start, chunk in self.chunks():
+            out[start : start + len(chunk)] = chunk
+        return out if dtype is None else out.astype(dtype)
+
+
 def npy_header(array: np.ndarray) -> bytes:
     """The ``.npy`` (version 1.0) header of ``array`` stored in C order."""
     header = io.BytesIO()
@@ -126,8 +167,12 @@ def npy_header(array: np.ndarray) -> bytes:
 def copy_c_order(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src`` for a C-order ``dst``. A channels-last (C, H, W) ``src``, the network's
     layout, is transposed in blocks of positions that stay in cache: 3.0 ms against numpy's
-    6.7 ms for a 256x128x128 float32 level (benchmarks/writes.py)."""
-    if src.ndim == 3 and not src.flags.c_contiguous and src.transpose(1, 2, 0).flags.c_contiguous:
+    6.7 ms for a 256x128x128 float32 level (benchmarks/writes.py). A :class:`ChunkedArray` is
+    copied a block at a time."""
+    if isinstance(src, ChunkedArray):
+        for start, chunk in src.chunks():
+            dst[start : start + len(chunk)] = chunk
+    elif src.ndim == 3 and not src.flags.c_contiguous and src.transpose(1, 2, 0).flags.c_contiguous:
         channels = src.shape[0]
         positions = src.transpose(1, 2, 0).reshape(-1, channels)  # (H*W, C), a view
         out = dst.reshape(channels, -1)
@@ -145,12 +190,22 @@ def c_order(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_npy(f: BinaryIO, array: np.ndarray) -> None:
+def write_npy(f: BinaryIO, array: np.ndarray) -> str:
     """``np.save`` through ``f.write``, so a full disk raises ENOSPC (numpy's ``tofile`` reports
     only a short count). Always C order: a (C, 1, W) slice can be Fortran-contiguous, and readers
-    that memory-map the file expect the usual layout."""
+    that memory-map the file expect the usual layout. A :class:`ChunkedArray` is written a block
+    at a time, as it is made. Returns the checksum of the array bytes written."""
     f.write(npy_header(array))
-    f.write(memoryview(c_order(array)).cast("B"))
+    if isinstance(array, ChunkedArray):
+        crc = 0
+        for _, chunk in array.chunks():
+            data = memoryview(chunk).cast("B")
+            f.write(data)
+            crc = zlib.crc32(data, crc)
+        return f"{CHECKSUM}:{crc:08x}"
+    data = memoryview(c_order(array)).cast("B")
+    f.write(data)
+    return checksum(data)
 
 
 def _clear_o_direct(fd: int) -> None:
@@ -177,8 +232,9 @@ class DirectWriter:
 
     def write(self, path: Path, array: np.ndarray) -> str | None:
         """Writes the file; returns the array's checksum (taken from the buffer, while its bytes
-        are in cache), or None where O_DIRECT is not to be had (nothing written)."""
-        if not self.enabled:
+        are in cache), or None where O_DIRECT is not to be had (nothing written), as for a
+        :class:`ChunkedArray`, never whole: that one goes buffered."""
+        if not self.enabled or isinstance(array, ChunkedArray):
             return None
         header = npy_header(array)
         length = len(header) + array.nbytes
@@ -245,9 +301,6 @@ def write_file(path: Path, array: np.ndarray, direct: DirectWriter | None = None
     array's checksum."""
     digest = direct.write(path, array) if direct is not None else None
     if digest is None:
-        data = c_order(array)
         with open(path, "wb") as f:
-            f.write(npy_header(data))
-            f.write(memoryview(data).cast("B"))
-        digest = array_checksum(data)
+            digest = write_npy(f, array)
     return digest

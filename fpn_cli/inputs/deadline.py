@@ -1,5 +1,6 @@
 """Work on a few threads, each item with a deadline: :func:`ordered_map` runs a function over
-items a bounded number ahead of the consumer and hands the results back in order.
+items a bounded number ahead of the consumer and hands the results back in order;
+:func:`bounded` runs one call so.
 
 An item still running when its deadline passes (a read from a hung network mount) is given up:
 the consumer gets ``late(item)`` instead, and a fresh thread takes the stuck one's place, which
@@ -135,5 +136,17 @@ def ordered_map(
                 pending.append(pool.submit(item))
             in_time, value = pool.result(task)
             yield value if in_time else late(task.item)
+    finally:
+        pool.close()
+
+
+def bounded(fn: Callable[[], R], timeout: float | None, name: str) -> tuple[bool, R | None]:
+    """(True, ``fn()``), or (False, None) when ``fn`` runs more than ``timeout`` seconds (None: no
+    limit); it then goes on alone on its daemon thread. An exception ``fn`` raised is raised here."""
+    if timeout is None:
+        return True, fn()
+    pool: DeadlinePool[None, R] = DeadlinePool(lambda _: fn(), 1, timeout, name)
+    try:
+        return pool.result(pool.submit(None))
     finally:
         pool.close()

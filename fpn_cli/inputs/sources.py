@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 from fpn_cli.errors import ImageError, UsageError
+from fpn_cli.inputs.deadline import bounded
 from fpn_cli.inputs.images import (
     InputImage,
     expand_local,
@@ -57,11 +58,16 @@ def find_inputs(
     lists: Sequence[str | os.PathLike[str]] = (),
     list_column: str | None = None,
     root: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
 ) -> list[InputImage]:
     """Every input image of a run, sorted by key: what images.find_images finds in files, folders,
     globs and stdin (``-``), plus the lines of each list file, the members of tar shards and URLs.
     Files and URLs named one by one share ``root`` or else their deepest common folder (keys.py).
-    Clashing keys are a :class:`UsageError` (images.unique_images)."""
+    Clashing keys are a :class:`UsageError` (images.unique_images).
+
+    ``timeout``: seconds that listing one URL (or reading a list file behind one) may take; a URL
+    past it is a failed input, a list file a :class:`UsageError` (a server that accepts and never
+    answers would otherwise hold the run for the backend's own timeout)."""
     inputs, lists = as_list(inputs), as_list(lists)
     specs: list[tuple[str, bool]] = []  # (spec, listed): a listed path is taken verbatim
     for spec, listed in input_specs(inputs, stdin_lines):
@@ -71,9 +77,9 @@ def find_inputs(
             expanded = expand_braces(spec)
             specs += [(one, len(expanded) > 1) for one in expanded]
     for listing in map(str, lists):
-        specs += [(line, True) for line in read_list(listing, list_column)]
+        specs += [(line, True) for line in read_list(listing, list_column, timeout)]
     exclude = exclude.resolve() if exclude is not None else None
-    found = [pair for spec, listed in specs for pair in _expand(spec, exclude, listed)]
+    found = [pair for spec, listed in specs for pair in _expand(spec, exclude, listed, timeout)]
     return unique_images(share_root(found, root))
 
 
@@ -84,10 +90,17 @@ def as_list(specs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) ->
     return list(specs)
 
 
-def _expand(spec: str, exclude: Path | None, listed: bool) -> list[tuple[InputImage, bool]]:
-    """The images of one input, each with whether it was named one by one (keys.py)."""
+def _expand(
+    spec: str, exclude: Path | None, listed: bool, timeout: float | None = None
+) -> list[tuple[InputImage, bool]]:
+    """The images of one input, each with whether it was named one by one (keys.py); a URL
+    still listing after ``timeout`` seconds is one failed input."""
     if is_url(spec):
-        images, one = _expand_url(spec, listed)
+        in_time, expanded = bounded(lambda: _expand_url(spec, listed), timeout, "fpn-list")
+        if not in_time:
+            reason = f"timed out after {timeout:g} s listing it (--timeout)"
+            return [(InputImage(RemoteFile(spec), _url_name(spec), error=reason), True)]
+        images, one = expanded
         return [(image, one) for image in images]
     spec = local_path(spec)
     if spec.lower().endswith(TAR_SUFFIX) and os.path.isfile(spec):
@@ -121,15 +134,16 @@ def expand_braces(spec: str) -> list[str]:
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
 
-def read_list(listing: str, column: str | None = None) -> list[str]:
+def read_list(listing: str, column: str | None = None, timeout: float | None = None) -> list[str]:
     """The paths in a list file: text (one a line, verbatim; a file whose every line ends in CRLF
     loses the CRs), CSV or TSV (``column`` of a header row, ``path`` unless given), parquet
-    (``column``, through pyarrow); a UTF-8 byte-order mark is dropped. ``listing`` may be a URL."""
+    (``column``, through pyarrow); a UTF-8 byte-order mark is dropped. ``listing`` may be a URL,
+    read within ``timeout`` seconds."""
     suffix = listing.lower().rsplit(".", 1)[-1] if "." in listing else ""
     column = column or "path"
     if suffix == "parquet":
-        return _parquet_column(listing, column)
-    raw = _read_all(listing).removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Excel writes
+        return _parquet_column(listing, column, timeout)
+    raw = _read_all(listing, timeout).removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Excel writes
     text = raw.decode("utf-8", "surrogateescape")
     if suffix in ("csv", "tsv"):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == "tsv" else ",")
@@ -143,11 +157,14 @@ def read_list(listing: str, column: str | None = None) -> list[str]:
     return [line for line in lines if line]
 
 
-def _read_all(path: str) -> bytes:
+def _read_all(path: str, timeout: float | None = None) -> bytes:
     try:
         if is_url(path):
             fs, inner = filesystem(path)
-            return fs.cat_file(inner)
+            in_time, data = bounded(lambda: fs.cat_file(inner), timeout, "fpn-list")
+            if not in_time:
+                raise UsageError(f"cannot read --list {path}: timed out after {timeout:g} s (--timeout)")
+            return data
         with open(local_path(path), "rb") as f:
             return f.read()
     except UsageError:
@@ -158,21 +175,24 @@ def _read_all(path: str) -> bytes:
         raise UsageError(f"cannot read --list {path}: {_reason(e)}") from None
 
 
-def _parquet_column(listing: str, column: str) -> list[str]:
+def _parquet_column(listing: str, column: str, timeout: float | None = None) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         hint = "pip install 'fpn-extract[parquet]'"
         raise UsageError(f"--list {listing}: parquet lists need pyarrow: {hint}") from None
     try:
-        schema = pq.read_schema(io.BytesIO(_read_all(listing)))
+        data = _read_all(listing, timeout)
+        schema = pq.read_schema(io.BytesIO(data))
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"--list {listing}: not a readable parquet file: {_reason(e)}") from None
     if column not in schema.names:
         raise UsageError(
             f"--list {listing}: no column {column!r} (columns: {', '.join(schema.names)}); see --list-column"
         )
-    table = pq.read_table(io.BytesIO(_read_all(listing)), columns=[column])
+    table = pq.read_table(io.BytesIO(data), columns=[column])
     return [str(value) for value in table.column(column).to_pylist() if value]
 
 
@@ -341,12 +361,8 @@ def tar_members(tar: str, f: BinaryIO, shown: str, listed: bool = False) -> list
 def _expand_url(url: str, listed: bool) -> tuple[list[InputImage], bool]:
     """A URL: one file (listed URLs always; their existence is checked when read), a tar, a glob,
     or a folder searched recursively; and whether it named one file (keys.py)."""
-    # a web URL's path is percent-encoded (the key is the file's own name), and "?" starts its
-    # query (a signed URL's), no glob
     web = url.lower().startswith(("http://", "https://"))
-    name = posixpath.basename(url.split("?", 1)[0].rstrip("/"))
-    if web:
-        name = unquote(name)
+    name = _url_name(url)
     if url.lower().endswith(TAR_SUFFIX):
         fs, inner = filesystem(url)
         try:
@@ -378,6 +394,13 @@ def _expand_url(url: str, listed: bool) -> tuple[list[InputImage], bool]:
     except Exception as e:  # a backend's own error (no credentials, no network)
         raise UsageError(f"cannot list {url}: {_reason(e)}") from None
     raise UsageError(f"input {url} does not exist")
+
+
+def _url_name(url: str) -> str:
+    """The file name a URL ends in: a web URL's path is percent-encoded (the key is the file's
+    own name), and "?" starts its query (a signed URL's), no glob."""
+    name = posixpath.basename(url.split("?", 1)[0].rstrip("/"))
+    return unquote(name) if url.lower().startswith(("http://", "https://")) else name
 
 
 def _remote_images(fs: Any, listing: Mapping[str, dict], root: str) -> list[InputImage]:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError
 from fpn_cli.models.choices import TIMM_PREFIX, check_arch
+from fpn_cli.models.hub import hf_hub_model
 from fpn_cli.models.levels import LEVELS
 
 
@@ -49,6 +50,9 @@ class Arch(Protocol):
     torchvision_name: str | None  # the torchvision builder whose ImageNet weights fit, if any
     imagenet_bn_eps: float  # the BatchNorm eps those weights run with
     init_covered: bool  # every parameter is a conv's or a BatchNorm's (see model.build_model)
+    # host bytes a CPU forward takes per input pixel, per float per pixel of the model's levels
+    # (run/engine.py's memory guard), measured by benchmarks/memory_guard.py with a margin
+    host_bytes_per_level_float: float
 
     def build(self) -> Backbone: ...
 
@@ -61,6 +65,9 @@ class BasicBlock(nn.Module):
     only for a shared constructor signature; anything but the defaults is refused, as torchvision does."""
 
     expansion = 1
+    # peak RSS measured 9.2-9.8 B per level float (resnet18/34, 2000x2000 and 3000x3000): their
+    # activations inside the blocks are large beside their 64..512-channel outputs
+    host_bytes_per_level_float = 11.0
 
     def __init__(
         self,
@@ -97,6 +104,7 @@ class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (grouped for ResNeXt, wider for Wide ResNet), 1x1 expand; one class for all."""
 
     expansion = 4
+    host_bytes_per_level_float = 8.0  # measured 6.8-7.3 (seed, resnet50; 2000x2000, 3000x3000)
 
     def __init__(
         self,
@@ -155,6 +163,12 @@ class ResNetArch:
     init_covered = True  # every parameter is a conv's or a BatchNorm's (see model.build_model)
 
     @property
+    def host_bytes_per_level_float(self) -> float:
+        """The block's measured figure; grouped or wide 3x3 convs (ResNeXt, Wide ResNet: not
+        measured) scaled by how much wider they are, an upper bound."""
+        return self.block.host_bytes_per_level_float * max(1.0, self.groups * self.width_per_group / 64)
+
+    @property
     def channels(self) -> tuple[int, int, int, int]:
         """Channels of C2..C5."""
         return tuple(w * self.block.expansion for w in (64, 128, 256, 512))  # type: ignore[return-value]
@@ -211,6 +225,9 @@ class MobileNetV3Arch:
     framework = "torchvision"
     imagenet_bn_eps = 1e-3  # torchvision's classifier; its detector runs FrozenBatchNorm2d at 1e-5
     init_covered = True
+    # its levels are few (1.7 floats per pixel, all at stride 32) beside its stride-2..16 activations:
+    # measured 35.7 and 48.7 B per level float (2000x2000, 3000x3000)
+    host_bytes_per_level_float = 60.0
     returned: tuple[tuple[int, str], ...] = ((13, "c5a"), (16, "c5"))
 
     def build(self) -> MobileNetV3Body:
@@ -257,6 +274,8 @@ class TimmArch:
     framework = "timm"
     imagenet_bn_eps = 1e-5
     init_covered = False  # LayerNorms, layer scales: timm initialises them
+    # measured 8.7 and 8.4 for convnext_tiny (2000x2000, 3000x3000); other timm families are not
+    host_bytes_per_level_float = 11.0
 
     def build(self) -> TimmBody:
         return TimmBody(self.model_name)
@@ -278,9 +297,19 @@ class TimmBody(nn.Module):
     def __init__(self, model_name: str, pretrained: bool = False) -> None:
         super().__init__()
         timm = import_timm()
+        with hf_hub_model(model_name, pretrained):
+            self.net, wanted = self._create(timm, model_name, pretrained)
+        channels = self.net.feature_info.channels()
+        self.feature_info = tuple(
+            LevelInfo(f"c{k}", c, s) for k, c, s in zip((2, 3, 4, 5), channels, wanted, strict=True)
+        )
+
+    @staticmethod
+    def _create(timm, model_name: str, pretrained: bool) -> tuple[nn.Module, list[int]]:
+        """timm's ``features_only`` network with the last output at each stride 4, 8, 16, 32."""
         try:
             probe = timm.create_model(model_name, pretrained=False, features_only=True)
-        except RuntimeError as e:  # timm's "Unknown model"
+        except (RuntimeError, ValueError) as e:  # timm's "Unknown model", a name it cannot parse
             raise UsageError(f"--arch timm:{model_name}: {str(e).splitlines()[0]}") from None
         reductions = list(probe.feature_info.reduction())
         wanted = [LEVELS[f"c{k}"].stride for k in (2, 3, 4, 5)]
@@ -292,13 +321,10 @@ class TimmBody(nn.Module):
             )
         # the last output at each stride: the deepest features of that resolution
         indices = [len(reductions) - 1 - reductions[::-1].index(r) for r in wanted]
-        self.net = timm.create_model(
+        net = timm.create_model(
             model_name, pretrained=pretrained, features_only=True, out_indices=tuple(indices)
         )
-        channels = self.net.feature_info.channels()
-        self.feature_info = tuple(
-            LevelInfo(f"c{k}", c, s) for k, c, s in zip((2, 3, 4, 5), channels, wanted, strict=True)
-        )
+        return net, wanted
 
     def forward(self, x: Tensor, count: int | None = None) -> list[Tensor]:
         outs = self.net(x)
@@ -336,6 +362,6 @@ ARCHS: dict[str, Arch] = {
 @functools.lru_cache(maxsize=64)
 def get_arch(name: str) -> Arch:
     """A registered architecture, or ``timm:<model>`` for any timm model."""
-    if name.startswith(TIMM_PREFIX):
+    if check_arch(name).startswith(TIMM_PREFIX):
         return TimmArch(name[len(TIMM_PREFIX) :])
-    return ARCHS[check_arch(name)]
+    return ARCHS[name]

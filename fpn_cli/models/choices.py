@@ -5,6 +5,8 @@ usage error come back at once (torch takes seconds to import)."""
 
 from __future__ import annotations
 
+import re
+
 from fpn_cli.errors import UsageError
 
 # the keys of backbones.ARCHS, in its order (a test keeps the two equal)
@@ -26,6 +28,13 @@ ARCH_NAMES = (
     "mobilenet_v3_large",
 )
 TIMM_PREFIX = "timm:"
+# what follows timm:, a timm model name (every one timm lists: name[.pretrained_tag]) or a Hugging
+# Face repository (hf-hub:ORG/REPO[@revision]); anything else (a path, "../x") is refused before
+# timm would take it as one
+_TIMM_NAME = re.compile(
+    r"[a-z0-9_]+(\.[a-z0-9_]+)?"
+    r"|hf[-_]hub:(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?"
+)
 RANDOM, IMAGENET_WEIGHTS = "random", "imagenet"
 # what torch's generators take, each seed its own weights (torch also takes negatives down to
 # -2**63, as aliases of 2**64 + seed: refused, so that a seed and its weights are one to one)
@@ -35,8 +44,14 @@ MAX_PAD_MULTIPLE = 1024  # detectron2 and mmdetection pad to 32; more is no padd
 
 
 def check_arch(name: str) -> str:
-    """``name`` if it is a registered architecture or ``timm:<model>``; else a :class:`UsageError`
-    that lists the choices."""
-    if not name.startswith(TIMM_PREFIX) and name not in ARCH_NAMES:
+    """``name`` if it is a registered architecture or ``timm:<model>`` (a timm model name or
+    ``hf-hub:ORG/REPO``); else a :class:`UsageError` that lists the choices."""
+    if name.startswith(TIMM_PREFIX):
+        if not _TIMM_NAME.fullmatch(name[len(TIMM_PREFIX) :]):
+            raise UsageError(
+                f"{name!r} is not a timm model name (like timm:convnext_tiny.fb_in1k, or "
+                "timm:hf-hub:ORG/REPO for a Hugging Face repository)"
+            )
+    elif name not in ARCH_NAMES:
         raise UsageError(f"unknown arch {name!r}; choose from {', '.join(ARCH_NAMES)} or timm:<model>")
     return name

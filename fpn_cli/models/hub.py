@@ -8,13 +8,16 @@ a copy makes it work.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
+import socket
 import sys
+import urllib.parse
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,10 +129,13 @@ class WeightsOrigin:
         """``{"name", "url", "file", "sha256"}`` of the file as it is now; None if it is absent. A
         downloaded file whose bytes do not match the hash prefix in its name is used, with a
         :class:`WeightsWarning` that says so and how to download it anew."""
-        if not self.path.is_file():
-            return None
-        stat = self.path.stat()
-        sha256, md5 = _digests(self.path, stat.st_size, stat.st_mtime_ns)
+        try:
+            if not self.path.is_file():
+                return None
+            stat = self.path.stat()
+            sha256, md5 = _digests(self.path, stat.st_size, stat.st_mtime_ns)
+        except OSError as e:
+            raise WeightsError(f"cannot read the weights file {self.path}: {e.strerror or e}") from None
         if self.url is not None:
             kind, prefix, digest = (
                 ("MD5", self.md5_prefix, md5)
@@ -170,6 +176,7 @@ def fetch(url: str, path: Path, what: str, md5_prefix: str | None = None) -> Pat
     Offline, or with ``FPN_EXTRACT_OFFLINE=1``, the error names the URL and the exact path."""
     if path.is_file():
         return path
+    check_cache_path(path, what)
     hint = f"download {url} and place it at {path}"
     if offline():
         raise WeightsError(f"{what} weights are not in the cache and {OFFLINE_ENV} is set: {hint}")
@@ -183,10 +190,30 @@ def fetch(url: str, path: Path, what: str, md5_prefix: str | None = None) -> Pat
         if md5_prefix is not None:
             _check_md5(path, md5_prefix)
     except Exception as e:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(f"cannot download {what} weights ({reason}): {hint}") from None
     return path
+
+
+def check_cache_path(path: Path, what: str) -> None:
+    """A :class:`WeightsError` saying which, when ``path`` (a file not yet in the cache) cannot be
+    made: a folder stands at ``path`` itself, or a file where one of its folders belongs (such as
+    ``$TORCH_HOME/hub``), or the cache cannot be looked at."""
+    fix = "remove it, or set $TORCH_HOME to another folder"
+    try:
+        if path.is_dir():
+            raise WeightsError(f"{what} weights cannot be cached: {path} is a folder, not a file: {fix}")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise WeightsError(
+                        f"{what} weights cannot be cached at {path}: {parent} is a file, not a folder: {fix}"
+                    )
+                return
+    except OSError as e:
+        raise WeightsError(f"{what} weights: cannot look at the cache {path}: {e.strerror or e}") from None
 
 
 def _check_md5(path: Path, prefix: str) -> None:
@@ -196,3 +223,87 @@ def _check_md5(path: Path, prefix: str) -> None:
             h.update(block)
     if not h.hexdigest().startswith(prefix):
         raise RuntimeError(f"md5 {h.hexdigest()[: len(prefix)]} does not match the {prefix} in the file name")
+
+
+# --- the Hugging Face hub (timm's weights, and timm's hf-hub: models' configurations) ----------------
+
+
+def hf_cache() -> Path:
+    """The Hugging Face hub cache as a process started now sees it (``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def hf_cached(repo: str, files: tuple[str, ...]) -> bool:
+    """Whether one of ``files`` of the repository ``repo`` is in the cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return any(isinstance(try_to_load_from_cache(repo, f, cache_dir=hf_cache()), str) for f in files)
+    except (OSError, ValueError):  # a cache path that is a file, a repository id it refuses
+        return False
+
+
+def refuse_unreachable_hf(what: str, repo: str, file: str) -> None:
+    """Raises a one-line :class:`WeightsError` at once when ``file`` of the repository ``repo``
+    (not in the cache) cannot be downloaded now: offline, or the hub's host does not resolve
+    (Hugging Face's client would retry for half a minute, then raise a traceback's worth)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return  # timm says so itself
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if offline():
+        why = f"{OFFLINE_ENV} is set"
+    else:
+        try:
+            socket.getaddrinfo(host, 443)
+            return  # the hub is reachable: the download is tried
+        except OSError:
+            why = f"{host} cannot be reached"
+    raise WeightsError(
+        f"{what} ({file} of the Hugging Face repository {repo}) are not in the cache {hf_cache()} and "
+        f"{why}: run `huggingface-cli download {repo} {file}` online, or copy "
+        f"{hf_cache() / ('models--' + repo.replace('/', '--'))} from a machine that has it"
+    )
+
+
+HF_HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm's names of a model that lives in a hub repository
+
+
+@contextlib.contextmanager
+def hf_hub_model(model_name: str, pretrained: bool) -> Iterator[None]:
+    """Around timm's ``create_model`` of ``model_name``: for an ``hf-hub:ORG/REPO`` model, whose
+    configuration (and weights) timm reads from the hub even for random weights, a file not in
+    the cache that cannot be downloaded now is one line at once (:func:`refuse_unreachable_hf`),
+    and with every file cached the hub is not asked. Other names pass through."""
+    prefix = next((p for p in HF_HUB_PREFIXES if model_name.startswith(p)), None)
+    if prefix is None:
+        yield
+        return
+    repo = model_name[len(prefix) :].split("@", 1)[0]
+    needed = [("config.json",)] + ([("model.safetensors", "pytorch_model.bin")] if pretrained else [])
+    missing = [files for files in needed if not hf_cached(repo, files)]
+    for files in missing:
+        refuse_unreachable_hf(f"timm:{model_name} model files", repo, files[0])
+    with hf_offline() if offline() or not missing else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def hf_offline() -> Iterator[None]:
+    """Hugging Face's offline mode, which it reads from the environment only when first imported."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous

@@ -21,9 +21,10 @@ import numpy as np
 
 from fpn_cli.formats import codecs
 from fpn_cli.formats.base import BOX_DTYPE, BOXES, ROIS, pool_name
+from fpn_cli.formats.npyio import ChunkedArray
 from fpn_cli.regions.boxes import BoxFile, Checked, check, clip_note
 from fpn_cli.regions.geometry import Geometry, LevelSizes
-from fpn_cli.regions.pooling import RoiSpec, pooled, roi_features
+from fpn_cli.regions.pooling import ROI_CHUNK_BYTES, RoiPooler, RoiSpec, pooled
 
 if TYPE_CHECKING:
     from fpn_cli.formats import codecs
@@ -149,18 +150,29 @@ class Outputs:
         if ROIS in names:
             boxes = self.boxes.of(rel)
             checked = checked or check(boxes, geometry.input_size)
-            out[ROIS] = self._rois(levels, checked, geometry).astype(dtype)
+            out[ROIS] = self._rois(levels, checked, geometry, dtype)
             out[BOXES] = boxes.array()
         return out
 
-    def _rois(self, levels: Mapping[str, np.ndarray], checked: Checked, geometry: Geometry) -> np.ndarray:
-        """(N, C, h, w): refused boxes' rows are NaN, so row i stays the file's i-th box."""
-        channels = levels[self.roi.levels[0]].shape[0]
-        out = np.full((len(checked.boxes), channels, *self.roi.output_size), np.nan, np.float32)
-        if checked.pooled.any():
-            boxes = geometry.to_model_input(checked.boxes[checked.pooled])
-            out[checked.pooled] = roi_features(levels, boxes, self.roi)
-        return out
+    def _rois(
+        self, levels: Mapping[str, np.ndarray], checked: Checked, geometry: Geometry, dtype: np.dtype
+    ) -> ChunkedArray:
+        """(N, C, h, w) in ``dtype``, pooled as it is written, ROI_CHUNK_BYTES at a time: refused
+        boxes' rows are NaN, so row i stays the file's i-th box."""
+        pooler = RoiPooler(levels, self.roi)
+        shape = (len(checked.boxes), pooler.channels, *self.roi.output_size)
+
+        def rows(start: int, stop: int) -> np.ndarray:
+            pooled = checked.pooled[start:stop]
+            if pooled.all():  # the pooler's own output is the chunk: no second copy of it
+                return pooler(geometry.to_model_input(checked.boxes[start:stop])).astype(dtype, copy=False)
+            out = np.full((stop - start, *shape[1:]), np.nan, np.float32)
+            if pooled.any():
+                out[pooled] = pooler(geometry.to_model_input(checked.boxes[start:stop][pooled]))
+            return out.astype(dtype, copy=False)
+
+        row_bytes = int(np.prod(shape[1:])) * 4  # float32 as pooled
+        return ChunkedArray(shape, dtype, rows, ROI_CHUNK_BYTES // max(1, row_bytes))
 
     def checked(self, rel: str, geometry: Geometry | None) -> Checked | None:
         """The image's boxes checked against its size; None without boxes or a size. The one
@@ -220,6 +232,25 @@ class Outputs:
                 "not_among_inputs": dict(unknown),
             }
         return regions
+
+
+def tell_lost_rois(lost: Sequence[str], who: str, log: Callable[[str], None], few: int = 3) -> None:
+    """Says how many images lose the RoI features of an earlier boxes file, because the new one
+    names none of their boxes, and which (up to ``few``): ``who`` begins the line ("roi")."""
+    if not lost:
+        return
+    shown = ", ".join(sorted(lost)[:few]) + (f" and {len(lost) - few} more" if len(lost) > few else "")
+    had = "image had" if len(lost) == 1 else "images had"
+    new = "have none in the new one"
+    log(f"{who}: {len(lost)} {had} RoI features of an earlier boxes file and {new}: {shown}")
+
+
+def lost_rois(
+    images: Sequence[tuple[str, str]], outputs: Outputs, is_stored: Callable[[str, str], bool]
+) -> list[str]:
+    """Of ``images`` ((rel, key) pairs, with features stored), those whose rois.npy goes: the
+    boxes file of ``outputs`` names none of their boxes (:meth:`Outputs.unwanted`)."""
+    return [rel for rel, key in images if ROIS in outputs.unwanted(rel) and is_stored(key, ROIS)]
 
 
 def tell_boxes(

@@ -1,5 +1,5 @@
 """RoI maths: torchvision's ``MultiScaleRoIAlign`` over an image's levels (:class:`RoiSpec`,
-:func:`roi_features`), and a level pooled to one vector (:func:`pooled`, ``--pool``).
+:class:`RoiPooler`, :func:`roi_features`), and a level pooled to one vector (:func:`pooled`, ``--pool``).
 
 Computed on the CPU from the levels as stored (in the save dtype, widened to float32), during a
 run and by ``fpn-extract roi`` alike: both give the same bytes.
@@ -79,27 +79,47 @@ class RoiSpec:
         return cls(tuple(record["levels"]), tuple(record["output_size"]), record["sampling_ratio"])
 
 
+# RoI features are pooled and written this many bytes at a time (a ChunkedArray): 100,000 boxes
+# make a 5 GB rois.npy, and pooling it whole took 4 times that (the pooler's output, its copy into
+# the rows of the file's order, the cast, the write); a chunk at a time, the peak is the image's
+# levels and about two chunks (benchmarks/roi_memory.py)
+ROI_CHUNK_BYTES = 64 * 2**20
+
+
+class RoiPooler:
+    """torchvision's ``MultiScaleRoIAlign`` of ``spec`` over one image's levels {name: (C, h, w)},
+    prepared once (the levels widened to float32 tensors) for pooling any number of box chunks."""
+
+    def __init__(self, levels: Mapping[str, np.ndarray], spec: RoiSpec) -> None:
+        # imported here: torchvision.ops pulls in torch._dynamo, a second of every command's start-up
+        # that only runs with boxes need
+        from torchvision.ops import MultiScaleRoIAlign
+        from torchvision.ops.poolers import LevelMapper
+
+        self.pooler = MultiScaleRoIAlign(list(spec.levels), list(spec.output_size), spec.sampling_ratio)
+        # The pooler would infer each level's scale as its height over the image's, rounded to a power
+        # of two: for small images that is wrong (P5 of a 37-row image: 2/37 rounds to 1/16, not 1/32).
+        # The strides are known, so they are given; where its inference is right, the result is the same.
+        self.pooler.scales = [1.0 / LEVELS[name].stride for name in spec.levels]
+        k_min, k_max = (int(math.log2(LEVELS[spec.levels[i]].stride)) for i in (0, -1))
+        self.pooler.map_levels = LevelMapper(k_min, k_max, CANONICAL_SCALE, CANONICAL_LEVEL)
+        self.feats = {name: _as_tensor(levels[name])[None] for name in spec.levels}
+        self.channels = levels[spec.levels[0]].shape[0]
+
+    def __call__(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) boxes in model-input pixels (x1, y1, x2, y2) -> (N, C, *output_size) float32.
+        Each box's row depends on that box alone: pooled in chunks, the rows are the same bytes."""
+        with torch.inference_mode():
+            out = self.pooler(
+                self.feats, [torch.from_numpy(boxes.astype(np.float32))], [(1, 1)]
+            )  # sizes unused: scales are set
+        return out.numpy()
+
+
 def roi_features(levels: Mapping[str, np.ndarray], boxes: np.ndarray, spec: RoiSpec) -> np.ndarray:
     """One image's levels {name: (C, h, w)} and (N, 4) boxes in model-input pixels (x1, y1, x2, y2)
-    -> (N, C, *spec.output_size) float32, by torchvision's ``MultiScaleRoIAlign``."""
-    # imported here: torchvision.ops pulls in torch._dynamo, a second of every command's start-up
-    # that only runs with boxes need
-    from torchvision.ops import MultiScaleRoIAlign
-    from torchvision.ops.poolers import LevelMapper
-
-    pooler = MultiScaleRoIAlign(list(spec.levels), list(spec.output_size), spec.sampling_ratio)
-    # The pooler would infer each level's scale as its height over the image's, rounded to a power
-    # of two: for small images that is wrong (P5 of a 37-row image: 2/37 rounds to 1/16, not 1/32).
-    # The strides are known, so they are given; where its inference is right, the result is the same.
-    pooler.scales = [1.0 / LEVELS[name].stride for name in spec.levels]
-    k_min, k_max = (int(math.log2(LEVELS[spec.levels[i]].stride)) for i in (0, -1))
-    pooler.map_levels = LevelMapper(k_min, k_max, CANONICAL_SCALE, CANONICAL_LEVEL)
-    feats = {name: _as_tensor(levels[name])[None] for name in spec.levels}
-    with torch.inference_mode():
-        out = pooler(
-            feats, [torch.from_numpy(boxes.astype(np.float32))], [(1, 1)]
-        )  # sizes unused: scales are set
-    return out.numpy()
+    -> (N, C, *spec.output_size) float32, by torchvision's ``MultiScaleRoIAlign``, all at once."""
+    return RoiPooler(levels, spec)(boxes)
 
 
 def _as_tensor(level: np.ndarray) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from fpn_cli.errors import UsageError
 from fpn_cli.formats import codecs
+from fpn_cli.models.backbones import get_arch
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
 from fpn_cli.run.choices import DTYPE_NAMES
@@ -68,10 +69,10 @@ def default_workers(device: torch.device) -> int:
     return min(8, cores) if device.type != "cpu" else max(1, cores // 4)
 
 
-# Host memory a CPU forward takes per input pixel, for each float per pixel of the network's levels
-# (sum of channels / stride**2 over its backbone and pyramid levels): measured peak RSS grew 351 and
-# 357 B per pixel for the resnet50 and seed FPNs (51.4 floats per pixel) from 2000x2000 to 4000x4000.
-HOST_BYTES_PER_LEVEL_FLOAT = 7.0
+# Host memory a CPU forward takes per input pixel: for each float per pixel of the network's levels
+# (sum of channels / stride**2 over its backbone and pyramid levels), its backbone's
+# host_bytes_per_level_float (models/backbones.py: measured per family by benchmarks/memory_guard.py,
+# e.g. 8 for Bottleneck ResNets, 11 for basic-block ones), plus this for the image itself
 HOST_BYTES_PER_PIXEL = 16  # the decoded uint8 image and its float copy
 
 
@@ -142,7 +143,8 @@ class Engine:
         self.shift = (-mean / std).float()
         self.bgr = preprocess.channel_order == "BGR"
         floats = sum(info.channels / info.stride**2 for info in level_info(self.model.config).values())
-        self._host_bytes_per_pixel = HOST_BYTES_PER_LEVEL_FLOAT * floats + HOST_BYTES_PER_PIXEL
+        per_float = get_arch(self.model.config.arch).host_bytes_per_level_float
+        self._host_bytes_per_pixel = per_float * floats + HOST_BYTES_PER_PIXEL
 
     def host_bytes(self, count: int, height: int, width: int) -> int:
         """About the host memory a CPU forward of ``count`` images of ``height`` x ``width`` takes."""

@@ -61,7 +61,7 @@ from fpn_cli.models.builder import ModelSpec, build, resolve
 from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
 from fpn_cli.regions.boxes import Checked, read_boxes, warn_unknown
 from fpn_cli.regions.geometry import Geometry, LevelSizes
-from fpn_cli.regions.outputs import Outputs, tell_boxes
+from fpn_cli.regions.outputs import Outputs, lost_rois, tell_boxes, tell_lost_rois
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
 from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
@@ -151,7 +151,7 @@ def extract(
     launch = torchrun_launch()
     shard = combine(check_shard(shard), launch)
     device = resolve_device(opts.device, launch.local_rank if launch else None)
-    found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format, root)
+    found = _find_images(inputs, stdin_lines, lists, list_column, out, opts.format, root, opts.timeout)
     spec = _resolve_model(opts)
     opts = with_framework_resize(opts, spec)
     # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
@@ -226,11 +226,13 @@ def _find_images(
     out: Path | str,
     format: str,
     root: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
 ) -> list[InputImage]:
-    """Every image of ``inputs`` and the list files (sources.py); inputs whose outputs would land
-    on each other's in ``format`` are a :class:`UsageError` before any work (formats.check_layout)."""
+    """Every image of ``inputs`` and the list files (sources.py), a URL listed within ``timeout``
+    seconds; inputs whose outputs would land on each other's in ``format`` are a
+    :class:`UsageError` before any work (formats.check_layout)."""
     exclude = out if isinstance(out, Path) else None
-    images = find_inputs(inputs, stdin_lines, exclude, lists, list_column, root)
+    images = find_inputs(inputs, stdin_lines, exclude, lists, list_column, root, timeout)
     check_layout(format, ((image.key, str(image.path)) for image in images if image.error is None))
     return images
 
@@ -332,6 +334,9 @@ def plan(
             strict=True,
         )
     )
+    if outputs.boxes is not None:
+        pairs = [(image.rel, image.key) for image in present]
+        tell_lost_rois(lost_rois(pairs, outputs, store.is_stored), f"--boxes {opts.boxes}", log)
     unrecorded = 0
     jobs = []
     stored = {image.key for image in present}

@@ -27,7 +27,7 @@ from fpn_cli.layout import OVERWRITE_MARKER, REPORT_FILE, SETTINGS_FILE
 from fpn_cli.models.levels import LEVELS
 from fpn_cli.regions.boxes import BoxFile, read_boxes, warn_unknown
 from fpn_cli.regions.geometry import Geometry
-from fpn_cli.regions.outputs import Outputs, tell_boxes
+from fpn_cli.regions.outputs import Outputs, lost_rois, tell_boxes, tell_lost_rois
 from fpn_cli.regions.pooling import RoiSpec
 from fpn_cli.report import dump_report
 
@@ -125,12 +125,13 @@ def _rois_for_report(
     for rel in sorted(table.images):
         if rel not in result.unknown:
             _rois_of(entries[rel], store, outputs, overwrite, result, log, on_failure)
-    for rel, entry in entries.items():  # rois of another boxes file (or RoI settings) go
-        key = output_key(rel)
-        unwanted = [name for name in outputs.unwanted(rel) if entry["status"] != "failed"]
+    kept = [(rel, output_key(rel)) for rel, entry in entries.items() if entry["status"] != "failed"]
+    tell_lost_rois(lost_rois(kept, outputs, store.is_stored), "roi", log)
+    for rel, key in kept:  # rois of another boxes file (or RoI settings) go
+        unwanted = outputs.unwanted(rel)
         if unwanted and any(store.is_stored(key, name) for name in unwanted):
-            entry.pop("rois", None)
-            _rewrite(store, key, entry, {}, unwanted)
+            entries[rel].pop("rois", None)
+            _rewrite(store, key, entries[rel], {}, unwanted)
     store.flush()
     regions = report.setdefault("regions", {"maps": True, "pool": []})
     regions.update({k: v for k, v in outputs.header(result.unknown).items() if k in ("roi", "boxes")})
