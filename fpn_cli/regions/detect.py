@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError, WeightsError
+from fpn_cli.formats.base import DETECTIONS
 
 SHOWN_KEYS = 5  # missing or unexpected keys named in an error, before "and N more"
 NO_THRESHOLD = -1.0  # below every probability: the fixed-count mode's pass keeps every candidate
@@ -140,6 +141,13 @@ class DetectionHeads(nn.Module):
         self.detector.eval()
         self.size_divisible = int(self.detector.transform.size_divisible)
         self.roi_pool = self._roi_pool()
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the heads, background included where the detector has one (R-CNNs)."""
+        if self.spec.kind == "rcnn":
+            return int(self.detector.roi_heads.box_predictor.cls_score.out_features)
+        return int(self.detector.head.classification_head.num_classes)
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -381,3 +389,76 @@ def _detections(result: dict[str, Tensor], rois: Tensor, vectors: Tensor | None)
         keypoints=result.get("keypoints"),
         keypoint_scores=result.get("keypoints_scores"),
     )
+
+
+# the arrays a run stores per image, in the order written, and their stored dtypes where fixed
+# (det_rois and det_vectors follow --save-dtype as RoI features do: codecs.derived_dtype)
+DET_ARRAYS = DETECTIONS[:5]  # det_boxes, det_scores, det_labels, det_rois, det_vectors
+DET_EXTRAS = {"masks": DETECTIONS[5:6], "keypoints": DETECTIONS[6:]}
+ZOO_PREFIX = "torchvision:"
+
+
+def detector_of(weights: str) -> str | None:
+    """The torchvision builder whose heads ``--weights`` carries (``coco`` is Faster R-CNN's), or None."""
+    name = "torchvision:fasterrcnn_resnet50_fpn" if weights == "coco" else weights
+    builder = name.removeprefix(ZOO_PREFIX)
+    return builder if name.startswith(ZOO_PREFIX) and builder in DETECTORS else None
+
+
+def det_names(builder: str, extras: Sequence[str] = ()) -> tuple[str, ...]:
+    """The det_* arrays a run with ``builder``'s heads stores: vectors for two-stage detectors only."""
+    names = [n for n in DET_ARRAYS if n != "det_vectors" or DETECTORS[builder].kind == "rcnn"]
+    for extra in extras:
+        names += DET_EXTRAS[extra]
+    return tuple(names)
+
+
+def check_extras(builder: str, extras: Sequence[str]) -> None:
+    """masks only from Mask R-CNN, keypoints only from Keypoint R-CNN: else a :class:`UsageError`."""
+    for extra in extras:
+        if extra not in DET_EXTRAS:
+            raise UsageError(f"--detect-extras {extra!r}: choose from {', '.join(DET_EXTRAS)}")
+        family = "maskrcnn" if extra == "masks" else "keypointrcnn"
+        if not builder.startswith(family):
+            offered = ", ".join(ZOO_PREFIX + b for b in DETECTORS if b.startswith(family))
+            raise UsageError(f"--detect-extras {extra}: {builder} has no {extra}; {offered} do")
+
+
+@dataclass(frozen=True)
+class DetectorResize:
+    """The detector's test-time resize as ``GeneralizedRCNNTransform.resize`` does it: the scale
+    min(min_size / shorter side, max_size / longer side), bilinear on the normalised float image,
+    no antialiasing, output size floor(side x scale) (``recompute_scale_factor=True``)."""
+
+    min_size: int
+    max_size: int
+
+    def scale(self, height: int, width: int) -> float:
+        return min(self.min_size / min(height, width), self.max_size / max(height, width))
+
+    def target(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) the detector feeds its backbone for an image of ``height`` x ``width``."""
+        scale = self.scale(height, width)
+        return int(np.floor(height * scale)), int(np.floor(width * scale))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) normalised float -> (N, 3, *target(H, W)), exactly torchvision's call."""
+        scale = self.scale(*x.shape[-2:])
+        return torch.nn.functional.interpolate(
+            x, scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+        )
+
+
+def categories(builder: str, num_classes: int) -> list[str] | None:
+    """The label names of ``builder``'s default COCO weights (weights enum ``meta["categories"]``,
+    index = label id), when the heads have that many classes; None otherwise."""
+    from torchvision.models import get_model_weights
+
+    names = list(get_model_weights(builder).DEFAULT.meta.get("categories") or ())
+    return names if len(names) == num_classes else None
+
+
+def pad_to(x: Tensor, multiple: int) -> Tensor:
+    """Zeros at the bottom/right up to a multiple of ``multiple``, as torchvision's batch_images."""
+    height, width = x.shape[-2:]
+    return torch.nn.functional.pad(x, (0, -width % multiple, 0, -height % multiple))

@@ -60,10 +60,12 @@ from fpn_cli.inputs.urls import is_url, local_path
 from fpn_cli.models.builder import ModelSpec, build, resolve
 from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
 from fpn_cli.regions.boxes import Checked, read_boxes, warn_unknown
+from fpn_cli.regions.detect import DetectorResize
 from fpn_cli.regions.geometry import Geometry, LevelSizes
 from fpn_cli.regions.outputs import Outputs, tell_boxes
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
+from fpn_cli.run.detections import check_detect, load_detector
 from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
 from fpn_cli.run.finite import NonFinite
@@ -156,14 +158,24 @@ def extract(
     opts = with_framework_resize(opts, spec)
     # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
     boxes, roi = (read_boxes(opts.boxes), roi_spec(opts, spec)) if opts.boxes else (None, None)
+    if opts.detect:
+        check_detect(opts, spec)  # a non-detector refused before the model is built
     unknown = boxes.unknown(image.rel for image in found) if boxes else {}
     images = _own_images(found, shard)
     model = _build_model(spec)
+    detector = load_detector(opts, spec) if opts.detect else None
     store = open_store(
         out, opts.format, resolved_levels(spec.config), opts.save_dtype, opts.shard_size, shard
     )
     outputs = Outputs(
-        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, LevelSizes(spec.config)
+        store.levels,
+        opts.save_dtype,
+        not opts.no_maps,
+        opts.pool,
+        roi,
+        boxes,
+        LevelSizes(spec.config),
+        detect=detector.names if detector else (),
     )
     report: Report | None = None
     began = False  # an interrupt that escapes before the run began found nothing processed
@@ -176,8 +188,12 @@ def extract(
             header = report_header(opts, spec, device, shard)
             if opts.pool or opts.boxes or opts.no_maps:
                 header["regions"] = outputs.header(unknown)
+            if detector is not None:
+                header["detections"] = detector.header(opts)
             report = Report(header, total=len(images), on_add=progress)
-            engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile)
+            engine = Engine(
+                model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile, detector
+            )
             with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
                 if group is not None:
                     log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
@@ -289,13 +305,24 @@ def run(
     outputs = outputs or Outputs(store.levels, opts.save_dtype, sizes=LevelSizes(engine.model.config))
     results = Results(store, outputs, report, on_failure, log)
     sizes = outputs.sizes or LevelSizes(engine.model.config)
-    shapes = partial(_shapes, sizes, opts.resize)
-    jobs = plan(images, store, opts, outputs, results, shapes, workers, log)
+    # the network's input size: as decoded, or as the detector resizes it on the device
+    on_device = engine.detector.resize if engine.detector is not None else None
+    decoded_as = Resize() if on_device is not None else opts.resize
+    target = on_device or opts.resize
+    shapes = partial(_shapes, sizes, target)
+    jobs = plan(images, store, opts, outputs, results, shapes, workers, log, target)
     forward = Forward(engine, report, on_failure, log)
     depth = max(2, 2 * batch_size, writers)
     with Writer(store, report, depth, outputs=outputs, results=results, threads=writers) as writer:
         decoded = decode_ahead(
-            jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
+            jobs,
+            decoded_as,
+            opts.max_pixels,
+            workers,
+            2 * workers + 2 * batch_size,
+            opts.timeout,
+            opts.hash,
+            on_device,
         )
         readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer, sizes)
         for batch in batches(readable, batch_size, max_pending=4 * batch_size):
@@ -312,6 +339,7 @@ def plan(
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
     workers: int,
     log: Log,
+    target: Resize | DetectorResize | None = None,
 ) -> list[Job]:
     """Step 1. Images with every requested array in place and trusted (and their preview, if
     asked) are reported as skipped; the rest are jobs for their missing arrays (all with
@@ -352,7 +380,7 @@ def plan(
             elif verdict.recomputed:
                 log(f"recomputing {image.path}: {verdict.recomputed}")
             try:
-                job = _resume_job(image, names, verdict, store, outputs, shapes, opts)
+                job = _resume_job(image, names, verdict, store, outputs, shapes, opts, target)
             except OSError as e:  # an old file it must delete is in the way (a folder by its name)
                 where = e.filename or store.where(image.key)
                 reason = f"cannot clear its old features: {where}: {e.strerror}"
@@ -381,17 +409,20 @@ def _resume_job(
     outputs: Outputs,
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
     opts: Options,
+    target: Resize | DetectorResize | None = None,
 ) -> Job:
     """The job for an image with stored features, as :func:`resume.decide` settles it; one with
-    nothing missing and no preview to draw is complete."""
+    nothing missing and no preview to draw is complete. Detections come from the network only
+    (the heads read the levels of the padded input, which are not stored)."""
     decision = resume.decide(image, names, verdict, store, outputs, shapes)
     preview = opts.preview and store.preview_file(image.key) is None
-    geometry = _recorded_geometry(verdict, opts.resize) if verdict.trusted else None
+    geometry = _recorded_geometry(verdict, target or opts.resize) if verdict.trusted else None
+    from_disk = decision.from_disk and not set(decision.missing) & set(outputs.detect)
     return Job(
         image,
         decision.missing,
         decision.have,
-        decision.from_disk,
+        from_disk,
         preview,
         geometry=geometry,
         fingerprint=verdict.fingerprint,
@@ -399,12 +430,14 @@ def _resume_job(
     )
 
 
-def _recorded_geometry(verdict: resume.Verdict, resize: Resize) -> Geometry:
+def _recorded_geometry(verdict: resume.Verdict, resize: Resize | DetectorResize) -> Geometry:
     """An image's geometry from its record: the input is the one recorded, so nothing is read."""
     return Geometry(verdict.input_size, resize.target(*verdict.input_size), verdict.orientation)
 
 
-def _shapes(sizes: LevelSizes, resize: Resize, height: int, width: int) -> dict[str, tuple[int, ...]]:
+def _shapes(
+    sizes: LevelSizes, resize: Resize | DetectorResize, height: int, width: int
+) -> dict[str, tuple[int, ...]]:
     """Each level's (C, h, w) for an input of ``height`` x ``width`` as decoded."""
     return sizes(*resize.target(height, width))
 
@@ -417,23 +450,29 @@ def decode_ahead(
     lookahead: int,
     timeout: float | None = None,
     content_hash: bool = False,
+    target: DetectorResize | None = None,
 ) -> Iterator[Job]:
     """Step 2. ``jobs`` in order, each fingerprinted and decoded (``fingerprint``, ``rgb``,
     ``geometry``), or its header read where no pixels are needed and its geometry is not known,
     or with its ``error``, on ``workers`` threads that run at most ``lookahead`` jobs ahead of
     the consumer. A job still reading after ``timeout`` seconds is failed and left behind
-    (deadline.py)."""
+    (deadline.py). ``target``: the resize the device does after decoding (the detector's), which
+    gives the network's input size."""
 
     def late(job: Job) -> Job:
         return replace(job, error=f"timed out after {timeout:g} s reading or decoding it (--timeout)")
 
-    read = partial(_decode_job, resize=resize, max_pixels=max_pixels, content_hash=content_hash)
+    read = partial(
+        _decode_job, resize=resize, max_pixels=max_pixels, content_hash=content_hash, target=target
+    )
     yield from ordered_map(
         read, jobs, workers=workers, lookahead=lookahead, timeout=timeout, late=late, name="fpn-decode"
     )
 
 
-def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -> Job:
+def _decode_job(
+    job: Job, resize: Resize, max_pixels: int, content_hash: bool, target: DetectorResize | None = None
+) -> Job:
     if job.error is not None:  # listing or the resume check found it unusable
         return job
     try:
@@ -442,10 +481,11 @@ def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -
                 job.fingerprint = resume.fingerprint(job.image.path, content_hash)
             decoded = decode_image(job.image.path, resize, max_pixels)
             job.rgb = decoded.rgb
-            job.geometry = Geometry(decoded.size, decoded.rgb.shape[:2], decoded.orientation)
+            size = target.target(*decoded.rgb.shape[:2]) if target else decoded.rgb.shape[:2]
+            job.geometry = Geometry(decoded.size, size, decoded.orientation)
         elif job.geometry is None:
             found = read_header(job.image.path)
-            job.geometry = Geometry(found.size, resize.target(*found.size), found.orientation)
+            job.geometry = Geometry(found.size, (target or resize).target(*found.size), found.orientation)
     except ImageError as e:
         job.error = str(e)
     except MemoryError:
@@ -528,7 +568,8 @@ class Forward:
         if not fits:  # the kernel would kill the whole run, not raise MemoryError
             return short
         try:
-            return self.engine(np.stack([job.rgb for job in batch]))
+            originals = [job.geometry.input_size for job in batch]
+            return self.engine(np.stack([job.rgb for job in batch]), originals)
         except NonFinite as e:
             return e.images
         except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
