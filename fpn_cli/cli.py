@@ -120,7 +120,7 @@ class CountType(_IntPair):
     name, separator, example = "K:M", ":", "10:100"
 
     def problem(self, a: int, b: int) -> str | None:
-        return None if 1 <= a <= b else "K and M must satisfy 1 <= K <= M"
+        return None if 1 <= a <= b else "give K:M with 1 <= K <= M"
 
 
 class ByteSizeType(click.ParamType):
