@@ -150,6 +150,28 @@ def _needs(builder: str, level: str) -> bool:
     return not (DETECTORS[builder].kind == "rcnn" and level == "p6")
 
 
+def estimated_shapes(
+    weights: str, count: int, roi_size: int, extras: tuple[str, ...], size: tuple[int, int]
+) -> dict[str, tuple[int, ...]]:
+    """--summary's estimate of an image's det_* arrays: ``count`` detections (the most a run keeps:
+    --max-detections, M of --detections-count, else the detector's 100) for an input of ``size``."""
+    builder = detector_of(weights)
+    if builder is None:
+        raise UsageError(f"--detect runs a detector's own heads: --weights {weights} is no detector")
+    check_extras(builder, extras)
+    shapes = {
+        "det_boxes": (count, 4),
+        "det_scores": (count,),
+        "det_labels": (count,),
+        "det_rois": (count, 256, roi_size, roi_size),
+        "det_vectors": (count, 1024),
+        "det_masks": (count, 1, *size),
+        "det_keypoints": (count, 17, 3),
+        "det_keypoint_scores": (count, 17),
+    }
+    return {name: shapes[name] for name in det_names(builder, extras)}
+
+
 # ---- fpn-extract detections OUT --coco FILE ----
 
 

@@ -52,6 +52,7 @@ from fpn_cli.formats import (
     open_store,
 )
 from fpn_cli.formats import record_settings as record_format_settings
+from fpn_cli.formats.base import human_bytes, npy_size
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header, warnings_to
 from fpn_cli.inputs.keys import shard_of
@@ -65,7 +66,7 @@ from fpn_cli.regions.geometry import Geometry, LevelSizes
 from fpn_cli.regions.outputs import Outputs, tell_boxes
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
-from fpn_cli.run.detections import check_detect, load_detector
+from fpn_cli.run.detections import check_detect, detector_resize, estimated_shapes, load_detector
 from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
 from fpn_cli.run.finite import NonFinite
@@ -568,8 +569,11 @@ class Forward:
         if not fits:  # the kernel would kill the whole run, not raise MemoryError
             return short
         try:
-            originals = [job.geometry.input_size for job in batch]
-            return self.engine(np.stack([job.rgb for job in batch]), originals)
+            pixels = np.stack([job.rgb for job in batch])
+            if getattr(self.engine, "detector", None) is None:
+                return self.engine(pixels)
+            # detections come back in the upright image's pixels, whatever resized it
+            return self.engine(pixels, [job.geometry.input_size for job in batch])
         except NonFinite as e:
             return e.images
         except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
@@ -837,21 +841,26 @@ def summarize(
     pool: Sequence[str] = (),
     maps: bool = True,
     root: str | os.PathLike[str] | None = None,
+    detections: Options | None = None,
 ) -> str:
     """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
     (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
     dtype, of the arrays a run stores (the levels unless not ``maps``, the ``pool`` vectors);
     ``on_failure`` (path, reason) for each input whose size cannot be read or that is too small
     for the network (an ``input_size`` too small is a :class:`UsageError`). Every size is the
-    model's (:class:`LevelSizes`); ``root`` as extract's."""
+    model's (:class:`LevelSizes`); ``root`` as extract's. ``detections``: the options of a
+    --detect run, whose det_* arrays are counted at their most (--max-detections boxes each)."""
     config = spec.config
     sizes = LevelSizes(config)
+    if detections is not None:  # the network's input is the detector's resize of each image
+        resize = detector_resize(detections, spec) or resize
     if not inputs and not lists:
         refusal = sizes.refusal(*input_size)
         if refusal is not None:
             raise UsageError(f"--input-size {input_size[0]}x{input_size[1]}: {refusal}")
         shapes = [(input_size, sizes(*input_size))]
-        return format_summary(spec, parameter_count(config), level_info(config), shapes)
+        text = format_summary(spec, parameter_count(config), level_info(config), shapes)
+        return text + _detection_line(detections, spec, input_size)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
     for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column, root)):
@@ -868,7 +877,12 @@ def summarize(
     text = format_summary(spec, parameter_count(config), level_info(config), shapes, per_size)
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
+    if detections is not None:
+        for size in stored:
+            stored[size].update(_detection_shapes(detections, spec, size))
     totals = format_totals(per_size, stored, unreadable, codecs.SAVE_DTYPES, shard_size)
+    if per_size:
+        text += _detection_line(detections, spec, max(per_size, key=per_size.get))
     return f"{text}\n\n{totals}"
 
 
@@ -876,6 +890,28 @@ def _stored_shapes(outputs: Outputs, level_shapes: dict) -> dict[str, tuple[int,
     """The shape of each array a run stores for an image of these level shapes (no boxes)."""
     names = outputs.names("")
     return {name: shape for name, shape in outputs.shapes("", level_shapes).items() if name in names}
+
+
+def _detection_shapes(opts: Options, spec: ModelSpec, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """The det_* arrays of an image at their most: M boxes (--max-detections, --detections-count's
+    M, else the detector's 100)."""
+    count = opts.detections_count[1] if opts.detections_count else opts.max_detections or 100
+    roi = opts.roi_size if isinstance(opts.roi_size, int) else opts.roi_size[0]
+    return estimated_shapes(spec.weights, count, roi, opts.detect_extras, size)
+
+
+def _detection_line(opts: Options | None, spec: ModelSpec, size: tuple[int, int]) -> str:
+    """--summary's line for the det_* arrays of one image (of ``size``) at their most."""
+    if opts is None:
+        return ""
+    shapes = _detection_shapes(opts, spec, size)
+    count = shapes["det_boxes"][0]
+    sizes = [
+        (sum(npy_size(shape, codecs.array_dtype(dtype, name, ())) for name, shape in shapes.items()), dtype)
+        for dtype in codecs.SAVE_DTYPES
+    ]
+    per_dtype = ", ".join(f"{human_bytes(total)} {dtype}" for total, dtype in sizes)
+    return f"\ndetections per image, at most {count} boxes: {per_dtype}"
 
 
 def _probe_all(
