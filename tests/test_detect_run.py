@@ -333,3 +333,15 @@ def test_an_image_without_detections_gets_empty_arrays_of_the_right_shapes():
         "det_rois": ((0, 256, 7, 7), np.float16),
         "det_vectors": ((0, 1024), np.float16),
     }
+
+
+def test_summary_counts_the_detections_at_their_most():
+    result = run(
+        "--summary", "--weights", "coco", "--detect", "--max-detections", "10", "--input-size", "480x640"
+    )
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("detections per image"))
+    # boxes 10x4 + scores 10 (float32), labels 10 (int64), rois 10x256x7x7 and vectors 10x1024 (float32)
+    # plus five .npy headers of 128 bytes
+    expected = (40 * 4 + 10 * 4 + 10 * 8 + 10 * 256 * 49 * 4 + 10 * 1024 * 4 + 5 * 128) / 1e3
+    assert line.startswith(f"detections per image, at most 10 boxes: {expected:.1f} kB float32")

@@ -193,7 +193,7 @@ class DetectionHeads(nn.Module):
             else:
                 results = self._one_stage(images, features)
         results = [
-            select_fixed_count(r, self._score_thresh(), self._max_detections(), self.options) for r in results
+            select_fixed_count(r, self.score_thresh(), self.max_detections(), self.options) for r in results
         ]
         pooled = self._pool(features, [r["boxes"] for r in results], sizes)
         results = self.detector.transform.postprocess(results, sizes, [tuple(s) for s in original_sizes])
@@ -265,12 +265,14 @@ class DetectionHeads(nn.Module):
         split_vectors = vectors.split(counts) if vectors is not None else [None] * len(counts)
         return list(zip(split_rois, split_vectors, strict=True))
 
-    def _score_thresh(self) -> float:
+    def score_thresh(self) -> float:
+        """The score threshold applied: the option, else the detector's own."""
         if self.options.score_thresh is not None:
             return self.options.score_thresh
         return _default(self.detector, self.spec.kind, "score_thresh")
 
-    def _max_detections(self) -> int:
+    def max_detections(self) -> int:
+        """The most detections kept per image: the option, else the detector's own."""
         if self.options.max_detections is not None:
             return self.options.max_detections
         return _default(self.detector, self.spec.kind, "detections_per_img")

@@ -30,6 +30,7 @@ from fpn_cli.regions.detect import (
     DETECTORS,
     ZOO_PREFIX,
     DetectionHeads,
+    Detections,
     DetectOptions,
     DetectorResize,
     categories,
@@ -37,7 +38,7 @@ from fpn_cli.regions.detect import (
     det_names,
     detector_of,
 )
-from fpn_cli.run.options import detect_record
+from fpn_cli.run.options import Options, detect_record
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Detector:
         self.heads = self.heads.to(device)
         return self
 
-    def arrays(self, detections) -> dict[str, np.ndarray]:
+    def arrays(self, detections: Detections) -> dict[str, np.ndarray]:
         """One image's :class:`~fpn_cli.regions.detect.Detections` as the stored arrays."""
         arrays = detections.arrays()
         return {
@@ -66,7 +67,7 @@ class Detector:
             for name in self.names
         }
 
-    def header(self, opts) -> dict:
+    def header(self, opts: Options) -> dict:
         """report.json's ``detections``: the detector, what it keeps, the label names."""
         return {
             "detector": ZOO_PREFIX + self.builder,
@@ -75,8 +76,8 @@ class Detector:
             "test_time_resize": None
             if self.resize is None
             else {"min_size": self.resize.min_size, "max_size": self.resize.max_size},
-            "score_thresh_used": self.heads._score_thresh(),
-            "max_detections_used": self.heads._max_detections(),
+            "score_thresh_used": self.heads.score_thresh(),
+            "max_detections_used": self.heads.max_detections(),
             "categories": self.labels,
             **(
                 {}
@@ -86,7 +87,7 @@ class Detector:
         }
 
 
-def detector_resize(opts, spec: ModelSpec) -> DetectorResize | None:
+def detector_resize(opts: Options, spec: ModelSpec) -> DetectorResize | None:
     """The resize the detector runs with: its own test-time one (the weights' framework's,
     ``spec.resize``: 800/1333) unless the user resized: ``--short-side N [--max-side M]`` become
     its min_size/max_size (no --max-side: M = N x 1333/800, the detector's ratio); ``--size HxW``
@@ -101,7 +102,7 @@ def detector_resize(opts, spec: ModelSpec) -> DetectorResize | None:
     return DetectorResize(short, round(short * policy.max_side / policy.short_side))
 
 
-def load_detector(opts, spec: ModelSpec) -> Detector:
+def load_detector(opts: Options, spec: ModelSpec) -> Detector:
     """The heads of ``spec``'s detector, from the file the FPN loads (downloaded by then)."""
     builder = check_detect(opts, spec)
     count = opts.detections_count
@@ -123,7 +124,7 @@ def load_detector(opts, spec: ModelSpec) -> Detector:
     )
 
 
-def check_detect(opts, spec: ModelSpec) -> str:
+def check_detect(opts: Options, spec: ModelSpec) -> str:
     """The builder of ``spec``'s detector, before anything is built or downloaded; a --weights
     that is no torchvision detector, extras it lacks or --levels without the heads' levels are a
     :class:`UsageError`."""

@@ -310,7 +310,9 @@ def report_header(
             "size": list(opts.resize.size) if opts.resize.size else None,
             "short_side": opts.resize.short_side,
             "max_side": opts.resize.max_side,
-            "resample": "bilinear (Pillow, on 8-bit RGB)",
+            "resample": "bilinear (torchvision's detector transform, on the normalised floats)"
+            if opts.detect and opts.resize.size is None
+            else "bilinear (Pillow, on 8-bit RGB)",
             **spec.preprocess.to_json(),
             "pad_multiple": config.pad_multiple,
             # the weights' framework's own test-time resize, and whether this run applied it
