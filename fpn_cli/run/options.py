@@ -112,7 +112,7 @@ def check_options(opts: Options) -> None:
     if opts.no_maps and not (opts.pool or opts.boxes or opts.detect):
         raise UsageError(
             "--no-maps stores only pooled vectors, RoI features and detections: "
-            "add --pool, --boxes or --detect"
+            "add --pool or --boxes, or --detect"
         )
     _check_detect(opts)
     if opts.preview and opts.format != "npy":
