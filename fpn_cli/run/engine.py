@@ -233,6 +233,7 @@ class Engine:
         height, width = x.shape[-2:]
         with self._precision():
             padded = self.network(pad_to(x, detector.heads.size_divisible))
+        check_finite(padded)  # before the heads: a NaN level fails its image, not the batch's NMS
         with _no_tf32() if self.device.type == "cuda" else contextlib.nullcontext():
             found = detector.heads(padded, [(height, width)] * len(x), original_sizes)
         feats = {}
