@@ -315,8 +315,7 @@ def test_fixed_count_and_thresholds_reach_the_heads(world):
 
 def test_an_image_without_detections_gets_empty_arrays_of_the_right_shapes():
     """N = 0: (0, 4) boxes, (0,) scores and labels, (0, 256, S, S) rois, (0, 1024) vectors."""
-    from fpn_cli.regions.detect import Detections
-    from fpn_cli.run.detections import Detector
+    from fpn_cli.regions.detect import Detections, Detector
 
     detector = Detector(TWO_STAGE, None, None, tuple(DET), np.dtype(np.float16), None)
     empty = Detections(

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError, WeightsError
+from fpn_cli.formats import codecs
 from fpn_cli.formats.base import DETECTIONS
 
 SHOWN_KEYS = 5  # missing or unexpected keys named in an error, before "and N more"
@@ -424,6 +425,33 @@ def check_extras(builder: str, extras: Sequence[str]) -> None:
         if not builder.startswith(family):
             offered = ", ".join(ZOO_PREFIX + b for b in DETECTORS if b.startswith(family))
             raise UsageError(f"--detect-extras {extra}: {builder} has no {extra}; {offered} do")
+
+
+@dataclass
+class Detector:
+    """A run's detection step: ``heads`` on the levels of each batch, which the engine computes on
+    the input resized by ``resize`` (None: the decoded input as it is, --size) and padded to a
+    multiple of ``heads.size_divisible``; ``names`` the det_* arrays stored, ``dtype`` that of
+    det_rois, det_vectors and det_masks (codecs.derived_dtype, as RoI features)."""
+
+    builder: str
+    heads: DetectionHeads
+    resize: DetectorResize | None
+    names: tuple[str, ...]
+    dtype: np.dtype
+    labels: list[str] | None  # label id -> name, from the weights' categories; None if unknown
+
+    def to(self, device: torch.device) -> Detector:
+        self.heads = self.heads.to(device)
+        return self
+
+    def arrays(self, detections: Detections) -> dict[str, np.ndarray]:
+        """One image's :class:`~fpn_cli.regions.detect.Detections` as the stored arrays."""
+        arrays = detections.arrays()
+        return {
+            name: arrays[name].astype(codecs.EXACT_DTYPES.get(name, self.dtype), copy=False)
+            for name in self.names
+        }
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fpn_cli.errors import UsageError
 from fpn_cli.formats import codecs
@@ -30,8 +29,8 @@ from fpn_cli.regions.detect import (
     DETECTORS,
     ZOO_PREFIX,
     DetectionHeads,
-    Detections,
     DetectOptions,
+    Detector,
     DetectorResize,
     categories,
     check_extras,
@@ -41,50 +40,24 @@ from fpn_cli.regions.detect import (
 from fpn_cli.run.options import Options, detect_record
 
 
-@dataclass
-class Detector:
-    """A run's detection step: ``heads`` on the levels of each batch, which the engine computes on
-    the input resized by ``resize`` (None: the decoded input as it is, --size) and padded to a
-    multiple of ``heads.size_divisible``; ``names`` the det_* arrays stored, ``dtype`` that of
-    det_rois, det_vectors and det_masks (codecs.derived_dtype, as RoI features)."""
-
-    builder: str
-    heads: DetectionHeads
-    resize: DetectorResize | None
-    names: tuple[str, ...]
-    dtype: np.dtype
-    labels: list[str] | None  # label id -> name, from the weights' categories; None if unknown
-
-    def to(self, device: torch.device) -> Detector:
-        self.heads = self.heads.to(device)
-        return self
-
-    def arrays(self, detections: Detections) -> dict[str, np.ndarray]:
-        """One image's :class:`~fpn_cli.regions.detect.Detections` as the stored arrays."""
-        arrays = detections.arrays()
-        return {
-            name: arrays[name].astype(codecs.EXACT_DTYPES.get(name, self.dtype), copy=False)
-            for name in self.names
-        }
-
-    def header(self, opts: Options) -> dict:
-        """report.json's ``detections``: the detector, what it keeps, the label names."""
-        return {
-            "detector": ZOO_PREFIX + self.builder,
-            "arrays": list(self.names),
-            **detect_record(opts),
-            "test_time_resize": None
-            if self.resize is None
-            else {"min_size": self.resize.min_size, "max_size": self.resize.max_size},
-            "score_thresh_used": self.heads.score_thresh(),
-            "max_detections_used": self.heads.max_detections(),
-            "categories": self.labels,
-            **(
-                {}
-                if self.labels is not None
-                else {"categories_note": "the weights carry no names for these labels"}
-            ),
-        }
+def detector_header(detector: Detector, opts: Options) -> dict:
+    """report.json's ``detections``: the detector, what it keeps, the label names."""
+    return {
+        "detector": ZOO_PREFIX + detector.builder,
+        "arrays": list(detector.names),
+        **detect_record(opts),
+        "test_time_resize": None
+        if detector.resize is None
+        else {"min_size": detector.resize.min_size, "max_size": detector.resize.max_size},
+        "score_thresh_used": detector.heads.score_thresh(),
+        "max_detections_used": detector.heads.max_detections(),
+        "categories": detector.labels,
+        **(
+            {}
+            if detector.labels is not None
+            else {"categories_note": "the weights carry no names for these labels"}
+        ),
+    }
 
 
 def detector_resize(opts: Options, spec: ModelSpec) -> DetectorResize | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,12 +17,9 @@ from fpn_cli.errors import UsageError
 from fpn_cli.formats import codecs
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
-from fpn_cli.regions.detect import pad_to
+from fpn_cli.regions.detect import Detector, pad_to
 from fpn_cli.run.choices import DTYPE_NAMES
 from fpn_cli.run.finite import check_finite
-
-if TYPE_CHECKING:
-    from fpn_cli.run.detections import Detector
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -193,7 +189,7 @@ class Engine:
         dtype, and the codec's other arrays (class docstring)}, an event that fires when the copies
         back are done, or None when they are).
 
-        With a :class:`~fpn_cli.run.detections.Detector`, the output also holds its det_* arrays,
+        With a :class:`~fpn_cli.regions.detect.Detector`, the output also holds its det_* arrays,
         each a list of N numpy arrays (one image's detections each, in ``original_sizes``' pixels;
         default: the input's), and the levels are the detector's: computed on the input resized
         as it resizes and zero-padded to its multiple (32), then cropped to the resized input."""

@@ -66,7 +66,13 @@ from fpn_cli.regions.geometry import Geometry, LevelSizes
 from fpn_cli.regions.outputs import Outputs, tell_boxes
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
-from fpn_cli.run.detections import check_detect, detector_resize, estimated_shapes, load_detector
+from fpn_cli.run.detections import (
+    check_detect,
+    detector_header,
+    detector_resize,
+    estimated_shapes,
+    load_detector,
+)
 from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
 from fpn_cli.run.finite import NonFinite
@@ -190,7 +196,7 @@ def extract(
             if opts.pool or opts.boxes or opts.no_maps:
                 header["regions"] = outputs.header(unknown)
             if detector is not None:
-                header["detections"] = detector.header(opts)
+                header["detections"] = detector_header(detector, opts)
             report = Report(header, total=len(images), on_add=progress)
             engine = Engine(
                 model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile, detector
