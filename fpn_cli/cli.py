@@ -114,6 +114,15 @@ class ShardType(_IntPair):
         return shard_problem(a, b)
 
 
+class CountType(_IntPair):
+    """``K:M`` -> (K, M) with 1 <= K <= M: at least K, at most M detections per image."""
+
+    name, separator, example = "K:M", ":", "10:100"
+
+    def problem(self, a: int, b: int) -> str | None:
+        return None if 1 <= a <= b else "give K:M with 1 <= K <= M"
+
+
 class ByteSizeType(click.ParamType):
     """``1GB``, ``500MB``, ``64MiB``, ``1e9`` or a plain count -> bytes (at least 1)."""
 
@@ -306,13 +315,29 @@ Examples:
   fpn-extract --summary --input-size 800x1333          level sizes, no images needed
   fpn-extract images/ -o feats/ --boxes boxes.csv --pool avg     RoI features, pooled vectors
   fpn-extract roi feats/ --boxes more.csv              RoI features from the stored levels
+  fpn-extract images/ -o dets/ --weights coco --detect   detections, their RoI features and vectors
+  fpn-extract detections dets/ --coco results.json     detections as COCO results JSON
 """
 
 
 SECTIONS = {
     "Inputs": ("inputs", "lists", "root", "null", "size", "short_side", "max_side"),
     "Model": ("arch", "weights", "fpn_style", "levels", "seed"),
-    "Output": ("out", "format", "save_dtype", "overwrite", "preview", "boxes", "pool", "no_maps"),
+    "Output": (
+        "out",
+        "format",
+        "save_dtype",
+        "overwrite",
+        "preview",
+        "boxes",
+        "pool",
+        "no_maps",
+        "detect",
+        "detect_extras",
+        "score_thresh",
+        "max_detections",
+        "detections_count",
+    ),
     "Run": (
         "device",
         "dtype",
@@ -546,6 +571,36 @@ SECTIONS = {
 @click.option(
     "--no-maps", is_flag=True, help="Store only the pooled vectors and RoI features, not the levels."
 )
+@click.option(
+    "--detect",
+    is_flag=True,
+    help="Also run the weights' detector (coco, torchvision:...): det_boxes, det_scores, det_labels, "
+    "det_rois, det_vectors per image, at its own test-time size unless resized.",
+)
+@click.option(
+    "--detect-extras",
+    type=click.Choice(["masks", "keypoints"]),
+    multiple=True,
+    help="With --detect: det_masks (Mask R-CNN), det_keypoints (Keypoint R-CNN). Repeatable.",
+)
+@click.option(
+    "--score-thresh",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="Keep detections scoring above this [default: the detector's, 0.05; FCOS 0.2].",
+)
+@click.option(
+    "--max-detections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most this many detections per image, best first [default: the detector's, 100].",
+)
+@click.option(
+    "--detections-count",
+    type=CountType(),
+    default=None,
+    help="At least K, at most M detections per image (VQA-style features, e.g. 10:100).",
+)
 @click.option("--shard", type=ShardType(), default=None, help="Process only shard I (0-based) of N.")
 @click.option("--summary", is_flag=True, help="Print the level sizes and exit; computes no features.")
 @click.option(
@@ -602,6 +657,7 @@ def main(
             text = summarize(
                 inputs, spec, resize, input_size, stdin_lines, on_failure, lists, list_column,
                 options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"], root,
+                Options(resize=resize, **options) if options["detect"] else None,
             )  # fmt: skip
             _echo(text)
             sys.exit(1 if failures else 0)
@@ -654,7 +710,7 @@ def _refuse_unused(ctx: click.Context, options: dict, lists: tuple, summary: boo
     if "list_column" in given and not lists:
         raise click.UsageError("--list-column names the column of a --list file: add --list")
     for name in sorted(given & {"roi_size", "roi_levels"}):
-        if options["boxes"] is None:
+        if options["boxes"] is None and not (name == "roi_size" and options["detect"]):
             raise click.UsageError(f"--{name.replace('_', '-')} is for RoI features: add --boxes")
 
 
@@ -803,4 +859,38 @@ def roi(out, boxes, roi_size, roi_levels, overwrite, quiet) -> None:
     sys.exit(result.exit_status)
 
 
-WithSubcommands.subcommands = {"models": models, "verify": verify, "roi": roi}
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--coco",
+    type=click.Path(dir_okay=False, writable=True),
+    required=True,
+    help="Write COCO results JSON here: [{image_id, category_id, bbox [x, y, w, h], score}, ...].",
+)
+@click.option(
+    "--images",
+    type=LocalFile(),
+    default=None,
+    help="COCO annotations file whose images[].file_name give the image ids [default: 1..n in key order].",
+)
+def detections(out, coco, images) -> None:
+    """The detections stored in OUT (extracted with --detect, any --format) as COCO results JSON,
+    which pycocotools' COCO.loadRes reads. Image ids come from the --images file (file_name equal
+    to the image's path as in report.json, or to its file name), else 1..n in key order.
+    """
+    _tolerant_streams()
+    try:
+        from fpn_cli.run.detections import write_coco
+
+        export = write_coco(out, coco, images)
+    except FPNError as e:
+        _echo_err(f"Error: {e}")
+        sys.exit(e.exit_code)
+    if export.unmatched:
+        shown = ", ".join(export.unmatched[:5])
+        more = f" and {len(export.unmatched) - 5} more" if len(export.unmatched) > 5 else ""
+        _echo_err(f"warning: {len(export.unmatched)} image(s) not in {images}, left out: {shown}{more}")
+    _echo(f"{coco}: {export.describe()}")
+
+
+WithSubcommands.subcommands = {"models": models, "verify": verify, "roi": roi, "detections": detections}

@@ -113,6 +113,7 @@ class ImageResult:
     geometry: dict | None = None  # orientation, scale, each level's stride and size (regions/geometry.py)
     pooled: dict[str, dict] = field(default_factory=dict)  # "p3_avg" -> {"shape": [C], "file": ...}
     rois: dict | None = None  # shape, files, refused and clipped boxes: with --boxes
+    detections: dict | None = None  # with --detect: {"count": N, "arrays": {"det_boxes": {shape, file}}}
 
     @property
     def refused_boxes(self) -> int:
@@ -133,6 +134,8 @@ class ImageResult:
             entry["pooled"] = self.pooled
         if self.rois is not None:
             entry["rois"] = self.rois
+        if self.detections is not None:
+            entry["detections"] = self.detections
         if self.geometry is not None:
             entry["geometry"] = self.geometry
         return entry

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 
 ROIS, BOXES = "rois", "boxes"  # with --boxes: RoI features, and the boxes they came from (regions/)
 POOLS = ("avg", "max")  # with --pool: <level>_<kind>, one vector per level
+# with --detect (regions/detect.py): a detector's boxes, scores, labels, RoI features, box-head
+# vectors, and Mask/Keypoint R-CNN's masks and keypoints, one row per detection
+DETECTIONS = (
+    "det_boxes", "det_scores", "det_labels", "det_rois", "det_vectors",
+    "det_masks", "det_keypoints", "det_keypoint_scores",
+)  # fmt: skip
 BOX_DTYPE = np.dtype(np.float64)  # boxes.npy: coordinates exactly as given, whatever the save dtype
 
 Shape = tuple[int, ...]
@@ -35,8 +41,8 @@ def pool_name(level: str, kind: str) -> str:
 
 def derived_names() -> tuple[str, ...]:
     """Every array a run may derive from an image's levels, whatever its options: each level's
-    pooled vectors, the RoI features and their boxes."""
-    return (*(pool_name(level, kind) for level in LEVELS for kind in POOLS), ROIS, BOXES)
+    pooled vectors, the RoI features and their boxes, the detections."""
+    return (*(pool_name(level, kind) for level in LEVELS for kind in POOLS), ROIS, BOXES, *DETECTIONS)
 
 
 def human_bytes(count: int) -> str:

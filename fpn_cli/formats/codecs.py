@@ -117,10 +117,23 @@ def derived_dtype(save_dtype: str) -> np.dtype:
     return np.dtype(np.float16) if check_save_dtype(save_dtype) == "float16" else np.dtype(np.float32)
 
 
+# arrays stored in one dtype whatever --save-dtype: a detector's boxes, scores, labels (--detect)
+EXACT_DTYPES = {
+    "det_boxes": np.dtype(np.float32),
+    "det_scores": np.dtype(np.float32),
+    "det_labels": np.dtype(np.int64),
+    "det_keypoints": np.dtype(np.float32),
+    "det_keypoint_scores": np.dtype(np.float32),
+}
+
+
 def array_dtype(save_dtype: str, name: str, levels: Collection[str]) -> np.dtype:
     """The stored dtype of an image's array ``name`` in a ``save_dtype`` run: a level among
     ``levels`` in the code dtype, an int8 level's scales float32, anything else (pooled vectors,
-    RoI features) :func:`derived_dtype`."""
+    RoI features) :func:`derived_dtype`, but detections' boxes, scores and labels exactly
+    (:data:`EXACT_DTYPES`)."""
+    if name in EXACT_DTYPES:
+        return EXACT_DTYPES[name]
     if name in levels:
         return code_dtype(save_dtype)
     if save_dtype == "int8" and name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in levels:

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from fpn_cli.errors import UsageError, WeightsError
+from fpn_cli.formats import codecs
+from fpn_cli.formats.base import DETECTIONS
 
 SHOWN_KEYS = 5  # missing or unexpected keys named in an error, before "and N more"
 NO_THRESHOLD = -1.0  # below every probability: the fixed-count mode's pass keeps every candidate
@@ -142,6 +144,13 @@ class DetectionHeads(nn.Module):
         self.roi_pool = self._roi_pool()
 
     @property
+    def num_classes(self) -> int:
+        """Classes of the heads, background included where the detector has one (R-CNNs)."""
+        if self.spec.kind == "rcnn":
+            return int(self.detector.roi_heads.box_predictor.cls_score.out_features)
+        return int(self.detector.head.classification_head.num_classes)
+
+    @property
     def levels(self) -> tuple[str, ...]:
         """Our level names the heads read, finest first (R-CNN's p6 may be left out: see forward)."""
         return tuple(ours for ours, _ in self.spec.levels)
@@ -185,7 +194,7 @@ class DetectionHeads(nn.Module):
             else:
                 results = self._one_stage(images, features)
         results = [
-            select_fixed_count(r, self._score_thresh(), self._max_detections(), self.options) for r in results
+            select_fixed_count(r, self.score_thresh(), self.max_detections(), self.options) for r in results
         ]
         pooled = self._pool(features, [r["boxes"] for r in results], sizes)
         results = self.detector.transform.postprocess(results, sizes, [tuple(s) for s in original_sizes])
@@ -257,12 +266,14 @@ class DetectionHeads(nn.Module):
         split_vectors = vectors.split(counts) if vectors is not None else [None] * len(counts)
         return list(zip(split_rois, split_vectors, strict=True))
 
-    def _score_thresh(self) -> float:
+    def score_thresh(self) -> float:
+        """The score threshold applied: the option, else the detector's own."""
         if self.options.score_thresh is not None:
             return self.options.score_thresh
         return _default(self.detector, self.spec.kind, "score_thresh")
 
-    def _max_detections(self) -> int:
+    def max_detections(self) -> int:
+        """The most detections kept per image: the option, else the detector's own."""
         if self.options.max_detections is not None:
             return self.options.max_detections
         return _default(self.detector, self.spec.kind, "detections_per_img")
@@ -381,3 +392,103 @@ def _detections(result: dict[str, Tensor], rois: Tensor, vectors: Tensor | None)
         keypoints=result.get("keypoints"),
         keypoint_scores=result.get("keypoints_scores"),
     )
+
+
+# the arrays a run stores per image, in the order written, and their stored dtypes where fixed
+# (det_rois and det_vectors follow --save-dtype as RoI features do: codecs.derived_dtype)
+DET_ARRAYS = DETECTIONS[:5]  # det_boxes, det_scores, det_labels, det_rois, det_vectors
+DET_EXTRAS = {"masks": DETECTIONS[5:6], "keypoints": DETECTIONS[6:]}
+ZOO_PREFIX = "torchvision:"
+
+
+def detector_of(weights: str) -> str | None:
+    """The torchvision builder whose heads ``--weights`` carries (``coco`` is Faster R-CNN's), or None."""
+    name = "torchvision:fasterrcnn_resnet50_fpn" if weights == "coco" else weights
+    builder = name.removeprefix(ZOO_PREFIX)
+    return builder if name.startswith(ZOO_PREFIX) and builder in DETECTORS else None
+
+
+def det_names(builder: str, extras: Sequence[str] = ()) -> tuple[str, ...]:
+    """The det_* arrays a run with ``builder``'s heads stores: vectors for two-stage detectors only."""
+    names = [n for n in DET_ARRAYS if n != "det_vectors" or DETECTORS[builder].kind == "rcnn"]
+    for extra in extras:
+        names += DET_EXTRAS[extra]
+    return tuple(names)
+
+
+def check_extras(builder: str, extras: Sequence[str]) -> None:
+    """masks only from Mask R-CNN, keypoints only from Keypoint R-CNN: else a :class:`UsageError`."""
+    for extra in extras:
+        if extra not in DET_EXTRAS:
+            raise UsageError(f"--detect-extras {extra!r}: choose from {', '.join(DET_EXTRAS)}")
+        family = "maskrcnn" if extra == "masks" else "keypointrcnn"
+        if not builder.startswith(family):
+            offered = ", ".join(ZOO_PREFIX + b for b in DETECTORS if b.startswith(family))
+            raise UsageError(f"--detect-extras {extra}: {builder} has no {extra}; {offered} do")
+
+
+@dataclass
+class Detector:
+    """A run's detection step: ``heads`` on the levels of each batch, which the engine computes on
+    the input resized by ``resize`` (None: the decoded input as it is, --size) and padded to a
+    multiple of ``heads.size_divisible``; ``names`` the det_* arrays stored, ``dtype`` that of
+    det_rois, det_vectors and det_masks (codecs.derived_dtype, as RoI features)."""
+
+    builder: str
+    heads: DetectionHeads
+    resize: DetectorResize | None
+    names: tuple[str, ...]
+    dtype: np.dtype
+    labels: list[str] | None  # label id -> name, from the weights' categories; None if unknown
+
+    def to(self, device: torch.device) -> Detector:
+        self.heads = self.heads.to(device)
+        return self
+
+    def arrays(self, detections: Detections) -> dict[str, np.ndarray]:
+        """One image's :class:`~fpn_cli.regions.detect.Detections` as the stored arrays."""
+        arrays = detections.arrays()
+        return {
+            name: arrays[name].astype(codecs.EXACT_DTYPES.get(name, self.dtype), copy=False)
+            for name in self.names
+        }
+
+
+@dataclass(frozen=True)
+class DetectorResize:
+    """The detector's test-time resize as ``GeneralizedRCNNTransform.resize`` does it: the scale
+    min(min_size / shorter side, max_size / longer side), bilinear on the normalised float image,
+    no antialiasing, output size floor(side x scale) (``recompute_scale_factor=True``)."""
+
+    min_size: int
+    max_size: int
+
+    def scale(self, height: int, width: int) -> float:
+        return min(self.min_size / min(height, width), self.max_size / max(height, width))
+
+    def target(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) the detector feeds its backbone for an image of ``height`` x ``width``."""
+        scale = self.scale(height, width)
+        return int(np.floor(height * scale)), int(np.floor(width * scale))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) normalised float -> (N, 3, *target(H, W)), exactly torchvision's call."""
+        scale = self.scale(*x.shape[-2:])
+        return torch.nn.functional.interpolate(
+            x, scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+        )
+
+
+def categories(builder: str, num_classes: int) -> list[str] | None:
+    """The label names of ``builder``'s default COCO weights (weights enum ``meta["categories"]``,
+    index = label id), when the heads have that many classes; None otherwise."""
+    from torchvision.models import get_model_weights
+
+    names = list(get_model_weights(builder).DEFAULT.meta.get("categories") or ())
+    return names if len(names) == num_classes else None
+
+
+def pad_to(x: Tensor, multiple: int) -> Tensor:
+    """Zeros at the bottom/right up to a multiple of ``multiple``, as torchvision's batch_images."""
+    height, width = x.shape[-2:]
+    return torch.nn.functional.pad(x, (0, -width % multiple, 0, -height % multiple))

@@ -50,6 +50,9 @@ class Outputs:
     roi: RoiSpec | None = None
     boxes: BoxFile | None = None
     sizes: LevelSizes | None = None  # the model's level sizes, for report.json's geometry
+    detect: tuple[
+        str, ...
+    ] = ()  # with --detect: the det_* arrays (regions/detect.py), computed by the engine
 
     def unwanted(self, rel: str) -> tuple[str, ...]:
         """Arrays the image ``rel`` must not keep: with a boxes file, the RoI features of an
@@ -62,6 +65,7 @@ class Outputs:
         since boxes.npy matching the file's boxes is what marks rois.npy complete."""
         names = [name for level in self.levels for name in self.stored(level)] if self.maps else []
         names += [pool_name(level, kind) for level in self.levels for kind in self.pool]
+        names += self.detect
         if self.boxes is not None and self.boxes.of(rel) is not None:
             names += [ROIS, BOXES]
         return tuple(names)
@@ -90,10 +94,13 @@ class Outputs:
         levels' (C, h, w) for the image (``level_shapes``), an array counts only at exactly the
         shape they give it (:meth:`shapes`)."""
         names = dict.fromkeys([*self.levels, *self.names(rel)])
-        have = store.shapes(key, names, {BOXES: BOX_DTYPE})
+        found = store.shapes(key, names, {BOXES: BOX_DTYPE, **codecs.EXACT_DTYPES})
+        have = found
         if level_shapes is not None:
             expected = self.shapes(rel, level_shapes)
-            have = {name: shape for name, shape in have.items() if expected.get(name) == shape}
+            have = {name: shape for name, shape in found.items() if expected.get(name) == shape}
+        have = {name: shape for name, shape in have.items() if name not in self.detect}
+        have.update(self._detections_complete(found, level_shapes))
         if ROIS in names and not self._rois_current(store, key, rel, have):
             have.pop(ROIS, None)
             have.pop(BOXES, None)
@@ -116,6 +123,31 @@ class Outputs:
             out[ROIS] = (count, channels, *self.roi.output_size)
             out[BOXES] = (count, 4)
         return out
+
+    def _detections_complete(
+        self, found: Mapping[str, tuple[int, ...]], level_shapes: Mapping[str, tuple[int, ...]] | None
+    ) -> dict[str, tuple[int, ...]]:
+        """The det_* arrays, when every one is stored with the same row count N and the trailing
+        shape it must have (det_boxes (N, 4), det_rois (N, C, S, S) ...); else none of them."""
+        if not self.detect:
+            return {}
+        shapes = {name: found.get(name) for name in self.detect}
+        if any(shape is None for shape in shapes.values()):
+            return {}
+        count = shapes["det_boxes"][0]
+        channels = level_shapes[self.levels[0]][0] if level_shapes else None
+        expected = {
+            "det_boxes": (count, 4),
+            "det_scores": (count,),
+            "det_labels": (count,),
+            "det_vectors": (count, shapes.get("det_vectors", (0, 0))[-1]),
+        }
+        for name, shape in shapes.items():
+            if shape[0] != count or (name in expected and shape != expected[name]):
+                return {}
+            if name == "det_rois" and channels is not None and shape[1] != channels:
+                return {}
+        return shapes
 
     def _rois_current(self, store: Storage, key: str, rel: str, have: Mapping[str, tuple[int, ...]]) -> bool:
         wanted = self.boxes.of(rel).array()
@@ -204,6 +236,13 @@ class Outputs:
                 if name in shapes
             },
         }
+        if self.detect and all(name in shapes for name in self.detect):
+            fields["detections"] = {
+                "count": shapes["det_boxes"][0],
+                "arrays": {
+                    name: {"shape": list(shapes[name]), **location(key, name)} for name in self.detect
+                },
+            }
         if ROIS in shapes:
             boxes = location(key, BOXES)
             rois: dict = {

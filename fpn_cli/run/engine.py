@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from fpn_cli.formats import codecs
 from fpn_cli.models.backbones import get_arch
 from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
+from fpn_cli.regions.detect import Detector, pad_to
 from fpn_cli.run.choices import DTYPE_NAMES
 from fpn_cli.run.finite import check_finite
 
@@ -125,6 +126,7 @@ class Engine:
         save_dtype: str,
         preprocess: Preprocess = IMAGENET,
         compile: bool = False,
+        detector: Detector | None = None,
     ) -> None:
         self.memory_format = (
             torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
@@ -132,6 +134,7 @@ class Engine:
         self.model = fold_batchnorm(model).to(device, memory_format=self.memory_format)
         self.network = _compiled(self.model) if compile else self.model
         self.device = device
+        self.detector = detector.to(device) if detector is not None else None
         self.autocast = dtype != "float32"
         self.dtype = DTYPES[dtype]
         self.save_dtype_name = codecs.check_save_dtype(save_dtype)
@@ -173,34 +176,70 @@ class Engine:
         x = torch.addcmul(self.shift, x.float(), self.scale)
         return x.contiguous(memory_format=self.memory_format)
 
-    def __call__(self, batch: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    def __call__(
+        self, batch: np.ndarray, original_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """(N, H, W, 3) uint8 -> :meth:`forward` of the normalised batch."""
         with torch.inference_mode():
-            return self.forward(self.preprocess(batch))
+            return self.forward(self.preprocess(batch), original_sizes)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    def forward(
+        self, x: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """(N, 3, H, W) normalised, on the device -> ({level: (N, C, h, w) on the CPU in the save
         dtype, and the codec's other arrays (class docstring)}, an event that fires when the copies
-        back are done, or None when they are)."""
+        back are done, or None when they are).
+
+        With a :class:`~fpn_cli.regions.detect.Detector`, the output also holds its det_* arrays,
+        each a list of N numpy arrays (one image's detections each, in ``original_sizes``' pixels;
+        default: the input's), and the levels are the detector's: computed on the input resized
+        as it resizes and zero-padded to its multiple (32), then cropped to the resized input."""
         x = x.contiguous(memory_format=self.memory_format)
-        with self._precision():
-            feats = self.network(x)
+        if self.detector is not None:
+            feats, detections = self._detect(x, original_sizes)
+        else:
+            with self._precision():
+                feats = self.network(x)
+            detections = {}
         check_finite(feats)  # a NaN or infinite level fails its image (finite.py)
         stored = {}
         for level, v in feats.items():
             stored.update(codecs.encode(level, v, self.save_dtype_name))
         if self.device.type == "cpu":
-            return stored, None
+            return {**stored, **detections}, None
         # the layout change to C order costs the GPU nothing and spares the host's cores a copy; every
         # array, scales included, is copied on the stream that the event below is recorded on
         out = {k: _to_host(v) for k, v in stored.items()}
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-            return out, event
+            return {**out, **detections}, event
         torch.mps.synchronize()  # MPS has no event to hand over: wait here
-        return out, None
+        return {**out, **detections}, None
+
+    def _detect(
+        self, x: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list[np.ndarray]]]:
+        """The levels as the detector computes them and its det_* arrays (see :meth:`forward`):
+        the batch resized as torchvision's transform does, on the normalised floats, then padded
+        at the bottom/right (its ``batch_images``), then the heads on the padded levels."""
+        detector = self.detector
+        original_sizes = list(original_sizes or [tuple(x.shape[-2:])] * len(x))
+        if detector.resize is not None:
+            x = detector.resize(x).contiguous(memory_format=self.memory_format)
+        height, width = x.shape[-2:]
+        with self._precision():
+            padded = self.network(pad_to(x, detector.heads.size_divisible))
+        check_finite(padded)  # before the heads: a NaN level fails its image, not the batch's NMS
+        with _no_tf32() if self.device.type == "cuda" else contextlib.nullcontext():
+            found = detector.heads(padded, [(height, width)] * len(x), original_sizes)
+        feats = {}
+        for level, v in padded.items():  # each level back to the resized input's extent
+            stride = level_info(self.model.config)[level].stride
+            feats[level] = v[..., : -(-height // stride), : -(-width // stride)]
+        per_image = [detector.arrays(d) for d in found]
+        return feats, {name: [arrays[name] for arrays in per_image] for name in detector.names}
 
     def _precision(self) -> contextlib.AbstractContextManager:
         """Autocast below float32. For float32 on CUDA, TF32 is switched off for the forward:

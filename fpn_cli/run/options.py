@@ -55,7 +55,9 @@ INT_RANGES: dict[str, tuple[int | None, int | None]] = {
     "max_pixels": (1, None),
     "shard_size": (1, None),
     "pad_multiple": (1, MAX_PAD_MULTIPLE),
+    "max_detections": (1, None),
 }
+OPTIONAL_INTS = ("batch_size", "workers", "writers", "pad_multiple", "max_detections")  # None: a default
 
 
 def _option(name: str) -> str:
@@ -91,7 +93,7 @@ def check_options(opts: Options) -> None:
     the Python API alike; the first problem is a one-line :class:`UsageError` naming the option."""
     for name in INT_RANGES:
         value = getattr(opts, name)
-        if value is not None or name not in ("batch_size", "workers", "writers", "pad_multiple"):
+        if value is not None or name not in OPTIONAL_INTS:
             check_int(name, value)
     if not isinstance(opts.resize, Resize):
         raise UsageError(f"resize {opts.resize!r}: give a Resize(size, short_side, max_side)")
@@ -107,10 +109,56 @@ def check_options(opts: Options) -> None:
         raise UsageError(f"unknown save dtype {opts.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
     if opts.format not in FORMATS:
         raise UsageError(f"unknown format {opts.format!r}; choose from {', '.join(FORMATS)}")
-    if opts.no_maps and not (opts.pool or opts.boxes):
-        raise UsageError("--no-maps stores only pooled vectors and RoI features: add --pool or --boxes")
+    if opts.no_maps and not (opts.pool or opts.boxes or opts.detect):
+        raise UsageError(
+            "--no-maps stores only pooled vectors, RoI features and detections: "
+            "add --pool or --boxes, or --detect"
+        )
+    _check_detect(opts)
     if opts.preview and opts.format != "npy":
         raise UsageError("--preview draws PNG files into the npy layout; it is not for --format shards")
+
+
+def _check_detect(opts: Options) -> None:
+    """--score-thresh, --max-detections and --detections-count K:M, which only --detect uses."""
+    given = [
+        name
+        for name in ("score_thresh", "max_detections", "detections_count")
+        if getattr(opts, name) is not None
+    ]
+    if opts.detect_extras:
+        given.append("detect_extras")
+    if not opts.detect:
+        if given:
+            raise UsageError(f"{_option(given[0])} sets how --detect keeps detections: add --detect")
+        return
+    thresh = opts.score_thresh
+    if thresh is not None and (
+        isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0 <= thresh < 1
+    ):
+        raise UsageError(f"--score-thresh must be from 0 to below 1 (got {thresh!r})")
+    if opts.detections_count is not None:
+        count = opts.detections_count
+        if (
+            not isinstance(count, tuple)
+            or len(count) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in count)
+            or not 1 <= count[0] <= count[1]
+        ):
+            raise UsageError(f"--detections-count must be K:M with 1 <= K <= M (got {count!r})")
+        if opts.max_detections is not None:
+            raise UsageError("--detections-count K:M sets the most boxes (M): leave --max-detections out")
+
+
+def parse_count(text: str) -> tuple[int, int]:
+    """``10:100`` -> (10, 100): --detections-count's K:M; a malformed one is a :class:`UsageError`."""
+    least, sep, most = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(least), int(most)
+    except ValueError:
+        raise UsageError(f"--detections-count {text!r}: give K:M, at least K and at most M boxes") from None
 
 
 @dataclass(frozen=True)
@@ -145,6 +193,11 @@ class Options:
     roi_levels: tuple[str, ...] | None = None  # None: those of P2-P5 the run extracts
     pool: tuple[str, ...] = ()  # "avg", "max": one vector per level
     no_maps: bool = False  # store only the pooled vectors and RoI features, not the levels
+    detect: bool = False  # run the weights' detector heads: det_* arrays (regions/detect.py)
+    detect_extras: tuple[str, ...] = ()  # "masks" (Mask R-CNN), "keypoints" (Keypoint R-CNN)
+    score_thresh: float | None = None  # None: the detector's (0.05; FCOS 0.2)
+    max_detections: int | None = None  # None: the detector's (100)
+    detections_count: tuple[int, int] | None = None  # (K, M): at least K, at most M boxes per image
 
     def __post_init__(self) -> None:
         if self.levels is not None:
@@ -155,6 +208,13 @@ class Options:
         if self.boxes is not None:
             object.__setattr__(self, "boxes", local_path(os.fspath(self.boxes)))
         object.__setattr__(self, "weights", str(self.weights))
+        extras = self.detect_extras
+        extras = extras.split(",") if isinstance(extras, str) else extras
+        object.__setattr__(self, "detect_extras", tuple(dict.fromkeys(e for e in extras or () if e)))
+        if isinstance(self.detections_count, str):
+            object.__setattr__(self, "detections_count", parse_count(self.detections_count))
+        elif isinstance(self.detections_count, list):
+            object.__setattr__(self, "detections_count", tuple(self.detections_count))
         check_options(self)
 
 
@@ -202,6 +262,21 @@ def settings_record(opts: Options, spec: ModelSpec) -> dict:
         **({"weights_sha256": identity["sha256"]} if (identity := spec.identity()) else {}),
         # only with --boxes: a run without boxes leaves the recorded one alone (locks.OPTIONAL_SETTINGS)
         **({"roi": roi_spec(opts, spec).record()} if opts.boxes else {}),
+        # only with --detect: a run with other detection settings (or none) over det_* arrays is
+        # refused unless --overwrite, as any other changed setting
+        **({"detect": detect_record(opts)} if opts.detect else {}),
+    }
+
+
+def detect_record(opts: Options) -> dict:
+    """What of --detect decides the det_* arrays: in the settings record, checked on resume."""
+    count = opts.detections_count
+    return {
+        "extras": list(opts.detect_extras),
+        "score_thresh": opts.score_thresh,
+        "max_detections": opts.max_detections,
+        "detections_count": list(count) if count is not None else None,
+        "roi_size": opts.roi_size if isinstance(opts.roi_size, int) else list(opts.roi_size),
     }
 
 
@@ -235,7 +310,9 @@ def report_header(
             "size": list(opts.resize.size) if opts.resize.size else None,
             "short_side": opts.resize.short_side,
             "max_side": opts.resize.max_side,
-            "resample": "bilinear (Pillow, on 8-bit RGB)",
+            "resample": "bilinear (torchvision's detector transform, on the normalised floats)"
+            if opts.detect and opts.resize.size is None
+            else "bilinear (Pillow, on 8-bit RGB)",
             **spec.preprocess.to_json(),
             "pad_multiple": config.pad_multiple,
             # the weights' framework's own test-time resize, and whether this run applied it

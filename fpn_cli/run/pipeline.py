@@ -52,6 +52,7 @@ from fpn_cli.formats import (
     open_store,
 )
 from fpn_cli.formats import record_settings as record_format_settings
+from fpn_cli.formats.base import human_bytes, npy_size
 from fpn_cli.inputs.deadline import ordered_map
 from fpn_cli.inputs.images import InputImage, Resize, decode_image, read_header, warnings_to
 from fpn_cli.inputs.keys import shard_of
@@ -60,10 +61,18 @@ from fpn_cli.inputs.urls import is_url, local_path
 from fpn_cli.models.builder import ModelSpec, build, resolve
 from fpn_cli.models.model import FPN, level_info, parameter_count, resolved_levels
 from fpn_cli.regions.boxes import Checked, read_boxes, warn_unknown
+from fpn_cli.regions.detect import DetectorResize
 from fpn_cli.regions.geometry import Geometry, LevelSizes
 from fpn_cli.regions.outputs import Outputs, lost_rois, tell_boxes, tell_lost_rois
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
+from fpn_cli.run.detections import (
+    check_detect,
+    detector_header,
+    detector_resize,
+    estimated_shapes,
+    load_detector,
+)
 from fpn_cli.run.distributed import ProcessGroup, combine, torchrun_launch
 from fpn_cli.run.engine import Engine, default_workers, default_writers, is_out_of_memory, resolve_device
 from fpn_cli.run.finite import NonFinite
@@ -156,14 +165,24 @@ def extract(
     opts = with_framework_resize(opts, spec)
     # a bad boxes file or --roi-levels stops the run before the model is built (maybe downloaded)
     boxes, roi = (read_boxes(opts.boxes), roi_spec(opts, spec)) if opts.boxes else (None, None)
+    if opts.detect:
+        check_detect(opts, spec)  # a non-detector refused before the model is built
     unknown = boxes.unknown(image.rel for image in found) if boxes else {}
     images = _own_images(found, shard)
     model = _build_model(spec)
+    detector = load_detector(opts, spec) if opts.detect else None
     store = open_store(
         out, opts.format, resolved_levels(spec.config), opts.save_dtype, opts.shard_size, shard
     )
     outputs = Outputs(
-        store.levels, opts.save_dtype, not opts.no_maps, opts.pool, roi, boxes, LevelSizes(spec.config)
+        store.levels,
+        opts.save_dtype,
+        not opts.no_maps,
+        opts.pool,
+        roi,
+        boxes,
+        LevelSizes(spec.config),
+        detect=detector.names if detector else (),
     )
     report: Report | None = None
     began = False  # an interrupt that escapes before the run began found nothing processed
@@ -176,8 +195,12 @@ def extract(
             header = report_header(opts, spec, device, shard)
             if opts.pool or opts.boxes or opts.no_maps:
                 header["regions"] = outputs.header(unknown)
+            if detector is not None:
+                header["detections"] = detector_header(detector, opts)
             report = Report(header, total=len(images), on_add=progress)
-            engine = Engine(model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile)
+            engine = Engine(
+                model, device, opts.dtype, opts.save_dtype, spec.preprocess, opts.compile, detector
+            )
             with ProcessGroup(launch, device) if launch else contextlib.nullcontext() as group:
                 if group is not None:
                     log(f"torchrun: rank {launch.rank} of {launch.world_size} on {device}, {group.backend}")
@@ -291,13 +314,24 @@ def run(
     outputs = outputs or Outputs(store.levels, opts.save_dtype, sizes=LevelSizes(engine.model.config))
     results = Results(store, outputs, report, on_failure, log)
     sizes = outputs.sizes or LevelSizes(engine.model.config)
-    shapes = partial(_shapes, sizes, opts.resize)
-    jobs = plan(images, store, opts, outputs, results, shapes, workers, log)
+    # the network's input size: as decoded, or as the detector resizes it on the device
+    on_device = engine.detector.resize if engine.detector is not None else None
+    decoded_as = Resize() if on_device is not None else opts.resize
+    target = on_device or opts.resize
+    shapes = partial(_shapes, sizes, target)
+    jobs = plan(images, store, opts, outputs, results, shapes, workers, log, target)
     forward = Forward(engine, report, on_failure, log)
     depth = max(2, 2 * batch_size, writers)
     with Writer(store, report, depth, outputs=outputs, results=results, threads=writers) as writer:
         decoded = decode_ahead(
-            jobs, opts.resize, opts.max_pixels, workers, 2 * workers + 2 * batch_size, opts.timeout, opts.hash
+            jobs,
+            decoded_as,
+            opts.max_pixels,
+            workers,
+            2 * workers + 2 * batch_size,
+            opts.timeout,
+            opts.hash,
+            on_device,
         )
         readable = split_off_failures(decoded, report, on_failure, opts.fail_fast, writer, sizes)
         for batch in batches(readable, batch_size, max_pending=4 * batch_size):
@@ -314,6 +348,7 @@ def plan(
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
     workers: int,
     log: Log,
+    target: Resize | DetectorResize | None = None,
 ) -> list[Job]:
     """Step 1. Images with every requested array in place and trusted (and their preview, if
     asked) are reported as skipped; the rest are jobs for their missing arrays (all with
@@ -357,7 +392,7 @@ def plan(
             elif verdict.recomputed:
                 log(f"recomputing {image.path}: {verdict.recomputed}")
             try:
-                job = _resume_job(image, names, verdict, store, outputs, shapes, opts)
+                job = _resume_job(image, names, verdict, store, outputs, shapes, opts, target)
             except OSError as e:  # an old file it must delete is in the way (a folder by its name)
                 where = e.filename or store.where(image.key)
                 reason = f"cannot clear its old features: {where}: {e.strerror}"
@@ -386,17 +421,20 @@ def _resume_job(
     outputs: Outputs,
     shapes: Callable[[int, int], dict[str, tuple[int, ...]]],
     opts: Options,
+    target: Resize | DetectorResize | None = None,
 ) -> Job:
     """The job for an image with stored features, as :func:`resume.decide` settles it; one with
-    nothing missing and no preview to draw is complete."""
+    nothing missing and no preview to draw is complete. Detections come from the network only
+    (the heads read the levels of the padded input, which are not stored)."""
     decision = resume.decide(image, names, verdict, store, outputs, shapes)
     preview = opts.preview and store.preview_file(image.key) is None
-    geometry = _recorded_geometry(verdict, opts.resize) if verdict.trusted else None
+    geometry = _recorded_geometry(verdict, target or opts.resize) if verdict.trusted else None
+    from_disk = decision.from_disk and not set(decision.missing) & set(outputs.detect)
     return Job(
         image,
         decision.missing,
         decision.have,
-        decision.from_disk,
+        from_disk,
         preview,
         geometry=geometry,
         fingerprint=verdict.fingerprint,
@@ -404,12 +442,14 @@ def _resume_job(
     )
 
 
-def _recorded_geometry(verdict: resume.Verdict, resize: Resize) -> Geometry:
+def _recorded_geometry(verdict: resume.Verdict, resize: Resize | DetectorResize) -> Geometry:
     """An image's geometry from its record: the input is the one recorded, so nothing is read."""
     return Geometry(verdict.input_size, resize.target(*verdict.input_size), verdict.orientation)
 
 
-def _shapes(sizes: LevelSizes, resize: Resize, height: int, width: int) -> dict[str, tuple[int, ...]]:
+def _shapes(
+    sizes: LevelSizes, resize: Resize | DetectorResize, height: int, width: int
+) -> dict[str, tuple[int, ...]]:
     """Each level's (C, h, w) for an input of ``height`` x ``width`` as decoded."""
     return sizes(*resize.target(height, width))
 
@@ -422,23 +462,29 @@ def decode_ahead(
     lookahead: int,
     timeout: float | None = None,
     content_hash: bool = False,
+    target: DetectorResize | None = None,
 ) -> Iterator[Job]:
     """Step 2. ``jobs`` in order, each fingerprinted and decoded (``fingerprint``, ``rgb``,
     ``geometry``), or its header read where no pixels are needed and its geometry is not known,
     or with its ``error``, on ``workers`` threads that run at most ``lookahead`` jobs ahead of
     the consumer. A job still reading after ``timeout`` seconds is failed and left behind
-    (deadline.py)."""
+    (deadline.py). ``target``: the resize the device does after decoding (the detector's), which
+    gives the network's input size."""
 
     def late(job: Job) -> Job:
         return replace(job, error=f"timed out after {timeout:g} s reading or decoding it (--timeout)")
 
-    read = partial(_decode_job, resize=resize, max_pixels=max_pixels, content_hash=content_hash)
+    read = partial(
+        _decode_job, resize=resize, max_pixels=max_pixels, content_hash=content_hash, target=target
+    )
     yield from ordered_map(
         read, jobs, workers=workers, lookahead=lookahead, timeout=timeout, late=late, name="fpn-decode"
     )
 
 
-def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -> Job:
+def _decode_job(
+    job: Job, resize: Resize, max_pixels: int, content_hash: bool, target: DetectorResize | None = None
+) -> Job:
     if job.error is not None:  # listing or the resume check found it unusable
         return job
     try:
@@ -447,10 +493,11 @@ def _decode_job(job: Job, resize: Resize, max_pixels: int, content_hash: bool) -
                 job.fingerprint = resume.fingerprint(job.image.path, content_hash)
             decoded = decode_image(job.image.path, resize, max_pixels)
             job.rgb = decoded.rgb
-            job.geometry = Geometry(decoded.size, decoded.rgb.shape[:2], decoded.orientation)
+            size = target.target(*decoded.rgb.shape[:2]) if target else decoded.rgb.shape[:2]
+            job.geometry = Geometry(decoded.size, size, decoded.orientation)
         elif job.geometry is None:
             found = read_header(job.image.path)
-            job.geometry = Geometry(found.size, resize.target(*found.size), found.orientation)
+            job.geometry = Geometry(found.size, (target or resize).target(*found.size), found.orientation)
     except ImageError as e:
         job.error = str(e)
     except MemoryError:
@@ -533,7 +580,11 @@ class Forward:
         if not fits:  # the kernel would kill the whole run, not raise MemoryError
             return short
         try:
-            return self.engine(np.stack([job.rgb for job in batch]))
+            pixels = np.stack([job.rgb for job in batch])
+            if getattr(self.engine, "detector", None) is None:
+                return self.engine(pixels)
+            # detections come back in the upright image's pixels, whatever resized it
+            return self.engine(pixels, [job.geometry.input_size for job in batch])
         except NonFinite as e:
             return e.images
         except MemoryError:  # the host's memory (the batch's stack, a CPU allocation)
@@ -801,22 +852,27 @@ def summarize(
     pool: Sequence[str] = (),
     maps: bool = True,
     root: str | os.PathLike[str] | None = None,
+    detections: Options | None = None,
 ) -> str:
     """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
     (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
     dtype, of the arrays a run stores (the levels unless not ``maps``, the ``pool`` vectors);
     ``on_failure`` (path, reason) for each input whose size cannot be read or that is too small
     for the network (an ``input_size`` too small is a :class:`UsageError`). Every size is the
-    model's (:class:`LevelSizes`); ``root`` as extract's."""
+    model's (:class:`LevelSizes`); ``root`` as extract's. ``detections``: the options of a
+    --detect run, whose det_* arrays are counted at their most (--max-detections boxes each)."""
     config = spec.config
     sizes = LevelSizes(config)
+    if detections is not None:  # the network's input is the detector's resize of each image
+        resize = detector_resize(detections, spec) or resize
     if not inputs and not lists:
         target = resize.target(*input_size)  # the network's input, as a run's for such an image
         refusal = sizes.refusal(*target)
         if refusal is not None:
             raise UsageError(f"--input-size {input_size[0]}x{input_size[1]}: {refusal}")
         shapes = [(target, sizes(*target))]
-        return _resized(format_summary(spec, parameter_count(config), level_info(config), shapes), resize)
+        text = _resized(format_summary(spec, parameter_count(config), level_info(config), shapes), resize)
+        return text + _detection_line(detections, spec, target)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
     for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column, root)):
@@ -835,7 +891,12 @@ def summarize(
     )
     outputs = Outputs(resolved_levels(config), maps=maps, pool=tuple(pool))
     stored = {size: _stored_shapes(outputs, levels) for size, levels in shapes}
+    if detections is not None:
+        for size in stored:
+            stored[size].update(_detection_shapes(detections, spec, size))
     totals = format_totals(per_size, stored, unreadable, codecs.SAVE_DTYPES, shard_size)
+    if per_size:
+        text += _detection_line(detections, spec, max(per_size, key=per_size.get))
     return f"{text}\n\n{totals}"
 
 
@@ -845,7 +906,9 @@ def _resized(text: str, resize: Resize) -> str:
     options.with_framework_resize), if any: its sizes are the network's inputs, not the images'."""
     if resize == Resize():
         return text
-    if resize.size is not None:
+    if not isinstance(resize, Resize):  # a detector's own test-time resize (regions.detect.DetectorResize)
+        how = f"as the detector does: shorter side {resize.min_size}, longer side at most {resize.max_size}"
+    elif resize.size is not None:
         how = f"to {resize.size[0]}x{resize.size[1]}"
     else:
         how = ", ".join(
@@ -862,6 +925,28 @@ def _stored_shapes(outputs: Outputs, level_shapes: dict) -> dict[str, tuple[int,
     """The shape of each array a run stores for an image of these level shapes (no boxes)."""
     names = outputs.names("")
     return {name: shape for name, shape in outputs.shapes("", level_shapes).items() if name in names}
+
+
+def _detection_shapes(opts: Options, spec: ModelSpec, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """The det_* arrays of an image at their most: M boxes (--max-detections, --detections-count's
+    M, else the detector's 100)."""
+    count = opts.detections_count[1] if opts.detections_count else opts.max_detections or 100
+    roi = opts.roi_size if isinstance(opts.roi_size, int) else opts.roi_size[0]
+    return estimated_shapes(spec.weights, count, roi, opts.detect_extras, size)
+
+
+def _detection_line(opts: Options | None, spec: ModelSpec, size: tuple[int, int]) -> str:
+    """--summary's line for the det_* arrays of one image (of ``size``) at their most."""
+    if opts is None:
+        return ""
+    shapes = _detection_shapes(opts, spec, size)
+    count = shapes["det_boxes"][0]
+    sizes = [
+        (sum(npy_size(shape, codecs.array_dtype(dtype, name, ())) for name, shape in shapes.items()), dtype)
+        for dtype in codecs.SAVE_DTYPES
+    ]
+    per_dtype = ", ".join(f"{human_bytes(total)} {dtype}" for total, dtype in sizes)
+    return f"\ndetections per image, at most {count} boxes: {per_dtype}"
 
 
 def _probe_all(

@@ -187,9 +187,12 @@ def _check_image(
         problems += _check_level(folder, key, name, info, dtype, channels[:1] if channels else None)
     if entry.get("rois") is not None:
         problems += _check_rois(folder, key, entry["rois"], dtype)
+    detections = entry.get("detections") if isinstance(entry.get("detections"), dict) else {}
+    for name, info in (detections.get("arrays") or {}).items():  # --detect: exact or derived dtypes
+        problems += _check_level(folder, key, name, info, codecs.array_dtype(save_dtype, name, ()), None)
     if entry.get("preview") and not (folder.root / entry["preview"]).is_file():
         problems.append(f"its preview {entry['preview']} is missing")
-    if not (levels or pooled or entry.get("rois") is not None or entry.get("preview")):
+    if not (levels or pooled or detections or entry.get("rois") is not None or entry.get("preview")):
         return problems  # nothing stored for it (--no-maps, no boxes for it): no record vouches
     return problems + _check_input(folder, key, entry, {} if tars is None else tars)
 
