@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -23,58 +24,67 @@ def test_help_shows_examples():
     assert "fpn-extract images/ --out feats/" in run("--help").output
 
 
-# runs the console script's entry in a fresh interpreter, then says whether torch was imported
+# runs the console script's entry in one fresh interpreter for each form given (a JSON list of
+# argument lists), then prints, per form, its stdout, exit status and whether torch was imported
 TORCH_PROBE = """
-import sys
+import contextlib, io, json, sys
 from fpn_cli.console import main
-sys.argv = ["fpn-extract", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as e:
-    status = e.code
-print("torch imported" if "torch" in sys.modules else "no torch", status, file=sys.stderr)
+results = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["fpn-extract", *args]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main()
+        except SystemExit as e:
+            status = e.code
+    results.append([out.getvalue(), status, "torch" in sys.modules])
+print(json.dumps(results))
 """
 
-
-def probe_torch(*args: str) -> tuple[str, str]:
-    """(stdout, the probe's verdict line) of ``fpn-extract ARGS`` in a new process."""
-    proc = subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True)
-    return proc.stdout, proc.stderr.strip().splitlines()[-1]
-
-
-@pytest.mark.parametrize(
-    ("args", "shows"),
-    [
-        (["--help"], "Usage: fpn-extract [OPTIONS] [INPUTS]..."),
-        (["--version"], "fpn-extract, version"),
-        (["models", "--help"], "Usage: fpn-extract models [OPTIONS] [PATTERN]"),
-        (["verify", "--help"], "Usage: fpn-extract verify [OPTIONS] OUT"),
-        (["roi", "--help"], "Usage: fpn-extract roi [OPTIONS] OUT"),
-    ],
-)
-def test_help_and_version_do_not_import_torch(args, shows):
-    out, verdict = probe_torch(*args)
-    assert shows in out
-    assert verdict == "no torch 0"
+HELP_FORMS = {
+    "--help": "Usage: fpn-extract [OPTIONS] [INPUTS]...",
+    "--version": "fpn-extract, version",
+    "models --help": "Usage: fpn-extract models [OPTIONS] [PATTERN]",
+    "verify --help": "Usage: fpn-extract verify [OPTIONS] OUT",
+    "roi --help": "Usage: fpn-extract roi [OPTIONS] OUT",
+}
+BAD_OPTIONS = [
+    ["--arch", "resnet5", "a.png", "-o", "out"],
+    ["--levels", "p2,p9", "a.png", "-o", "out"],
+    ["--pool", "mean", "a.png", "-o", "out"],
+    ["--dtype", "float8", "a.png", "-o", "out"],
+    ["--fpn-style", "detectron", "a.png", "-o", "out"],
+    ["--seed", "-1", "a.png", "-o", "out"],
+    ["a.png"],
+    ["-o", "out"],
+    ["a.png", "-o", "out", "--shard-size", "1GB"],
+    ["a.png", "-o", "out", "--list-column", "file"],
+]
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["--arch", "resnet5", "a.png", "-o", "out"],
-        ["--levels", "p2,p9", "a.png", "-o", "out"],
-        ["--pool", "mean", "a.png", "-o", "out"],
-        ["--dtype", "float8", "a.png", "-o", "out"],
-        ["--fpn-style", "detectron", "a.png", "-o", "out"],
-        ["--seed", "-1", "a.png", "-o", "out"],
-        ["a.png"],
-        ["-o", "out"],
-        ["a.png", "-o", "out", "--shard-size", "1GB"],
-        ["a.png", "-o", "out", "--list-column", "file"],
-    ],
-)
-def test_a_bad_option_value_is_refused_without_importing_torch(args):
-    assert probe_torch(*args)[1] == "no torch 2"
+@pytest.fixture(scope="module")
+def probed() -> dict[tuple[str, ...], tuple[str, int, bool]]:
+    """Every form of HELP_FORMS and BAD_OPTIONS run in one fresh interpreter, in order (a form that
+    imported torch would show in its own result and those after it): (stdout, status, torch?)."""
+    forms = [form.split() for form in HELP_FORMS] + BAD_OPTIONS
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_PROBE, json.dumps(forms)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {tuple(form): tuple(result) for form, result in zip(forms, json.loads(proc.stdout), strict=True)}
+
+
+@pytest.mark.parametrize("form", list(HELP_FORMS))
+def test_help_and_version_do_not_import_torch(form, probed):
+    out, status, torch_imported = probed[tuple(form.split())]
+    assert HELP_FORMS[form] in out
+    assert (status, torch_imported) == (0, False)
+
+
+@pytest.mark.parametrize("args", BAD_OPTIONS, ids=" ".join)
+def test_a_bad_option_value_is_refused_without_importing_torch(args, probed):
+    assert probed[tuple(args)][1:] == (2, False)
 
 
 # every form of `fpn-extract models` in one fresh interpreter: each one's exit status, stdout's line
@@ -113,12 +123,6 @@ def test_models_in_all_its_forms_imports_neither_torch_nor_torchvision(torch_hom
         f"models -h 0 {len(run('models', '-h').output.splitlines())} -",  # as in-process
         "[]",
     ]
-
-
-def test_the_probe_sees_torch_when_a_command_computes():
-    out, verdict = probe_torch("--summary", "--arch", "seed")
-    assert "P5         32       256      19     29" in out
-    assert verdict == "torch imported 0"
 
 
 def test_cli_choices_are_the_library_registries():
@@ -178,12 +182,19 @@ def test_verbose_lists_every_image(tmp_path):
     assert "ok: a.png" in result.stderr
 
 
-def test_python_dash_m_runs_the_cli():
+def test_python_dash_m_runs_the_cli_and_a_computing_command_imports_torch():
+    """``python -m fpn_cli`` works, and the import-time log shows torch imported once a command
+    computes (so the torch-free forms above are torch-free because of the lazy imports, not
+    because the probe cannot see torch)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fpn_cli", "--summary", "--arch", "seed"], capture_output=True, text=True
+        [sys.executable, "-X", "importtime", "-m", "fpn_cli", "--summary", "--arch", "seed"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "P5         32       256      19     29" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "torch" in imported and "fpn_cli.cli" in imported
 
 
 def test_library_options_are_validated():

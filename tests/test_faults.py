@@ -260,8 +260,9 @@ def test_a_corrupt_image_in_the_middle_of_a_batch_spares_the_rest(tmp_path):
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory) -> Path:
-    """24 images of 320x320: a run of several seconds, for a second run to meet it."""
-    return image_folder(tmp_path_factory, "slow", 24, 320)
+    """10 images of 320x320: a run of a few seconds after its first image, for a second run (in
+    this process, refused at the lock in well under a second) to meet it."""
+    return image_folder(tmp_path_factory, "slow", 10, 320)
 
 
 def test_a_second_run_into_the_same_folder_is_refused_and_the_first_finishes(slow, tmp_path):
@@ -273,7 +274,7 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_finishes(slo
     assert second.exit_code == 2
     assert f"another fpn-extract run (pid {first.pid} on " in second.stderr
     assert first.wait(timeout=120) == 0
-    assert report_of(out)["counts"] == {"ok": 24, "skipped": 0, "failed": 0}
+    assert report_of(out)["counts"] == {"ok": 10, "skipped": 0, "failed": 0}
     for path in out.glob("*/p2.npy"):
         assert np.load(path).shape == (256, 80, 80)
 
