@@ -233,3 +233,14 @@ def test_bad_options_are_usage_errors(options, message):
     c = case("fasterrcnn_resnet50_fpn")
     with pytest.raises(UsageError, match=message):
         c.heads(**options)
+
+
+@pytest.mark.parametrize("builder", sorted(DETECTORS))
+def test_every_tensor_of_the_heads_is_loaded_from_the_checkpoint(builder):
+    """The heads are built on the meta device and given uninitialised memory: that is safe only
+    because every parameter and buffer they keep is a state-dict key, which the load fills."""
+    with torch.device("meta"):
+        model = get_model(builder, weights=None, weights_backbone=None)
+    model.backbone = None
+    tensors = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    assert tensors and tensors <= set(model.state_dict())

@@ -343,7 +343,8 @@ def _finest_stride(spec: DetectorSpec) -> int:
 
 def _build(builder: str, spec: DetectorSpec, state: Mapping[str, Tensor], kwargs: dict) -> nn.Module:
     """torchvision's own builder, no weights downloaded, sized for the checkpoint's classes; the
-    backbone is dropped (the FPN computes the levels)."""
+    backbone is dropped (the FPN computes the levels). Built on the meta device, then given
+    uninitialised memory for what remains: every head key is loaded from ``state`` strictly."""
     from torchvision.models import get_model
 
     class_key = _CLASS_KEYS[spec.kind]
@@ -351,9 +352,11 @@ def _build(builder: str, spec: DetectorSpec, state: Mapping[str, Tensor], kwargs
         kwargs["num_classes"] = int(state[class_key].shape[0]) // spec.anchors_per_location
     if builder.startswith("keypoint") and _KEYPOINT_KEY in state:
         kwargs["num_keypoints"] = int(state[_KEYPOINT_KEY].shape[1])
-    model = get_model(builder, weights=None, weights_backbone=None, **kwargs)
+    with torch.device("meta"):  # no random initialisation of a ResNet-50 only to drop it (~1 s)
+        model = get_model(builder, weights=None, weights_backbone=None, **kwargs)
     model.backbone = None
-    return model
+    # the heads' memory, uninitialised: _load_heads fills every parameter and buffer strictly
+    return model.to_empty(device="cpu")
 
 
 def _load_heads(detector: nn.Module, state: Mapping[str, Tensor], builder: str) -> None:
