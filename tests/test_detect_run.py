@@ -97,12 +97,9 @@ def _upright(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
 
 
-def _assert_equals_torchvision(arrays: dict, reference: dict) -> None:
-    """As many detections as the reference, >= 95% of its found among ours at IoU >= 0.999 with the
-    same label and the score within 1e-5. (The levels differ from
-    torchvision's by float32 rounding, ~3e-6 relative, BatchNorm being folded into the
-    convolutions, and random-weight box regression amplifies it on the smallest boxes; given the
-    same levels the heads match at 99%: test_detect.py.)"""
+def _matched(arrays: dict, reference: dict) -> tuple[int, int]:
+    """(how many of the reference's detections are found among ours at IoU >= 0.999 with the same
+    label and the score within 1e-5, how many it has); as many detections as the reference."""
     n = len(reference["boxes"])
     assert n > 0
     boxes = torch.from_numpy(np.array(arrays["det_boxes"]))
@@ -113,7 +110,38 @@ def _assert_equals_torchvision(arrays: dict, reference: dict) -> None:
     same = (reference["labels"][:, None] == labels[None, :]) & (
         (reference["scores"][:, None] - scores[None, :]).abs() <= 1e-5
     )
-    assert float(((iou >= 0.999) & same).any(dim=1).float().mean()) >= 0.95
+    return int(((iou >= 0.999) & same).any(dim=1).sum()), n
+
+
+def _assert_equals_torchvision(arrays: dict, reference: dict) -> None:
+    """>= 98% of one image's detections matched (see _matched); >= 99% over all the images of this
+    file is the next test's. (The levels differ from torchvision's by float32 rounding, ~3e-6
+    relative, BatchNorm being folded into the convolutions, and at score threshold 0 a random
+    detector's near-tied candidates can trade places in NMS: measured 100/100 on each two-stage
+    image, 296/300 on the one-stage one; given the same levels the heads match: test_detect.py.)"""
+    found, n = _matched(arrays, reference)
+    assert found >= 0.98 * n, (found, n)
+
+
+def _cases(world) -> list[tuple[dict, dict]]:
+    """(our arrays, torchvision's detections) for every image of the two-stage run, and the
+    one-stage run's image."""
+    cases = []
+    for out, builder, names in (
+        ("npy", TWO_STAGE, ("wide.png", "tall.png", "turned.jpg")),
+        ("retina", ONE_STAGE, ("wide.png",)),
+    ):
+        for name in names:
+            with torch.no_grad():
+                reference = world["models"][builder]([_upright(world["images"] / name)])[0]
+            cases.append((open_features(world["out"][out])[Path(name).stem], reference))
+    return cases
+
+
+def test_over_every_image_99_percent_of_detections_equal_torchvisions(world):
+    counts = [_matched(arrays, reference) for arrays, reference in _cases(world)]
+    found, total = (sum(c) for c in zip(*counts, strict=True))
+    assert total >= 400 and found >= 0.99 * total, counts
 
 
 @pytest.mark.parametrize("name", ["wide.png", "tall.png", "turned.jpg"])
