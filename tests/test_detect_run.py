@@ -169,8 +169,8 @@ def test_two_stage_rois_and_vectors_are_the_box_heads_at_the_final_boxes(world):
         vectors = model.roi_heads.box_head(rois)
     n = len(boxes)
     assert arrays["det_rois"].shape == (n, 256, 7, 7) and arrays["det_vectors"].shape == (n, 1024)
-    assert _rel(arrays["det_rois"], rois) < 1e-3
-    assert _rel(arrays["det_vectors"], vectors) < 1e-3
+    assert _rel(arrays["det_rois"], rois) < 1e-4  # measured 2.6e-6
+    assert _rel(arrays["det_vectors"], vectors) < 1e-4  # measured 2.3e-6
 
 
 def _rel(ours, reference: torch.Tensor) -> float:
