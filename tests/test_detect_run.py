@@ -372,3 +372,31 @@ def test_summary_counts_the_detections_at_their_most():
     # plus five .npy headers of 128 bytes
     expected = (40 * 4 + 10 * 4 + 10 * 8 + 10 * 256 * 49 * 4 + 10 * 1024 * 4 + 5 * 128) / 1e3
     assert line.startswith(f"detections per image, at most 10 boxes: {expected:.1f} kB float32")
+
+
+def test_mask_rcnn_masks_through_a_run_are_torchvisions(tmp_path, monkeypatch):
+    """--detect-extras masks with a Mask R-CNN checkpoint: det_masks (N, 1, H, W) in the upright
+    image's pixels, torchvision's own pasted probabilities for the boxes it shares with ours."""
+    builder = "maskrcnn_resnet50_fpn"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("FPN_EXTRACT_OFFLINE", "1")
+    model = _reference(builder, box_detections_per_img=20)
+    path = zoo.entry(f"torchvision:{builder}").path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    save_rgb(tmp_path / "in" / "odd.png", 97, 131, seed=3)
+    options = dict(detect=True, detect_extras=("masks",), max_detections=20, device="cpu", **_resize())
+    report = extract([tmp_path / "in"], tmp_path / "out", weights=f"torchvision:{builder}", **options)
+    assert report.exit_status == 0
+    arrays = open_features(tmp_path / "out")["odd"]
+    with torch.no_grad():
+        reference = model([_upright(tmp_path / "in" / "odd.png")])[0]
+    n = len(arrays["det_boxes"])
+    assert n > 0 and arrays["det_masks"].shape == (n, 1, 97, 131)
+    masks = np.asarray(arrays["det_masks"], dtype=np.float32)
+    assert masks.min() >= 0 and masks.max() <= 1
+    iou = box_iou(reference["boxes"], torch.from_numpy(np.array(arrays["det_boxes"])))
+    pairs = [(i, int(iou[i].argmax())) for i in range(len(reference["boxes"])) if iou[i].max() >= 0.999]
+    assert len(pairs) >= 0.9 * n
+    for i, j in pairs:
+        assert np.abs(masks[j] - reference["masks"][i].numpy()).max() < 1e-3
