@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 
 from fpn_cli import Options, UsageError, WeightsError, build_fpn, extract
+from fpn_cli.formats import codecs
 from fpn_cli.inputs.urls import is_url, local_path
 from fpn_cli.layout import SETTINGS_FILE
 from fpn_cli.models.frameworks.own import FORMAT_KEY, save
 from fpn_cli.report import ImageResult, Report
 from fpn_cli.run import pipeline
-from fpn_cli.run.finite import NonFinite, check_finite
+from fpn_cli.run.finite import NonFinite, check_finite, check_finite_scales
 
 from conftest import SEED, report_of, run
 from imagefactory import save_rgb
@@ -291,14 +292,18 @@ def _poison_bright_images(monkeypatch) -> None:
     monkeypatch.setattr(pipeline, "_build_model", build)
 
 
-@pytest.mark.parametrize("batch_size", ["1", "4"])
+@pytest.mark.parametrize(
+    ("batch_size", "save_dtype"), [("1", "float32"), ("4", "float32"), ("4", "int8"), ("1", "float16")]
+)
 def test_non_finite_levels_fail_that_image_and_the_others_are_written(
-    batch_size, images, tmp_path, monkeypatch
+    batch_size, save_dtype, images, tmp_path, monkeypatch
 ) -> None:
     Image.new("RGB", (40, 32), "white").save(images / "white.png")
     _poison_bright_images(monkeypatch)
     out = tmp_path / "out"
-    result = run(images, "-o", out, "--batch-size", batch_size, "--size", "32x40", *SEED)
+    result = run(
+        images, "-o", out, "--batch-size", batch_size, "--size", "32x40", "--save-dtype", save_dtype, *SEED
+    )
     assert result.exit_code == 1, result.output
     failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1 and "white.png" in failed[0] and "P3, P5 came out NaN or infinite" in failed[0]
@@ -309,6 +314,8 @@ def test_non_finite_levels_fail_that_image_and_the_others_are_written(
     assert not (out / "white").exists()  # nothing of it stored
     for key in ("a", "b"):
         assert np.isfinite(np.load(out / key / "p3.npy")).all()
+        if save_dtype == "int8":  # codes, and their scales: finite
+            assert np.isfinite(np.load(out / key / "p3_scale.npy")).all()
 
 
 def test_finite_outputs_pass_the_check_unchanged() -> None:
@@ -321,3 +328,16 @@ def test_finite_outputs_pass_the_check_unchanged() -> None:
         check_finite(feats)
     assert sorted(info.value.images) == [1, 2]
     assert info.value.images[1].startswith("P3 came out") and info.value.images[2].startswith("P2 came out")
+
+
+def test_int8_scales_say_which_images_have_non_finite_levels() -> None:
+    """int8's check reads the scales (NaN where a channel held NaN or infinity), not the level."""
+    feats = {"p2": torch.randn(3, 4, 5, 5), "p3": torch.randn(3, 4, 2, 2)}
+    feats["p3"][1, 0, 0, 0] = float("nan")
+    feats["p2"][2, 3, 4, 4] = float("-inf")
+    scales = {level: codecs.encode(level, v, "int8")[f"{level}_scale"] for level, v in feats.items()}
+    with pytest.raises(NonFinite) as info:
+        check_finite_scales(scales)
+    assert sorted(info.value.images) == [1, 2]
+    assert info.value.images[1].startswith("P3 came out") and info.value.images[2].startswith("P2 came out")
+    check_finite_scales({"p2": codecs.encode("p2", torch.full((2, 4, 3, 3), 3e38), "int8")["p2_scale"]})

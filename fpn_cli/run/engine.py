@@ -20,7 +20,7 @@ from fpn_cli.models.model import FPN, fold_batchnorm, level_info
 from fpn_cli.models.preprocess import IMAGENET, Preprocess
 from fpn_cli.regions.detect import Detector, pad_to
 from fpn_cli.run.choices import DTYPE_NAMES
-from fpn_cli.run.finite import check_finite
+from fpn_cli.run.finite import check_finite, check_finite_scales
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -202,10 +202,15 @@ class Engine:
             with self._precision():
                 feats = self.network(x)
             detections = {}
-        check_finite(feats)  # a NaN or infinite level fails its image (finite.py)
+        # a NaN or infinite level fails its image (finite.py); int8's per-channel peaks read every
+        # value anyway, and its scales say where one was not finite: one read of the level, not two
+        if self.save_dtype_name != "int8":
+            check_finite(feats)
         stored = {}
         for level, v in feats.items():
             stored.update(codecs.encode(level, v, self.save_dtype_name))
+        if self.save_dtype_name == "int8":
+            check_finite_scales({level: stored[codecs.scale_name(level)] for level in feats})
         if self.device.type == "cpu":
             return {**stored, **detections}, None
         # the layout change to C order costs the GPU nothing and spares the host's cores a copy; every

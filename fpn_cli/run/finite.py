@@ -30,7 +30,24 @@ def check_finite(feats: Mapping[str, torch.Tensor]) -> None:
     sums = torch.stack([v.sum(dtype=torch.float32) for v in feats.values()])
     if bool(torch.isfinite(sums).all()):
         return
-    per_level = {name: torch.isfinite(v).flatten(1).all(1).tolist() for name, v in feats.items()}
+    _raise_for({name: torch.isfinite(v).flatten(1).all(1).tolist() for name, v in feats.items()})
+
+
+def check_finite_scales(scales: Mapping[str, torch.Tensor]) -> None:
+    """:func:`check_finite` for int8 outputs, from their scales alone: ``scales`` is {level: (N, C)}
+    as codecs.encode_int8 returns them, NaN exactly where a channel of that image held a NaN or an
+    infinity. The per-channel peaks that int8 needs have read every value already, so the level is
+    read once for both, not twice (int8 then costs on the CPU what float16's conversion and this
+    check cost: docs/compact-storage.md)."""
+    if not scales:
+        return
+    if bool(torch.stack([s.sum() for s in scales.values()]).isfinite().all()):
+        return
+    _raise_for({name: torch.isfinite(s).all(1).tolist() for name, s in scales.items()})
+
+
+def _raise_for(per_level: Mapping[str, list[bool]]) -> None:
+    """Raises :class:`NonFinite` for the images that have a level whose flag is False."""
     count = len(next(iter(per_level.values())))
     bad = {}
     for i in range(count):

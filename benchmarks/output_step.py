@@ -1,0 +1,69 @@
+"""The CPU cost of the engine's output step per save dtype: the finiteness check and the conversion
+to the stored arrays (run/engine.py, Engine.forward), side by side in one run.
+
+    python benchmarks/output_step.py [--batch 1] [--threads 1] [--repeats 10]
+
+P2-P5 of an 800x1333 input in the engine's channels-last layout. float32/float16/bfloat16 check
+every level (finite.check_finite) and then convert; int8's per-channel peaks read every value
+anyway, so its check reads only the scales (finite.check_finite_scales). Prints CPU ms per batch
+(the process's CPU time: wall time on a shared machine is noise) and each dtype's ratio to float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fpn_cli.formats import codecs
+from fpn_cli.run.finite import check_finite, check_finite_scales
+
+SHAPES = {"p2": (200, 334), "p3": (100, 167), "p4": (50, 84), "p5": (25, 42)}
+
+
+def step(feats: dict[str, torch.Tensor], save_dtype: str) -> dict[str, torch.Tensor]:
+    """What Engine.forward does after the network, on the CPU."""
+    if save_dtype != "int8":
+        check_finite(feats)
+    stored = {}
+    for level, v in feats.items():
+        stored.update(codecs.encode(level, v, save_dtype))
+    if save_dtype == "int8":
+        check_finite_scales({level: stored[codecs.scale_name(level)] for level in feats})
+    return stored
+
+
+def cpu_ms(fn, repeats: int) -> float:
+    """CPU ms per call, the best of three rounds."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        for _ in range(repeats):
+            fn()
+        best = min(best, (time.process_time() - start) / repeats * 1000)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    feats = {
+        name: torch.randn(args.batch, 256, h, w).contiguous(memory_format=torch.channels_last)
+        for name, (h, w) in SHAPES.items()
+    }
+    with torch.inference_mode():
+        costs = {d: cpu_ms(lambda d=d: step(feats, d), args.repeats) for d in codecs.SAVE_DTYPES}
+        costs["float16"] = min(costs["float16"], cpu_ms(lambda: step(feats, "float16"), args.repeats))
+    print(f"P2-P5 of 800x1333, batch {args.batch}, {args.threads} thread(s): CPU ms per batch")
+    for name, ms in costs.items():
+        print(f"  {name:<9} {ms:7.1f} ms   {ms / costs['float16']:.2f}x float16")
+
+
+if __name__ == "__main__":
+    main()
