@@ -21,7 +21,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check fpn_cli tests benchmarks
 	$(BIN)/ruff format --check fpn_cli tests benchmarks
-	$(BIN)/pytest -q -n auto
+	$(BIN)/pytest -q -n auto --dist worksteal
 
 clean:
 	rm -rf $(VENV) feats
