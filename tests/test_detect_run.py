@@ -400,3 +400,50 @@ def test_mask_rcnn_masks_through_a_run_are_torchvisions(tmp_path, monkeypatch):
     assert len(pairs) >= 0.9 * n
     for i, j in pairs:
         assert np.abs(masks[j] - reference["masks"][i].numpy()).max() < 1e-3
+
+
+def test_keypoint_rcnn_keypoints_through_a_run_are_torchvisions(tmp_path, monkeypatch):
+    """--detect-extras keypoints with a Keypoint R-CNN checkpoint: det_keypoints (N, 17, 3) float32
+    (x, y, visibility) in the upright image's pixels and det_keypoint_scores (N, 17), torchvision's
+    own for the boxes it shares with ours."""
+    builder = "keypointrcnn_resnet50_fpn"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("FPN_EXTRACT_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = get_model(
+        builder,
+        weights=None,
+        weights_backbone=None,
+        num_classes=2,
+        min_size=128,
+        max_size=192,
+        box_detections_per_img=10,
+        box_score_thresh=0.0,
+    )
+    model = randomize_batchnorm(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = 0.0
+    model = model.eval()
+    path = zoo.entry(f"torchvision:{builder}").path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    (tmp_path / "in").mkdir()
+    save_exif_rotated(tmp_path / "in" / "turned.jpg", 60, 90)
+    options = dict(detect=True, detect_extras=("keypoints",), max_detections=10, score_thresh=0.0)
+    options["device"] = "cpu"
+    weights = f"torchvision:{builder}"
+    report = extract([tmp_path / "in"], tmp_path / "out", weights=weights, **options, **_resize())
+    assert report.exit_status == 0
+    arrays = open_features(tmp_path / "out")["turned"]
+    with torch.no_grad():
+        reference = model([_upright(tmp_path / "in" / "turned.jpg")])[0]
+    n = len(arrays["det_boxes"])
+    assert n > 0 and arrays["det_keypoints"].shape == (n, 17, 3)
+    assert arrays["det_keypoint_scores"].shape == (n, 17)
+    assert arrays["det_keypoints"].dtype == np.float32
+    iou = box_iou(reference["boxes"], torch.from_numpy(np.array(arrays["det_boxes"])))
+    pairs = [(i, int(iou[i].argmax())) for i in range(len(reference["boxes"])) if iou[i].max() >= 0.999]
+    assert len(pairs) >= 0.7 * n  # which boxes match is the tests above's: here, their keypoints
+    for i, j in pairs:
+        assert np.abs(arrays["det_keypoints"][j] - reference["keypoints"][i].numpy()).max() < 1e-2
