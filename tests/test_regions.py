@@ -718,6 +718,8 @@ def test_rois_are_pooled_and_written_a_bounded_chunk_at_a_time_with_the_same_byt
         got = open_features(tmp_path / fmt)["a"]["rois"]
         assert got.shape == (8, 256, 7, 7) and np.isnan(got[7]).all()
         assert np.array_equal(got, np.load(tmp_path / "whole" / "a" / "rois.npy"), equal_nan=True)
+        verified = run("verify", tmp_path / fmt)  # the checksum summed chunk by chunk is the file's
+        assert verified.exit_code == 0 and "checked by shape only" not in verified.output, verified.output
     assert (tmp_path / "npy" / "a" / "rois.npy").read_bytes() == (
         tmp_path / "whole" / "a" / "rois.npy"
     ).read_bytes()

@@ -17,6 +17,7 @@ import errno
 import mmap
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fpn_cli.formats.npyio import DIRECT_ALIGN, checksum, copy_c_order, npy_header
+from fpn_cli.formats.npyio import CHECKSUM, DIRECT_ALIGN, ChunkedArray, checksum, copy_c_order, npy_header
 
 BLOCK = 512  # tar's block: headers and data start on multiples of it
 _MIN_BUFFER = 1 << 20
@@ -101,6 +102,8 @@ class TarWriter:
     def add_array(self, name: str, array: np.ndarray) -> Member:
         """``array`` as an ``.npy`` member, byte for byte what ``np.save`` writes (C order); a
         channels-last array is transposed as it is copied into the buffer, its only copy."""
+        if isinstance(array, ChunkedArray):
+            return self._add_chunked(name, array)
         npy = npy_header(array)
         size = len(npy) + array.nbytes
         header = member_header(name, size)
@@ -111,6 +114,32 @@ class TarWriter:
         with memoryview(self._buffer) as view:  # hashed while the bytes are in cache
             digest = checksum(view[start + len(npy) : start + size])
         return self._end_member(name, start, size, digest)
+
+    def _add_chunked(self, name: str, array: ChunkedArray) -> Member:
+        """A :class:`ChunkedArray` as an ``.npy`` member, streamed: its size is known up front, so
+        the header goes first and each block of rows follows as it is made, the buffer drained
+        after each; the buffer never holds more than one block (and less than a disk block)."""
+        npy = npy_header(array)
+        size = len(npy) + array.nbytes
+        header = member_header(name, size)
+        start = self._reserve(len(header) + len(npy))
+        self._buffer[start : start + len(header)] = header
+        self._buffer[start + len(header) : start + len(header) + len(npy)] = npy
+        offset = self._written + start + len(header)  # where the member's data begins in the file
+        self._fill = start + len(header) + len(npy)
+        crc = 0
+        for _, chunk in array.chunks():
+            data = memoryview(chunk).cast("B")
+            at = self._reserve(len(data))
+            self._buffer[at : at + len(data)] = data
+            crc = zlib.crc32(data, crc)
+            self._fill = at + len(data)
+            self._drain()
+        tail = (-size) % BLOCK
+        at = self._reserve(tail)
+        self._buffer[at : at + tail] = bytes(tail)
+        self._fill = at + tail
+        return Member(name, offset, size, f"{CHECKSUM}:{crc:08x}")
 
     def flush(self) -> None:
         """Writes what is buffered (but for less than one block with O_DIRECT): a write error
