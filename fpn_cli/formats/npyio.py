@@ -148,6 +148,7 @@ class ChunkedArray:
                     f"rows {start}:{stop} came as {chunk.shape}, not {(stop - start, *self.shape[1:])}"
                 )
             yield start, chunk
+            del chunk  # not held while the next block is made: the peak is one block, not two
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
@@ -202,6 +203,7 @@ def write_npy(f: BinaryIO, array: np.ndarray) -> str:
             data = memoryview(chunk).cast("B")
             f.write(data)
             crc = zlib.crc32(data, crc)
+            del chunk, data  # released before the next block is made
         return f"{CHECKSUM}:{crc:08x}"
     data = memoryview(c_order(array)).cast("B")
     f.write(data)

@@ -135,6 +135,7 @@ class TarWriter:
             crc = zlib.crc32(data, crc)
             self._fill = at + len(data)
             self._drain()
+            del chunk, data  # released before the next block is made
         tail = (-size) % BLOCK
         at = self._reserve(tail)
         self._buffer[at : at + tail] = bytes(tail)
