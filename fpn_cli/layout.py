@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -131,3 +132,17 @@ def create_folder(root: Path) -> None:
 def is_temporary_name(name: str) -> bool:
     """A name of the kind :func:`replacing` gives its temporary files (``.p2.npy~HOST~PID.tmp``)."""
     return _is_tmp(name) and "~" in name
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"

@@ -34,6 +34,7 @@ from typing import BinaryIO
 import numpy as np
 
 from fpn_cli.errors import FPNError
+from fpn_cli.layout import file_kind
 
 TRANSPOSE_BLOCK = 32  # positions per block when writing channels-last levels in C order (fastest measured)
 DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: multiples of the logical block size
@@ -56,13 +57,6 @@ def is_checksum(value: object) -> bool:
     return isinstance(value, str) and value.startswith(f"{CHECKSUM}:") and len(value) == len(CHECKSUM) + 9
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return name
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-
-
 def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     """An output file opened for reading without ever blocking: a FIFO, socket or device in its
     place is an :class:`FPNError` naming it at once (a FIFO's open would wait for a writer
@@ -71,7 +65,7 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise FPNError(f"{path} is {_kind(mode)}, not a regular file: move it away and run again")
+            raise FPNError(f"{path} is {file_kind(mode)}, not a regular file: move it away and run again")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -85,7 +79,7 @@ def check_regular(path: str | os.PathLike[str]) -> None:
     except OSError:
         return
     if not stat.S_ISREG(mode):
-        raise FPNError(f"{path} is {_kind(mode)}, not a regular file: move it away and run again")
+        raise FPNError(f"{path} is {file_kind(mode)}, not a regular file: move it away and run again")
 
 
 def range_checksum(f: BinaryIO, offset: int, length: int) -> str:

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fpn_cli.errors import ImageError, UsageError
 from fpn_cli.inputs.keys import output_key, relative_paths
-from fpn_cli.layout import SETTINGS_FILE
+from fpn_cli.layout import SETTINGS_FILE, file_kind
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .jp2".split()
@@ -79,20 +79,6 @@ class InputImage:
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, for messages."""
-    for test, name in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _unusable(path: str) -> str:
