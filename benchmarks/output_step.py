@@ -1,5 +1,5 @@
 """The CPU cost of the engine's output step per save dtype: the finiteness check and the conversion
-to the stored arrays (run/engine.py, Engine.forward), side by side in one run.
+to the stored arrays (run/engine.py encode_finite, as Engine.forward calls it), side by side in one run.
 
     python benchmarks/output_step.py [--batch 1] [--threads 1] [--repeats 10]
 
@@ -17,21 +17,9 @@ import time
 import torch
 
 from fpn_cli.formats import codecs
-from fpn_cli.run.finite import check_finite, check_finite_scales
+from fpn_cli.run.engine import encode_finite
 
 SHAPES = {"p2": (200, 334), "p3": (100, 167), "p4": (50, 84), "p5": (25, 42)}
-
-
-def step(feats: dict[str, torch.Tensor], save_dtype: str) -> dict[str, torch.Tensor]:
-    """What Engine.forward does after the network, on the CPU."""
-    if save_dtype != "int8":
-        check_finite(feats)
-    stored = {}
-    for level, v in feats.items():
-        stored.update(codecs.encode(level, v, save_dtype))
-    if save_dtype == "int8":
-        check_finite_scales({level: stored[codecs.scale_name(level)] for level in feats})
-    return stored
 
 
 def cpu_ms(fn, repeats: int) -> float:
@@ -58,8 +46,7 @@ def main() -> None:
         for name, (h, w) in SHAPES.items()
     }
     with torch.inference_mode():
-        costs = {d: cpu_ms(lambda d=d: step(feats, d), args.repeats) for d in codecs.SAVE_DTYPES}
-        costs["float16"] = min(costs["float16"], cpu_ms(lambda: step(feats, "float16"), args.repeats))
+        costs = {d: cpu_ms(lambda d=d: encode_finite(feats, d), args.repeats) for d in codecs.SAVE_DTYPES}
     print(f"P2-P5 of 800x1333, batch {args.batch}, {args.threads} thread(s): CPU ms per batch")
     for name, ms in costs.items():
         print(f"  {name:<9} {ms:7.1f} ms   {ms / costs['float16']:.2f}x float16")

@@ -100,6 +100,21 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
+def encode_finite(feats: dict[str, torch.Tensor], save_dtype: str) -> dict[str, torch.Tensor]:
+    """The levels {name: (N, C, h, w)} as the stored arrays of ``save_dtype`` (codecs.encode), on
+    their device; :class:`~fpn_cli.run.finite.NonFinite` if a level of an image holds a NaN or an
+    infinity (that image fails). int8's per-channel peaks read every value anyway, and its scales
+    say where one was not finite: one read of the level for both, not two."""
+    if save_dtype != "int8":
+        check_finite(feats)
+    stored = {}
+    for level, v in feats.items():
+        stored.update(codecs.encode(level, v, save_dtype))
+    if save_dtype == "int8":
+        check_finite_scales({level: stored[codecs.scale_name(level)] for level in feats})
+    return stored
+
+
 class Engine:
     """A model on a device, ready to turn uint8 batches into features: BatchNorm folded into the
     convolutions and, on CPU and CUDA, channels-last layout (the layout oneDNN and cuDNN run
@@ -202,15 +217,7 @@ class Engine:
             with self._precision():
                 feats = self.network(x)
             detections = {}
-        # a NaN or infinite level fails its image (finite.py); int8's per-channel peaks read every
-        # value anyway, and its scales say where one was not finite: one read of the level, not two
-        if self.save_dtype_name != "int8":
-            check_finite(feats)
-        stored = {}
-        for level, v in feats.items():
-            stored.update(codecs.encode(level, v, self.save_dtype_name))
-        if self.save_dtype_name == "int8":
-            check_finite_scales({level: stored[codecs.scale_name(level)] for level in feats})
+        stored = encode_finite(feats, self.save_dtype_name)
         if self.device.type == "cpu":
             return {**stored, **detections}, None
         # the layout change to C order costs the GPU nothing and spares the host's cores a copy; every
