@@ -63,9 +63,7 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     forever). FileNotFoundError and other OSErrors pass through."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise FPNError(f"{path} is {file_kind(mode)}, not a regular file: move it away and run again")
+        _require_regular(path, os.fstat(fd).st_mode)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -78,6 +76,10 @@ def check_regular(path: str | os.PathLike[str]) -> None:
         mode = os.stat(path).st_mode
     except OSError:
         return
+    _require_regular(path, mode)
+
+
+def _require_regular(path: str | os.PathLike[str], mode: int) -> None:
     if not stat.S_ISREG(mode):
         raise FPNError(f"{path} is {file_kind(mode)}, not a regular file: move it away and run again")
 
