@@ -291,6 +291,14 @@ class Resize:
         if self.size is not None and (self.short_side or self.max_side):
             raise UsageError("--size sets an exact size; it cannot be combined with --short-side/--max-side")
 
+    def describe(self) -> str | None:
+        """How images are resized, for messages ("to 320x480", "shorter side 800, longer side at
+        most 1333"); None when they keep their size."""
+        if self.size is not None:
+            return f"to {self.size[0]}x{self.size[1]}"
+        parts = (("shorter side", self.short_side), ("longer side at most", self.max_side))
+        return ", ".join(f"{name} {value}" for name, value in parts if value) or None
+
     def target(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) of the network's input for an image of ``height`` x ``width``."""
         if self.size is not None:

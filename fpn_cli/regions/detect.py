@@ -466,6 +466,10 @@ class DetectorResize:
     min_size: int
     max_size: int
 
+    def describe(self) -> str:
+        """How images are resized, for messages (as :meth:`Resize.describe`)."""
+        return f"as the detector does: shorter side {self.min_size}, longer side at most {self.max_size}"
+
     def scale(self, height: int, width: int) -> float:
         return min(self.min_size / min(height, width), self.max_size / max(height, width))
 

@@ -900,22 +900,14 @@ def summarize(
     return f"{text}\n\n{totals}"
 
 
-def _resized(text: str, resize: Resize) -> str:
+def _resized(text: str, resize: Resize | DetectorResize) -> str:
     """The summary ``text`` with a line after its header that says which resize its input sizes
     are after (the caller's, with the framework's test-time resize where a run applies it:
-    options.with_framework_resize), if any: its sizes are the network's inputs, not the images'."""
-    if resize == Resize():
+    options.with_framework_resize, or a detector's own), if any: its sizes are the network's
+    inputs, not the images'."""
+    how = resize.describe()
+    if how is None:
         return text
-    if not isinstance(resize, Resize):  # a detector's own test-time resize (regions.detect.DetectorResize)
-        how = f"as the detector does: shorter side {resize.min_size}, longer side at most {resize.max_size}"
-    elif resize.size is not None:
-        how = f"to {resize.size[0]}x{resize.size[1]}"
-    else:
-        how = ", ".join(
-            f"{name} {value}"
-            for name, value in (("shorter side", resize.short_side), ("longer side at most", resize.max_side))
-            if value
-        )
     lines = text.split("\n")
     lines.insert(2, f"input sizes below are the network's, after resizing the images ({how})")
     return "\n".join(lines)
