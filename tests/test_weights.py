@@ -275,6 +275,23 @@ def test_weights_with_nan_or_inf_are_refused(tmp_path):
         build_fpn(arch="seed", weights=tmp_path / "x.pth")
 
 
+def test_non_finite_names_exactly_the_tensors_with_nan_or_inf():
+    """The one test behind the weights' and the levels' checks: a finite tensor whose sum overflows
+    is finite; NaN, +inf and -inf are found in any dtype."""
+    from fpn_cli.models.numerics import non_finite
+
+    tensors = {
+        "big": torch.full((4,), 3e38),
+        "nan": torch.tensor([1.0, float("nan")], dtype=torch.float16),
+        "empty": torch.zeros(0),
+        "infs": torch.tensor([float("inf"), float("-inf")], dtype=torch.float64),
+        "ones": torch.ones(3, 3),
+        "neg": torch.tensor([-float("inf")], dtype=torch.bfloat16),
+    }
+    assert non_finite(tensors) == ["nan", "infs", "neg"]
+    assert non_finite({}) == []
+
+
 def test_a_resnext_file_selects_resnext(tmp_path):
     torch.save(resnext50_32x4d().state_dict(), tmp_path / "rx.pth")
     assert build_fpn(weights=tmp_path / "rx.pth").config.arch == "resnext50_32x4d"

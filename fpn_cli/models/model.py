@@ -277,9 +277,9 @@ def fold_batchnorm(model: FPN) -> FPN:
         conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
         bias = conv.bias.double() if conv.bias is not None else 0.0
-        fused = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, bias=True, device=conv.weight.device,
+        fused = nn.utils.skip_init(  # no random initialisation: every value is set below
+            nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+            conv.padding, conv.dilation, conv.groups, bias=True, device=conv.weight.device,
         )  # fmt: skip
         fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
         fused.bias.copy_(bn.bias.double() + (bias - bn.running_mean.double()) * scale)

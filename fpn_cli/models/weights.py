@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fpn_cli.errors import WeightsError
+from fpn_cli.models.numerics import non_finite
 
 _SHOWN_KEYS = 5
 
@@ -327,7 +328,7 @@ def check_values(state: Mapping[str, Tensor], own: Mapping[str, Tensor], source:
             f"{source}: {name_keys(integer)} hold {'/'.join(dtypes)} values where the model's are floats"
         )
     values = {k: v for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"}
-    broken = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+    broken = non_finite(values)
     if broken:  # every feature would be NaN: a diverged training run's checkpoint
         raise WeightsError(f"{source}: {name_keys(broken)} hold NaN or infinite values")
     negative = [k for k, v in values.items() if k.endswith("running_var") and bool((v < 0).any())]
@@ -350,7 +351,7 @@ def check_output(model: torch.nn.Module, source: str) -> None:
     x = torch.randn(1, 3, _PROBE_SIZE, _PROBE_SIZE, generator=generator)
     with torch.inference_mode():
         levels = model(x.to(params[0].device))
-    bad = [name.upper() for name, v in levels.items() if not bool(torch.isfinite(v).all())]
+    bad = [name.upper() for name in non_finite(levels)]
     if not bad:
         return
     state = model.state_dict()

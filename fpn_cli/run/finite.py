@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
+from fpn_cli.models.numerics import non_finite
+
 
 class NonFinite(Exception):
     """Some images of a batch have levels with NaN or infinity: ``images`` maps each one's index
@@ -23,12 +25,7 @@ class NonFinite(Exception):
 def check_finite(feats: Mapping[str, torch.Tensor]) -> None:
     """``feats``: {level: (N, C, h, w)} on the device. Returns when every value is finite; otherwise
     raises :class:`NonFinite` naming, per image, the levels that are not."""
-    if not feats:
-        return
-    # a sum is finite only if every term is: one reduction per level, no mask the size of the
-    # level, and one host sync per batch; a finite level whose sum overflows is cleared below
-    sums = torch.stack([v.sum(dtype=torch.float32) for v in feats.values()])
-    if bool(torch.isfinite(sums).all()):
+    if not non_finite(feats):  # one sum per level clears them, one host sync per batch
         return
     _raise_for({name: torch.isfinite(v).flatten(1).all(1).tolist() for name, v in feats.items()})
 
