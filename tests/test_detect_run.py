@@ -83,7 +83,15 @@ def world(tmp_path_factory):
                 score_thresh=0.0,
             ),
         }
-        yield {"root": root, "images": images, "models": models, "out": out, "reports": reports, "mp": mp}
+        yield {
+            "root": root,
+            "images": images,
+            "models": models,
+            "out": out,
+            "reports": reports,
+            "mp": mp,
+            "detections": {},
+        }
 
 
 def _resize():
@@ -123,6 +131,16 @@ def _assert_equals_torchvision(arrays: dict, reference: dict) -> None:
     assert found >= 0.98 * n, (found, n)
 
 
+def _detections(world, builder: str, name: str) -> dict:
+    """torchvision's detections of one image by ``builder``'s reference model, computed once per
+    module (several tests compare against the same ones)."""
+    key = (builder, name)
+    if key not in world["detections"]:
+        with torch.no_grad():
+            world["detections"][key] = world["models"][builder]([_upright(world["images"] / name)])[0]
+    return world["detections"][key]
+
+
 def _cases(world) -> list[tuple[dict, dict]]:
     """(our arrays, torchvision's detections) for every image of the two-stage run, and the
     one-stage run's image."""
@@ -132,8 +150,7 @@ def _cases(world) -> list[tuple[dict, dict]]:
         ("retina", ONE_STAGE, ("wide.png",)),
     ):
         for name in names:
-            with torch.no_grad():
-                reference = world["models"][builder]([_upright(world["images"] / name)])[0]
+            reference = _detections(world, builder, name)
             cases.append((open_features(world["out"][out])[Path(name).stem], reference))
     return cases
 
@@ -146,9 +163,7 @@ def test_over_every_image_99_percent_of_detections_equal_torchvisions(world):
 
 @pytest.mark.parametrize("name", ["wide.png", "tall.png", "turned.jpg"])
 def test_two_stage_detections_equal_torchvisions_detector(world, name):
-    model = world["models"][TWO_STAGE]
-    with torch.no_grad():
-        reference = model([_upright(world["images"] / name)])[0]
+    reference = _detections(world, TWO_STAGE, name)
     arrays = open_features(world["out"]["npy"])[Path(name).stem]
     _assert_equals_torchvision(arrays, reference)
 
@@ -179,9 +194,7 @@ def _rel(ours, reference: torch.Tensor) -> float:
 
 
 def test_one_stage_detections_equal_torchvisions_and_have_no_vectors(world):
-    model = world["models"][ONE_STAGE]
-    with torch.no_grad():
-        reference = model([_upright(world["images"] / "wide.png")])[0]
+    reference = _detections(world, ONE_STAGE, "wide.png")
     arrays = open_features(world["out"]["retina"])["wide"]
     _assert_equals_torchvision(arrays, reference)
     assert "det_vectors" not in arrays

@@ -198,8 +198,21 @@ def _meta_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple[
     """(C, h, w) per requested level by a forward pass on the meta device: the real layer
     arithmetic, no feature memory."""
     with torch.no_grad():
-        out = _meta_model(config)(torch.empty(1, 3, height, width, device="meta"))
+        out = _shapes_model(config)(torch.empty(1, 3, height, width, device="meta"))
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes_model(config: FPNConfig) -> FPN:
+    """The meta model with every BatchNorm an identity, for shape probes: a BatchNorm never changes
+    a shape, and on the meta device it runs through Python decompositions, which were most of a
+    probe's time (--summary of a ResNet-50 FPN: 3 times faster without them)."""
+    model = copy.deepcopy(_meta_model(config))
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, nn.Identity())
+    return model
 
 
 def level_info(config: FPNConfig) -> dict[str, LevelInfo]:
