@@ -3,12 +3,18 @@ wrote, and torchvision reference models with non-trivial BatchNorm statistics.""
 
 from __future__ import annotations
 
+import io
 import json
+import locale
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,7 @@ from click.testing import CliRunner, Result
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fpn_cli import open_features
+from fpn_cli import console, open_features
 from fpn_cli.cli import main
 
 from imagefactory import save_rgb
@@ -45,17 +51,124 @@ def console_script() -> list[str]:
 FPN_EXTRACT = console_script()
 
 
-def start(*args) -> subprocess.Popen:
+def start(*args, preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen:
     """``fpn-extract ARGS`` as a running subprocess, pipes for stdout and stderr, with Ctrl-C's
     default action: a shell starts background jobs with SIGINT ignored, and Python then never
-    raises KeyboardInterrupt, however pytest itself was started."""
+    raises KeyboardInterrupt, however pytest itself was started. ``preexec_fn`` runs in the child
+    before the console script (an rlimit)."""
+
+    def before_exec() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
+
     return subprocess.Popen(
         [*FPN_EXTRACT, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=before_exec,
     )
+
+
+def forked(*args, preexec_fn: Callable[[], object] | None = None) -> Forked | subprocess.Popen:
+    """``fpn-extract ARGS`` in a forked copy of this process (:class:`Forked`): a process of its own
+    (pid, signals, kill -9, rlimits, exit status) without a fresh interpreter's start-up, whose
+    import of torch is most of a short run's CPU time. For tests where the running process is the
+    point, not its start-up or its exit with threads left behind (those use :func:`start`). Where
+    torch runs several threads here (pytest without xdist), a fork could inherit a thread pool it
+    cannot use: then it is the console script, started as :func:`start` does."""
+    if torch.get_num_threads() != 1:
+        return start(*args, preexec_fn=preexec_fn)
+    return Forked([str(a) for a in args], preexec_fn)
+
+
+class Forked:
+    """The part of :class:`subprocess.Popen` these tests use (pid, poll, wait, send_signal, kill,
+    communicate, returncode: negative for a signal) for fpn-extract run in a fork of this process.
+    The child runs the CLI as the console script does, its stdout and stderr on pipes, SIGINT and
+    SIGTERM at their default actions until the CLI installs its own, and leaves with ``os._exit``
+    (never back into pytest)."""
+
+    def __init__(self, args: list[str], preexec_fn: Callable[[], object] | None = None) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                os.close(out_r)
+                os.close(err_r)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                encoding = locale.getpreferredencoding(False)
+                sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding)
+                sys.stderr = io.TextIOWrapper(
+                    io.FileIO(2, "w", closefd=False), encoding, "backslashreplace", line_buffering=True
+                )
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                if preexec_fn is not None:
+                    preexec_fn()
+                sys.argv = ["fpn-extract", *args]
+                console.main()  # the console script's entry point: ends in SystemExit
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        os.close(out_w)
+        os.close(err_w)
+        self.pid = pid
+        self.returncode: int | None = None
+        self._streams: dict[int, bytes] = {}
+        self._readers = [
+            threading.Thread(target=self._drain, args=(fd,), daemon=True) for fd in (out_r, err_r)
+        ]
+        for reader in self._readers:
+            reader.start()
+        self._fds = (out_r, err_r)
+
+    def _drain(self, fd: int) -> None:
+        with open(fd, "rb") as f:
+            self._streams[fd] = f.read()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"fpn-extract (pid {self.pid})", timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        out, err = (self._streams.get(fd, b"").decode(errors="backslashreplace") for fd in self._fds)
+        return out, err
 
 
 def run(*args, input: str | None = None) -> Result:

@@ -11,7 +11,6 @@ import re
 import resource
 import shutil
 import signal
-import subprocess
 import tarfile
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from fpn_cli import FeatureDataset, open_features
 from fpn_cli.formats.shards import ShardStore, key_of, member_stem
 from fpn_cli.formats.tario import TarWriter
 
-from conftest import FPN_EXTRACT, SEED, assert_same_arrays, index_lines, report_of, run
+from conftest import SEED, assert_same_arrays, forked, index_lines, report_of, run
 from imagefactory import save_rgb
 
 SHARD_SIZE = 200_000  # bytes: about 85 kB of float32 P2-P5 per 32x32 image, so three to a shard
@@ -348,7 +347,7 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical_to_a_clean_run(tmp_path)
     assert run(tmp_path / "in", "-o", tmp_path / "clean", *args).exit_code == 0
     assert len(tars(tmp_path / "clean")) == 6
     out = tmp_path / "out"
-    proc = subprocess.Popen([*FPN_EXTRACT, *map(str, [tmp_path / "in", "-o", out, *args])])
+    proc = forked(tmp_path / "in", "-o", out, *args)
     deadline = time.monotonic() + 60
     while not (tars(out) and list((out / "shards").glob(".*.tmp"))):  # a shard done, the next begun
         assert proc.poll() is None, "the run finished before it could be killed"
@@ -378,7 +377,7 @@ def test_sigkill_with_several_shard_writers_then_rerun_lists_every_image_once(tm
     assert run(tmp_path / "in", "-o", tmp_path / "clean", *shards, "--writers", "1").exit_code == 0
     args = [*shards, "--writers", "3"]
     out = tmp_path / "out"
-    proc = subprocess.Popen([*FPN_EXTRACT, *map(str, [tmp_path / "in", "-o", out, *args])])
+    proc = forked(tmp_path / "in", "-o", out, *args)
     deadline = time.monotonic() + 60
     while not (tars(out) and list((out / "shards").glob(".*.tmp"))):  # a shard done, others begun
         assert proc.poll() is None, "the run finished before it could be killed"
@@ -406,11 +405,11 @@ def test_a_write_error_mid_shard_keeps_the_whole_images_before_it(tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    cmd = [*FPN_EXTRACT, *map(str, [tmp_path / "in", "-o", out, "--format", "shards", *SEED])]
-    failed = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    failed = forked(tmp_path / "in", "-o", out, "--format", "shards", *SEED, preexec_fn=limit)
+    _, stderr = failed.communicate(timeout=300)
     assert failed.returncode == 1
-    assert "cannot write" in failed.stderr and "File too large" in failed.stderr
-    assert "Traceback" not in failed.stderr
+    assert "cannot write" in stderr and "File too large" in stderr
+    assert "Traceback" not in stderr
     assert report_of(out)["counts"] == {"ok": 1, "skipped": 0, "failed": 1}
     assert list(open_features(out)) == ["im0"]
     assert run(tmp_path / "in", "-o", out, "--format", "shards", *SEED).exit_code == 0
