@@ -657,7 +657,7 @@ def main(
             text = summarize(
                 inputs, spec, resize, input_size, stdin_lines, on_failure, lists, list_column,
                 options["shard_size"], parse_pool(options["pool"] or ()), not options["no_maps"], root,
-                Options(resize=resize, **options) if options["detect"] else None,
+                Options(resize=resize, **options) if options["detect"] else None, options["timeout"],
             )  # fmt: skip
             _echo(text)
             sys.exit(1 if failures else 0)

@@ -88,6 +88,27 @@ def test_a_list_file_behind_a_server_that_never_answers_is_one_line_after_timeou
     )
 
 
+def test_summary_of_urls_behind_a_server_that_never_answers_ends_after_timeout(silent_server, tmp_path):
+    """--summary waits for a URL as a run does: listing it, and reading the header of a listed one,
+    each fail that input after --timeout; the local image is counted; exit 1."""
+    pytest.importorskip("aiohttp")
+    save_rgb(tmp_path / "in" / "good.png", 32, 40, seed=1)
+    (tmp_path / "urls.txt").write_text(f"{silent_server}/listed.png\n")
+    began = time.monotonic()
+    result = run(
+        tmp_path / "in", f"{silent_server}/named.png", "--list", tmp_path / "urls.txt",
+        "--summary", "--timeout", "1", *SEED,
+    )  # fmt: skip
+    assert time.monotonic() - began < 30
+    assert result.exit_code == 1, result.output
+    assert f"failed: {silent_server}/named.png: timed out after 1 s listing it (--timeout)" in result.stderr
+    assert (
+        f"failed: {silent_server}/listed.png: timed out after 1 s reading its header (--timeout)"
+        in result.stderr
+    )
+    assert "32x40" in result.stdout and "1 image" in result.stdout
+
+
 # --- every OS error one line ------------------------------------------------------------------------
 
 

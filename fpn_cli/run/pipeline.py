@@ -33,7 +33,6 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -66,6 +65,7 @@ from fpn_cli.regions.geometry import Geometry, LevelSizes
 from fpn_cli.regions.outputs import Outputs, lost_rois, tell_boxes, tell_lost_rois
 from fpn_cli.report import ImageResult, Report, format_summary, write_merged
 from fpn_cli.run import preview, resume
+from fpn_cli.run.choices import DEFAULT_TIMEOUT
 from fpn_cli.run.detections import (
     check_detect,
     detector_header,
@@ -853,6 +853,7 @@ def summarize(
     maps: bool = True,
     root: str | os.PathLike[str] | None = None,
     detections: Options | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> str:
     """The ``--summary`` text: for ``input_size``, or for each distinct size among the inputs
     (``inputs`` and the list files ``lists``), then the dataset's totals in each format and save
@@ -860,7 +861,9 @@ def summarize(
     ``on_failure`` (path, reason) for each input whose size cannot be read or that is too small
     for the network (an ``input_size`` too small is a :class:`UsageError`). Every size is the
     model's (:class:`LevelSizes`); ``root`` as extract's. ``detections``: the options of a
-    --detect run, whose det_* arrays are counted at their most (--max-detections boxes each)."""
+    --detect run, whose det_* arrays are counted at their most (--max-detections boxes each).
+    ``timeout``: seconds that listing a URL or reading one image's header may take, as in a run
+    (--timeout); a slower one is an input that cannot be read."""
     config = spec.config
     sizes = LevelSizes(config)
     if detections is not None:  # the network's input is the detector's resize of each image
@@ -875,7 +878,8 @@ def summarize(
         return text + _detection_line(detections, spec, target)
     per_size: Counter[tuple[int, int]] = Counter()
     unreadable = 0
-    for image, size in _probe_all(find_inputs(inputs, stdin_lines, None, lists, list_column, root)):
+    found = find_inputs(inputs, stdin_lines, None, lists, list_column, root, timeout)
+    for image, size in _probe_all(found, timeout):
         if not isinstance(size, str):
             target = resize.target(*size)
             size = sizes.refusal(*target) or target
@@ -942,11 +946,12 @@ def _detection_line(opts: Options | None, spec: ModelSpec, size: tuple[int, int]
 
 
 def _probe_all(
-    images: Sequence[InputImage], workers: int = 8, chunk: int = 1024
+    images: Sequence[InputImage], timeout: float | None, workers: int = 8
 ) -> Iterator[tuple[InputImage, tuple[int, int] | str]]:
     """Each image with its size from its header, or the reason it cannot be read; on a few
-    threads, since an image behind a URL is a round trip, and a chunk at a time, so a million
-    images are not a million pending futures."""
+    threads, since an image behind a URL is a round trip, a bounded number ahead (a million images
+    are not a million pending futures); a header still unread after ``timeout`` seconds is a
+    reason (deadline.py leaves its thread behind)."""
 
     def size(image: InputImage) -> tuple[int, int] | str:
         if image.error is not None:
@@ -956,7 +961,10 @@ def _probe_all(
         except ImageError as e:
             return str(e)
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="fpn-probe") as pool:
-        for start in range(0, len(images), chunk):
-            part = images[start : start + chunk]
-            yield from zip(part, pool.map(size, part), strict=True)
+    def late(image: InputImage) -> str:
+        return f"timed out after {timeout:g} s reading its header (--timeout)"
+
+    sizes = ordered_map(
+        size, images, workers=workers, lookahead=4 * workers, timeout=timeout, late=late, name="fpn-probe"
+    )
+    yield from zip(images, sizes, strict=True)
