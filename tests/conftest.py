@@ -80,17 +80,23 @@ def forked(*args, preexec_fn: Callable[[], object] | None = None) -> Forked | su
     cannot use: then it is the console script, started as :func:`start` does."""
     if torch.get_num_threads() != 1:
         return start(*args, preexec_fn=preexec_fn)
-    return Forked([str(a) for a in args], preexec_fn)
+
+    def fpn_extract() -> None:
+        sys.argv = ["fpn-extract", *map(str, args)]
+        console.main()  # the console script's entry point: ends in SystemExit
+
+    return Forked(fpn_extract, preexec_fn)
 
 
 class Forked:
     """The part of :class:`subprocess.Popen` these tests use (pid, poll, wait, send_signal, kill,
-    communicate, returncode: negative for a signal) for fpn-extract run in a fork of this process.
-    The child runs the CLI as the console script does, its stdout and stderr on pipes, SIGINT and
-    SIGTERM at their default actions until the CLI installs its own, and leaves with ``os._exit``
-    (never back into pytest)."""
+    communicate, returncode: negative for a signal) for ``target()`` run in a fork of this process
+    (:func:`forked`'s runs fpn-extract as the console script does), its stdout and stderr on pipes,
+    SIGINT and SIGTERM at their default actions until the code installs its own. The child leaves
+    with ``os._exit`` (never back into pytest): status 0 when ``target`` returns, a SystemExit's
+    code, 1 after any other exception (its traceback on stderr)."""
 
-    def __init__(self, args: list[str], preexec_fn: Callable[[], object] | None = None) -> None:
+    def __init__(self, target: Callable[[], object], preexec_fn: Callable[[], object] | None = None) -> None:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         sys.stdout.flush()
@@ -112,8 +118,7 @@ class Forked:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 if preexec_fn is not None:
                     preexec_fn()
-                sys.argv = ["fpn-extract", *args]
-                console.main()  # the console script's entry point: ends in SystemExit
+                target()
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else int(e.code is not None)
