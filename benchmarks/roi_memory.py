@@ -1,6 +1,7 @@
 """Peak memory of RoI features for many boxes on one image: pooled and written a chunk at a time
-(regions/pooling.py ROI_CHUNK_BYTES), the peak stays near the image's levels and two chunks,
-whatever the box count; pooled whole (``--whole``, as before), it was about 4 times rois.npy.
+(regions/pooling.py ROI_CHUNK_BYTES, one reused buffer, ROI_BATCH_BYTES per roi_align call), the
+peak stays near the image's levels and about one chunk, whatever the box count; made whole
+(``--whole``: the array, then the file), it is rois.npy's size and more.
 
     python benchmarks/roi_memory.py                    # 20,000, 50,000 and 100,000 boxes
     python benchmarks/roi_memory.py --boxes 20000 --whole
@@ -8,7 +9,8 @@ whatever the box count; pooled whole (``--whole``, as before), it was about 4 ti
 Each count runs in its own process: random levels of an 800x1216 image (seed FPN shapes, float32),
 that many random boxes, ``Outputs.compute`` then the npy writer into a temporary folder, as a run
 with ``--boxes`` does. Printed: rois.npy's size, the memory the process held before pooling (the
-levels, torch), its peak RSS (``resource.getrusage``) and the peak's growth over that.
+levels, torch), its peak RSS (``resource.getrusage``) and the peak's growth over that, in GiB and
+in chunks.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def measure(count: int, whole: bool, folder: Path) -> None:
     from fpn_cli.regions.boxes import BoxFile, ImageBoxes
     from fpn_cli.regions.geometry import Geometry
     from fpn_cli.regions.outputs import Outputs
-    from fpn_cli.regions.pooling import RoiSpec
+    from fpn_cli.regions.pooling import ROI_CHUNK_BYTES, RoiSpec
 
     rng = np.random.default_rng(0)
     levels = {
@@ -64,7 +66,8 @@ def measure(count: int, whole: bool, folder: Path) -> None:
     size = (folder / "rois.npy").stat().st_size
     print(
         f"{count:>8,} {'whole' if whole else 'chunked':>8} {size / 2**30:9.2f} {before / 2**30:10.2f} "
-        f"{peak / 2**30:9.2f} {(peak - before) / 2**30:11.2f} {took:7.1f}",
+        f"{peak / 2**30:9.2f} {(peak - before) / 2**30:11.2f} {(peak - before) / ROI_CHUNK_BYTES:7.2f} "
+        f"{took:7.1f}",
         flush=True,
     )
 
@@ -83,7 +86,7 @@ def main() -> None:
     heads = (
         f"{'boxes':>8} {'pooled':>8} {'file GiB':>9} {'before GiB':>10} {'peak GiB':>9} {'growth GiB':>11}"
     )
-    print(heads + f" {'s':>7}")
+    print(heads + f" {'chunks':>7} {'s':>7}")
     for count in counts:
         with tempfile.TemporaryDirectory() as tmp:
             command = [sys.executable, __file__, "--child", "--folder", tmp, "--boxes", str(count)]

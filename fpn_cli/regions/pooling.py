@@ -82,10 +82,11 @@ class RoiSpec:
 # RoI features are pooled and written this many bytes at a time (a ChunkedArray): 100,000 boxes
 # make a 5 GB rois.npy, and pooling it whole took 4 times that (torchvision's output, its per-level
 # parts, the cast, the write). A chunk at a time into one reused buffer, ROI_BATCH_BYTES of boxes
-# per roi_align call, the peak is the image's levels and one chunk and a batch, whatever the box
-# count (benchmarks/roi_memory.py, docs/guarantees.md)
+# per roi_align call, the peak is the image's levels and about 1.3 chunks, whatever the box count
+# (benchmarks/roi_memory.py, docs/guarantees-waits.md). 1 MiB batches (20 boxes of 256x7x7) pool
+# as fast as whole chunks; 4 MiB ones left 0.4 chunk more of freed results in glibc's heap.
 ROI_CHUNK_BYTES = 64 * 2**20
-ROI_BATCH_BYTES = 4 * 2**20  # float32 features of the boxes one roi_align call pools
+ROI_BATCH_BYTES = 2**20  # float32 features of the boxes one roi_align call pools
 
 
 class RoiPooler:
