@@ -705,8 +705,12 @@ def test_rois_are_pooled_and_written_a_bounded_chunk_at_a_time_with_the_same_byt
     boxes = write_csv(tmp_path / "boxes.csv", rows)
     assert run(tmp_path / "in", "-o", tmp_path / "whole", *SEED, "--boxes", boxes).exit_code == 1  # refused
     calls: list[int] = []
-    call = pooling.RoiPooler.__call__
-    monkeypatch.setattr(pooling.RoiPooler, "__call__", lambda self, b: calls.append(len(b)) or call(self, b))
+    into = pooling.RoiPooler.into
+    monkeypatch.setattr(
+        pooling.RoiPooler,
+        "into",
+        lambda self, out, b, rows=None: calls.append(len(b)) or into(self, out, b, rows),
+    )
     monkeypatch.setattr(outputs, "ROI_CHUNK_BYTES", 3 * 256 * 7 * 7 * 4)
     for fmt in ("npy", "shards"):
         calls.clear()

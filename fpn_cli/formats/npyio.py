@@ -117,8 +117,9 @@ def file_checksum(path: str | os.PathLike[str]) -> str | None:
 
 class ChunkedArray:
     """An array of ``shape`` and ``dtype`` made a block of rows (its first axis) at a time, never
-    whole: ``make(start, stop)`` returns rows ``start:stop``. The writers stream it (a file holds
-    the header, then each block as it is made); ``np.asarray`` makes it whole."""
+    whole: ``make(start, stop)`` returns rows ``start:stop``, valid until the next block is asked
+    for (``make`` may reuse one buffer). The writers stream it (a file holds the header, then each
+    block as it is made); ``np.asarray`` makes it whole."""
 
     def __init__(
         self,

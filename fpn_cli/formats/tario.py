@@ -29,6 +29,7 @@ from fpn_cli.formats.npyio import CHECKSUM, DIRECT_ALIGN, ChunkedArray, checksum
 
 BLOCK = 512  # tar's block: headers and data start on multiples of it
 _MIN_BUFFER = 1 << 20
+_PIECE = _MIN_BUFFER // 2  # bytes of a streamed array copied into the buffer at a time
 
 
 def padded(size: int) -> int:
@@ -117,8 +118,9 @@ class TarWriter:
 
     def _add_chunked(self, name: str, array: ChunkedArray) -> Member:
         """A :class:`ChunkedArray` as an ``.npy`` member, streamed: its size is known up front, so
-        the header goes first and each block of rows follows as it is made, the buffer drained
-        after each; the buffer never holds more than one block (and less than a disk block)."""
+        the header goes first and each block of rows follows as it is made, copied into the
+        buffer half a MiB at a time and drained after each: the buffer keeps its first size (1 MiB),
+        however large a block, and holds no copy of one."""
         npy = npy_header(array)
         size = len(npy) + array.nbytes
         header = member_header(name, size)
@@ -130,12 +132,14 @@ class TarWriter:
         crc = 0
         for _, chunk in array.chunks():
             data = memoryview(chunk).cast("B")
-            at = self._reserve(len(data))
-            self._buffer[at : at + len(data)] = data
-            crc = zlib.crc32(data, crc)
-            self._fill = at + len(data)
-            self._drain()
-            del chunk, data  # released before the next block is made
+            for i in range(0, len(data), _PIECE):  # the buffer stays its first size, not a chunk's
+                piece = data[i : i + _PIECE]
+                at = self._reserve(len(piece))
+                self._buffer[at : at + len(piece)] = piece
+                crc = zlib.crc32(piece, crc)
+                self._fill = at + len(piece)
+                self._drain()
+            chunk = data = piece = None  # released before the next block is made
         tail = (-size) % BLOCK
         at = self._reserve(tail)
         self._buffer[at : at + tail] = bytes(tail)

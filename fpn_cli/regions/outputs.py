@@ -189,22 +189,33 @@ class Outputs:
     def _rois(
         self, levels: Mapping[str, np.ndarray], checked: Checked, geometry: Geometry, dtype: np.dtype
     ) -> ChunkedArray:
-        """(N, C, h, w) in ``dtype``, pooled as it is written, ROI_CHUNK_BYTES at a time: refused
-        boxes' rows are NaN, so row i stays the file's i-th box."""
+        """(N, C, h, w) in ``dtype``, pooled as it is written, ROI_CHUNK_BYTES at a time into one
+        buffer that every chunk reuses (the writers are done with a chunk before asking for the
+        next): refused boxes' rows are NaN, so row i stays the file's i-th box."""
         pooler = RoiPooler(levels, self.roi)
-        shape = (len(checked.boxes), pooler.channels, *self.roi.output_size)
+        shape = (len(checked.boxes), *pooler.row_shape)
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        per_chunk = max(1, ROI_CHUNK_BYTES // max(1, row_bytes))
+        none = buffer = np.empty((0, *shape[1:]), dtype)
 
         def rows(start: int, stop: int) -> np.ndarray:
+            nonlocal buffer
+            if len(buffer) < stop - start:  # made once, at the first chunk (the largest)
+                buffer = np.empty((min(per_chunk, shape[0]), *shape[1:]), dtype)
+            out = buffer[: stop - start]
+            if stop == shape[0]:  # the last chunk: the buffer goes when the writer is done with it
+                buffer = none  # (a view of it would keep it)
             pooled = checked.pooled[start:stop]
-            if pooled.all():  # the pooler's own output is the chunk: no second copy of it
-                return pooler(geometry.to_model_input(checked.boxes[start:stop])).astype(dtype, copy=False)
-            out = np.full((stop - start, *shape[1:]), np.nan, np.float32)
-            if pooled.any():
-                out[pooled] = pooler(geometry.to_model_input(checked.boxes[start:stop][pooled]))
-            return out.astype(dtype, copy=False)
+            if pooled.all():
+                pooler.into(out, geometry.to_model_input(checked.boxes[start:stop]))
+            else:
+                out[~pooled] = np.nan
+                pooler.into(
+                    out, geometry.to_model_input(checked.boxes[start:stop][pooled]), np.flatnonzero(pooled)
+                )
+            return out
 
-        row_bytes = int(np.prod(shape[1:])) * 4  # float32 as pooled
-        return ChunkedArray(shape, dtype, rows, ROI_CHUNK_BYTES // max(1, row_bytes))
+        return ChunkedArray(shape, dtype, rows, per_chunk)
 
     def checked(self, rel: str, geometry: Geometry | None) -> Checked | None:
         """The image's boxes checked against its size; None without boxes or a size. The one

@@ -80,54 +80,101 @@ class RoiSpec:
 
 
 # RoI features are pooled and written this many bytes at a time (a ChunkedArray): 100,000 boxes
-# make a 5 GB rois.npy, and pooling it whole took 4 times that (the pooler's output, its copy into
-# the rows of the file's order, the cast, the write); a chunk at a time, the peak is the image's
-# levels and about two chunks (benchmarks/roi_memory.py)
+# make a 5 GB rois.npy, and pooling it whole took 4 times that (torchvision's output, its per-level
+# parts, the cast, the write). A chunk at a time into one reused buffer, ROI_BATCH_BYTES of boxes
+# per roi_align call, the peak is the image's levels and about 1.3 chunks, whatever the box count
+# (benchmarks/roi_memory.py, docs/guarantees-waits.md). 1 MiB batches (20 boxes of 256x7x7) pool
+# as fast as whole chunks; 4 MiB ones left 0.4 chunk more of freed results in glibc's heap.
 ROI_CHUNK_BYTES = 64 * 2**20
+ROI_BATCH_BYTES = 2**20  # float32 features of the boxes one roi_align call pools
 
 
 class RoiPooler:
     """torchvision's ``MultiScaleRoIAlign`` of ``spec`` over one image's levels {name: (C, h, w)},
-    prepared once (the levels widened to float32 tensors) for pooling any number of box chunks."""
+    prepared once (the levels as C-order float32 tensors) for pooling any number of box chunks.
+
+    The pooler's own steps, with bounded temporaries: the level of each box by its
+    ``LevelMapper`` (FPN eq. 1 with the strides given), then per level ``roi_align`` on at most
+    ``ROI_BATCH_BYTES`` of boxes at a time, each result cast into its rows of the caller's array.
+    ``MultiScaleRoIAlign`` instead allocates the whole output and a second array per level; each
+    box's row depends on that box alone, so the bytes are the same (tests/test_regions.py)."""
 
     def __init__(self, levels: Mapping[str, np.ndarray], spec: RoiSpec) -> None:
         # imported here: torchvision.ops pulls in torch._dynamo, a second of every command's start-up
         # that only runs with boxes need
-        from torchvision.ops import MultiScaleRoIAlign
+        from torchvision.ops import roi_align
         from torchvision.ops.poolers import LevelMapper
 
-        self.pooler = MultiScaleRoIAlign(list(spec.levels), list(spec.output_size), spec.sampling_ratio)
-        # The pooler would infer each level's scale as its height over the image's, rounded to a power
-        # of two: for small images that is wrong (P5 of a 37-row image: 2/37 rounds to 1/16, not 1/32).
-        # The strides are known, so they are given; where its inference is right, the result is the same.
-        self.pooler.scales = [1.0 / LEVELS[name].stride for name in spec.levels]
+        self.roi_align, self.spec = roi_align, spec
+        # MultiScaleRoIAlign would infer each level's scale as its height over the image's, rounded to
+        # a power of two: for small images that is wrong (P5 of a 37-row image: 2/37 rounds to 1/16,
+        # not 1/32). The strides are known, so they are given; where its inference is right, the
+        # result is the same.
+        self.scales = [1.0 / LEVELS[name].stride for name in spec.levels]
         k_min, k_max = (int(math.log2(LEVELS[spec.levels[i]].stride)) for i in (0, -1))
-        self.pooler.map_levels = LevelMapper(k_min, k_max, CANONICAL_SCALE, CANONICAL_LEVEL)
-        self.feats = {name: _as_tensor(levels[name])[None] for name in spec.levels}
+        self.map_levels = LevelMapper(k_min, k_max, CANONICAL_SCALE, CANONICAL_LEVEL)
+        self.feats = [_as_tensor(levels[name])[None] for name in spec.levels]
         self.channels = levels[spec.levels[0]].shape[0]
+        self.row_shape = (self.channels, *spec.output_size)
 
     def __call__(self, boxes: np.ndarray) -> np.ndarray:
-        """(N, 4) boxes in model-input pixels (x1, y1, x2, y2) -> (N, C, *output_size) float32.
-        Each box's row depends on that box alone: pooled in chunks, the rows are the same bytes."""
+        """(N, 4) boxes in model-input pixels (x1, y1, x2, y2) -> (N, C, *output_size) float32."""
+        out = np.empty((len(boxes), *self.row_shape), np.float32)
+        self.into(out, boxes)
+        return out
+
+    def into(self, out: np.ndarray, boxes: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Pools (N, 4) boxes in model-input pixels (x1, y1, x2, y2) into ``out`` (M, C,
+        *output_size) of any float dtype: box i into row ``rows[i]`` (default: row i), cast from
+        float32 as ``astype`` does; other rows are left as they are."""
+        if rows is None and len(boxes) != len(out):
+            raise ValueError(f"{len(boxes)} boxes for {len(out)} rows")
+        if len(boxes) == 0:
+            return
+        per_call = max(1, ROI_BATCH_BYTES // (int(np.prod(self.row_shape)) * 4))
         with torch.inference_mode():
-            out = self.pooler(
-                self.feats, [torch.from_numpy(boxes.astype(np.float32))], [(1, 1)]
-            )  # sizes unused: scales are set
-        return out.numpy()
+            given = torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4))
+            rois = torch.cat([given.new_zeros((len(given), 1)), given], 1)  # image 0, as torchvision's
+            one = len(self.feats) == 1  # torchvision pools every box from a single level
+            levels = torch.zeros(len(given), dtype=torch.int64) if one else self.map_levels([given])
+            # a box no level takes (non-finite): torchvision leaves its row zero (or, with one
+            # level, crashes in roi_align); here its row is zero either way
+            unmapped = (levels < 0) | (levels >= len(self.feats)) | ~torch.isfinite(given).all(1)
+            if unmapped.any():
+                levels[unmapped] = -1
+                unmapped = unmapped.numpy()
+                out[np.flatnonzero(unmapped) if rows is None else rows[unmapped]] = 0
+            for level, (feat, scale) in enumerate(zip(self.feats, self.scales, strict=True)):
+                index = torch.where(levels == level)[0]
+                for start in range(0, len(index), per_call):
+                    part = index[start : start + per_call]
+                    result = self.roi_align(
+                        feat,
+                        rois[part],
+                        output_size=self.spec.output_size,
+                        spatial_scale=scale,
+                        sampling_ratio=self.spec.sampling_ratio,
+                        aligned=False,
+                    )
+                    part = part.numpy()
+                    out[part if rows is None else rows[part]] = result.numpy()
+                    del result  # one batch's result at a time
 
 
 def roi_features(levels: Mapping[str, np.ndarray], boxes: np.ndarray, spec: RoiSpec) -> np.ndarray:
     """One image's levels {name: (C, h, w)} and (N, 4) boxes in model-input pixels (x1, y1, x2, y2)
-    -> (N, C, *spec.output_size) float32, by torchvision's ``MultiScaleRoIAlign``, all at once."""
+    -> (N, C, *spec.output_size) float32, as torchvision's ``MultiScaleRoIAlign`` pools them."""
     return RoiPooler(levels, spec)(boxes)
 
 
 def _as_tensor(level: np.ndarray) -> torch.Tensor:
-    """A level as float32 for torchvision: widened from float16; a read-only memory map copied
-    (torch wants writable memory; the file's pages are read once either way)."""
-    if level.dtype != np.float32 or not level.flags.writeable:
-        level = level.astype(np.float32)
-    return torch.from_numpy(level)
+    """A level as C-order float32 for roi_align: widened from float16; a channels-last level (the
+    network's) made C-order once here, or roi_align would copy the whole level on every call; a
+    read-only memory map copied (torch wants writable memory; the file's pages are read once
+    either way)."""
+    if level.dtype == np.float32 and level.flags.writeable and level.flags.c_contiguous:
+        return torch.from_numpy(level)
+    return torch.from_numpy(np.array(level, np.float32, order="C"))
 
 
 def pooled(level: np.ndarray, kind: str) -> np.ndarray:
