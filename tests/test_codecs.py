@@ -153,8 +153,8 @@ def near_ties(peak: np.float32) -> np.ndarray:
 
 
 def test_int8_codes_are_exact_near_and_at_ties_for_scales_from_1e_minus_30_to_1e30(monkeypatch):
-    """Twelve channels, peaks spread over 60 decades, blocks of 10 pixels: every code equals the
-    exactly rounded quotient (exact fractions), whichever block and channel it is in."""
+    """Twelve channels, peaks spread over 60 decades, blocks of 10 pixels (a row's columns): every
+    code equals the exactly rounded quotient (exact fractions), whichever block and channel it is in."""
     monkeypatch.setattr(codecs, "_CPU_BLOCK", 10 * 12)
     peaks = (np.float32(1.7) * np.float32(10.0) ** np.linspace(-30, 30, 12)).astype(np.float32)
     x = torch.from_numpy(np.stack([near_ties(p) for p in peaks])).view(1, 12, 1, -1)
@@ -207,6 +207,28 @@ def test_int8_edge_channels_at_batch_1_and_4(batch, layout, monkeypatch):
         expected = exact_codes(x.numpy()[i, finite], scale[i, finite])
         assert np.array_equal(codes[i, finite], expected)
     assert np.abs(codes[:, finite]).max() == 127
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_int8_with_several_threads_is_the_one_thread_encoding(layout, monkeypatch):
+    """With torch on several threads the blocks stay below torch's grain (here 6 pixels, a third
+    of a row, the last of each row 5) and the threads share them: the same codes and scales as one
+    thread, the exactly rounded ones, for an odd number of blocks over 3 images."""
+    monkeypatch.setattr(codecs, "_GRAIN", 7 * 64)
+    x = features(9, (3, 64, 21, 17)).contiguous(memory_format=layout)
+    assert len(codecs._blocks(x.permute(0, 2, 3, 1), threads=3)) == 3 * 21 * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = encode("p2", x, "int8")
+        torch.set_num_threads(3)
+        several = encode("p2", x, "int8")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(several["p2"], one["p2"]) and torch.equal(several["p2_scale"], one["p2_scale"])
+    assert torch.equal(several["p2_scale"], x.abs().amax(dim=(2, 3)) / 127)
+    scale = several["p2_scale"].double().numpy()[:, :, None, None]
+    assert np.array_equal(several["p2"].numpy(), np.rint(x.double().numpy() / scale).astype(np.int8))
 
 
 # bfloat16
