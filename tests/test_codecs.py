@@ -140,6 +140,97 @@ def test_int8_non_finite_channel_decodes_to_nan_and_leaves_the_others_alone():
     assert errors[np.isfinite(scale)].max() <= 0.5
 
 
+def near_ties(peak: np.float32) -> np.ndarray:
+    """A channel with peak ``peak``: each half-integer multiple of its scale as float32, and one
+    and two float32 steps either side of it (a float32 quotient rounds some of these onto the
+    tie), plus +-peak, clipped to the peak."""
+    scale = np.float32(peak) / np.float32(127)
+    ties = ((np.arange(-127, 127) + 0.5) * np.float64(scale)).astype(np.float32)
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    steps = [ties, np.nextafter(ties, up), np.nextafter(ties, down)]
+    steps += [np.nextafter(steps[1], up), np.nextafter(steps[2], down)]
+    return np.clip(np.concatenate(steps + [np.array([peak, -peak], np.float32)]), -peak, peak)
+
+
+def test_int8_codes_are_exact_near_and_at_ties_for_scales_from_1e_minus_30_to_1e30(monkeypatch):
+    """Twelve channels, peaks spread over 60 decades, blocks of 10 pixels (a row's columns): every
+    code equals the exactly rounded quotient (exact fractions), whichever block and channel it is in."""
+    monkeypatch.setattr(codecs, "_CPU_BLOCK", 10 * 12)
+    peaks = (np.float32(1.7) * np.float32(10.0) ** np.linspace(-30, 30, 12)).astype(np.float32)
+    x = torch.from_numpy(np.stack([near_ties(p) for p in peaks])).view(1, 12, 1, -1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = encode("p2", x, "int8")
+    assert np.array_equal(out["p2_scale"].numpy()[0], peaks / np.float32(127))
+    assert np.array_equal(out["p2"].numpy()[0], exact_codes(x.numpy()[0], out["p2_scale"].numpy()[0]))
+
+
+def edge_channels(batch: int) -> torch.Tensor:
+    """(batch, 10, 7, 9) features whose channels 0-8 are edge cases (see the test) and 9 ordinary."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn((batch, 10, 7, 9), generator=g)
+    biggest = torch.finfo(torch.float32).max
+    x[:, 0] = 0.0
+    x[:, 1] = -0.0
+    x[:, 2, 3, 4] = float("nan")
+    x[:, 3, 0, 0] = float("inf")
+    x[:, 4, 6, 8] = float("-inf")
+    x[:, 5] = x[:, 5] * 1e37
+    x[:, 5, 0, 0] = biggest  # the largest float32: scale and codes stay finite
+    x[:, 5, 0, 1] = -biggest
+    x[:, 6] = x[:, 6] * 1e-30
+    # peak 127 * 2**-126: scale 2**-126, the smallest normal float32, whose half-integer multiples
+    # (ties among them) are subnormal
+    x[:, 7] = torch.from_numpy(
+        np.array([k * 2.0**-127 for k in range(-8, 8)] * 3 + [127 * 2.0**-126] * 15, np.float32).reshape(7, 9)
+    )
+    x[:, 8] = torch.from_numpy(np.nextafter(x[:, 7].numpy(), np.float32(np.inf)))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_int8_edge_channels_at_batch_1_and_4(batch, layout, monkeypatch):
+    """Zero, -0.0, NaN, +inf, -inf, the largest float32, tiny values, subnormal ties, in blocks of
+    two rows: finite channels' codes are the exact ones, zero channels have scale +0 and codes 0,
+    and a channel with a NaN or an infinity has a NaN scale, alone, in every image."""
+    monkeypatch.setattr(codecs, "_CPU_BLOCK", 2 * 9 * 10)
+    x = edge_channels(batch).contiguous(memory_format=layout)
+    out = encode("p2", x, "int8")
+    codes, scale = out["p2"].numpy(), out["p2_scale"].numpy()
+    assert codes.shape == (batch, 10, 7, 9) and scale.shape == (batch, 10)
+    assert np.isnan(scale[:, 2:5]).all() and np.isfinite(scale[:, [0, 1, 5, 6, 7, 8, 9]]).all()
+    assert (scale[:, :2] == 0).all() and not np.signbit(scale[:, :2]).any() and not codes[:, :2].any()
+    assert (scale[:, 7] == np.float32(2.0**-126)).all()
+    finite = [5, 6, 7, 8, 9]
+    assert np.array_equal(scale[:, finite], (x.abs().amax(dim=(2, 3)) / 127).numpy()[:, finite])
+    for i in range(batch):
+        expected = exact_codes(x.numpy()[i, finite], scale[i, finite])
+        assert np.array_equal(codes[i, finite], expected)
+    assert np.abs(codes[:, finite]).max() == 127
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_int8_with_several_threads_is_the_one_thread_encoding(layout, monkeypatch):
+    """With torch on several threads the blocks stay below torch's grain (here 6 pixels, a third
+    of a row, the last of each row 5) and the threads share them: the same codes and scales as one
+    thread, the exactly rounded ones, for an odd number of blocks over 3 images."""
+    monkeypatch.setattr(codecs, "_GRAIN", 7 * 64)
+    x = features(9, (3, 64, 21, 17)).contiguous(memory_format=layout)
+    assert len(codecs._blocks(x.permute(0, 2, 3, 1), threads=3)) == 3 * 21 * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = encode("p2", x, "int8")
+        torch.set_num_threads(3)
+        several = encode("p2", x, "int8")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(several["p2"], one["p2"]) and torch.equal(several["p2_scale"], one["p2_scale"])
+    assert torch.equal(several["p2_scale"], x.abs().amax(dim=(2, 3)) / 127)
+    scale = several["p2_scale"].double().numpy()[:, :, None, None]
+    assert np.array_equal(several["p2"].numpy(), np.rint(x.double().numpy() / scale).astype(np.int8))
+
+
 # bfloat16
 
 

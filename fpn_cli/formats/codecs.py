@@ -33,7 +33,9 @@ No error is raised.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+import functools
+from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,6 +59,10 @@ _CODE_DTYPES = {
 # ties to even) held in the low bits of the mantissa, whose low byte is then the int8 code.
 _ROUNDER = 1.5 * 2**52
 _CPU_BLOCK = 2**18  # values per block: 2 MiB of float64 quotients, in a core's L2 and the shared L3
+# torch runs an operation on fewer values than this on the calling thread, without a parallel region
+# (at::internal::GRAIN_SIZE); with several threads the blocks are this small and the threads share
+# them (see _each_share)
+_GRAIN = 32768
 
 
 @dataclass(frozen=True)
@@ -192,8 +198,9 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # channels last: the reductions and the per-channel division run along the contiguous axis when
     # x is channels-last (the Engine's layout on CPU and CUDA); a view, never a copy
     v = x.permute(0, 2, 3, 1)
-    blocks = _blocks(v) if x.device.type == "cpu" else [(slice(None), slice(None))]
-    peak = _peak(v, blocks).float()
+    threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+    blocks = _blocks(v, threads) if x.device.type == "cpu" else [(slice(None),) * 3]
+    peak = _peak(v, blocks, threads).float()
     scale = torch.where(torch.isfinite(peak), peak / 127, torch.nan)
     if x.device.type == "mps":  # no float64 there: a float32 quotient, up to 2**-18 of a step more
         divisor = torch.where(scale > 0, scale, torch.inf)
@@ -206,25 +213,65 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     divisor = torch.where(scale > 0, scale.double(), torch.inf)[:, None, None, :]
     rounder = torch.tensor(_ROUNDER, dtype=torch.float64, device=x.device)
     codes = torch.empty_like(v, dtype=torch.int8)
-    quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float64, device=x.device)
-    for images, rows in blocks:
-        block = v[images, rows]
-        out = quotient[:, : block.shape[1]]
-        torch.addcdiv(rounder, block, divisor[images], out=out)
-        codes[images, rows] = out.view(torch.int64)  # the low byte: two's complement code
+
+    def encode_share(share: list[tuple[slice, slice, slice]]) -> None:
+        quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float64, device=x.device)  # the largest
+        for block in share:
+            values = v[block]
+            out = quotient[:, : values.shape[1], : values.shape[2]]
+            torch.addcdiv(rounder, values, divisor[block[0]], out=out)
+            codes[block] = out.view(torch.int64)  # the low byte: two's complement code
+
+    _each_share(blocks, threads, encode_share)
     return codes.permute(0, 3, 1, 2), scale
 
 
-def _blocks(v: torch.Tensor) -> list[tuple[slice, slice]]:
-    """(images, rows) slices of (N, H, W, C) that tile it image by image, in blocks of rows of about
-    ``_CPU_BLOCK`` values: a block's float64 quotients (or absolute values) stay in a core's cache,
-    whatever the batch size, and no temporary has the level's size (nor its page faults)."""
+def _blocks(v: torch.Tensor, threads: int = 1) -> list[tuple[slice, slice, slice]]:
+    """(images, rows, columns) slices of (N, H, W, C) that tile it image by image, in blocks of
+    about ``_CPU_BLOCK`` values (whole rows, or a row's columns where a row is larger): a block's
+    float64 quotients (or absolute values) stay in a core's cache, whatever the batch size, and no
+    temporary has the level's size (nor its page faults). With several threads, blocks of fewer
+    than ``_GRAIN`` values, which each thread's operations run without synchronising (see
+    :func:`_each_share`)."""
     n, h, w, c = v.shape
-    rows = max(1, _CPU_BLOCK // max(1, w * c))
-    return [(slice(i, i + 1), slice(r, r + rows)) for i in range(n) for r in range(0, h, rows)]
+    size = _CPU_BLOCK if threads == 1 else min(_CPU_BLOCK, _GRAIN - 1)
+    if w * c <= size or w == 1:
+        rows = max(1, size // max(1, w * c))
+        return [
+            (slice(i, i + 1), slice(r, r + rows), slice(None)) for i in range(n) for r in range(0, h, rows)
+        ]
+    columns = max(1, size // max(1, c))
+    return [
+        (slice(i, i + 1), slice(r, r + 1), slice(k, k + columns))
+        for i in range(n)
+        for r in range(h)
+        for k in range(0, w, columns)
+    ]
 
 
-def _peak(v: torch.Tensor, blocks: list[tuple[slice, slice]]) -> torch.Tensor:
+def _each_share(blocks: list, threads: int, work: Callable[[list], object]) -> list:
+    """``work(share)`` for shares of ``blocks``: all of them on this thread when torch has one
+    thread, else one contiguous share per thread, in a pool of ``threads`` threads. torch releases
+    the GIL inside its operations, and blocks below ``_GRAIN`` values run each operation on its own
+    thread: one operation per block as a parallel region instead made every thread wait for the
+    others hundreds of times per level (on a busy 2-core machine, int8 then cost 5x float16)."""
+    import torch
+
+    if threads == 1 or len(blocks) == 1:
+        return [work(blocks)]
+    count = min(threads, len(blocks))
+    shares = [blocks[len(blocks) * k // count : len(blocks) * (k + 1) // count] for k in range(count)]
+    inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads take the caller's
+
+    def run(share: list) -> object:
+        with torch.inference_mode(inference):
+            return work(share)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, shares))
+
+
+def _peak(v: torch.Tensor, blocks: list[tuple[slice, slice, slice]], threads: int = 1) -> torch.Tensor:
     """max |v| over dims 1 and 2 of (N, H, W, C) -> (N, C), in v's dtype; NaN where a channel has
     one. One read of v, block by block, each block's absolute values in the cache (a separate amax
     and amin read v twice, and were most of the int8 conversion's cost)."""
@@ -232,13 +279,18 @@ def _peak(v: torch.Tensor, blocks: list[tuple[slice, slice]]) -> torch.Tensor:
 
     if len(blocks) == 1:  # the level at once: no temporary of its size
         return torch.maximum(v.amax(dim=(1, 2)), -v.amin(dim=(1, 2))).abs()
-    peak = torch.zeros((v.shape[0], v.shape[3]), dtype=v.dtype, device=v.device)
-    magnitude = torch.empty(v[blocks[0]].shape, dtype=v.dtype, device=v.device)
-    for images, rows in blocks:
-        block = v[images, rows]
-        found = torch.abs(block, out=magnitude[:, : block.shape[1]]).amax(dim=(1, 2))
-        torch.maximum(peak[images], found, out=peak[images])
-    return peak
+
+    def peak_of(share: list[tuple[slice, slice, slice]]) -> torch.Tensor:
+        peak = torch.zeros((v.shape[0], v.shape[3]), dtype=v.dtype, device=v.device)
+        magnitude = torch.empty(v[blocks[0]].shape, dtype=v.dtype, device=v.device)  # the largest
+        for block in share:
+            values = v[block]
+            found = torch.abs(values, out=magnitude[:, : values.shape[1], : values.shape[2]]).amax(dim=(1, 2))
+            torch.maximum(peak[block[0]], found, out=peak[block[0]])
+        return peak
+
+    peaks = _each_share(blocks, threads, peak_of)
+    return functools.reduce(torch.maximum, peaks)
 
 
 def decode(

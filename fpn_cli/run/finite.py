@@ -34,8 +34,8 @@ def check_finite_scales(scales: Mapping[str, torch.Tensor]) -> None:
     """:func:`check_finite` for int8 outputs, from their scales alone: ``scales`` is {level: (N, C)}
     as codecs.encode_int8 returns them, NaN exactly where a channel of that image held a NaN or an
     infinity. The per-channel peaks that int8 needs have read every value already, so the level is
-    read once for both, not twice (int8 then costs on the CPU what float16's conversion and this
-    check cost: docs/compact-storage.md)."""
+    read once for both, not twice (docs/compact-storage.md measures int8's output step against
+    float16's)."""
     if not scales:
         return
     if bool(torch.stack([s.sum() for s in scales.values()]).isfinite().all()):
