@@ -209,6 +209,29 @@ def test_int8_edge_channels_at_batch_1_and_4(batch, layout, monkeypatch):
     assert np.abs(codes[:, finite]).max() == 127
 
 
+def test_int8_codes_fit_int8_for_every_subnormal_scale():
+    """Peaks of p * 2**-149 for every p up to 20,000 (scales down to the smallest subnormal, where
+    rounding peak / 127 is a large part of it): every code in [-127, 127] with x's sign, and
+    ``codes * scale`` within ``scale / 2`` of x, exactly (float64). peak / 127 rounded to nearest
+    gave 2**-149 for p = 189, whose codes of 189 were stored as -67, and 0 for p < 64, whose
+    channel decoded to 0."""
+    units = np.arange(1, 20_001, dtype=np.float64)
+    peaks = (units * 2.0**-149).astype(np.float32)
+    assert np.array_equal(peaks.astype(np.float64) / 2.0**-149, units)  # every one exact
+    # each channel: +peak, -peak, and values at a third and two thirds of it
+    values = np.stack([peaks, -peaks, (units // 3 * 2.0**-149), -(units * 2 // 3 * 2.0**-149)], axis=1)
+    x = torch.from_numpy(values.astype(np.float32)).view(1, -1, 1, 4)
+    out = encode("p2", x.contiguous(memory_format=torch.channels_last), "int8")
+    codes, scale = out["p2"].numpy()[0, :, 0].astype(np.int64), out["p2_scale"].numpy()[0].astype(np.float64)
+    assert np.abs(codes).max() <= 127 and (codes[:, 0] > 0).all() and (codes[:, 1] < 0).all()
+    error = np.abs(codes * scale[:, None] - x.numpy()[0, :, 0].astype(np.float64))
+    assert (error <= scale[:, None] / 2).all()
+    bumped = scale != (peaks / np.float32(127)).astype(np.float64)  # one float32 step up, and only
+    assert np.array_equal(scale[bumped], np.nextafter(peaks / np.float32(127), np.inf)[bumped])
+    assert bumped[:63].all()  # peak / 127 rounded to 0: the channel would have decoded to 0
+    assert units[bumped].max() < 16193  # past it, peak / 127 is never more than half a unit off
+
+
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_int8_with_several_threads_is_the_one_thread_encoding(layout, monkeypatch):
     """With torch on several threads the blocks stay below torch's grain (here 6 pixels, a third

@@ -20,7 +20,8 @@ layout (``p2_scale.npy``) and the ``<name>`` of a WebDataset member ``<key>.<nam
 no dot. :func:`encode` runs where the forward ran (the device), :func:`decode` and
 :func:`decode_torch` turn the stored arrays back into floats; the raw codes are the arrays themselves.
 
-int8, per channel c of one image's level: ``scale[c] = max|x[c]| / 127`` (float32) and
+int8, per channel c of one image's level: ``scale[c] = max|x[c]| / 127`` (float32; one float32
+step larger where that scale is subnormal and so coarse that a code would pass 127) and
 ``codes[c] = round(x[c] / scale[c])`` (to nearest, ties to even), so ``codes * scale`` is within
 ``scale[c] / 2`` of ``x``, exactly: the quotient is formed in float64, whose rounding never moves
 it onto or across a half-integer, so each code is the correctly rounded one (on MPS, which has no
@@ -201,7 +202,7 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     threads = torch.get_num_threads() if x.device.type == "cpu" else 1
     blocks = _blocks(v, threads) if x.device.type == "cpu" else [(slice(None),) * 3]
     peak = _peak(v, blocks, threads).float()
-    scale = torch.where(torch.isfinite(peak), peak / 127, torch.nan)
+    scale = _int8_scale(peak)
     if x.device.type == "mps":  # no float64 there: a float32 quotient, up to 2**-18 of a step more
         divisor = torch.where(scale > 0, scale, torch.inf)
         codes = torch.div(v, divisor[:, None, None, :]).round_().to(torch.int8)
@@ -224,6 +225,20 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     _each_share(blocks, threads, encode_share)
     return codes.permute(0, 3, 1, 2), scale
+
+
+def _int8_scale(peak: torch.Tensor) -> torch.Tensor:
+    """float32 ``peak / 127`` (NaN for a non-finite peak), one float32 step larger where it is so
+    coarse that ``peak / scale`` would reach 127.5, whose code is not an int8: only a subnormal
+    scale (a peak below about 1.5e-36), whose rounding may be a large part of it (a peak of
+    189 * 2**-149 made scale 2**-149 and codes of 189, stored as -67). One step is always enough,
+    and ``codes * scale`` stays within ``scale / 2`` of x, with every code in [-127, 127]."""
+    import torch
+
+    scale = torch.where(torch.isfinite(peak), peak / 127, torch.nan)
+    wide = torch.float32 if peak.device.type == "mps" else torch.float64  # exact products below
+    coarse = (peak > 0) & (peak.to(wide) >= scale.to(wide) * 127.5)
+    return torch.where(coarse, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
 
 
 def _blocks(v: torch.Tensor, threads: int = 1) -> list[tuple[slice, slice, slice]]:
