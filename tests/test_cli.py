@@ -195,6 +195,7 @@ def test_python_dash_m_runs_the_cli_and_a_computing_command_imports_torch():
     assert "P5         32       256      19     29" in proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "torch" in imported and "fpn_cli.cli" in imported
+    assert "torch._dynamo" not in imported  # level shapes are probed without the meta device's 1.5 s
 
 
 def test_library_options_are_validated():

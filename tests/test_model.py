@@ -59,6 +59,29 @@ def test_meta_shapes_equal_real_shapes():
     assert parameter_count(config) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", [*ARCHS, "timm:convnext_atto"])  # convnext refuses small inputs
+def test_the_empty_batch_probe_gives_the_meta_devices_shapes_and_refusals(arch):
+    """Every architecture: the shapes of an empty batch on the CPU equal a meta-device forward's at
+    odd sizes, and an input too small for one is too small for the other (the probe's fallback is
+    never needed)."""
+    from fpn_cli.models import model as model_mod
+
+    def outcome(model, x):
+        try:
+            return model_mod._level_shapes(model, x)
+        except RuntimeError:
+            return "refused"
+
+    config = FPNConfig(arch, levels=tuple(level_info(FPNConfig(arch))))
+    outcomes = []
+    for h, w in ((1, 1), (3, 5), (37, 53), (129, 67), (254, 383)):
+        empty = outcome(model_mod._shapes_model(config), torch.empty(0, 3, h, w))
+        assert empty == outcome(model_mod._meta_model(config), torch.empty(1, 3, h, w, device="meta"))
+        outcomes.append(empty)
+    assert "refused" not in outcomes[2:]
+    assert (outcomes[0] == "refused") == arch.startswith("timm:convnext")  # its 4x4 stride-4 stem
+
+
 def test_levels_come_back_in_the_order_asked():
     model = build_fpn(arch="seed", levels=("c3", "p5", "p2"))
     with torch.no_grad():

@@ -169,12 +169,12 @@ def seeded_init(model: FPN, seed: int) -> None:
 
 def output_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple[int, int, int]]:
     """(C, h, w) per requested level for one H x W image: (C, ⌈H/stride⌉, ⌈W/stride⌉) where the
-    model's layer arithmetic gives that (checked once per configuration, by forward passes on the
-    meta device), else such a forward pass for this size. A resume checks every stored image's
-    shapes, and a meta forward takes 50 ms: photos come in thousands of sizes."""
+    model's layer arithmetic gives that (checked once per configuration, by forward passes of an
+    empty batch: :func:`_probed_shapes`), else such a forward pass for this size. A resume checks
+    every stored image's shapes, and photos come in thousands of sizes."""
     rule = _ceil_rule(config)
     if rule is None:
-        return _meta_shapes(config, height, width)
+        return _probed_shapes(config, height, width)
     return {name: (c, -(-height // s), -(-width // s)) for name, (c, s) in rule.items()}
 
 
@@ -186,7 +186,7 @@ def _ceil_rule(config: FPNConfig) -> dict[str, tuple[int, int]] | None:
     # sizes that are not multiples of 4 in both residues mod 4 that ceil, floor and round tell apart
     for h, w in ((129, 67), (254, 383)):
         try:
-            if _meta_shapes(config, h, w) != {n: (c, -(-h // s), -(-w // s)) for n, (c, s) in rule.items()}:
+            if _probed_shapes(config, h, w) != {n: (c, -(-h // s), -(-w // s)) for n, (c, s) in rule.items()}:
                 return None
         except RuntimeError:  # a backbone that needs other sizes: no rule
             return None
@@ -194,25 +194,34 @@ def _ceil_rule(config: FPNConfig) -> dict[str, tuple[int, int]] | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _meta_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple[int, int, int]]:
-    """(C, h, w) per requested level by a forward pass on the meta device: the real layer
-    arithmetic, no feature memory."""
+def _probed_shapes(config: FPNConfig, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+    """(C, h, w) per requested level by a forward pass of an empty batch, (0, 3, H, W) on the CPU:
+    the real layer arithmetic and its size checks (an input too small raises as a real one does),
+    with no value computed and no feature memory. Should an op refuse the empty batch, the meta
+    device decides (the same arithmetic in Python decompositions, which import torch._dynamo on
+    first use: 1.5 s of a run's start, so not the first choice)."""
+    try:
+        return _level_shapes(_shapes_model(config), torch.empty(0, 3, height, width))
+    except RuntimeError:
+        return _level_shapes(_meta_model(config), torch.empty(1, 3, height, width, device="meta"))
+
+
+def _level_shapes(model: FPN, x: Tensor) -> dict[str, tuple[int, int, int]]:
     with torch.no_grad():
-        out = _shapes_model(config)(torch.empty(1, 3, height, width, device="meta"))
-    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+        return {k: tuple(v.shape[1:]) for k, v in model(x).items()}
 
 
 @functools.lru_cache(maxsize=4)
 def _shapes_model(config: FPNConfig) -> FPN:
-    """The meta model with every BatchNorm an identity, for shape probes: a BatchNorm never changes
-    a shape, and on the meta device it runs through Python decompositions, which were most of a
-    probe's time (--summary of a ResNet-50 FPN: 3 times faster without them)."""
-    model = copy.deepcopy(_meta_model(config))
+    """The model for shape probes: every BatchNorm an identity (it changes no shape) and the other
+    parameters uninitialised CPU memory, which an empty batch never reads (nor, being untouched,
+    makes resident)."""
+    model = build_model(config, device="meta")
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 setattr(parent, name, nn.Identity())
-    return model
+    return model.to_empty(device="cpu")
 
 
 def level_info(config: FPNConfig) -> dict[str, LevelInfo]:

@@ -88,6 +88,6 @@ class LevelSizes:
 def _shapes(config: FPNConfig, height: int, width: int) -> dict[str, Shape]:
     try:
         return output_shapes(config, height, width)
-    except RuntimeError as e:  # the layer arithmetic of a forward pass on the meta device
+    except RuntimeError as e:  # the layer arithmetic of a probing forward pass (models/model.py)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputTooSmall(f"the network cannot take a {height}x{width} input: {reason}") from None
