@@ -74,11 +74,11 @@ def test_the_empty_batch_probe_gives_the_meta_devices_shapes_and_refusals(arch):
 
     config = FPNConfig(arch, levels=tuple(level_info(FPNConfig(arch))))
     outcomes = []
-    for h, w in ((1, 1), (3, 5), (37, 53), (129, 67), (254, 383)):
+    for h, w in ((1, 1), (129, 67)):  # odd in both residues mod 4 that ceil, floor and round tell apart
         empty = outcome(model_mod._shapes_model(config), torch.empty(0, 3, h, w))
         assert empty == outcome(model_mod._meta_model(config), torch.empty(1, 3, h, w, device="meta"))
         outcomes.append(empty)
-    assert "refused" not in outcomes[2:]
+    assert outcomes[1] != "refused"
     assert (outcomes[0] == "refused") == arch.startswith("timm:convnext")  # its 4x4 stride-4 stem
 
 
