@@ -574,21 +574,36 @@ def remove_layout(root: Path) -> None:
     shutil.rmtree(root / SHARDS, ignore_errors=True)
 
 
+# bytes before a member's data read beyond fpn-extract's own header: another tool's header for the
+# same member may be longer (PAX records beyond the path, such as GNU tar's times)
+_FOREIGN_HEADER_SLACK = 2 * tario.BLOCK
+
+
+def header_span(name: str, size: int) -> int:
+    """How many bytes before a member's data :func:`header_names` needs to see."""
+    return len(tario.member_header(name, size)) + _FOREIGN_HEADER_SLACK
+
+
 def header_names(before: bytes, name: str, size: int) -> bool:
-    """Whether ``before``, the tar's bytes just before a member's data, end with the header of a
-    regular member ``name`` of ``size`` bytes: byte for byte the header fpn-extract writes
-    (tario.member_header, PAX blocks for long names included), or else (a tar from another tool)
-    a ustar header block that names it and its size."""
+    """Whether ``before``, the tar's bytes just before a member's data (:func:`header_span` of
+    them, or all there are), end with the header of a regular member ``name`` of ``size`` bytes:
+    byte for byte the header fpn-extract writes (tario.member_header, PAX blocks for long names
+    included), or else (a tar from another tool) header blocks that tarfile reads as that member,
+    its long name from PAX records or GNU's ././@LongLink included, ending where the data begins."""
     header = tario.member_header(name, size)
     if before[-len(header) :] == header:
         return True
-    if len(before) < tario.BLOCK:
-        return False
-    try:
-        info = tarfile.TarInfo.frombuf(bytes(before[-tario.BLOCK :]), "utf-8", "surrogateescape")
-    except tarfile.TarError:
-        return False
-    return info.isreg() and info.name == name and info.size == size
+    for blocks in range(1, len(before) // tario.BLOCK + 1):  # a long name's blocks precede its ustar block
+        region = bytes(before[-blocks * tario.BLOCK :])
+        try:
+            with tarfile.open(fileobj=io.BytesIO(region), mode="r:") as tar:
+                info = tar.firstmember
+        except (tarfile.TarError, ValueError, EOFError, UnicodeError):
+            continue
+        if info is not None and info.offset_data == len(region) and info.isreg():
+            if info.name == name and info.size == size:
+                return True
+    return False
 
 
 def member_shape(
@@ -614,7 +629,7 @@ def member_shape(
         if size is None or offset + length > size or np.dtype(member["dtype"]) != dtype:
             return None
         if name is not None:
-            before = len(tario.member_header(name, length))
+            before = header_span(name, length)
             start = max(0, offset - before)
             if not header_names(folder.read_range(rel, start, offset - start), name, length):
                 return None
@@ -955,16 +970,16 @@ class _Arrays:
         shape, dtype = tuple(member["shape"]), np.dtype(member["dtype"])
         where = self.folder.url(f"{SHARDS}/{shard}")
         offset, size = int(member["offset"]), int(member["size"])
-        header = tario.member_header(name, size)
+        span = header_span(name, size)
         try:
             if self.folder.remote:  # the header and the data in one request
-                start = max(0, offset - len(header))
+                start = max(0, offset - span)
                 data = self.folder.read_range(f"{SHARDS}/{shard}", start, offset + size - start)
                 named = header_names(data[: offset - start], name, size)
                 array = np.load(io.BytesIO(data[offset - start :])) if named else None
             else:
                 mapped = self._map(shard)
-                named = header_names(mapped[max(0, offset - len(header)) : offset], name, size)
+                named = header_names(mapped[max(0, offset - span) : offset], name, size)
                 count = int(np.prod(shape))
                 array = np.frombuffer(mapped, dtype, count, member["data"]).reshape(shape) if named else None
         except (ValueError, EOFError) as e:  # the tar ends before the member: a cut copy
