@@ -234,12 +234,11 @@ def test_int8_codes_fit_int8_for_every_subnormal_scale():
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_int8_with_several_threads_is_the_one_thread_encoding(layout, monkeypatch):
-    """With torch on several threads the blocks stay below torch's grain (here 6 pixels, a third
-    of a row, the last of each row 5) and the threads share them: the same codes and scales as one
-    thread, the exactly rounded ones, for an odd number of blocks over 3 images."""
-    monkeypatch.setattr(codecs, "_GRAIN", 7 * 64)
+    """torch's threads share each block's operations: the same codes and scales as one thread, the
+    exactly rounded ones, in blocks of a third of a row (the last of each row shorter), 3 images."""
+    monkeypatch.setattr(codecs, "_CPU_BLOCK", 7 * 64)
     x = features(9, (3, 64, 21, 17)).contiguous(memory_format=layout)
-    assert len(codecs._blocks(x.permute(0, 2, 3, 1), threads=3)) == 3 * 21 * 3
+    assert len(codecs._blocks(x.permute(0, 2, 3, 1))) == 3 * 21 * 3
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -34,9 +34,7 @@ No error is raised.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Collection, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,10 +58,6 @@ _CODE_DTYPES = {
 # ties to even) held in the low bits of the mantissa, whose low byte is then the int8 code.
 _ROUNDER = 1.5 * 2**52
 _CPU_BLOCK = 2**18  # values per block: 2 MiB of float64 quotients, in a core's L2 and the shared L3
-# torch runs an operation on fewer values than this on the calling thread, without a parallel region
-# (at::internal::GRAIN_SIZE); with several threads the blocks are this small and the threads share
-# them (see _each_share)
-_GRAIN = 32768
 
 
 @dataclass(frozen=True)
@@ -199,9 +193,8 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # channels last: the reductions and the per-channel division run along the contiguous axis when
     # x is channels-last (the Engine's layout on CPU and CUDA); a view, never a copy
     v = x.permute(0, 2, 3, 1)
-    threads = torch.get_num_threads() if x.device.type == "cpu" else 1
-    blocks = _blocks(v, threads) if x.device.type == "cpu" else [(slice(None),) * 3]
-    peak = _peak(v, blocks, threads).float()
+    blocks = _blocks(v) if x.device.type == "cpu" else [(slice(None),) * 3]
+    peak = _peak(v, blocks).float()
     scale = _int8_scale(peak)
     if x.device.type == "mps":  # no float64 there: a float32 quotient, up to 2**-18 of a step more
         divisor = torch.where(scale > 0, scale, torch.inf)
@@ -215,15 +208,12 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rounder = torch.tensor(_ROUNDER, dtype=torch.float64, device=x.device)
     codes = torch.empty_like(v, dtype=torch.int8)
 
-    def encode_share(share: list[tuple[slice, slice, slice]]) -> None:
-        quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float64, device=x.device)  # the largest
-        for block in share:
-            values = v[block]
-            out = quotient[:, : values.shape[1], : values.shape[2]]
-            torch.addcdiv(rounder, values, divisor[block[0]], out=out)
-            codes[block] = out.view(torch.int64)  # the low byte: two's complement code
-
-    _each_share(blocks, threads, encode_share)
+    quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float64, device=x.device)  # the largest
+    for block in blocks:
+        values = v[block]
+        out = quotient[:, : values.shape[1], : values.shape[2]]
+        torch.addcdiv(rounder, values, divisor[block[0]], out=out)
+        codes[block] = out.view(torch.int64)  # the low byte: two's complement code
     return codes.permute(0, 3, 1, 2), scale
 
 
@@ -241,21 +231,20 @@ def _int8_scale(peak: torch.Tensor) -> torch.Tensor:
     return torch.where(coarse, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
 
 
-def _blocks(v: torch.Tensor, threads: int = 1) -> list[tuple[slice, slice, slice]]:
+def _blocks(v: torch.Tensor) -> list[tuple[slice, slice, slice]]:
     """(images, rows, columns) slices of (N, H, W, C) that tile it image by image, in blocks of
     about ``_CPU_BLOCK`` values (whole rows, or a row's columns where a row is larger): a block's
     float64 quotients (or absolute values) stay in a core's cache, whatever the batch size, and no
-    temporary has the level's size (nor its page faults). With several threads, blocks of fewer
-    than ``_GRAIN`` values, which each thread's operations run without synchronising (see
-    :func:`_each_share`)."""
+    temporary has the level's size (nor its page faults). Each block's operations run on torch's
+    threads; a pool of Python threads sharing smaller blocks was tried and was 2-4x slower in wall
+    time on two idle cores (docs/compact-storage.md)."""
     n, h, w, c = v.shape
-    size = _CPU_BLOCK if threads == 1 else min(_CPU_BLOCK, _GRAIN - 1)
-    if w * c <= size or w == 1:
-        rows = max(1, size // max(1, w * c))
+    if w * c <= _CPU_BLOCK or w == 1:
+        rows = max(1, _CPU_BLOCK // max(1, w * c))
         return [
             (slice(i, i + 1), slice(r, r + rows), slice(None)) for i in range(n) for r in range(0, h, rows)
         ]
-    columns = max(1, size // max(1, c))
+    columns = max(1, _CPU_BLOCK // max(1, c))
     return [
         (slice(i, i + 1), slice(r, r + 1), slice(k, k + columns))
         for i in range(n)
@@ -264,29 +253,7 @@ def _blocks(v: torch.Tensor, threads: int = 1) -> list[tuple[slice, slice, slice
     ]
 
 
-def _each_share(blocks: list, threads: int, work: Callable[[list], object]) -> list:
-    """``work(share)`` for shares of ``blocks``: all of them on this thread when torch has one
-    thread, else one contiguous share per thread, in a pool of ``threads`` threads. torch releases
-    the GIL inside its operations, and blocks below ``_GRAIN`` values run each operation on its own
-    thread: one operation per block as a parallel region instead made every thread wait for the
-    others hundreds of times per level (on a busy 2-core machine, int8 then cost 5x float16)."""
-    import torch
-
-    if threads == 1 or len(blocks) == 1:
-        return [work(blocks)]
-    count = min(threads, len(blocks))
-    shares = [blocks[len(blocks) * k // count : len(blocks) * (k + 1) // count] for k in range(count)]
-    inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads take the caller's
-
-    def run(share: list) -> object:
-        with torch.inference_mode(inference):
-            return work(share)
-
-    with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(run, shares))
-
-
-def _peak(v: torch.Tensor, blocks: list[tuple[slice, slice, slice]], threads: int = 1) -> torch.Tensor:
+def _peak(v: torch.Tensor, blocks: list[tuple[slice, slice, slice]]) -> torch.Tensor:
     """max |v| over dims 1 and 2 of (N, H, W, C) -> (N, C), in v's dtype; NaN where a channel has
     one. One read of v, block by block, each block's absolute values in the cache (a separate amax
     and amin read v twice, and were most of the int8 conversion's cost)."""
@@ -294,18 +261,13 @@ def _peak(v: torch.Tensor, blocks: list[tuple[slice, slice, slice]], threads: in
 
     if len(blocks) == 1:  # the level at once: no temporary of its size
         return torch.maximum(v.amax(dim=(1, 2)), -v.amin(dim=(1, 2))).abs()
-
-    def peak_of(share: list[tuple[slice, slice, slice]]) -> torch.Tensor:
-        peak = torch.zeros((v.shape[0], v.shape[3]), dtype=v.dtype, device=v.device)
-        magnitude = torch.empty(v[blocks[0]].shape, dtype=v.dtype, device=v.device)  # the largest
-        for block in share:
-            values = v[block]
-            found = torch.abs(values, out=magnitude[:, : values.shape[1], : values.shape[2]]).amax(dim=(1, 2))
-            torch.maximum(peak[block[0]], found, out=peak[block[0]])
-        return peak
-
-    peaks = _each_share(blocks, threads, peak_of)
-    return functools.reduce(torch.maximum, peaks)
+    peak = torch.zeros((v.shape[0], v.shape[3]), dtype=v.dtype, device=v.device)
+    magnitude = torch.empty(v[blocks[0]].shape, dtype=v.dtype, device=v.device)  # the largest
+    for block in blocks:
+        values = v[block]
+        found = torch.abs(values, out=magnitude[:, : values.shape[1], : values.shape[2]]).amax(dim=(1, 2))
+        torch.maximum(peak[block[0]], found, out=peak[block[0]])
+    return peak
 
 
 def decode(
