@@ -247,6 +247,25 @@ def test_shards_repacked_by_another_tool_with_long_names_are_kept_and_verified(t
         assert all(np.array_equal(after[key][n], before[key][n]) for n in before[key])
 
 
+@pytest.mark.parametrize("fmt", ["npy", "shards"])
+def test_a_record_that_lost_its_input_is_recomputed_and_the_folder_then_verifies(folders, fmt):
+    """A record whose ``input`` is damaged (one flipped byte: ``hnput``), in the image's input.json
+    or in the shard index part that a resume merges: the resume recomputes that image and writes
+    its record anew; verify then passes (it had kept the image, and verify then failed it)."""
+    src, npy, shards = folders
+    out = {"npy": npy, "shards": shards}[fmt]
+    record = out / "b" / "input.json" if fmt == "npy" else out / "shards" / ".index" / "000001.jsonl"
+    text = record.read_text()
+    assert text.count('"input":') == 1
+    record.write_text(text.replace('"input":', '"hnput":'))
+    resumed = run(src, "-o", out, *LOUD, *(SHARDS if fmt == "shards" else []))
+    assert resumed.exit_code == 0, resumed.output
+    assert report_of(out)["counts"] == {"ok": 1, "skipped": 3, "failed": 0}
+    assert "note: recomputing 1 images whose features carry no fingerprint of their input" in resumed.output
+    checked = run("verify", out)
+    assert checked.exit_code == 0, checked.output
+
+
 def test_folders_without_checksums_are_checked_by_shape_and_say_how_many(folders):
     src, npy, shards = folders
     for key in KEYS:

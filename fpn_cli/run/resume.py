@@ -109,6 +109,14 @@ def record(image: InputImage, taken: Fingerprint, input_size: tuple[int, int], o
 
 
 def recorded_fingerprint(entry: dict) -> Fingerprint | None:
+    """The fingerprint of a record that is whole: the input it names (``input``, and ``member``
+    where there is one, as strings), its size and modification time; else None. The one test of a
+    record, for a resume (which recomputes an image whose record is not whole, so that the record
+    is written anew) and for verify (which reports it)."""
+    if not isinstance(entry, dict):
+        return None
+    if not isinstance(entry.get("input"), str) or not isinstance(entry.get("member", ""), str):
+        return None
     try:
         return Fingerprint(
             int(entry["size"]), int(entry["mtime_ns"]), entry.get("sha256"), entry.get("version")

@@ -323,9 +323,9 @@ def _check_input(
     if record is None:
         return [f"no record of its input ({where})"]
     recorded = recorded_fingerprint(record)
-    source = record.get("input")
-    if recorded is None or not isinstance(source, str):
+    if recorded is None:
         return [f"{where} is not a valid record"]
+    source = record["input"]
     if record.get("path") != entry.get("path"):
         return [f"{where} is the record of {record.get('path')}"]
     shown = source if "member" not in record else f"{source}#{record['member']}"
