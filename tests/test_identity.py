@@ -17,6 +17,7 @@ import pytest
 
 from fpn_cli import FeatureDataset, open_features
 from fpn_cli.errors import FPNError
+from fpn_cli.formats.shards import Folder, scan_shard
 
 from conftest import SEED, index_lines, report_of, run
 from imagefactory import save_rgb
@@ -264,6 +265,25 @@ def test_a_record_that_lost_its_input_is_recomputed_and_the_folder_then_verifies
     assert "note: recomputing 1 images whose features carry no fingerprint of their input" in resumed.output
     checked = run("verify", out)
     assert checked.exit_code == 0, checked.output
+
+
+def test_a_shard_index_line_whose_record_was_edited_is_not_trusted(folders):
+    """One byte of a record's input path flipped in the index part that a resume merges
+    (``"/tmp..."`` to ``".tmp..."``): the record no longer matches its ``record_checksum``, so the
+    resume recomputes the image and verify then passes; the json member's record is the same
+    and checksummed, so an index rebuilt from the tar has it right."""
+    src, _, shards = folders
+    part = shards / "shards" / ".index" / "000001.jsonl"
+    line = json.loads(part.read_text())
+    assert line["record_checksum"].startswith("crc32:")
+    part.write_text(part.read_text().replace('"input": "/', '"input": ".', 1))
+    resumed = run(src, "-o", shards, *LOUD, *SHARDS)
+    assert resumed.exit_code == 0, resumed.output
+    assert report_of(shards)["counts"] == {"ok": 1, "skipped": 3, "failed": 0}
+    assert run("verify", shards).exit_code == 0
+    rebuilt = scan_shard(Folder(shards), by_key(shards)["b"]["shard"])
+    assert rebuilt[0]["record"] == by_key(shards)["b"]["record"]
+    assert rebuilt[0]["record_checksum"] == by_key(shards)["b"]["record_checksum"]
 
 
 def test_folders_without_checksums_are_checked_by_shape_and_say_how_many(folders):

@@ -14,13 +14,16 @@ its key with ``%`` and, in the base name, ``.`` percent-escaped, and a leading `
 ``%5F_``: every key survives those rules, and ``urllib.parse.unquote(stem)`` gives it back (the
 json member holds the real path too).
 
-**Index lines.** ``{"key", "path", "shard", "input_size", "model_input_size", "members", "record"}``
+**Index lines.** ``{"key", "path", "shard", "input_size", "model_input_size", "members", "record",
+"record_checksum"}``
 (and ``replaces``, below), where ``members`` maps each member's suffix (``p2.npy``, ``json``) to
 the ``offset`` of its data in the tar and its ``size``; an ``.npy`` member adds ``shape``,
 ``dtype`` (each its own: ``boxes.npy`` is float64 whatever the save dtype), ``data``, the
 offset of the array's first byte, so a level is memory-mapped with no other read, and
 ``checksum``, its array's (npyio.py; also in the json member's ``checksums``, so that an index
-rebuilt from the tar has them). Readers, verify and a resume take a member only where the tar
+rebuilt from the tar has them). ``record_checksum`` is the record's (:func:`record_checksum`; in
+the json member too): a line whose record does not match it is not trusted (:func:`trusted_record`).
+Readers, verify and a resume take a member only where the tar
 header just before ``offset`` names it (``<stem>.p2.npy``) with the listed size: a tar swapped for
 another, or a member moved, is never read as the image's. ``record`` is
 the input's fingerprint the image was made from, as ``OUT/<key>/input.json`` holds it in the npy
@@ -319,8 +322,7 @@ class ShardStore:
 
     def read_record(self, key: str) -> dict | None:
         line = self._completed().get(key)
-        record = line.get("record") if line is not None else None
-        return record if isinstance(record, dict) else None
+        return trusted_record(line) if line is not None else None
 
     def stored_shape(self, key: str, name: str, dtype: np.dtype) -> Shape | None:
         """The member's shape if it is whole and ``key``'s own (:func:`member_shape`)."""
@@ -404,7 +406,9 @@ class ShardStore:
         shard, group = self._group(key)
         group.record = dict(record) if record is not None else None
         old = self._completed().get(key)
-        extra = {"record": group.record} if group.record is not None else {}
+        extra = {}
+        if group.record is not None:
+            extra = {"record": group.record, "record_checksum": record_checksum(group.record)}
         if old is not None:
             extra["replaces"] = old["shard"]
         sums = {suffix: m["checksum"] for suffix, m in group.members.items() if "checksum" in m}
@@ -811,7 +815,7 @@ def scan_shard(folder: Folder, name: str, log: Callable[[str], None] | None = No
                     }
                     if is_checksum(sums.get(suffix)):
                         described[suffix]["checksum"] = sums[suffix]
-            extra = {k: entry[k] for k in ("record", "replaces") if k in entry}
+            extra = {k: entry[k] for k in ("record", "record_checksum", "replaces") if k in entry}
             lines.append(_line(key, entry, name, described, extra))
     return lines
 
@@ -819,6 +823,24 @@ def scan_shard(folder: Folder, name: str, log: Callable[[str], None] | None = No
 def _warn(line: str) -> None:
     """What an index rebuild skipped, on stderr: one line each."""
     sys.stderr.write(line + "\n")
+
+
+def record_checksum(record: Mapping[str, object]) -> str:
+    """The checksum of an input's record as the index line and the json member hold it (its
+    canonical JSON: sorted keys, no spaces)."""
+    return checksum(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
+
+
+def trusted_record(line: Mapping[str, object]) -> dict | None:
+    """An index line's record, or None where it is not a dict or its ``record_checksum`` does
+    not match (a damaged line: a resume recomputes the image, verify reports it). A line of an
+    earlier version has no checksum: its record is taken as it is."""
+    record = line.get("record")
+    if not isinstance(record, dict):
+        return None
+    if "record_checksum" in line and line["record_checksum"] != record_checksum(record):
+        return None
+    return record
 
 
 def _line(key: str, entry: dict, shard: str, members: dict[str, dict], extra: dict) -> dict:
@@ -1075,8 +1097,7 @@ class ShardFolder:
 
     def record(self, key: str) -> tuple[dict | None, str]:
         line = self.index.line_for(key)
-        record = line.get("record") if line is not None else None
-        return (record if isinstance(record, dict) else None), f"{member_stem(key)}.json"
+        return (trusted_record(line) if line is not None else None), f"{member_stem(key)}.json"
 
 
 def estimate(
