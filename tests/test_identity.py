@@ -17,6 +17,7 @@ import pytest
 
 from fpn_cli import FeatureDataset, open_features
 from fpn_cli.errors import FPNError
+from fpn_cli.formats import npyio
 from fpn_cli.formats.shards import Folder, scan_shard
 
 from conftest import SEED, index_lines, report_of, run
@@ -284,6 +285,29 @@ def test_a_shard_index_line_whose_record_was_edited_is_not_trusted(folders):
     rebuilt = scan_shard(Folder(shards), by_key(shards)["b"]["shard"])
     assert rebuilt[0]["record"] == by_key(shards)["b"]["record"]
     assert rebuilt[0]["record_checksum"] == by_key(shards)["b"]["record_checksum"]
+
+
+def test_a_level_whose_header_is_cut_inside_a_bracket_is_recomputed_not_a_crash(folders):
+    """numpy's header parser raises tokenize.TokenError (not a ValueError) for a header dict cut
+    inside its brackets (a swapped or edited file): verify reports it and a resume recomputes it,
+    each in one line, never a traceback; npyio.read_header and npyio.load say ValueError."""
+    src, npy, _ = folders
+    path = npy / "b" / "p2.npy"
+    data = bytearray(path.read_bytes())
+    header_end = data.index(b"\n") + 1
+    broken = b"{'descr': '<f4', 'fortran_order': False, 'shape': (256, "
+    data[10 : header_end - 1] = broken.ljust(header_end - 11, b" ")  # same length, cut inside "("
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as f, pytest.raises(ValueError, match="not a .npy header"):
+        npyio.read_header(f)
+    with pytest.raises(ValueError, match="not a .npy file"):
+        npyio.load(path)
+    checked = run("verify", npy)
+    assert checked.exit_code == 1 and "Traceback" not in checked.output and "b.png" in checked.output
+    resumed = run(src, "-o", npy, *LOUD)
+    assert resumed.exit_code == 0, resumed.output
+    assert report_of(npy)["counts"] == {"ok": 1, "skipped": 3, "failed": 0}
+    assert run("verify", npy).exit_code == 0
 
 
 def test_folders_without_checksums_are_checked_by_shape_and_say_how_many(folders):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 
+from fpn_cli.formats.npyio import read_header
 from fpn_cli.models.levels import LEVELS
 
 if TYPE_CHECKING:
@@ -62,13 +63,10 @@ def npy_size(shape: Shape, dtype: np.dtype) -> int:
 
 
 def read_npy_header(f: BinaryIO) -> tuple[Shape, np.dtype]:
-    """(shape, dtype) from the ``.npy`` header at ``f``'s position; ``f`` is left at the data."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    return tuple(shape), dtype
+    """(shape, dtype) from the ``.npy`` header at ``f``'s position; ``f`` is left at the data; a
+    ValueError if it is not one (npyio.read_header)."""
+    shape, _, dtype = read_header(f)
+    return shape, dtype
 
 
 class Storage(Protocol):

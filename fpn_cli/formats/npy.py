@@ -39,6 +39,7 @@ from fpn_cli.formats.npyio import (
     check_regular,
     file_checksum,
     is_checksum,
+    load,
     npy_shape,
     open_regular,
     write_file,
@@ -206,7 +207,7 @@ class Store:
     def read_array(self, key: str, name: str) -> np.ndarray:
         """``key/<name>.npy``, memory-mapped."""
         check_regular(self.level_path(key, name))
-        return np.load(self.level_path(key, name), mmap_mode="r")
+        return load(self.level_path(key, name), mmap_mode="r")
 
     def write_preview(self, key: str, picture) -> None:
         """Writes a PIL image as ``key/preview.png``, atomically."""
@@ -400,7 +401,7 @@ class NpyFeatures(Features):
                 name, ext = os.path.splitext(entry.name)
                 if ext == ".npy" and (wanted is None or name in wanted):
                     check_regular(entry.path)  # a FIFO in its place would block np.load forever
-                    arrays[name] = np.load(entry.path, mmap_mode="r")
+                    arrays[name] = load(entry.path, mmap_mode="r")
         return arrays
 
     def entry(self, key: str) -> dict:

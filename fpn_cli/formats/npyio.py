@@ -26,6 +26,7 @@ import mmap
 import os
 import stat
 import threading
+import tokenize
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -99,16 +100,34 @@ def range_checksum(f: BinaryIO, offset: int, length: int) -> str:
     return f"{CHECKSUM}:{crc:08x}"
 
 
+def read_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from the ``.npy`` header at ``f``'s position; ``f`` is left at
+    the data. Any header that is not one is a ValueError: numpy's parser also raises SyntaxError,
+    EOFError and, for a header cut inside a bracket, tokenize.TokenError."""
+    try:
+        version = np.lib.format.read_magic(f)
+        npy = np.lib.format
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except (SyntaxError, EOFError, tokenize.TokenError) as e:
+        raise ValueError(f"not a .npy header ({e})") from None
+    return tuple(shape), bool(fortran), dtype
+
+
+def load(file: str | os.PathLike[str] | BinaryIO, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one ``.npy``, a header that is not one a ValueError (see :func:`read_header`)."""
+    try:
+        return np.load(file, mmap_mode=mmap_mode)
+    except (SyntaxError, EOFError, tokenize.TokenError) as e:
+        raise ValueError(f"not a .npy file ({e})") from None
+
+
 def file_checksum(path: str | os.PathLike[str]) -> str | None:
     """The checksum of the array bytes of the ``.npy`` file ``path`` (after its header); None if
     it cannot be read as one."""
     try:
         with open_regular(path) as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                np.lib.format.read_array_header_1_0(f)
-            else:
-                np.lib.format.read_array_header_2_0(f)
+            read_header(f)
             start = f.tell()
             return range_checksum(f, start, os.fstat(f.fileno()).st_size - start)
     except (OSError, ValueError, FPNError):
@@ -278,12 +297,6 @@ def npy_shape(path: Path, dtype: np.dtype) -> tuple[int, ...] | None:
     """The shape stored in a complete ``.npy`` of ``dtype``; None if absent, of another dtype, or short."""
     try:
         with open_regular(path) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
             shape, fortran, stored = read_header(f)
             data_start = f.tell()
             size = os.fstat(f.fileno()).st_size

@@ -99,6 +99,7 @@ from fpn_cli.formats.locks import (
     settings_to_record,
 )
 from fpn_cli.formats.npyio import check_regular, checksum, is_checksum, open_regular, range_checksum
+from fpn_cli.formats.npyio import load as npy_load
 from fpn_cli.inputs.keys import shard_of
 from fpn_cli.inputs.urls import Folder
 from fpn_cli.layout import (
@@ -998,7 +999,7 @@ class _Arrays:
                 start = max(0, offset - span)
                 data = self.folder.read_range(f"{SHARDS}/{shard}", start, offset + size - start)
                 named = header_names(data[: offset - start], name, size)
-                array = np.load(io.BytesIO(data[offset - start :])) if named else None
+                array = npy_load(io.BytesIO(data[offset - start :])) if named else None
             else:
                 mapped = self._map(shard)
                 named = header_names(mapped[max(0, offset - span) : offset], name, size)
