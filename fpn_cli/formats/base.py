@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 
-from fpn_cli.formats.npyio import read_header
 from fpn_cli.models.levels import LEVELS
 
 if TYPE_CHECKING:
@@ -60,13 +59,6 @@ def npy_size(shape: Shape, dtype: np.dtype) -> int:
     meta = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     np.lib.format.write_array_header_1_0(header, meta)
     return len(header.getvalue()) + int(np.prod(shape)) * dtype.itemsize
-
-
-def read_npy_header(f: BinaryIO) -> tuple[Shape, np.dtype]:
-    """(shape, dtype) from the ``.npy`` header at ``f``'s position; ``f`` is left at the data; a
-    ValueError if it is not one (npyio.read_header)."""
-    shape, _, dtype = read_header(f)
-    return shape, dtype
 
 
 class Storage(Protocol):

@@ -88,7 +88,6 @@ from fpn_cli.formats.base import (
     derived_names,
     human_bytes,
     npy_size,
-    read_npy_header,
 )
 from fpn_cli.formats.locks import (
     check_settings,
@@ -98,7 +97,14 @@ from fpn_cli.formats.locks import (
     record_settings,
     settings_to_record,
 )
-from fpn_cli.formats.npyio import check_regular, checksum, is_checksum, open_regular, range_checksum
+from fpn_cli.formats.npyio import (
+    check_regular,
+    checksum,
+    is_checksum,
+    open_regular,
+    range_checksum,
+    read_header,
+)
 from fpn_cli.formats.npyio import load as npy_load
 from fpn_cli.inputs.keys import shard_of
 from fpn_cli.inputs.urls import Folder
@@ -638,7 +644,7 @@ def member_shape(
             start = max(0, offset - before)
             if not header_names(folder.read_range(rel, start, offset - start), name, length):
                 return None
-        shape, found = read_npy_header(io.BytesIO(folder.read_range(rel, offset, min(length, 4096))))
+        shape, _, found = read_header(io.BytesIO(folder.read_range(rel, offset, min(length, 4096))))
     except (OSError, ValueError, TypeError, KeyError):
         return None
     data = offset + length - int(np.prod(listed)) * dtype.itemsize
@@ -808,7 +814,7 @@ def scan_shard(folder: Folder, name: str, log: Callable[[str], None] | None = No
                 described[suffix] = {"offset": member.offset, "size": member.size}
                 if suffix.endswith(".npy"):
                     f.seek(member.offset)
-                    shape, dtype = read_npy_header(f)
+                    shape, _, dtype = read_header(f)
                     described[suffix] |= {
                         "shape": list(shape),
                         "dtype": dtype.str,
