@@ -8,7 +8,10 @@ each save dtype. It then runs the float32 network (random weights, ``--seed``) o
 resized to ``--size`` and, on those real features, prints for each save dtype and level:
 
 - the error of the decoded float32 against the float32 features: max and RMS, relative to the
-  level's largest value, and for int8 also in steps (|error| / the channel's scale, bound 0.5);
+  level's largest value, and for int8 also in steps (|error| / the channel's scale, bound 0.5
+  plus float32 rounding) and how many codes differ from the exactly rounded quotient's;
+- the error of what a run derives from the stored levels, against the same from float32: pooled
+  vectors (``--pool avg`` and ``max``) and RoI features of ``--boxes`` random boxes per image;
 - the conversion's cost on the CPU (``codecs.encode`` of the whole pyramid, channels-last as the
   Engine holds it, best of ``--repeats``), and its ratio to float16's, on those features and on
   random ones of the same P2-P5 shapes at batch 1 and 4 (int8/float16 and bfloat16/float16 side by
@@ -31,9 +34,11 @@ import torch
 from timing import best_of
 
 from fpn_cli import build_fpn
+from fpn_cli.formats import codecs
 from fpn_cli.formats.codecs import SAVE_DTYPES, decode, encode, stored_bytes
 from fpn_cli.inputs.images import Resize
 from fpn_cli.inputs.images import decode as decode_image
+from fpn_cli.regions.pooling import RoiSpec, pooled, roi_features
 from fpn_cli.run.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +63,15 @@ def features(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def errors(feats: list[dict[str, torch.Tensor]], save_dtype: str) -> dict[str, tuple[float, float, float]]:
-    """{level: (max |error| / level's max, RMS error / level's max, max |error| in int8 steps)}."""
+def errors(
+    feats: list[dict[str, torch.Tensor]], save_dtype: str
+) -> dict[str, tuple[float, float, float, int, int]]:
+    """{level: (max |error| / level's max, RMS error / level's max, max |error| in int8 steps, int8
+    codes that differ from the exactly rounded quotient (a float64 quotient), values)}."""
     result = {}
     for level in STRIDES:
         worst = rms = steps = 0.0
+        differ = values = 0
         for image in feats:
             x = image[level]
             stored = encode(level, x, save_dtype)
@@ -76,8 +85,63 @@ def errors(feats: list[dict[str, torch.Tensor]], save_dtype: str) -> dict[str, t
             if scale_np is not None:
                 per_channel = error.max(axis=(2, 3)) / np.where(scale_np > 0, scale_np, np.inf)
                 steps = max(steps, float(per_channel.max()))
-        result[level] = (worst, rms, steps)
+                divisor = np.where(scale_np > 0, scale_np, np.inf).astype(np.float64)[..., None, None]
+                exact = np.rint(x.double().numpy() / divisor)  # float64: the exactly rounded codes
+                differ += int((exact != stored[level].numpy()).sum())
+                values += exact.size
+        result[level] = (worst, rms, steps, differ, values)
     return result
+
+
+def derived_errors(
+    feats: list[dict[str, torch.Tensor]], save_dtype: str, boxes: int
+) -> dict[str, tuple[float, float, float]]:
+    """{"avg"/"max"/"rois": (max |error| / largest |value|, RMS error / largest |value|, for int8
+    the max |error| in steps of the channel's scale (RoI features: of its largest over P2-P5))} of
+    what a run derives from the stored levels (decoded on the host, then pooled, then stored in
+    codecs.derived_dtype) against the same derived from the float32 levels. RoI features of
+    ``boxes`` random boxes per image (sides of 8 to 600 pixels), torchvision's MultiScaleRoIAlign
+    7x7 over P2-P5 (regions/pooling.py)."""
+    derived_dtype = codecs.derived_dtype(save_dtype)
+    spec = RoiSpec()
+    rng = np.random.default_rng(0)
+    worst = {name: [0.0, 0.0, 0.0] for name in ("avg", "max", "rois")}
+
+    def account(name: str, got: np.ndarray, want: np.ndarray, steps_of: np.ndarray | None) -> None:
+        error = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        peak = float(np.abs(want).max())
+        entry = worst[name]
+        entry[0] = max(entry[0], float(error.max()) / peak)
+        entry[1] = max(entry[1], float(np.sqrt((error**2).mean())) / peak)
+        if steps_of is not None:
+            entry[2] = max(entry[2], float((error / steps_of).max()))
+
+    for image in feats:
+        exact = {level: np.ascontiguousarray(x[0].numpy()) for level, x in image.items()}
+        decoded, scales = {}, {}
+        for level, x in image.items():
+            stored = {name: v[0].numpy() for name, v in encode(level, x, save_dtype).items()}
+            scales[level] = stored.get(codecs.scale_name(level))
+            decoded[level] = codecs.decode(save_dtype, stored[level], scales[level])
+        int8 = save_dtype == "int8"
+        for level in exact:
+            step = np.where(scales[level] > 0, scales[level], np.inf) if int8 else None
+            for kind in ("avg", "max"):
+                got = pooled(decoded[level], kind).astype(derived_dtype)
+                account(kind, got, pooled(exact[level], kind), step)
+        height, width = (4 * s for s in exact["p2"].shape[1:])
+        sides = rng.uniform(8, 600, size=(boxes, 2))
+        x1 = rng.uniform(0, np.maximum(width - sides[:, 0], 1))
+        y1 = rng.uniform(0, np.maximum(height - sides[:, 1], 1))
+        box = np.stack([x1, y1, x1 + sides[:, 0], y1 + sides[:, 1]], axis=1).astype(np.float32)
+        want = roi_features(exact, box, spec)
+        got = roi_features(decoded, box, spec).astype(derived_dtype)
+        step = None
+        if int8:
+            largest = np.max([scales[level] for level in spec.levels], axis=0)
+            step = np.where(largest > 0, largest, np.inf)[None, :, None, None]
+        account("rois", got, want, step)
+    return {name: tuple(entry) for name, entry in worst.items()}
 
 
 def conversion_cost(image: dict[str, torch.Tensor], repeats: int, cpu_time: bool = False) -> dict[str, float]:
@@ -144,6 +208,7 @@ def main() -> None:
     parser.add_argument("--size", default="800x1333", help="HxW the example photos are resized to")
     parser.add_argument("--images", type=int, default=5, help="example photos used (at most 5)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--boxes", type=int, default=200, help="random RoIs per image")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: its own)")
     parser.add_argument("--cpu-time", action="store_true", help="time conversions in this thread's CPU time")
     args = parser.parse_args()
@@ -160,11 +225,20 @@ def main() -> None:
     feats = features(args)
     print(f"\nerror vs float32: {args.arch}, random weights (seed {args.seed}), {len(feats)} example photos "
           f"at {args.size};\nrelative to each level's largest value (max / RMS), int8 also in steps "
-          "(bound 0.5)")  # fmt: skip
+          "(bound 0.5, plus float32 rounding: the quotient's and the decode's) and the codes that differ "
+          "from the exactly rounded quotient")  # fmt: skip
     for save_dtype in SAVE_DTYPES[1:]:
-        for level, (worst, rms, steps) in errors(feats, save_dtype).items():
-            extra = f"   max {steps:.4f} steps" if save_dtype == "int8" else ""
+        for level, (worst, rms, steps, differ, values) in errors(feats, save_dtype).items():
+            extra = f"   max {steps:.6f} steps, {differ} of {values} codes" if save_dtype == "int8" else ""
             print(f"  {save_dtype:9s} {level}   max {worst:.2e}   RMS {rms:.2e}{extra}")
+
+    print(f"\nerror of what a run derives from the stored levels (--pool avg/max, {args.boxes} random "
+          "RoIs per image, 7x7 over P2-P5), against the same from float32, relative to the largest "
+          "value; int8 also in steps (bound 0.5)")  # fmt: skip
+    for save_dtype in SAVE_DTYPES[1:]:
+        for name, (worst, rms, steps) in derived_errors(feats, save_dtype, args.boxes).items():
+            extra = f"   max {steps:.6f} steps" if save_dtype == "int8" else ""
+            print(f"  {save_dtype:9s} {name:5s}  max {worst:.2e}   RMS {rms:.2e}{extra}")
 
     print(f"\nconversion on the CPU ({torch.get_num_threads()} threads), one image's P2-P5 at {args.size}, "
           f"best of {args.repeats}:")  # fmt: skip
