@@ -34,11 +34,29 @@ def features(seed: int = 0, shape=(2, 6, 9, 11)) -> torch.Tensor:
     return (torch.randn(shape, generator=g) * spread).contiguous(memory_format=torch.channels_last)
 
 
+def int8_within_bound(x: torch.Tensor, out: dict[str, torch.Tensor]) -> np.ndarray:
+    """Per (image, channel): is ``|codes * scale - x| <= scale / 2 + |x| * 2**-24`` everywhere, in
+    float64 (whose decode is exact): half a step, plus half a float32 unit of x where the float32
+    quotient was rounded onto a half-integer that the exact one is not on."""
+    exact = decode("int8", out["p2"].numpy(), out["p2_scale"].numpy(), np.float64)
+    x64 = x.double().numpy()
+    bound = out["p2_scale"].double().numpy()[..., None, None] / 2 + np.abs(x64) * 2**-24
+    return (np.abs(exact - x64) <= bound).all(axis=(2, 3))
+
+
 def int8_error_in_steps(x: torch.Tensor, out: dict[str, torch.Tensor]) -> np.ndarray:
     """max |codes * scale - x| / scale per (image, channel), in exact (float64) arithmetic."""
     exact = decode("int8", out["p2"].numpy(), out["p2_scale"].numpy(), np.float64)
     error = np.abs(exact - x.double().numpy()).max(axis=(2, 3))
     return error / out["p2_scale"].double().numpy()
+
+
+def numpy_codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """numpy's own ``rint(x / scale)`` of float32 (..., C, H, W) features and (..., C) scales: the
+    float32 quotient rounded to nearest even, 0 where the scale is 0 (garbage where it is NaN)."""
+    s = scale.astype(np.float32)[..., None, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.nan_to_num(np.rint(x.astype(np.float32) / np.where(s > 0, s, np.inf))).astype(np.int8)
 
 
 def exact_codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -61,13 +79,16 @@ def test_int8_round_trip_is_within_half_a_step_of_each_channel(layout):
     assert out["p2"].shape == (2, 6, 9, 11) and out["p2"].dtype == torch.int8
     assert out["p2_scale"].shape == (2, 6) and out["p2_scale"].dtype == torch.float32
     assert np.array_equal(out["p2_scale"].numpy(), (x.abs().amax(dim=(2, 3)) / 127).numpy())
-    assert int8_error_in_steps(x, out).max() <= 0.5
+    assert np.array_equal(out["p2"].numpy(), numpy_codes(x.numpy(), out["p2_scale"].numpy()))
+    assert int8_within_bound(x, out).all() and int8_error_in_steps(x, out).max() <= 0.5 + 2**-17
     assert out["p2"].abs().amax(dim=(2, 3)).eq(127).all()  # each channel's peak is a full code
 
 
-def test_int8_codes_are_the_exactly_rounded_quotients_near_and_at_ties():
+def test_int8_codes_near_and_at_ties_are_numpys_float32_rint_within_the_bound():
     """Values one float32 step either side of each half-integer multiple of the scale, and on it:
-    a float32 quotient rounds some of them onto the tie; the codes must still be exact."""
+    the codes are numpy's float32 ``rint(x / scale)``. Where the float32 quotient was rounded onto
+    a half-integer the exact quotient is not on (and only there), a code differs from the exactly
+    rounded one, and its error passes half a step by less than half a float32 unit of x."""
     scale = np.float32(1.0) / np.float32(127)  # the scale of a channel whose peak is 1
     ties = (np.arange(-127, 127, dtype=np.float64) + 0.5) * np.float64(scale)
     near = np.concatenate(
@@ -77,8 +98,20 @@ def test_int8_codes_are_the_exactly_rounded_quotients_near_and_at_ties():
     x = torch.from_numpy(near.reshape(1, 1, 1, -1).copy())
     out = encode("p2", x, "int8")
     assert out["p2_scale"].item() == scale
-    assert np.array_equal(out["p2"].numpy()[0], exact_codes(x.numpy()[0], out["p2_scale"].numpy()[0]))
-    assert int8_error_in_steps(x, out).max() <= 0.5
+    codes = out["p2"].numpy()[0]
+    assert np.array_equal(codes, numpy_codes(x.numpy()[0], out["p2_scale"].numpy()[0]))
+    differ = codes != exact_codes(x.numpy()[0], out["p2_scale"].numpy()[0])
+    quotient = near / scale  # float32
+    assert differ.sum() == 120  # of 764 values (docs/compact-storage.md)
+    assert not (differ.ravel() & (quotient - np.floor(quotient) != 0.5)).any()
+    for value, code in zip(near[differ.ravel()], codes.ravel()[differ.ravel()], strict=True):
+        error = abs(Fraction(int(code)) * Fraction(float(scale)) - Fraction(float(value)))
+        assert (
+            Fraction(float(scale)) / 2
+            < error
+            <= Fraction(float(scale)) / 2 + abs(Fraction(float(value))) / 2**24
+        )
+    assert int8_within_bound(x, out).all()
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
@@ -89,9 +122,8 @@ def test_int8_of_a_level_larger_than_one_cpu_block(layout, monkeypatch):
     x = features(8, (2, 256, 37, 41)).contiguous(memory_format=layout)
     out = encode("p2", x, "int8")
     assert torch.equal(out["p2_scale"], x.abs().amax(dim=(2, 3)) / 127)
-    scale = (x.abs().amax(dim=(2, 3)) / 127).double().numpy()[:, :, None, None]
-    assert np.array_equal(out["p2"].numpy(), np.rint(x.double().numpy() / scale).astype(np.int8))
-    assert int8_error_in_steps(x, out).max() <= 0.5
+    assert np.array_equal(out["p2"].numpy(), numpy_codes(x.numpy(), out["p2_scale"].numpy()))
+    assert int8_within_bound(x, out).all()
 
 
 def test_int8_exact_ties_round_to_even():
@@ -104,7 +136,7 @@ def test_int8_exact_ties_round_to_even():
 def test_int8_of_float16_features_from_autocast():
     x = features(1).half()
     out = encode("p2", x, "int8")
-    assert int8_error_in_steps(x.float(), out).max() <= 0.5
+    assert int8_within_bound(x.float(), out).all()
 
 
 def test_int8_scale_of_a_negative_zero_channel_is_positive_zero_in_blocks_and_at_once(monkeypatch):
@@ -136,8 +168,7 @@ def test_int8_non_finite_channel_decodes_to_nan_and_leaves_the_others_alone():
     assert np.isnan(scale[0, 1]) and np.isnan(scale[1, 4]) and np.isfinite(scale).sum() == 10
     decoded = decode("int8", out["p2"].numpy(), scale)
     assert np.isnan(decoded[0, 1]).all() and np.isnan(decoded[1, 4]).all()
-    errors = int8_error_in_steps(x, out)
-    assert errors[np.isfinite(scale)].max() <= 0.5
+    assert int8_within_bound(x, out)[np.isfinite(scale)].all()
 
 
 def near_ties(peak: np.float32) -> np.ndarray:
@@ -152,16 +183,23 @@ def near_ties(peak: np.float32) -> np.ndarray:
     return np.clip(np.concatenate(steps + [np.array([peak, -peak], np.float32)]), -peak, peak)
 
 
-def test_int8_codes_are_exact_near_and_at_ties_for_scales_from_1e_minus_30_to_1e30(monkeypatch):
+def test_int8_codes_near_and_at_ties_for_scales_from_1e_minus_30_to_1e30(monkeypatch):
     """Twelve channels, peaks spread over 60 decades, blocks of 10 pixels (a row's columns): every
-    code equals the exactly rounded quotient (exact fractions), whichever block and channel it is in."""
+    code is numpy's float32 ``rint(x / scale)``, within the bound, whichever block and channel it is
+    in, and differs from the exactly rounded quotient (exact fractions) only where the float32
+    quotient is a half-integer."""
     monkeypatch.setattr(codecs, "_CPU_BLOCK", 10 * 12)
     peaks = (np.float32(1.7) * np.float32(10.0) ** np.linspace(-30, 30, 12)).astype(np.float32)
     x = torch.from_numpy(np.stack([near_ties(p) for p in peaks])).view(1, 12, 1, -1)
     x = x.contiguous(memory_format=torch.channels_last)
     out = encode("p2", x, "int8")
     assert np.array_equal(out["p2_scale"].numpy()[0], peaks / np.float32(127))
-    assert np.array_equal(out["p2"].numpy()[0], exact_codes(x.numpy()[0], out["p2_scale"].numpy()[0]))
+    codes, scale = out["p2"].numpy()[0], out["p2_scale"].numpy()[0]
+    assert np.array_equal(codes, numpy_codes(x.numpy()[0], scale))
+    assert int8_within_bound(x, out).all()
+    quotient = x.numpy()[0] / scale[:, None, None]
+    differ = codes != exact_codes(x.numpy()[0], scale)
+    assert differ.any() and not (differ & (quotient - np.floor(quotient) != 0.5)).any()
 
 
 def edge_channels(batch: int) -> torch.Tensor:
@@ -203,16 +241,15 @@ def test_int8_edge_channels_at_batch_1_and_4(batch, layout, monkeypatch):
     assert (scale[:, 7] == np.float32(2.0**-126)).all()
     finite = [5, 6, 7, 8, 9]
     assert np.array_equal(scale[:, finite], (x.abs().amax(dim=(2, 3)) / 127).numpy()[:, finite])
-    for i in range(batch):
-        expected = exact_codes(x.numpy()[i, finite], scale[i, finite])
-        assert np.array_equal(codes[i, finite], expected)
+    assert np.array_equal(codes[:, finite], numpy_codes(x.numpy()[:, finite], scale[:, finite]))
+    assert int8_within_bound(x, out)[:, finite].all()
     assert np.abs(codes[:, finite]).max() == 127
 
 
 def test_int8_codes_fit_int8_for_every_subnormal_scale():
     """Peaks of p * 2**-149 for every p up to 20,000 (scales down to the smallest subnormal, where
     rounding peak / 127 is a large part of it): every code in [-127, 127] with x's sign, and
-    ``codes * scale`` within ``scale / 2`` of x, exactly (float64). peak / 127 rounded to nearest
+    ``codes * scale`` within the bound, exactly (float64). peak / 127 rounded to nearest
     gave 2**-149 for p = 189, whose codes of 189 were stored as -67, and 0 for p < 64, whose
     channel decoded to 0."""
     units = np.arange(1, 20_001, dtype=np.float64)
@@ -225,7 +262,7 @@ def test_int8_codes_fit_int8_for_every_subnormal_scale():
     codes, scale = out["p2"].numpy()[0, :, 0].astype(np.int64), out["p2_scale"].numpy()[0].astype(np.float64)
     assert np.abs(codes).max() <= 127 and (codes[:, 0] > 0).all() and (codes[:, 1] < 0).all()
     error = np.abs(codes * scale[:, None] - x.numpy()[0, :, 0].astype(np.float64))
-    assert (error <= scale[:, None] / 2).all()
+    assert (error <= scale[:, None] / 2 + np.abs(x.numpy()[0, :, 0].astype(np.float64)) * 2**-24).all()
     bumped = scale != (peaks / np.float32(127)).astype(np.float64)  # one float32 step up, and only
     assert np.array_equal(scale[bumped], np.nextafter(peaks / np.float32(127), np.inf)[bumped])
     assert bumped[:63].all()  # peak / 127 rounded to 0: the channel would have decoded to 0
@@ -234,8 +271,8 @@ def test_int8_codes_fit_int8_for_every_subnormal_scale():
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_int8_with_several_threads_is_the_one_thread_encoding(layout, monkeypatch):
-    """torch's threads share each block's operations: the same codes and scales as one thread, the
-    exactly rounded ones, in blocks of a third of a row (the last of each row shorter), 3 images."""
+    """torch's threads share each block's operations: the same codes and scales as one thread,
+    numpy's, in blocks of a third of a row (the last of each row shorter), 3 images."""
     monkeypatch.setattr(codecs, "_CPU_BLOCK", 7 * 64)
     x = features(9, (3, 64, 21, 17)).contiguous(memory_format=layout)
     assert len(codecs._blocks(x.permute(0, 2, 3, 1))) == 3 * 21 * 3
@@ -249,8 +286,7 @@ def test_int8_with_several_threads_is_the_one_thread_encoding(layout, monkeypatc
         torch.set_num_threads(threads)
     assert torch.equal(several["p2"], one["p2"]) and torch.equal(several["p2_scale"], one["p2_scale"])
     assert torch.equal(several["p2_scale"], x.abs().amax(dim=(2, 3)) / 127)
-    scale = several["p2_scale"].double().numpy()[:, :, None, None]
-    assert np.array_equal(several["p2"].numpy(), np.rint(x.double().numpy() / scale).astype(np.int8))
+    assert np.array_equal(several["p2"].numpy(), numpy_codes(x.numpy(), several["p2_scale"].numpy()))
 
 
 # bfloat16
@@ -410,7 +446,7 @@ def test_engine_float16_output_is_as_before(seed_model, batch, float32_output):
     ]
 
 
-def test_engine_int8_output_decodes_within_half_a_step_of_float32(seed_model, batch, float32_output):
+def test_engine_int8_output_decodes_within_the_bound_of_float32(seed_model, batch, float32_output):
     engine = Engine(seed_model, torch.device("cpu"), "float32", "int8")
     assert engine.save_dtype == torch.int8
     out, event = engine.forward(batch)
@@ -421,8 +457,8 @@ def test_engine_int8_output_decodes_within_half_a_step_of_float32(seed_model, ba
         assert codes.dtype == torch.int8 and codes.shape == reference.shape
         assert scale.dtype == torch.float32 and scale.shape == reference.shape[:2]
         exact = decode_torch("int8", codes, scale, torch.float64)
-        error = (exact - reference.double()).abs().amax(dim=(2, 3))
-        assert (error <= scale.double() / 2).all(), level
+        bound = scale.double()[..., None, None] / 2 + reference.double().abs() * 2**-24
+        assert ((exact - reference.double()).abs() <= bound).all(), level
         assert (scale > 0).all()
 
 

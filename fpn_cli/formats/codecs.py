@@ -22,14 +22,16 @@ no dot. :func:`encode` runs where the forward ran (the device), :func:`decode` a
 
 int8, per channel c of one image's level: ``scale[c] = max|x[c]| / 127`` (float32; one float32
 step larger where that scale is subnormal and so coarse that a code would pass 127) and
-``codes[c] = round(x[c] / scale[c])`` (to nearest, ties to even), so ``codes * scale`` is within
-``scale[c] / 2`` of ``x``, exactly: the quotient is formed in float64, whose rounding never moves
-it onto or across a half-integer, so each code is the correctly rounded one (on MPS, which has no
-float64, a float32 quotient: up to ``2**-18`` of a step more). Decoding to float32 adds half a unit
-in the last place of the value; decoding to float64 is exact. A channel that is all zero has
-scale 0, codes 0 and decodes to 0. A channel with a non-finite value (the run refuses such levels
-before they are stored) gets scale NaN and decodes to NaN throughout; its codes are unspecified.
-No error is raised.
+``codes[c] = round(x[c] / scale[c])``, the float32 quotient rounded to nearest, ties to even: the
+codes are exactly numpy's ``np.rint(x / scale)`` of the float32 arrays, on the CPU and on CUDA
+(whose divisions are correctly rounded; MPS runs the same operations). So ``codes * scale`` is
+within ``scale[c] / 2 + |x| * 2**-24`` of ``x``: half a step, plus half a float32 unit of ``x``
+where the float32 quotient was rounded onto a half-integer that the exact quotient is not on
+(about 31 of the 22.8 million values of an 800x1333 image's P2-P5; docs/compact-storage.md). Decoding to
+float32 adds half a unit in the last place of the value, up to ``2**-17`` of a step; decoding to
+float64 is exact. A channel that is all zero has scale 0, codes 0 and decodes to 0. A channel with
+a non-finite value (the run refuses such levels before they are stored) gets scale NaN and
+decodes to NaN throughout; its codes are unspecified. No error is raised.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ _CODE_DTYPES = {
     "bfloat16": (np.dtype(np.uint16), "uint16"),
     "int8": (np.dtype(np.int8), "int8"),
 }
-# 1.5 * 2**52: adding it to a float64 of magnitude below 2**51 rounds it to an integer (to nearest,
+# 1.5 * 2**23: adding it to a float32 of magnitude below 2**22 rounds it to an integer (to nearest,
 # ties to even) held in the low bits of the mantissa, whose low byte is then the int8 code.
-_ROUNDER = 1.5 * 2**52
-_CPU_BLOCK = 2**18  # values per block: 2 MiB of float64 quotients, in a core's L2 and the shared L3
+_ROUNDER = 1.5 * 2**23
+_CPU_BLOCK = 2**20  # values per block: 4 MiB of float32 quotients, in the shared L3 with their inputs
 
 
 @dataclass(frozen=True)
@@ -196,24 +198,18 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(v) if x.device.type == "cpu" else [(slice(None),) * 3]
     peak = _peak(v, blocks).float()
     scale = _int8_scale(peak)
-    if x.device.type == "mps":  # no float64 there: a float32 quotient, up to 2**-18 of a step more
-        divisor = torch.where(scale > 0, scale, torch.inf)
-        codes = torch.div(v, divisor[:, None, None, :]).round_().to(torch.int8)
-        return codes.permute(0, 3, 1, 2), scale
-    # a float64 quotient is the float32s' exact quotient where that is a half-integer (a tie, then
-    # rounded to even) and is otherwise never rounded onto or across one (two float32s' quotient
-    # below 128 is at least 2**-26 from any half-integer it is not), so the codes are exact; the
-    # division by infinity makes an all-zero channel's codes 0
-    divisor = torch.where(scale > 0, scale.double(), torch.inf)[:, None, None, :]
-    rounder = torch.tensor(_ROUNDER, dtype=torch.float64, device=x.device)
+    # float32 rounder + float32 quotient (correctly rounded on CPU and CUDA) is round(x / scale), to
+    # nearest even, in one operation whose output's low byte is the code; the division by infinity
+    # makes an all-zero channel's codes 0
+    divisor = torch.where(scale > 0, scale, torch.inf)[:, None, None, :]
+    rounder = torch.tensor(_ROUNDER, dtype=torch.float32, device=x.device)
     codes = torch.empty_like(v, dtype=torch.int8)
-
-    quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float64, device=x.device)  # the largest
+    quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float32, device=x.device)  # the largest
     for block in blocks:
         values = v[block]
         out = quotient[:, : values.shape[1], : values.shape[2]]
         torch.addcdiv(rounder, values, divisor[block[0]], out=out)
-        codes[block] = out.view(torch.int64)  # the low byte: two's complement code
+        codes[block] = out.view(torch.int32)  # the low byte: two's complement code
     return codes.permute(0, 3, 1, 2), scale
 
 
@@ -234,7 +230,7 @@ def _int8_scale(peak: torch.Tensor) -> torch.Tensor:
 def _blocks(v: torch.Tensor) -> list[tuple[slice, slice, slice]]:
     """(images, rows, columns) slices of (N, H, W, C) that tile it image by image, in blocks of
     about ``_CPU_BLOCK`` values (whole rows, or a row's columns where a row is larger): a block's
-    float64 quotients (or absolute values) stay in a core's cache, whatever the batch size, and no
+    float32 quotients (or absolute values) stay in the cache, whatever the batch size, and no
     temporary has the level's size (nor its page faults). Each block's operations run on torch's
     threads; a pool of Python threads sharing smaller blocks was tried and was 2-4x slower in wall
     time on two idle cores (docs/compact-storage.md)."""
