@@ -148,6 +148,22 @@ def test_int8_scale_of_a_negative_zero_channel_is_positive_zero_in_blocks_and_at
         assert scale[0, 2].item() == 0 and not torch.signbit(scale[0, 2])
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 3, 0)])
+@pytest.mark.parametrize("save_dtype", SAVE_DTYPES)
+def test_an_empty_batch_or_level_encodes_to_empty_arrays(shape, save_dtype):
+    """No images (or a level with no pixels): the stored arrays, empty, in their dtypes and shapes;
+    int8's scales 0, as for an all-zero channel. int8 raised IndexError."""
+    x = torch.empty(shape).contiguous(memory_format=torch.channels_last)
+    out = encode("p2", x, save_dtype)
+    arrays = stored_arrays("p2", save_dtype, shape[1:])
+    assert [(k, v.numpy().dtype, tuple(v.shape)) for k, v in out.items()] == [
+        (a.name, a.dtype, (shape[0], *a.shape)) for a in arrays
+    ]
+    if save_dtype == "int8":
+        assert not out["p2_scale"].any()
+        assert decode("int8", out["p2"].numpy(), out["p2_scale"].numpy()).shape == shape
+
+
 def test_int8_zero_channel_has_scale_zero_codes_zero_and_decodes_to_zero():
     x = features(2)
     x[1, 3] = 0

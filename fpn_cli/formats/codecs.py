@@ -192,6 +192,9 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the scale is 0; NaN scales for channels with a non-finite value (see the module docstring)."""
     import torch
 
+    if x.numel() == 0:  # no images, or an empty level: nothing to quantise; scales 0, as for zeros
+        scale = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+        return torch.empty_like(x, dtype=torch.int8), scale
     # channels last: the reductions and the per-channel division run along the contiguous axis when
     # x is channels-last (the Engine's layout on CPU and CUDA); a view, never a copy
     v = x.permute(0, 2, 3, 1)
