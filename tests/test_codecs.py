@@ -488,6 +488,17 @@ def test_engine_bfloat16_output_is_the_float32_rounded(seed_model, batch, float3
         assert ((decoded - reference).abs() <= reference.abs() * 2**-8).all()
 
 
+@pytest.mark.parametrize("save_dtype", SAVE_DTYPES)
+def test_engine_forwards_an_empty_batch_in_every_save_dtype(seed_model, save_dtype):
+    """Zero images: every stored array, empty, in its dtype (int8 raised IndexError)."""
+    out, _ = Engine(seed_model, torch.device("cpu"), "float32", save_dtype).forward(torch.zeros(0, 3, 64, 96))
+    shapes = {"p2": (256, 16, 24), "p3": (256, 8, 12), "p4": (256, 4, 6), "p5": (256, 2, 3)}
+    expected = [a for level, shape in shapes.items() for a in stored_arrays(level, save_dtype, shape)]
+    assert [(k, v.numpy().dtype, tuple(v.shape)) for k, v in out.items()] == [
+        (a.name, a.dtype, (0, *a.shape)) for a in expected
+    ]
+
+
 def test_engine_batch_slices_are_one_images_stored_arrays(seed_model, batch):
     """What the pipeline does with the output ({k: v[i]}): image i's arrays, named as stored."""
     out, _ = Engine(seed_model, torch.device("cpu"), "float32", "int8").forward(batch)
