@@ -34,10 +34,19 @@ step cuda-tests "$PY" -m pytest -q -m cuda -p no:cacheprovider -s tests/test_cud
 step decode "$PY" benchmarks/decode.py --count 64
 step throughput "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --save-dtype float16 \
     --size 800x1333 --small 48 --large 160 --writers 1,4 --out-dir "${BENCH_DIR:-/tmp}"
+# issue 22: int8 against float16, images/s to the disk and to RAM, beside the bare forward
+step savedtypes-disk "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --save-dtype float16,int8 \
+    --size 800x1333 --small 48 --large 160 --cli-only --out-dir "${BENCH_DIR:-/tmp}"
+step savedtypes-shm "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --save-dtype float16,int8 \
+    --size 800x1333 --small 48 --large 160 --cli-only --out-dir /dev/shm
 
 echo
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
 grep -h -E "passed|failed|error" "$LOGS/cuda-tests.log" | tail -1
 grep -h -E "img/s|/ |writers|RSS|error|where the time|bytes written|nvJPEG|Pillow|gpu " "$LOGS/throughput.log" "$LOGS/decode.log"
+for where in disk shm; do
+    echo "--- save dtypes, $where"
+    grep -h -E "img/s|/ |writes to" "$LOGS/savedtypes-$where.log"
+done
 exit $status

@@ -6,13 +6,15 @@
     python benchmarks/throughput.py --dtype bfloat16 --size 800x1333          # the detection setting
     python benchmarks/throughput.py --format both --arch seed                 # shards against npy
     python benchmarks/throughput.py --device cuda --writers 1,4               # writer threads, side by side
+    python benchmarks/throughput.py --save-dtype float16,int8 --cli-only      # save dtypes, side by side
 
 On identical inputs (the example photos, repeated), one run prints images/s and ms/image for:
 
 - cli:        the `fpn-extract` console script, steady state: the slope between a small and a large
               run, so start-up cancels; with each run's peak RSS. ``--format both`` runs it for
               npy and for shards, alternating on the same inputs, and prints shards / npy;
-              ``--writers 1,4`` likewise runs it with each count of writer threads
+              ``--writers 1,4`` likewise runs it with each count of writer threads, and
+              ``--save-dtype float16,int8`` with each save dtype (and prints their img/s ratio)
 - forward:    the same model's bare forward (folded, channels-last, inference mode) on tensors
               already decoded and on the device; nothing else
 - naive:      torchvision's resnet_fpn_backbone("resnet50"), batch 1, PIL decode, np.save per
@@ -20,7 +22,9 @@ On identical inputs (the example photos, repeated), one run prints images/s and 
 - torchvision forward vs ours, torchvision-style FPN with the same weights, and the largest
   relative difference of our outputs from the unoptimised model's
 
-plus the forward's achieved GFLOP/s beside this machine's measured float32 matmul GFLOP/s.
+plus the forward's achieved GFLOP/s beside this machine's measured float32 matmul GFLOP/s, and
+where the time goes (each stage alone, for each save dtype). ``--cli-only`` prints the CLI runs
+and the bare forward only.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from fpn_cli import build_fpn
 from fpn_cli.inputs.images import IMAGE_EXTENSIONS, Resize, decode
 from fpn_cli.models.preprocess import IMAGENET
-from fpn_cli.run.engine import Engine, resolve_device
+from fpn_cli.run.engine import Engine, encode_finite, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 # runs the CLI in-process and prints its own peak RSS and CPU time, so each run's are its own
@@ -188,7 +192,7 @@ def stage_breakdown(
     engine(batches[0])  # warm-up
     sync(device)
     stages = {"copy to device": 0.0, "forward": 0.0, "copy back": 0.0, "write npy": 0.0, "write shards": 0.0}
-    save_dtype = str(engine.save_dtype).replace("torch.", "")
+    save_dtype = engine.save_dtype_name
     store = Store(out / "npy", ("p2", "p3", "p4", "p5"), save_dtype)
     shards = ShardStore(out / "shards", ("p2", "p3", "p4", "p5"), save_dtype)
     shards.folder.makedirs("shards/.index")
@@ -205,8 +209,9 @@ def stage_breakdown(
                 feats = engine.model(x.contiguous(memory_format=engine.memory_format))
             sync(device)
             t2 = time.perf_counter()
-            host = {k: v.to(engine.save_dtype).contiguous() for k, v in feats.items()}
-            host = {k: v.to("cpu", non_blocking=True) for k, v in host.items()}  # pinned, as the CLI
+            # the Engine's own conversion to the save dtype, on the device (codecs.encode)
+            host = {k: v.contiguous() for k, v in encode_finite(feats, save_dtype).items()}
+            host = {k: v.to("cpu", non_blocking=True) for k, v in host.items()}
             sync(device)
             host = {k: v.numpy() for k, v in host.items()}
             t3 = time.perf_counter()
@@ -235,6 +240,23 @@ def stage_breakdown(
     return {k: 1000 * v / len(paths) for k, v in times.items()} | {"MB per image": bytes_per_image / 1e6}
 
 
+def row(name: str, seconds: float) -> str:
+    return f"{name:<34}{1 / seconds:8.2f} img/s {seconds * 1000:9.1f} ms/image"
+
+
+def print_save_dtype_ratios(
+    steady: dict[str, tuple[float, float, float]], prefix: str, save_dtypes: list[str]
+) -> None:
+    """Each later save dtype's images/s over the first's, among the variants labelled ``prefix``
+    (issue 22: int8 / float16, goal >= 1.8 where the disk is what limits)."""
+    if len(save_dtypes) < 2:
+        return
+    base = steady[f"{prefix}, --save-dtype {save_dtypes[0]}"][0]
+    for d in save_dtypes[1:]:
+        ratio = base / steady[f"{prefix}, --save-dtype {d}"][0]
+        print(f"{f'{d} / {save_dtypes[0]} throughput':<34}{ratio:8.3f}   (img/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
@@ -242,7 +264,15 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=48, help="images in the large CLI run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--save-dtype", default="float32")
+    parser.add_argument(
+        "--save-dtype", default="float32", help="the CLI's --save-dtype; a comma list runs each, side by side"
+    )
+    parser.add_argument(
+        "--cli-only",
+        action="store_true",
+        help="only the CLI runs and the bare forward (no naive loop, "
+        "torchvision comparison, FLOP count or stage breakdown)",
+    )
     parser.add_argument("--out-dir", default=None, help="where the CLI writes (default: a temporary folder)")
     parser.add_argument("--size", default=None, help="HxW: resize every image, e.g. 800x1333")
     parser.add_argument("--batch-size", type=int, default=None, help="for the CLI runs and the breakdown")
@@ -262,8 +292,9 @@ def main() -> None:
     resize = Resize(size=tuple(int(v) for v in args.size.split("x"))) if args.size else Resize()
     device = resolve_device(args.device)
     common = ["--arch", args.arch, "--device", str(device), "--dtype", args.dtype]
-    common += ["--save-dtype", args.save_dtype] + (["--size", args.size] if args.size else [])
+    common += ["--size", args.size] if args.size else []
     common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    save_dtypes = args.save_dtype.split(",")
     where = args.out_dir or tempfile.gettempdir()
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, arch {args.arch}, "
           f"dtype {args.dtype}, save dtype {args.save_dtype}, CLI writes to {where}")  # fmt: skip
@@ -276,13 +307,17 @@ def main() -> None:
         outs = Path(tempfile.mkdtemp(dir=args.out_dir)) if args.out_dir else tmp
         formats = ("npy", "shards") if args.format == "both" else (args.format,)
         writers = args.writers.split(",") if args.writers else [None]
-        # one CLI variant per format and writer count: its label and its extra arguments
+        # one CLI variant per format, writer count and save dtype: its label and its extra arguments
         variants = {
-            f + (f", --writers {w}" if w and len(writers) > 1 else ""): ["--format", f]
+            f
+            + (f", --writers {w}" if w and len(writers) > 1 else "")
+            + (f", --save-dtype {d}" if len(save_dtypes) > 1 else ""): ["--format", f, "--save-dtype", d]
             + (["--writers", w] if w else [])
             for f in formats
             for w in writers
+            for d in save_dtypes
         }
+        first = formats[0] + (f", --writers {writers[0]}" if writers[0] and len(writers) > 1 else "")
         runs = {(v, n): [] for v in variants for n in ("small", "large")}
         for repeat in range(args.repeats):
             for n, folder in (("small", small), ("large", large)):
@@ -316,20 +351,27 @@ def main() -> None:
                 engine.model(x)
 
         bare = time_per_image(forward, tensors, device)
+        if args.cli_only:
+            for v, (seconds, _, _) in steady.items():
+                print(row(f"cli pipeline, --format {v}", seconds) + f"  ({cpu[v] * 1000:.1f} ms of CPU)")
+                print(f"{'  cli / bare forward':<34}{bare / seconds:8.3f}")
+            print_save_dtype_ratios(steady, first, save_dtypes)
+            print(row("bare forward (same model)", bare))
+            return
         dtype_error = precision_error(engine, tensors[0]) if engine.autocast else None
         naive = naive_loop(paths[: max(8, args.small)], tmp / "naive", device, resize.size)
         flops = forward_flops(engine, batches) / len(batches)
-        breakdown = stage_breakdown(
-            paths, resize, Engine(build_fpn(arch=args.arch), device, args.dtype, args.save_dtype),
-            tmp / "stages", args.batch_size or (8 if device.type != "cpu" else 1),
-        )  # fmt: skip
+        breakdowns = {
+            d: stage_breakdown(
+                paths, resize, Engine(build_fpn(arch=args.arch), device, args.dtype, d),
+                tmp / f"stages-{d}", args.batch_size or (8 if device.type != "cpu" else 1),
+            )
+            for d in save_dtypes
+        }  # fmt: skip
 
     x = tensors[0].float().contiguous()
     tv_s, ours_s, diff = compare_with_torchvision(args.arch if args.arch != "seed" else "resnet50", x, device)
     peak = matmul_gflops(device, engine.dtype)
-
-    def row(name: str, seconds: float) -> str:
-        return f"{name:<34}{1 / seconds:8.2f} img/s {seconds * 1000:9.1f} ms/image"
 
     for f, (seconds, _, _) in steady.items():
         print(row(f"cli pipeline, --format {f}", seconds) + f"  ({cpu[f] * 1000:.1f} ms of CPU)")
@@ -341,6 +383,7 @@ def main() -> None:
         for w in writers[1:]:
             ratio = base / steady[f"{formats[0]}, --writers {w}"][0]
             print(f"{f'--writers {w} / --writers {writers[0]}':<34}{ratio:8.3f}   (throughput)")
+    print_save_dtype_ratios(steady, first, save_dtypes)
     print(row("bare forward (same model)", bare))
     print(row("naive loop (torchvision, np.save)", naive))
     if dtype_error is not None:
@@ -359,9 +402,10 @@ def main() -> None:
     achieved = flops / bare / 1e9
     print(f"forward: {flops / 1e9:.1f} GFLOP/image, {achieved:.1f} GFLOP/s achieved; {args.dtype} "
           f"matmul on this machine {peak:.1f} GFLOP/s ({achieved / peak:.0%} of it)")  # fmt: skip
-    print("where the time goes, each stage alone (ms/image): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in breakdown.items() if k != "MB per image"))  # fmt: skip
-    print(f"bytes written per image: {breakdown['MB per image']:.1f} MB")
+    for d, breakdown in breakdowns.items():
+        print(f"where the time goes, --save-dtype {d}, each stage alone (ms/image): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in breakdown.items() if k != "MB per image"))  # fmt: skip
+        print(f"bytes written per image, --save-dtype {d}: {breakdown['MB per image']:.1f} MB")
     print(f"cores {os.cpu_count()}")
     if device.type == "cuda":
         print(f"gpu {torch.cuda.get_device_name(device)}")
