@@ -83,10 +83,9 @@ def errors(
             worst = max(worst, float(error.max()) / peak)
             rms = max(rms, float(np.sqrt((error**2).mean())) / peak)
             if scale_np is not None:
-                per_channel = error.max(axis=(2, 3)) / np.where(scale_np > 0, scale_np, np.inf)
-                steps = max(steps, float(per_channel.max()))
-                divisor = np.where(scale_np > 0, scale_np, np.inf).astype(np.float64)[..., None, None]
-                exact = np.rint(x.double().numpy() / divisor)  # float64: the exactly rounded codes
+                step = np.where(scale_np > 0, scale_np, np.inf).astype(np.float64)
+                steps = max(steps, float((error.max(axis=(2, 3)) / step).max()))
+                exact = np.rint(x.double().numpy() / step[..., None, None])  # float64: exactly rounded
                 differ += int((exact != stored[level].numpy()).sum())
                 values += exact.size
         result[level] = (worst, rms, steps, differ, values)

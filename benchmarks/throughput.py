@@ -244,6 +244,17 @@ def row(name: str, seconds: float) -> str:
     return f"{name:<34}{1 / seconds:8.2f} img/s {seconds * 1000:9.1f} ms/image"
 
 
+def print_cli_rows(
+    steady: dict[str, tuple[float, float, float]], cpu: dict[str, float], bare: float | None
+) -> None:
+    """Each CLI variant's images/s and CPU ms per image; with ``bare``, also its ratio to the bare
+    forward's seconds per image."""
+    for v, (seconds, _, _) in steady.items():
+        print(row(f"cli pipeline, --format {v}", seconds) + f"  ({cpu[v] * 1000:.1f} ms of CPU)")
+        if bare is not None:
+            print(f"{'  cli / bare forward':<34}{bare / seconds:8.3f}")
+
+
 def print_save_dtype_ratios(
     steady: dict[str, tuple[float, float, float]], prefix: str, save_dtypes: list[str]
 ) -> None:
@@ -352,9 +363,7 @@ def main() -> None:
 
         bare = time_per_image(forward, tensors, device)
         if args.cli_only:
-            for v, (seconds, _, _) in steady.items():
-                print(row(f"cli pipeline, --format {v}", seconds) + f"  ({cpu[v] * 1000:.1f} ms of CPU)")
-                print(f"{'  cli / bare forward':<34}{bare / seconds:8.3f}")
+            print_cli_rows(steady, cpu, bare)
             print_save_dtype_ratios(steady, first, save_dtypes)
             print(row("bare forward (same model)", bare))
             return
@@ -373,8 +382,7 @@ def main() -> None:
     tv_s, ours_s, diff = compare_with_torchvision(args.arch if args.arch != "seed" else "resnet50", x, device)
     peak = matmul_gflops(device, engine.dtype)
 
-    for f, (seconds, _, _) in steady.items():
-        print(row(f"cli pipeline, --format {f}", seconds) + f"  ({cpu[f] * 1000:.1f} ms of CPU)")
+    print_cli_rows(steady, cpu, None)
     if "npy" in steady and "shards" in steady:
         print(f"{'shards / npy throughput':<34}{steady['npy'][0] / steady['shards'][0]:8.3f}   (goal >= 1.0)")
         print(f"{'shards / npy, by CPU time':<34}{cpu['npy'] / cpu['shards']:8.3f}   (steadier when shared)")
