@@ -199,21 +199,27 @@ def encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # x is channels-last (the Engine's layout on CPU and CUDA); a view, never a copy
     v = x.permute(0, 2, 3, 1)
     blocks = _blocks(v) if x.device.type == "cpu" else [(slice(None),) * 3]
-    peak = _peak(v, blocks).float()
-    scale = _int8_scale(peak)
-    # float32 rounder + float32 quotient (correctly rounded on CPU and CUDA) is round(x / scale), to
-    # nearest even, in one operation whose output's low byte is the code; the division by infinity
-    # makes an all-zero channel's codes 0
+    scale = _int8_scale(_peak(v, blocks).float())
+    return _codes(v, blocks, scale).permute(0, 3, 1, 2), scale
+
+
+def _codes(v: torch.Tensor, blocks: list[tuple[slice, slice, slice]], scale: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) float and its (N, C) scales -> (N, H, W, C) int8 codes ``round(v / scale)``, block
+    by block. A float32 rounder plus the float32 quotient (correctly rounded on CPU and CUDA) is
+    ``round(v / scale)``, to nearest even, in one operation whose output's low byte is the code;
+    the division by infinity makes an all-zero channel's codes 0."""
+    import torch
+
     divisor = torch.where(scale > 0, scale, torch.inf)[:, None, None, :]
-    rounder = torch.tensor(_ROUNDER, dtype=torch.float32, device=x.device)
+    rounder = torch.tensor(_ROUNDER, dtype=torch.float32, device=v.device)
     codes = torch.empty_like(v, dtype=torch.int8)
-    quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float32, device=x.device)  # the largest
+    quotient = torch.empty(v[blocks[0]].shape, dtype=torch.float32, device=v.device)  # the largest
     for block in blocks:
         values = v[block]
         out = quotient[:, : values.shape[1], : values.shape[2]]
         torch.addcdiv(rounder, values, divisor[block[0]], out=out)
         codes[block] = out.view(torch.int32)  # the low byte: two's complement code
-    return codes.permute(0, 3, 1, 2), scale
+    return codes
 
 
 def _int8_scale(peak: torch.Tensor) -> torch.Tensor:
