@@ -17,8 +17,10 @@ resized to ``--size`` and, on those real features, prints for each save dtype an
   random ones of the same P2-P5 shapes at batch 1 and 4 (int8/float16 and bfloat16/float16 side by
   side, measured in the same rounds); ``--threads N`` sets torch's CPU threads, ``--cpu-time`` times
   in the thread's CPU time (with ``--threads 1``: steady figures on a shared machine);
-- whether lossless compression pays on the stored bytes: zlib (levels 1 and 6, stdlib) and zstd
-  where the ``zstandard`` package is installed, as ratio (stored / compressed) and MB/s.
+- whether lossless compression pays on the stored bytes: zlib (levels 1 and 6, stdlib), and
+  zstd, alone and after a byte shuffle, where the ``zstandard`` package is installed (the
+  ``bench`` extra), as ratio (stored / compressed) and MB/s; ``--compression-only`` prints only
+  these (and the bytes per image).
 """
 
 from __future__ import annotations
@@ -177,51 +179,43 @@ def print_cost(cost: dict[str, float]) -> None:
 
 
 def compression(feats: list[dict[str, torch.Tensor]], save_dtype: str) -> dict[str, tuple[float, float]]:
-    """{codec: (stored bytes / compressed bytes, MB/s of stored bytes)} over every image's arrays."""
-    blobs = [
-        np.ascontiguousarray(v[0].numpy()).tobytes()
+    """{codec: (stored bytes / compressed bytes, MB/s of stored bytes)} over every image's arrays.
+    With ``zstandard``, also zstd (levels 1 and 3), and for dtypes of more than one byte zstd
+    after a byte shuffle (each array's first bytes of every value, then their second bytes: what
+    Blosc and HDF5's shuffle filter do, and what gains on floats; the shuffle's time counted)."""
+    arrays = [
+        np.ascontiguousarray(v[0].numpy())
         for image in feats
         for level, x in image.items()
         for v in encode(level, x, save_dtype).values()
     ]
-    total = sum(len(b) for b in blobs)
-    compressors = {"zlib-1": lambda b: zlib.compress(b, 1), "zlib-6": lambda b: zlib.compress(b, 6)}
+    total = sum(a.nbytes for a in arrays)
+    compressors = {"zlib-1": lambda a: zlib.compress(a, 1), "zlib-6": lambda a: zlib.compress(a, 6)}
     try:
         import zstandard
-
-        compressors["zstd-3"] = zstandard.ZstdCompressor(level=3).compress
     except ImportError:
-        pass
+        zstandard = None
+    for level in (1, 3) if zstandard is not None else ():
+        zstd = zstandard.ZstdCompressor(level=level).compress
+        compressors[f"zstd-{level}"] = zstd
+        if codecs.code_dtype(save_dtype).itemsize > 1:
+            compressors[f"shuffle+zstd-{level}"] = lambda a, zstd=zstd: zstd(byte_shuffle(a))
     result = {}
     for name, compress in compressors.items():
         start = time.perf_counter()
-        packed = sum(len(compress(b)) for b in blobs)
+        packed = sum(len(compress(a)) for a in arrays)
         result[name] = (total / packed, total / 1e6 / (time.perf_counter() - start))
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="seed")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="800x1333", help="HxW the example photos are resized to")
-    parser.add_argument("--images", type=int, default=5, help="example photos used (at most 5)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--boxes", type=int, default=200, help="random RoIs per image")
-    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: its own)")
-    parser.add_argument("--cpu-time", action="store_true", help="time conversions in this thread's CPU time")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def byte_shuffle(array: np.ndarray) -> bytes:
+    """The bytes of ``array`` grouped by their place in a value: every value's byte 0, then byte 1..."""
+    return array.view(np.uint8).reshape(-1, array.itemsize).T.tobytes()
 
-    shapes = pyramid_shapes(800, 1333)
-    print("bytes per image, 800x1333 resnet50 P2-P5 (arrays only, no .npy headers):")
-    base = stored_bytes("float32", shapes)
-    for save_dtype in SAVE_DTYPES:
-        size = stored_bytes(save_dtype, shapes)
-        print(f"  {save_dtype:9s} {size / 1e6:8.2f} MB   {size / base:.4f} of float32")
 
-    feats = features(args)
+def accuracy_and_cost(args: argparse.Namespace, feats: list[dict[str, torch.Tensor]]) -> None:
+    """Prints the errors against float32, of the levels and of what a run derives, and the
+    conversion's cost on the CPU."""
     print(f"\nerror vs float32: {args.arch}, random weights (seed {args.seed}), {len(feats)} example photos "
           f"at {args.size};\nrelative to each level's largest value (max / RMS), int8 also in steps "
           "(bound 0.5, plus float32 rounding: the quotient's and the decode's) and the codes that differ "
@@ -247,14 +241,44 @@ def main() -> None:
         print(f"random P2-P5 of {batch} x {args.size}, channels last, best of {args.repeats}:")
         print_cost(conversion_cost(synthetic_pyramid(batch, height, width), args.repeats, args.cpu_time))
 
+
+def print_compression(feats: list[dict[str, torch.Tensor]]) -> None:
     print("\nlossless compression of the stored bytes (stored / compressed, MB/s of stored bytes):")
     for save_dtype in ("float16", "bfloat16", "int8"):
         for name, (ratio, speed) in compression(feats, save_dtype).items():
-            print(f"  {save_dtype:9s} {name:7s} {ratio:6.3f} x   {speed:7.1f} MB/s")
+            print(f"  {save_dtype:9s} {name:14s} {ratio:6.3f} x   {speed:7.1f} MB/s")
     try:
         import zstandard  # noqa: F401
     except ImportError:
         print("  (zstd: the zstandard package is not installed here)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", default="800x1333", help="HxW the example photos are resized to")
+    parser.add_argument("--images", type=int, default=5, help="example photos used (at most 5)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--boxes", type=int, default=200, help="random RoIs per image")
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: its own)")
+    parser.add_argument("--cpu-time", action="store_true", help="time conversions in this thread's CPU time")
+    parser.add_argument("--compression-only", action="store_true", help="only the compression figures")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    shapes = pyramid_shapes(800, 1333)
+    print("bytes per image, 800x1333 resnet50 P2-P5 (arrays only, no .npy headers):")
+    base = stored_bytes("float32", shapes)
+    for save_dtype in SAVE_DTYPES:
+        size = stored_bytes(save_dtype, shapes)
+        print(f"  {save_dtype:9s} {size / 1e6:8.2f} MB   {size / base:.4f} of float32")
+
+    feats = features(args)
+    if not args.compression_only:
+        accuracy_and_cost(args, feats)
+    print_compression(feats)
 
 
 if __name__ == "__main__":
