@@ -100,6 +100,10 @@ def range_checksum(f: BinaryIO, offset: int, length: int) -> str:
     return f"{CHECKSUM}:{crc:08x}"
 
 
+# what numpy's header parser raises, besides ValueError, for bytes that are not a .npy header
+_NOT_A_HEADER = (SyntaxError, EOFError, tokenize.TokenError)
+
+
 def read_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran order, dtype) from the ``.npy`` header at ``f``'s position; ``f`` is left at
     the data. Any header that is not one is a ValueError: numpy's parser also raises SyntaxError,
@@ -109,7 +113,7 @@ def read_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
         npy = np.lib.format
         read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
         shape, fortran, dtype = read(f)
-    except (SyntaxError, EOFError, tokenize.TokenError) as e:
+    except _NOT_A_HEADER as e:
         raise ValueError(f"not a .npy header ({e})") from None
     return tuple(shape), bool(fortran), dtype
 
@@ -118,7 +122,7 @@ def load(file: str | os.PathLike[str] | BinaryIO, mmap_mode: str | None = None) 
     """``np.load`` of one ``.npy``, a header that is not one a ValueError (see :func:`read_header`)."""
     try:
         return np.load(file, mmap_mode=mmap_mode)
-    except (SyntaxError, EOFError, tokenize.TokenError) as e:
+    except _NOT_A_HEADER as e:
         raise ValueError(f"not a .npy file ({e})") from None
 
 
